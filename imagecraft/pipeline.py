@@ -1,0 +1,314 @@
+"""Prompt to image: transformers' CLIP text encoder, UNet_SD as the denoiser, diffusers' schedulers and VAE.
+
+The steps mirror diffusers' StableDiffusionPipeline one for one (same tokenisation, same noise draws from CPU
+generators, same classifier-free guidance and decoding), so the same seed and settings give the same image as
+diffusers on the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import warnings
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from . import loading
+from .metadata import SETTINGS, read_png_settings, save_png
+from .porting import config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet
+from .schedulers import check_scheduler_name, make_scheduler, scheduler_name_of
+from .unet import UNet_SD
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+MAX_SEED = 2**32 - 1
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype, device: str) -> torch.dtype:
+    """fp16 on CUDA, fp32 elsewhere, unless asked otherwise ("fp32", "bf16", "fp16" or a torch dtype)."""
+    if dtype is None:
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+    return DTYPES[dtype]
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    records: list[dict]  # per image: every setting plus model and environment, as stored in its PNG
+    warnings: list[str] = field(default_factory=list)
+
+    def save(self, path_pattern: str | Path) -> list[Path]:
+        """Saves each image as a PNG with its metadata; `{i}` and `{seed}` in the pattern are filled in."""
+        paths = []
+        for i, (image, record) in enumerate(zip(self.images, self.records)):
+            path = str(path_pattern)
+            if len(self.images) > 1 and "{i}" not in path and "{seed}" not in path:
+                stem, dot, suffix = path.rpartition(".")
+                path = f"{stem}-{{i}}.{suffix}" if dot else f"{path}-{{i}}"
+            paths.append(save_png(image, path.format(i=i, seed=record["seed"]), record))
+        return paths
+
+
+def denoise(unet: UNet_SD, scheduler, latents: torch.Tensor, context: torch.Tensor, guidance_scale: float,
+            generator=None, callback: Callable | None = None) -> torch.Tensor:
+    """The sampling loop: classifier-free guidance (Ho & Salimans 2022) around `scheduler.step`.
+
+    `context` is (2B, tokens, dim) with the negative prompt's half first when guidance is on, else (B, ...).
+    `callback(step, total, latents)` runs after every step.
+    """
+    guided = context.shape[0] == 2 * latents.shape[0]
+    extra = {"generator": generator} if "generator" in _step_params(scheduler) else {}
+    if "eta" in _step_params(scheduler):
+        extra["eta"] = 0.0
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        model_input = torch.cat([latents] * 2) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        noise = unet(model_input, t, context)
+        if guided:
+            uncond, cond = noise.chunk(2)
+            noise = uncond + guidance_scale * (cond - uncond)
+        latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+        if callback is not None:
+            callback(i, len(timesteps), latents)
+    return latents
+
+
+def _step_params(scheduler):
+    import inspect
+
+    return inspect.signature(scheduler.step).parameters
+
+
+class ImageCraftPipeline:
+    """Text-to-image with UNet_SD.
+
+    Build it with `ImageCraftPipeline.from_pretrained(source)`, then call it:
+
+        pipe = ImageCraftPipeline.from_pretrained()            # the built-in shapes model
+        result = pipe("a red circle on the left", seed=42)
+        result.images[0], result.seeds[0]
+        result.save("out.png")                                 # PNGs carry A1111 and ImageCraft metadata
+    """
+
+    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, vae: AutoencoderKL, unet: UNet_SD,
+                 scheduler_config: dict, model_id: str = "custom", weight_files: list[Path] | None = None,
+                 device: str | None = None, dtype=None, sample_size: int = 64):
+        self.device = device or default_device()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.to(self.device, self.dtype).eval()
+        # fp16 VAEs overflow into black or NaN images: decode in fp32 then (diffusers' force_upcast, always).
+        self.vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        self.vae = vae.to(self.device, self.vae_dtype).eval()
+        self.unet = unet.to(self.device, self.dtype).eval()
+        self.scheduler_config = dict(scheduler_config)
+        self.default_scheduler = scheduler_name_of(self.scheduler_config)
+        self.model_id = model_id
+        self.weight_files = weight_files or []
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.default_size = sample_size * self.vae_scale_factor  # the model's trained image size
+
+    # --- loading --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, source: str | Path | None = None, device: str | None = None, dtype=None,
+                        config: str | Path | None = None) -> "ImageCraftPipeline":
+        """Loads a pipeline.
+
+        Args:
+            source: None or "default" (the built-in model under assets/), a diffusers folder (model_index.json
+                with tokenizer, text_encoder, vae, unet, scheduler), a Hub repo id (downloaded when there is
+                network), or a single-file original SD checkpoint (`.safetensors`, CompVis/LDM keys).
+            device: "cpu", "cuda", "mps"; detected when None.
+            dtype: "fp32", "bf16" or "fp16"; fp16 on CUDA and fp32 elsewhere when None.
+            config: for a single file, a diffusers folder or Hub id that supplies the tokenizer, the text
+                encoder and VAE configs, and the scheduler (single files carry weights only).
+        """
+        kind, path, model_id = loading.resolve(source)
+        if kind == "single_file":
+            return cls._from_single_file(path, model_id, device, dtype, config)
+        loading.check_folder(path)
+        unet_config = loading.read_json(path / "unet" / "config.json")
+        unet = UNet_SD(config_from_diffusers(unet_config))
+        unet_files = loading.weights_file(path / "unet")
+        load_pipe_into_our_UNet(unet, loading.load_safetensors(unet_files))
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+            text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True)
+            vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise loading.ModelLoadError(f"cannot load the model in {path}: {e}") from e
+        scheduler_config = loading.read_json(path / "scheduler" / "scheduler_config.json")
+        sample_size = unet_config.get("sample_size")
+        return cls(tokenizer, text_encoder, vae, unet, scheduler_config, model_id, unet_files, device, dtype,
+                   sample_size if isinstance(sample_size, int) else 64)
+
+    @classmethod
+    def _from_single_file(cls, path: Path, model_id: str, device, dtype, config) -> "ImageCraftPipeline":
+        from diffusers import StableDiffusionPipeline
+
+        from .porting import config_from_ldm
+
+        checkpoint = loading.load_safetensors([path])
+        unet = UNet_SD(config_from_ldm(checkpoint))
+        load_ldm_unet(unet, checkpoint)
+        if config is None:
+            raise loading.ModelLoadError("a single-file checkpoint has no tokenizer or configs: pass config= a "
+                                         "diffusers folder or Hub id of the same SD version")
+        config_path = loading.resolve(config)[1]
+        try:
+            parts = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(config_path), local_files_only=True, safety_checker=None,
+                unet=_NoUNet(), load_safety_checker=False)
+        except (OSError, ValueError, KeyError) as e:
+            raise loading.ModelLoadError(f"cannot load the text encoder and VAE from {path}: {e}") from e
+        scheduler_config = loading.read_json(config_path / "scheduler" / "scheduler_config.json")
+        return cls(parts.tokenizer, parts.text_encoder, parts.vae, unet, scheduler_config, model_id, [path],
+                   device, dtype)
+
+    @cached_property
+    def model_hash(self) -> str:
+        return loading.file_hash(self.weight_files) if self.weight_files else ""
+
+    # --- generation -----------------------------------------------------------------------------------------
+    def check_settings(self, prompt, negative_prompt, num_inference_steps, guidance_scale, width, height,
+                       num_images, scheduler, seed) -> str:
+        """Raises ValueError naming the bad setting and what is allowed; returns the scheduler's short name."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        for name, value in (("width", width), ("height", height)):
+            if not isinstance(value, int) or isinstance(value, bool) or value % 8 or not 64 <= value <= 2048:
+                raise ValueError(f"{name} must be a multiple of 8 between 64 and 2048, got {value!r}")
+            if value % self.vae_scale_factor:
+                raise ValueError(f"{name} must be a multiple of {self.vae_scale_factor} for this model, got {value}")
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= 150:
+            raise ValueError(f"steps must be an integer from 1 to 150, got {num_inference_steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance scale must be a finite number >= 0, got {guidance_scale!r}")
+        if not isinstance(num_images, int) or not 1 <= num_images <= 16:
+            raise ValueError(f"number of images must be from 1 to 16, got {num_images!r}")
+        if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, or None for a random one, got {seed!r}")
+        return check_scheduler_name(scheduler or self.default_scheduler)
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
+        """CLIP hidden states (B, max_length, dim) of the prompts, padded and truncated as diffusers does."""
+        notes = []
+        limit = self.tokenizer.model_max_length
+        for prompt in prompts:
+            n = len(self.tokenizer(prompt).input_ids)
+            if n > limit:
+                note = (f"the prompt is {n} tokens long; the text encoder takes {limit}, so the last {n - limit} "
+                        f"were dropped: {prompt[:60]!r}...")
+                if note not in notes:
+                    notes.append(note)
+                    warnings.warn(note, stacklevel=3)
+        ids = self.tokenizer(prompts, padding="max_length", max_length=limit, truncation=True,
+                             return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0].to(self.dtype), notes
+
+    @torch.inference_mode()
+    def __call__(self, prompt: str, negative_prompt: str | None = "", num_inference_steps: int = 25,
+                 guidance_scale: float = 7.5, seed: int | None = None, width: int | None = None,
+                 height: int | None = None, num_images: int = 1, scheduler: str | None = None,
+                 callback: Callable | None = None) -> GenerationResult:
+        """Generates `num_images` images for `prompt`.
+
+        Args:
+            prompt: the text; "" means unconditional. Longer than the text encoder's 77 tokens is truncated,
+                with a warning that says how many tokens were dropped.
+            negative_prompt: what to steer away from (classifier-free guidance's unconditional half).
+            num_inference_steps: 1..150 sampling steps.
+            guidance_scale: classifier-free guidance; <= 1 turns guidance off.
+            seed: image i uses seed + i, so it equals a single-image call with that seed; random when None.
+            width, height: multiples of 8 in 64..2048; the model's trained size when None.
+            num_images: 1..16, generated as one batch.
+            scheduler: ddim, euler, euler_a, dpm++2m, dpm++2m_karras, pndm, lms (or A1111 names); the
+                model's own when None.
+            callback: `callback(step, total, latents)` after each step (progress bars, previews).
+        Returns a GenerationResult with `images`, `seeds`, per-image `records` and `warnings`.
+        """
+        width = self.default_size if width is None else width
+        height = self.default_size if height is None else height
+        negative_prompt = negative_prompt or ""
+        scheduler_name = self.check_settings(prompt, negative_prompt, num_inference_steps, guidance_scale, width,
+                                             height, num_images, scheduler, seed)
+        if seed is None:
+            seed = random.randint(0, MAX_SEED - num_images)
+        seeds = [(seed + i) % (MAX_SEED + 1) for i in range(num_images)]
+
+        context, notes = self.encode_prompt([prompt] * num_images)
+        guided = guidance_scale > 1.0
+        if guided:
+            negative, more = self.encode_prompt([negative_prompt] * num_images)
+            notes += [n for n in more if n not in notes]
+            context = torch.cat([negative, context])
+
+        sched = make_scheduler(scheduler_name, self.scheduler_config)
+        sched.set_timesteps(num_inference_steps, device=self.device)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generators, device=torch.device(self.device), dtype=self.dtype)
+        latents = latents * sched.init_noise_sigma
+        latents = denoise(self.unet, sched, latents, context, guidance_scale, generators, callback)
+
+        images = self.decode(latents)
+        record = self.record(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                             guidance_scale=float(guidance_scale), width=width, height=height,
+                             scheduler=scheduler_name, sched=sched)
+        records = [dict(record, seed=s) for s in seeds]
+        return GenerationResult(images, seeds, records, notes)
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        latents = latents.to(self.vae_dtype) / self.vae.config.scaling_factor
+        image = self.vae.decode(latents, return_dict=False)[0]
+        return self.image_processor.postprocess(image.float(), output_type="pil")
+
+    def record(self, sched, **settings) -> dict:
+        import diffusers
+        import transformers
+
+        from . import __version__
+
+        return dict(settings, model=self.model_id, model_hash=self.model_hash,
+                    scheduler_config=dict(sched.config), dtype=str(self.dtype).replace("torch.", ""),
+                    versions={"imagecraft": __version__, "torch": torch.__version__,
+                              "diffusers": diffusers.__version__, "transformers": transformers.__version__})
+
+    def reproduce(self, png) -> GenerationResult:
+        """Generates again from the settings stored in one of our PNGs (or an A1111 one)."""
+        settings = read_png_settings(png)
+        return self(**{k: settings[k] for k in SETTINGS if k in settings})
+
+
+class _NoUNet(torch.nn.Module):
+    """Stands in for diffusers' UNet when diffusers loads the other parts of a single file; ours is UNet_SD."""

@@ -1,0 +1,49 @@
+"""Sampler names: our short names, AUTOMATIC1111's display names and the diffusers schedulers behind them.
+
+Each scheduler is built with `from_config` over the model's own scheduler config, so betas, prediction type and
+timestep spacing stay the model's; only the sampling algorithm changes.
+"""
+
+from __future__ import annotations
+
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
+
+# short name -> (AUTOMATIC1111 name, diffusers class, config overrides)
+SCHEDULERS = {
+    "ddim": ("DDIM", DDIMScheduler, {}),
+    "euler": ("Euler", EulerDiscreteScheduler, {}),
+    "euler_a": ("Euler a", EulerAncestralDiscreteScheduler, {}),
+    "dpm++2m": ("DPM++ 2M", DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
+    "dpm++2m_karras": ("DPM++ 2M Karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "pndm": ("PLMS", PNDMScheduler, {}),
+    "lms": ("LMS", LMSDiscreteScheduler, {"use_karras_sigmas": False}),
+}
+A1111_NAMES = {display: short for short, (display, _, _) in SCHEDULERS.items()}
+
+
+def check_scheduler_name(name: str) -> str:
+    """The short name for `name`, which may also be an AUTOMATIC1111 display name; a clear error otherwise."""
+    if name in SCHEDULERS:
+        return name
+    if name in A1111_NAMES:
+        return A1111_NAMES[name]
+    raise ValueError(f"unknown scheduler {name!r}; valid names are {', '.join(SCHEDULERS)} "
+                     f"(or AUTOMATIC1111's {', '.join(repr(n) for n in A1111_NAMES)})")
+
+
+def make_scheduler(name: str, config: dict):
+    """A fresh scheduler `name` over the model's scheduler `config` (a fresh one per call keeps requests apart)."""
+    _, cls, overrides = SCHEDULERS[check_scheduler_name(name)]
+    return cls.from_config(dict(config), **overrides)
+
+
+def scheduler_name_of(config: dict) -> str:
+    """Our short name for the scheduler a model ships with (its config's `_class_name`); "euler" for one we
+    have no name for (UniPC, Heun, ...)."""
+    cls_name = config.get("_class_name")
+    karras = bool(config.get("use_karras_sigmas", False))
+    for short, (_, cls, overrides) in SCHEDULERS.items():
+        if cls.__name__ == cls_name and overrides.get("use_karras_sigmas", karras) == karras:
+            return short
+    return "euler"

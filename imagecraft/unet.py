@@ -1,0 +1,410 @@
+"""UNet_SD: the text-conditioned UNet of Stable Diffusion 1.x/2.x, written from scratch.
+
+The architecture is the one of the latent diffusion paper (Rombach et al. 2022, https://arxiv.org/abs/2112.10752)
+as released in CompVis/stable-diffusion and Stability-AI/stablediffusion. Modules are laid out and named like
+that original code (`input_blocks`, `middle_block`, `output_blocks`, `in_layers`, `attn1.to_q`, ...), so a
+single-file SD checkpoint copies in key for key; `imagecraft.porting` maps diffusers' layout onto it.
+
+Every attention layer computes through a swappable processor (`CrossAttention.processor`), addressable by
+module name via `UNet_SD.attn_processors` / `UNet_SD.set_attn_processor`. The default one is a single call to
+`torch.nn.functional.scaled_dot_product_attention`; `imagecraft.attention_maps` swaps in one that also records
+the cross-attention probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+@dataclass
+class UNetConfig:
+    """Describes any UNet of the SD 1.x/2.x family. Per-level fields take one value or one per level."""
+
+    in_channels: int = 4  # latent channels in
+    out_channels: int = 4  # predicted noise (or v) channels out
+    model_channels: int = 320  # channels of the first level; level i has model_channels * channel_mult[i]
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # one entry per resolution level
+    num_res_blocks: int = 2  # ResBlocks per level on the way down (one more on the way up)
+    attention_levels: tuple[bool, ...] = (True, True, True, False)  # levels with a spatial transformer
+    num_heads: int | tuple[int, ...] | None = 8  # attention heads per level (SD1); None when head_dim is set
+    head_dim: int | tuple[int, ...] | None = None  # channels per head per level (SD2: 64); None when num_heads set
+    transformer_depth: int | tuple[int, ...] = 1  # TransformerBlocks per spatial transformer, per level
+    context_dim: int = 768  # width of the text encoder's hidden states (SD1: 768, SD2: 1024)
+    use_linear_projection: bool = False  # proj_in/proj_out as Linear (SD2) instead of 1x1 conv (SD1)
+    upcast_attention: bool = False  # compute fp16 attention in fp32 (SD2.1 overflows otherwise)
+    norm_groups: int = 32  # GroupNorm groups everywhere
+    dropout: float = 0.0  # dropout in ResBlocks and feed-forwards (only active in training)
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_levels = tuple(bool(a) for a in self.attention_levels)
+        levels = len(self.channel_mult)
+        if len(self.attention_levels) != levels:
+            raise ValueError(f"attention_levels needs one entry per level ({levels}), got {self.attention_levels}")
+        if (self.num_heads is None) == (self.head_dim is None):
+            raise ValueError("set exactly one of num_heads and head_dim")
+        for name in ("num_heads", "head_dim", "transformer_depth"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                if len(value) != levels:
+                    raise ValueError(f"{name} needs one entry per level ({levels}), got {tuple(value)}")
+                setattr(self, name, tuple(value))
+        for level, mult in enumerate(self.channel_mult):
+            channels = self.model_channels * mult
+            if channels % self.norm_groups:
+                raise ValueError(f"level {level} has {channels} channels, not divisible by norm_groups={self.norm_groups}")
+            if self.attention_levels[level] and channels % self.heads(level):
+                raise ValueError(f"level {level} has {channels} channels, not divisible by {self.heads(level)} heads")
+
+    def _per_level(self, value, level):
+        return value[level] if isinstance(value, tuple) else value
+
+    def heads(self, level: int) -> int:
+        """Number of attention heads of the spatial transformers at `level`."""
+        if self.num_heads is not None:
+            return self._per_level(self.num_heads, level)
+        return self.model_channels * self.channel_mult[level] // self._per_level(self.head_dim, level)
+
+    def depth(self, level: int) -> int:
+        return self._per_level(self.transformer_depth, level)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def sd15(cls) -> "UNetConfig":
+        """Stable Diffusion 1.x (1.4, 1.5): 8 heads, conv projections, CLIP ViT-L/14 context."""
+        return cls()
+
+    @classmethod
+    def sd21(cls) -> "UNetConfig":
+        """Stable Diffusion 2.x (2.0, 2.1, base and 768-v): 64-channel heads, linear projections, OpenCLIP-H."""
+        return cls(num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True, upcast_attention=True)
+
+    @classmethod
+    def tiny(cls) -> "UNetConfig":
+        """A few-hundred-thousand-parameter UNet of the same shape, for tests."""
+        return cls(model_channels=32, channel_mult=(1, 2), attention_levels=(True, True), num_res_blocks=1,
+                   num_heads=2, context_dim=32, norm_groups=8)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps as [cos, sin] (Vaswani et al. 2017), as SD computes it."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the time embedding added in between and a (projected) skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int, groups: int, dropout: float = 0.0):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, out_ch))
+        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_ch), nn.SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip_connection = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class DownSample(nn.Module):
+    """Halves H and W with a stride-2 3x3 conv (odd sizes round up)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class UpSample(nn.Module):
+    """Nearest-neighbour upsampling to `size` (default 2x), then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class SDPAProcessor:
+    """Default attention maths: one fused `scaled_dot_product_attention` call.
+
+    A processor is any callable `(attn, x, context) -> out`, where `attn` is the CrossAttention module (its
+    `to_q`, `to_k`, `to_v`, `to_out`, `heads` and `upcast`), `x` is (B, N, query_dim) and `context` is
+    (B, M, context_dim) or None for self-attention. Swap one in with `UNet_SD.set_attn_processor`.
+    """
+
+    def __call__(self, attn: "CrossAttention", x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = attn.qkv(x, context)  # each (B, heads, N or M, dim_head)
+        dtype = q.dtype
+        if attn.upcast and dtype == torch.float16:
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v).to(dtype)
+        return attn.out(out)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention; self-attention when `context` is None, else queries attend to `context`."""
+
+    def __init__(self, query_dim: int, heads: int, context_dim: int | None = None, upcast: bool = False):
+        super().__init__()
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.upcast = upcast
+        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim)])
+        self.processor: Callable = SDPAProcessor()
+
+    def qkv(self, x: torch.Tensor, context: torch.Tensor | None = None):
+        """Projected queries, keys and values, split into heads: (B, heads, N, dim_head) each."""
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        return [rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v)]
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        """Merges heads (B, heads, N, dim_head) -> (B, N, inner) and projects back."""
+        return self.to_out[0](rearrange(o, "b h n d -> b n (h d)"))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.processor(self, x, context)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection (Shazeer 2020, https://arxiv.org/abs/2002.05202)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the text, GEGLU feed-forward; each pre-LayerNorm with a residual."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads, upcast=upcast)
+        self.attn2 = CrossAttention(dim, heads, context_dim=context_dim, upcast=upcast)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Runs TransformerBlocks over the pixels of a feature map: norm, proj_in, blocks, proj_out, residual."""
+
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int,
+                 linear: bool = False, upcast: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.linear = linear
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        proj = (lambda: nn.Linear(channels, channels)) if linear else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(channels, heads, context_dim, upcast, dropout) for _ in range(depth)])
+        self.proj_out = proj()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if self.linear:
+            x = self.proj_in(rearrange(x, "b c h w -> b (h w) c"))
+        else:
+            x = rearrange(self.proj_in(x), "b c h w -> b (h w) c")
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.linear:
+            x = rearrange(self.proj_out(x), "b (h w) c -> b c h w", h=h, w=w)
+        else:
+            x = self.proj_out(rearrange(x, "b (h w) c -> b c h w", h=h, w=w))
+        return x + residual
+
+
+class TimeModulatedSequential(nn.Sequential):
+    """A Sequential that hands the time embedding to ResBlocks and the text context to SpatialTransformers."""
+
+    def forward(self, x, emb, context, upsample_size=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, UpSample):
+                x = layer(x, upsample_size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet_SD(nn.Module):
+    """The Stable Diffusion UNet: predicts the noise (or v) in latents `x` at timestep `t` given text `context`.
+
+    Args:
+        config: a `UNetConfig`; `UNetConfig.sd15()` and `UNetConfig.sd21()` are the released shapes.
+
+    `forward(x, t, context)` takes latents (B, in_channels, H, W) of any H, W >= 1 (sizes that are not a multiple
+    of `config.downsample_factor` work as in diffusers: each upsampling matches its skip connection), timesteps
+    as an int, a 0-d tensor or a (B,) tensor, and context (B, tokens, context_dim). It returns a tensor of
+    x's shape. Weights come from `UNet_SD.from_diffusers(unet)` or `imagecraft.load_pipe_into_our_UNet`.
+    """
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or UNetConfig()
+        ch = cfg.model_channels
+        groups = cfg.norm_groups
+        emb_dim = cfg.time_embed_dim
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def transformer(channels, level):
+            return SpatialTransformer(channels, cfg.heads(level), cfg.depth(level), cfg.context_dim, groups,
+                                      cfg.use_linear_projection, cfg.upcast_attention, cfg.dropout)
+
+        # Down: conv_in, then per level num_res_blocks x (ResBlock [+ SpatialTransformer]), then DownSample.
+        self.input_blocks = nn.ModuleList([TimeModulatedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+        skip_channels = [ch]  # channels of each input block's output, consumed in reverse by the output blocks
+        levels = len(cfg.channel_mult)
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, mult * cfg.model_channels, emb_dim, groups, cfg.dropout)]
+                ch = mult * cfg.model_channels
+                if cfg.attention_levels[level]:
+                    layers.append(transformer(ch, level))
+                self.input_blocks.append(TimeModulatedSequential(*layers))
+                skip_channels.append(ch)
+            if level != levels - 1:
+                self.input_blocks.append(TimeModulatedSequential(DownSample(ch)))
+                skip_channels.append(ch)
+
+        # Middle: ResBlock, SpatialTransformer, ResBlock at the lowest resolution.
+        self.middle_block = TimeModulatedSequential(
+            ResBlock(ch, ch, emb_dim, groups, cfg.dropout),
+            transformer(ch, levels - 1),
+            ResBlock(ch, ch, emb_dim, groups, cfg.dropout),
+        )
+
+        # Up: per level (deepest first) num_res_blocks + 1 x (ResBlock on [h, skip] [+ SpatialTransformer]),
+        # the last one of each level but the top followed by an UpSample.
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), mult * cfg.model_channels, emb_dim, groups, cfg.dropout)]
+                ch = mult * cfg.model_channels
+                if cfg.attention_levels[level]:
+                    layers.append(transformer(ch, level))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(UpSample(ch))
+                self.output_blocks.append(TimeModulatedSequential(*layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    # --- attention processors -----------------------------------------------------------------------------
+    @property
+    def attn_processors(self) -> dict[str, Callable]:
+        """The processor of every attention layer, keyed by module name (e.g. `input_blocks.1.1....attn2`)."""
+        return {name: m.processor for name, m in self.named_modules() if isinstance(m, CrossAttention)}
+
+    def set_attn_processor(self, processor) -> None:
+        """Sets the attention processor: one for every layer, or a dict {module name: processor} that names
+        every attention layer (build it from the keys of `attn_processors`)."""
+        layers = {name: m for name, m in self.named_modules() if isinstance(m, CrossAttention)}
+        if not isinstance(processor, dict):
+            processor = dict.fromkeys(layers, processor)
+        missing, unknown = layers.keys() - processor.keys(), processor.keys() - layers.keys()
+        if missing or unknown:
+            raise ValueError(f"the processor dict must name every attention layer and nothing else; "
+                             f"missing {sorted(missing)}, unknown {sorted(unknown)}")
+        for name, m in layers.items():
+            m.processor = processor[name]
+
+    # --- forward ------------------------------------------------------------------------------------------
+    def _check_inputs(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels or x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(f"x must be latents of shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        batch = x.shape[0]
+        if context.ndim != 3 or context.shape[-1] != cfg.context_dim or context.shape[0] not in (1, batch):
+            raise ValueError(f"context must have shape ({batch}, tokens, {cfg.context_dim}), got {tuple(context.shape)}")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
+            raise ValueError(f"t must be an int, a 0-d tensor or a ({batch},) tensor, got shape {tuple(t.shape)}")
+        return t.reshape(-1).expand(batch)
+
+    def forward(self, x: torch.Tensor, t: int | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        t = self._check_inputs(x, t, context)
+        if context.shape[0] != x.shape[0]:
+            context = context.expand(x.shape[0], -1, -1)
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # (B, 4 * ch)
+
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            skip = skips.pop()
+            # upsample to the size of the next skip, so odd sizes line up as in diffusers
+            h = block(torch.cat([h, skip], dim=1), emb, context, skips[-1].shape[-2:] if skips else None)
+        return self.out(h)
+
+    @classmethod
+    def from_diffusers(cls, unet) -> "UNet_SD":
+        """A UNet_SD with the config and weights of a diffusers `UNet2DConditionModel` (e.g. `pipe.unet`)."""
+        from .porting import config_from_diffusers, load_pipe_into_our_UNet
+
+        ours = cls(config_from_diffusers(unet.config))
+        param = next(unet.parameters())
+        ours.to(device=param.device, dtype=param.dtype)
+        load_pipe_into_our_UNet(ours, unet)
+        return ours
+

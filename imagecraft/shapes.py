@@ -1,0 +1,282 @@
+"""The procedural "shapes" world that the built-in model is trained on, and a scorer that reads its images.
+
+Images are 64x64 RGB: a flat background with one or two flat-filled shapes (circle, square, up-pointing triangle,
+16-24 px across), never overlapping, each fully inside. Prompts follow a small grammar:
+
+    a {colour} {shape} [on the left | on the right | at the top | at the bottom | in the center]
+    a {c1} {s1} (to the left of | above | and) a {c2} {s2}
+    ... either form optionally followed by "on a {colour} background" (gray when not named)
+
+The pairs in HELD_OUT never appear in a training caption; they measure compositional generalisation.
+`sample_scene` draws a (spec, image, masks) triple; `score(image, prompt)` says which attributes are right.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 64
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 30),
+    "purple": (140, 50, 170),
+    "orange": (245, 130, 20),
+    "white": (250, 250, 250),
+    "black": (20, 20, 20),
+}
+GRAY = (150, 150, 150)
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
+RELATIONS = ("to the left of", "above", "and")
+HELD_OUT = {("purple", "triangle"), ("orange", "square"), ("yellow", "circle")}
+MIN_SIZE, MAX_SIZE = 16, 24
+
+
+@dataclass
+class Obj:
+    colour: str
+    shape: str
+    position: str | None = None  # one of POSITIONS, single-object prompts only
+
+
+@dataclass
+class Spec:
+    """What a prompt asks for."""
+
+    objects: list[Obj]
+    relation: str | None = None  # one of RELATIONS for two objects
+    background: str | None = None  # a colour name, None for the default gray
+
+    @property
+    def background_rgb(self):
+        return COLOURS[self.background] if self.background else GRAY
+
+
+@dataclass
+class Placed:
+    obj: Obj
+    cx: float
+    cy: float
+    size: int
+    mask: np.ndarray = field(repr=False, default=None)
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def prompt_of(spec: Spec) -> str:
+    def noun(o):
+        return f"{article(o.colour)} {o.colour} {o.shape}"
+
+    first = spec.objects[0]
+    text = noun(first)
+    if len(spec.objects) == 1 and first.position:
+        text += f" {first.position}"
+    if len(spec.objects) == 2:
+        text += f" {spec.relation} {noun(spec.objects[1])}"
+    if spec.background:
+        text += f" on {article(spec.background)} {spec.background} background"
+    return text
+
+
+_NOUN = rf"an? ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+_PROMPT = re.compile(rf"^{_NOUN}(?: ({'|'.join(POSITIONS)})| ({'|'.join(RELATIONS)}) {_NOUN})?"
+                     rf"(?: on an? ({'|'.join(COLOURS)}) background)?$")
+
+
+def parse_prompt(prompt: str) -> Spec:
+    """The Spec of a prompt in the grammar; ValueError naming the grammar otherwise."""
+    m = _PROMPT.match(prompt.strip().lower())
+    if not m:
+        raise ValueError(f"not a prompt of the shapes grammar: {prompt!r} (see imagecraft.shapes)")
+    c1, s1, position, relation, c2, s2, background = m.groups()
+    objects = [Obj(c1, s1, position)]
+    if relation:
+        objects.append(Obj(c2, s2))
+    return Spec(objects, relation, background)
+
+
+# --- sampling -----------------------------------------------------------------------------------------------
+def _third_range(position: str | None, axis: str, half: float) -> tuple[float, float]:
+    """Centre range along an axis for a position, kept inside the image and clear of the third boundaries."""
+    lo, hi = half + 1, SIZE - half - 1  # a pixel of background all round
+    third = SIZE / 3
+    if position is None:
+        return lo, hi
+    if (axis == "x" and position == "on the left") or (axis == "y" and position == "at the top"):
+        return lo, third - 1.5
+    if (axis == "x" and position == "on the right") or (axis == "y" and position == "at the bottom"):
+        return 2 * third + 1.5, hi
+    if position == "in the center":
+        return third + 1.5, 2 * third - 1.5
+    return lo, hi
+
+
+def sample_spec(rng: random.Random, allow_held_out: bool = False, two_objects: bool | None = None) -> Spec:
+    """A random prompt spec; held-out colour-shape pairs only when `allow_held_out`."""
+
+    def obj():
+        while True:
+            o = Obj(rng.choice(list(COLOURS)), rng.choice(SHAPES))
+            if allow_held_out or (o.colour, o.shape) not in HELD_OUT:
+                return o
+
+    two = rng.random() < 0.5 if two_objects is None else two_objects
+    if two:
+        objects, relation = [obj(), obj()], rng.choice(RELATIONS)
+    else:
+        objects, relation = [obj()], None
+        if rng.random() < 0.7:
+            objects[0].position = rng.choice(POSITIONS)
+    background = None
+    if rng.random() < 0.4:
+        used = {o.colour for o in objects}
+        background = rng.choice([c for c in COLOURS if c not in used])
+    return Spec(objects, relation, background)
+
+
+def place(spec: Spec, rng: random.Random, tries: int = 200) -> list[Placed]:
+    """Centres and sizes that satisfy the spec: positions in their thirds, relations with a clear margin, no
+    overlap (2 px gap), each object fully inside."""
+    for _ in range(tries):
+        placed = []
+        for o in spec.objects:
+            size = rng.randint(MIN_SIZE, MAX_SIZE)
+            half = size / 2
+            cx = rng.uniform(*_third_range(o.position, "x", half))
+            cy = rng.uniform(*_third_range(o.position, "y", half))
+            placed.append(Placed(o, cx, cy, size))
+        if len(placed) == 2:
+            a, b = placed
+            gap = (a.size + b.size) / 2 + 2
+            if abs(a.cx - b.cx) < gap and abs(a.cy - b.cy) < gap:
+                continue  # overlapping boxes
+            if spec.relation == "to the left of" and not (b.cx - a.cx >= gap):
+                continue
+            if spec.relation == "above" and not (b.cy - a.cy >= gap):
+                continue
+        return placed
+    raise RuntimeError(f"could not place {prompt_of(spec)!r}")
+
+
+def render(spec: Spec, placed: list[Placed]) -> np.ndarray:
+    """(64, 64, 3) uint8 image; fills each Placed.mask with its object's pixels."""
+    image = Image.new("RGB", (SIZE, SIZE), spec.background_rgb)
+    draw = ImageDraw.Draw(image)
+    for p in placed:
+        mask = Image.new("1", (SIZE, SIZE), 0)
+        mdraw = ImageDraw.Draw(mask)
+        half = p.size / 2
+        box = [p.cx - half, p.cy - half, p.cx + half - 1, p.cy + half - 1]
+        for d, fill in ((draw, COLOURS[p.obj.colour]), (mdraw, 1)):
+            if p.obj.shape == "circle":
+                d.ellipse(box, fill=fill)
+            elif p.obj.shape == "square":
+                d.rectangle(box, fill=fill)
+            else:  # triangle pointing up
+                d.polygon([(p.cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+        p.mask = np.array(mask, dtype=bool)
+    return np.array(image)
+
+
+def sample_scene(rng: random.Random, allow_held_out: bool = False, spec: Spec | None = None):
+    """(spec, prompt, image (64, 64, 3) uint8, masks: one (64, 64) bool array per object)."""
+    spec = spec or sample_spec(rng, allow_held_out)
+    placed = place(spec, rng)
+    image = render(spec, placed)
+    return spec, prompt_of(spec), image, [p.mask for p in placed]
+
+
+# --- scoring ------------------------------------------------------------------------------------------------
+_PALETTE_NAMES = list(COLOURS) + ["gray"]
+_PALETTE = np.array(list(COLOURS.values()) + [GRAY], dtype=np.float32)  # (9, 3)
+MIN_AREA = 40  # components smaller than this are specks, not objects (a 16 px triangle covers ~128 px)
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    return [labels == i for i in range(1, n + 1) if (labels == i).sum() >= MIN_AREA]
+
+
+def classify_shape(mask: np.ndarray) -> str:
+    """Square, circle or triangle from how much of its bounding box the component fills (1, pi/4, 1/2)."""
+    ys, xs = np.nonzero(mask)
+    h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    fill = mask.sum() / (h * w)
+    if fill >= 0.89:
+        return "square"
+    if fill >= 0.64:
+        return "circle"
+    return "triangle"
+
+
+def _thirds(value: float) -> int:
+    return 0 if value < SIZE / 3 else (2 if value >= 2 * SIZE / 3 else 1)
+
+
+def _position_ok(position: str, cx: float, cy: float) -> bool:
+    return {"on the left": _thirds(cx) == 0, "on the right": _thirds(cx) == 2, "at the top": _thirds(cy) == 0,
+            "at the bottom": _thirds(cy) == 2, "in the center": _thirds(cx) == 1 and _thirds(cy) == 1}[position]
+
+
+def read_objects(image) -> tuple[str, list[dict]]:
+    """(background colour name, objects as dicts with colour, shape, cx, cy, area) found in an image."""
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    if pixels.shape[:2] != (SIZE, SIZE):
+        pixels = np.asarray(Image.fromarray(pixels.astype(np.uint8)).resize((SIZE, SIZE), Image.NEAREST),
+                            dtype=np.float32)
+    distances = ((pixels[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1)  # (64, 64, 9)
+    classes = distances.argmin(-1)
+    border = np.concatenate([classes[0], classes[-1], classes[:, 0], classes[:, -1]])
+    background = np.bincount(border, minlength=len(_PALETTE)).argmax()
+    objects = []
+    for comp in _components(classes != background):
+        colour = np.bincount(classes[comp], minlength=len(_PALETTE)).argmax()
+        ys, xs = np.nonzero(comp)
+        # the centre of the bounding box, as objects are placed (a triangle's centroid sits lower)
+        objects.append(dict(colour=_PALETTE_NAMES[colour], shape=classify_shape(comp),
+                            cx=(xs.min() + xs.max() + 1) / 2, cy=(ys.min() + ys.max() + 1) / 2, area=int(comp.sum())))
+    return _PALETTE_NAMES[background], objects
+
+
+def score(image, prompt: str | Spec) -> dict:
+    """Which attributes of `prompt` the image gets right: background, colour, shape, count, and position or
+    relation where the prompt has them (None where it does not). `all` is True when every one is."""
+    spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    background, found = read_objects(image)
+    result = dict(background=background == (spec.background or "gray"), count=len(found) == len(spec.objects),
+                  colour=False, shape=False, position=None, relation=None)
+    if len(spec.objects) == 1 and spec.objects[0].position:
+        result["position"] = False
+    if len(spec.objects) == 2:
+        result["relation"] = False
+    if found:
+        # match prompt objects to found objects, the assignment with the most colour + shape agreement
+        import itertools
+
+        best = max(itertools.permutations(range(len(found)), min(len(found), len(spec.objects))),
+                   key=lambda perm: sum((found[j]["colour"] == o.colour) + (found[j]["shape"] == o.shape)
+                                        for o, j in zip(spec.objects, perm)))
+        pairs = [(o, found[j]) for o, j in zip(spec.objects, best)]
+        complete = len(pairs) == len(spec.objects)
+        result["colour"] = complete and all(f["colour"] == o.colour for o, f in pairs)
+        result["shape"] = complete and all(f["shape"] == o.shape for o, f in pairs)
+        if result["position"] is not None:
+            f = pairs[0][1]
+            result["position"] = _position_ok(spec.objects[0].position, f["cx"], f["cy"])
+        if result["relation"] is not None and complete:
+            (_, a), (_, b) = pairs
+            result["relation"] = {"to the left of": a["cx"] < b["cx"], "above": a["cy"] < b["cy"],
+                                  "and": True}[spec.relation]
+    result["all"] = all(v for v in result.values() if v is not None)
+    return result

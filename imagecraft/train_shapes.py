@@ -1,0 +1,408 @@
+"""Trains the built-in model from scratch on the shapes world, on a CPU, and writes it in diffusers layout.
+
+    python -m imagecraft.train_shapes --output assets/shapes-sd          # the full recipe
+    python -m imagecraft.train_shapes --output /tmp/smoke --smoke        # a few steps, for CI
+
+Checkpoints and cached latents go to runs/<output name>/ (or --work).
+
+Phases, each checkpointed so an interrupted run resumes where it stopped (run the same command again):
+  1. tokenizer: a CLIP BPE vocabulary trained on training captions;
+  2. vae: a small AutoencoderKL (4 latent channels, 64x64 -> 16x16) trained to reconstruct scenes;
+  3. latents: a fixed set of scenes encoded once, and the latent scaling factor (1 / std);
+  4. unet: UNet_SD and a small CLIPTextModel trained together with the epsilon-prediction loss of SD, captions
+     dropped 10% of the time for classifier-free guidance, with an EMA of the weights;
+  5. export: tokenizer, text_encoder, vae, unet (diffusers layout, safetensors), scheduler, model_index.json.
+Held-out colour-shape pairs (shapes.HELD_OUT) never appear in a caption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import shapes
+from .porting import to_diffusers
+from .unet import UNet_SD, UNetConfig
+
+log = logging.getLogger("imagecraft.train_shapes")
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    threads: int = 0  # torch threads; 0 = all cores
+    # tokenizer and text encoder
+    vocab_size: int = 640  # 514 byte tokens and specials, the rest merges (whole words of the grammar)
+    max_tokens: int = 32  # tokenizer model_max_length; the longest caption is ~20 tokens
+    text_width: int = 128  # CLIPTextModel hidden size
+    text_layers: int = 3
+    # VAE
+    vae_channels: tuple = (32, 64, 64)  # three levels: 64x64 images -> 16x16 latents
+    vae_steps: int = 1000
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-6  # tiny KL: a near-deterministic autoencoder, as SD's f=8 VAE
+    # latents
+    num_scenes: int = 50000  # fixed training set, encoded once
+    # UNet
+    unet: dict = field(default_factory=lambda: dict(
+        model_channels=64, channel_mult=(1, 2, 2), attention_levels=(False, True, True), num_res_blocks=1,
+        num_heads=None, head_dim=32, transformer_depth=1, norm_groups=32))
+    unet_steps: int = 5000
+    unet_batch: int = 64
+    unet_lr: float = 4e-4
+    warmup: int = 200
+    uncond_prob: float = 0.1  # caption dropped for classifier-free guidance
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    log_every: int = 50
+
+    @classmethod
+    def smoke(cls) -> "Recipe":
+        """A few steps of everything at toy sizes: checks the script end to end in seconds."""
+        return cls(vae_channels=(16, 32, 32), vae_steps=4, vae_batch=4, num_scenes=64, text_width=32,
+                   text_layers=1, unet=dict(model_channels=32, channel_mult=(1, 2), attention_levels=(False, True),
+                                            num_res_blocks=1, num_heads=2, norm_groups=8),
+                   unet_steps=6, unet_batch=4, warmup=2, checkpoint_every=3, log_every=2)
+
+
+def check_settings(recipe: Recipe, output: Path):
+    """Refuses nonsense before any work starts, with the setting named."""
+    for name in ("vae_steps", "unet_steps", "num_scenes", "checkpoint_every", "log_every"):
+        if getattr(recipe, name) < 0 or (name != "vae_steps" and name != "unet_steps" and getattr(recipe, name) == 0):
+            raise ValueError(f"{name} must be positive, got {getattr(recipe, name)}")
+    for name in ("vae_batch", "unet_batch"):
+        if getattr(recipe, name) < 1:
+            raise ValueError(f"{name} (batch size) must be at least 1, got {getattr(recipe, name)}")
+    for name in ("vae_lr", "unet_lr"):
+        value = getattr(recipe, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} (learning rate) must be a positive number, got {value}")
+    if not 0 <= recipe.uncond_prob < 1:
+        raise ValueError(f"uncond_prob must be in [0, 1), got {recipe.uncond_prob}")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output {output} exists and is not a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output folder {output} is not writable: {e}") from e
+
+
+# --- checkpoints: weights and optimiser state through torch.save, read back with weights_only=True ------------
+def save_checkpoint(path: Path, state: dict):
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: an interrupted save never leaves a half-written checkpoint
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same clear message
+        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
+                         f"delete it to restart that phase") from e
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+def scene_batch(rng: random.Random, n: int) -> tuple[torch.Tensor, list[str]]:
+    """n training scenes as (n, 3, 64, 64) in [-1, 1] and their captions (no held-out pairs)."""
+    images, prompts = [], []
+    for _ in range(n):
+        _, prompt, image, _ = shapes.sample_scene(rng)
+        images.append(image)
+        prompts.append(prompt)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, prompts
+
+
+def caption_corpus(seed: int, n: int = 20000) -> list[str]:
+    rng = random.Random(seed)
+    return [shapes.prompt_of(shapes.sample_spec(rng)) for _ in range(n)]
+
+
+# --- phases --------------------------------------------------------------------------------------------------
+def train_tokenizer(recipe: Recipe, work: Path):
+    from transformers import CLIPTokenizer
+
+    from .tokenizer import train_clip_tokenizer
+
+    folder = work / "tokenizer"
+    if not (folder / "tokenizer.json").exists():
+        tokenizer = train_clip_tokenizer(caption_corpus(recipe.seed), recipe.vocab_size, recipe.max_tokens)
+        tokenizer.save_pretrained(folder)
+        log.info("tokenizer: %d tokens", len(tokenizer))
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def make_vae(recipe: Recipe):
+    from diffusers import AutoencoderKL
+
+    levels = len(recipe.vae_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=recipe.vae_channels,
+                         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                         layers_per_block=1, norm_num_groups=min(32, recipe.vae_channels[0]), sample_size=shapes.SIZE)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_vae(recipe: Recipe, work: Path):
+    vae = make_vae(recipe)
+    path = work / "vae.pt"
+    state = load_checkpoint(path)
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    step, rng = 0, random.Random(recipe.seed + 1)
+    if state:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        rng.setstate(_tuple(state["rng"]))
+        torch.set_rng_state(state["torch_rng"])
+    if step >= recipe.vae_steps:
+        return vae.eval()
+    vae.train()
+    bar = tqdm(total=recipe.vae_steps, initial=step, desc="vae", unit="step")
+    while step < recipe.vae_steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe.vae_steps, recipe.vae_lr, recipe.warmup)
+        x, _ = scene_batch(rng, recipe.vae_batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+        # L1 keeps flat colours and edges crisp; the KL term only keeps latents near unit scale
+        loss = F.l1_loss(recon.float(), x) + recipe.vae_kl * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % recipe.log_every == 0:
+            log.info("vae step %d/%d loss %.4f", step, recipe.vae_steps, loss.item())
+        if step % recipe.checkpoint_every == 0 or step == recipe.vae_steps:
+            save_checkpoint(path, dict(model=vae.state_dict(), optimizer=opt.state_dict(), step=step,
+                                       rng=rng.getstate(), torch_rng=torch.get_rng_state()))
+    bar.close()
+    return vae.eval()
+
+
+def _tuple(x):
+    """random.Random state comes back from torch.load with lists where it had tuples."""
+    return tuple(_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+@torch.no_grad()
+def encode_scenes(recipe: Recipe, vae, work: Path):
+    """(latents (N, 4, 16, 16) float32, captions, scaling factor), cached in work/latents.pt."""
+    path = work / "latents.pt"
+    state = load_checkpoint(path)
+    if state and state["num_scenes"] == recipe.num_scenes:
+        return state["latents"], state["captions"], state["scaling_factor"]
+    rng = random.Random(recipe.seed + 2)
+    latents, captions = [], []
+    for start in tqdm(range(0, recipe.num_scenes, 256), desc="encode", unit="batch"):
+        x, prompts = scene_batch(rng, min(256, recipe.num_scenes - start))
+        latents.append(vae.encode(x).latent_dist.mean)
+        captions += prompts
+    latents = torch.cat(latents)
+    scaling_factor = float(1.0 / latents.std())
+    save_checkpoint(path, dict(latents=latents, captions=captions, scaling_factor=scaling_factor,
+                               num_scenes=recipe.num_scenes))
+    log.info("encoded %d scenes, latent std %.4f -> scaling factor %.4f", len(captions), 1 / scaling_factor,
+             scaling_factor)
+    return latents, captions, scaling_factor
+
+
+def make_text_encoder(recipe: Recipe, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=recipe.text_width, intermediate_size=4 * recipe.text_width,
+        num_hidden_layers=recipe.text_layers, num_attention_heads=max(1, recipe.text_width // 32),
+        max_position_embeddings=recipe.max_tokens, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+
+def make_noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    # Stable Diffusion's training schedule
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         prediction_type="epsilon", clip_sample=False, steps_offset=1)
+
+
+def train_unet(recipe: Recipe, work: Path, tokenizer, latents, captions, scaling_factor):
+    torch.manual_seed(recipe.seed + 3)
+    text_encoder = make_text_encoder(recipe, tokenizer)
+    unet = UNet_SD(UNetConfig(context_dim=recipe.text_width, **recipe.unet))
+    ema = {"unet": copy.deepcopy(unet).requires_grad_(False), "text": copy.deepcopy(text_encoder).requires_grad_(False)}
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=0.01)
+    noise_scheduler = make_noise_scheduler()
+    path = work / "unet.pt"
+    state = load_checkpoint(path)
+    step, rng = 0, torch.Generator().manual_seed(recipe.seed + 4)
+    if state:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        ema["unet"].load_state_dict(state["ema_unet"])
+        ema["text"].load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        rng.set_state(state["rng"])
+        log.info("resumed unet training at step %d", step)
+    if step >= recipe.unet_steps:
+        return ema["unet"].eval(), ema["text"].eval()
+
+    latents = latents * scaling_factor
+    ids_all = tokenizer(captions, padding="max_length", max_length=recipe.max_tokens, truncation=True,
+                        return_tensors="pt").input_ids
+    ids_empty = tokenizer([""], padding="max_length", max_length=recipe.max_tokens, return_tensors="pt").input_ids
+    alphas = noise_scheduler.alphas_cumprod
+    unet.train(), text_encoder.train()
+    bar = tqdm(total=recipe.unet_steps, initial=step, desc="unet", unit="step")
+    running, started = None, time.time()
+    while step < recipe.unet_steps:
+        lr = lr_at(step, recipe.unet_steps, recipe.unet_lr, recipe.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # batch: random scenes, captions dropped for guidance, SD's noising at uniform timesteps
+        index = torch.randint(0, len(captions), (recipe.unet_batch,), generator=rng)
+        x0 = latents[index]
+        ids = ids_all[index].clone()
+        drop = torch.rand(recipe.unet_batch, generator=rng) < recipe.uncond_prob
+        ids[drop] = ids_empty
+        noise = torch.randn(x0.shape, generator=rng)
+        t = torch.randint(0, 1000, (recipe.unet_batch,), generator=rng)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        # forward in bf16 autocast (AMX), loss in fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            context = text_encoder(ids)[0]
+            pred = unet(xt, t, context)
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        # EMA, with a short warm-up so early checkpoints are usable
+        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for live, avg in ((unet, ema["unet"]), (text_encoder, ema["text"])):
+                for p, q in zip(live.parameters(), avg.parameters()):
+                    q.lerp_(p, 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
+        if step % recipe.log_every == 0:
+            log.info("unet step %d/%d loss %.4f lr %.2e (%.1f min)", step, recipe.unet_steps, running, lr,
+                     (time.time() - started) / 60)
+        if step % recipe.checkpoint_every == 0 or step == recipe.unet_steps:
+            save_checkpoint(path, dict(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(),
+                                       ema_unet=ema["unet"].state_dict(), ema_text=ema["text"].state_dict(),
+                                       optimizer=opt.state_dict(), step=step, rng=rng.get_state()))
+    bar.close()
+    return ema["unet"].eval(), ema["text"].eval()
+
+
+def export(output: Path, tokenizer, text_encoder, vae, unet: UNet_SD, scaling_factor: float):
+    """Writes the model as a plain diffusers StableDiffusionPipeline folder (safetensors)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    vae.register_to_config(scaling_factor=scaling_factor)
+    diffusers_unet = to_diffusers(unet.float())
+    diffusers_unet.register_to_config(sample_size=shapes.SIZE // 4)
+    train = make_noise_scheduler().config
+    scheduler = DPMSolverMultistepScheduler.from_config(dict(train, steps_offset=1, timestep_spacing="leading"))
+    pipe = StableDiffusionPipeline(vae=vae.float(), text_encoder=text_encoder.float(), tokenizer=tokenizer,
+                                   unet=diffusers_unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(output, safe_serialization=True)
+    _write_legacy_tokenizer_files(tokenizer, output / "tokenizer")
+
+
+def _write_legacy_tokenizer_files(tokenizer, folder: Path):
+    """vocab.json and merges.txt beside tokenizer.json, for older readers of CLIP tokenizer folders."""
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    (folder / "vocab.json").write_text(json.dumps(data["model"]["vocab"], ensure_ascii=False))
+    merges = [" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True, help="folder for the model (and work/ with checkpoints)")
+    parser.add_argument("--work", default=None,
+                        help="folder for checkpoints and cached latents (default: runs/<output name>)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps at toy sizes (CI)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--unet-steps", type=int, default=None)
+    parser.add_argument("--vae-steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="UNet batch size")
+    parser.add_argument("--lr", type=float, default=None, help="UNet peak learning rate")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+
+    recipe = Recipe.smoke() if args.smoke else Recipe()
+    for flag, name in (("seed", "seed"), ("unet_steps", "unet_steps"), ("vae_steps", "vae_steps"),
+                       ("batch_size", "unet_batch"), ("lr", "unet_lr")):
+        if getattr(args, flag) is not None:
+            setattr(recipe, name, getattr(args, flag))
+    output = Path(args.output)
+    try:
+        check_settings(recipe, output)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    work = Path(args.work) if args.work else Path("runs") / output.name
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
+
+    started = time.time()
+    try:
+        tokenizer = train_tokenizer(recipe, work)
+        vae = train_vae(recipe, work)
+        latents, captions, scaling_factor = encode_scenes(recipe, vae, work)
+        unet, text_encoder = train_unet(recipe, work, tokenizer, latents, captions, scaling_factor)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    export(output, tokenizer, text_encoder, vae, unet, scaling_factor)
+    minutes = (time.time() - started) / 60
+    (work / "time.json").write_text(json.dumps({"minutes_this_run": minutes}))
+    log.info("wrote %s in %.1f min", output, minutes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

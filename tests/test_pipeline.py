@@ -1,0 +1,173 @@
+"""The text-to-image pipeline against diffusers' StableDiffusionPipeline on the same tiny random folder."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from helpers import make_tiny_pipeline_folder
+from PIL import Image
+
+from imagecraft.loading import ModelLoadError
+from imagecraft.metadata import parse_a1111_parameters, read_png_settings
+from imagecraft.pipeline import ImageCraftPipeline
+from imagecraft.schedulers import SCHEDULERS, make_scheduler
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return ImageCraftPipeline.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+
+
+def pixels(image):
+    return np.asarray(image).astype(np.float64)
+
+
+def diffusers_images(reference, scheduler, prompt, negative, seeds, steps, guidance, size=64):
+    reference.scheduler = make_scheduler(scheduler, reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return reference(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                     generator=generators, num_images_per_prompt=len(seeds), height=size, width=size).images
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_same_image_as_diffusers(pipe, reference, scheduler):
+    ours = pipe("a red circle on the left", negative_prompt="a blue square", seed=11, num_inference_steps=6,
+                guidance_scale=6.0, scheduler=scheduler)
+    theirs = diffusers_images(reference, scheduler, "a red circle on the left", "a blue square", [11], 6, 6.0)
+    assert ours.seeds == [11]
+    assert pixels(ours.images[0]).std() > 5  # a real image, not a flat one
+    assert np.abs(pixels(ours.images[0]) - pixels(theirs[0])).mean() <= 1.0
+
+
+def test_batch_matches_diffusers_and_single_calls(pipe, reference):
+    batch = pipe("a green triangle", seed=100, num_images=3, num_inference_steps=5, scheduler="euler_a")
+    assert batch.seeds == [100, 101, 102]
+    theirs = diffusers_images(reference, "euler_a", "a green triangle", "", [100, 101, 102], 5, 7.5)
+    for i, seed in enumerate(batch.seeds):
+        single = pipe("a green triangle", seed=seed, num_inference_steps=5, scheduler="euler_a")
+        assert np.abs(pixels(batch.images[i]) - pixels(single.images[0])).mean() <= 1.0
+        assert np.abs(pixels(batch.images[i]) - pixels(theirs[i])).mean() <= 1.0
+    assert np.abs(pixels(batch.images[0]) - pixels(batch.images[1])).mean() > 1.0  # different seeds differ
+
+
+def test_same_call_twice_is_identical(pipe):
+    a = pipe("a purple circle", seed=5, num_inference_steps=4, scheduler="dpm++2m_karras")
+    b = pipe("a purple circle", seed=5, num_inference_steps=4, scheduler="dpm++2m_karras")
+    assert np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
+
+
+def test_empty_prompt_and_no_guidance(pipe, reference):
+    ours = pipe("", seed=2, num_inference_steps=4, guidance_scale=1.0, scheduler="ddim")
+    theirs = diffusers_images(reference, "ddim", "", "", [2], 4, 1.0)
+    assert np.abs(pixels(ours.images[0]) - pixels(theirs[0])).mean() <= 1.0
+
+
+def test_callback_runs_once_per_step(pipe):
+    calls = []
+    pipe("a red square", seed=1, num_inference_steps=7, scheduler="euler",
+         callback=lambda step, total, latents: calls.append((step, total, tuple(latents.shape))))
+    assert calls == [(i, 7, (1, 4, 16, 16)) for i in range(7)]
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipe):
+    prompt = " ".join(["red circle"] * 60)
+    with pytest.warns(UserWarning, match=r"the last \d+ were dropped"):
+        result = pipe(prompt, seed=1, num_inference_steps=2)
+    assert result.warnings and "dropped" in result.warnings[0]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(width=100), "width must be a multiple of 8 between 64 and 2048, got 100"),
+    (dict(height=4096), "height must be a multiple of 8 between 64 and 2048, got 4096"),
+    (dict(num_inference_steps=0), "steps must be an integer from 1 to 150, got 0"),
+    (dict(num_inference_steps=151), "steps must be an integer from 1 to 150, got 151"),
+    (dict(guidance_scale=-1.0), "guidance scale must be a finite number >= 0, got -1.0"),
+    (dict(guidance_scale=float("nan")), "guidance scale must be a finite number >= 0, got nan"),
+    (dict(scheduler="karras_magic"), "unknown scheduler 'karras_magic'; valid names are ddim, euler, euler_a"),
+    (dict(seed=-3), "seed must be an integer from 0 to"),
+    (dict(num_images=0), "number of images must be from 1 to 16, got 0"),
+])
+def test_bad_settings_get_clear_messages(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pipe("a red circle", **kwargs)
+
+
+def test_png_metadata_reproduces_the_image(pipe, tmp_path):
+    result = pipe("a white square at the top", negative_prompt="black", seed=9, num_inference_steps=5,
+                  guidance_scale=5.0, scheduler="dpm++2m")
+    path = result.save(tmp_path / "out.png")[0]
+    png = Image.open(path)
+    text = png.text["parameters"]
+    assert text.startswith("a white square at the top\nNegative prompt: black\n")
+    assert "Steps: 5, Sampler: DPM++ 2M, CFG scale: 5, Seed: 9, Size: 64x64, Model hash: " in text
+    record = json.loads(png.text["imagecraft"])
+    assert record["scheduler_config"]["_class_name"] == "DPMSolverMultistepScheduler"
+    assert record["model_hash"] == pipe.model_hash and len(record["model_hash"]) == 10
+    assert set(record["versions"]) >= {"torch", "diffusers", "transformers", "imagecraft"}
+
+    again = pipe.reproduce(path)
+    assert np.array_equal(pixels(again.images[0]), pixels(result.images[0]))
+
+    a1111 = parse_a1111_parameters(text)  # the text alone, as another tool would write it
+    assert a1111 == dict(prompt="a white square at the top", negative_prompt="black", num_inference_steps=5,
+                         guidance_scale=5.0, seed=9, width=64, height=64, scheduler="dpm++2m",
+                         model=record["model"])
+
+
+def test_png_without_settings_is_refused(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    with pytest.raises(ValueError, match="carries no generation settings"):
+        read_png_settings(tmp_path / "plain.png")
+
+
+def test_bf16_runs_and_stays_close(pipe, folder):
+    bf16 = ImageCraftPipeline.from_pretrained(folder, dtype="bf16")
+    a = pipe("a red circle", seed=4, num_inference_steps=4)
+    b = bf16("a red circle", seed=4, num_inference_steps=4)
+    assert bf16.unet.out[2].weight.dtype == torch.bfloat16
+    assert np.abs(pixels(a.images[0]) - pixels(b.images[0])).mean() < 8
+
+
+def test_missing_and_corrupt_folders_are_named(folder, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "vae" / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"vae/config.json is missing"):
+        ImageCraftPipeline.from_pretrained(broken)
+
+    shutil.copy(folder / "vae" / "config.json", broken / "vae" / "config.json")
+    weights = next((broken / "unet").glob("*.safetensors"))
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match=r"diffusion_pytorch_model.safetensors is not a readable safetensors"):
+        ImageCraftPipeline.from_pretrained(broken)
+
+    weights.unlink()
+    torch.save({"x": torch.zeros(1)}, broken / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pickle file, and unpickling can run arbitrary code"):
+        ImageCraftPipeline.from_pretrained(broken)
+
+    with pytest.raises(ModelLoadError, match="model_index.json is missing"):
+        ImageCraftPipeline.from_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="no model folder or file at './nowhere'"):
+        ImageCraftPipeline.from_pretrained("./nowhere")
+
+
+def test_hub_id_offline_says_so(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="no network .* not in the local cache"):
+        ImageCraftPipeline.from_pretrained("someone/not-cached-model")

@@ -74,8 +74,9 @@ def download(repo_id: str) -> Path:
         raise ModelLoadError(f"cannot download {repo_id!r} from the Hugging Face Hub: {e}") from e
 
 
-def check_folder(folder: Path) -> None:
-    """Raises ModelLoadError naming the first missing or pickle-only file of a diffusers SD folder."""
+def check_folder(folder: Path, weights: bool = True) -> None:
+    """Raises ModelLoadError naming the first missing or pickle-only file of a diffusers SD folder (configs and
+    tokenizer only when `weights` is False)."""
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"{folder} is not a diffusers model folder: model_index.json is missing")
     for name in COMPONENTS:
@@ -86,7 +87,7 @@ def check_folder(folder: Path) -> None:
     tokenizer = folder / "tokenizer"
     if not ((tokenizer / "tokenizer.json").is_file() or (tokenizer / "vocab.json").is_file()):
         raise ModelLoadError(f"{tokenizer} has neither tokenizer.json nor vocab.json")
-    for name in ("text_encoder", "vae", "unet"):
+    for name in ("text_encoder", "vae", "unet") if weights else ():
         weights_file(folder / name)
 
 
@@ -127,3 +128,19 @@ def file_hash(files: list[Path]) -> str:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:10]
+
+
+# What an original SD checkpoint may hold besides the three models: EMA copies and LDM's noise-schedule buffers.
+LDM_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "model_ema.")
+LDM_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+               "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+               "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+               "posterior_mean_coef1", "posterior_mean_coef2", "logvar"}
+
+
+def check_ldm_keys(checkpoint: dict, path: Path) -> None:
+    """Refuses a single file with keys that belong to no part of an SD checkpoint, naming them."""
+    unknown = sorted(k for k in checkpoint if not k.startswith(LDM_PREFIXES) and k not in LDM_BUFFERS)
+    if unknown:
+        raise ModelLoadError(f"{path} is not an SD checkpoint in the original (LDM) layout: {len(unknown)} unknown "
+                             f"keys, e.g. {unknown[:6]}; expected keys under {', '.join(LDM_PREFIXES)}")

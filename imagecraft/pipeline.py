@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 MAX_SEED = 2**32 - 1
+MAX_PROMPTS = 64  # prompts in one list-of-prompts call
 
 
 def default_device() -> str:
@@ -152,45 +153,65 @@ class ImageCraftPipeline:
         """
         kind, path, model_id = loading.resolve(source)
         if kind == "single_file":
-            return cls._from_single_file(path, model_id, device, dtype, config)
+            parts, configs, weight_files = cls._load_single_file(path, config)
+        else:
+            parts, configs, weight_files = cls._load_folder(path)
+        sample_size = loading.read_json(configs / "unet" / "config.json").get("sample_size")
+        scheduler_config = loading.read_json(configs / "scheduler" / "scheduler_config.json")
+        return cls(**parts, scheduler_config=scheduler_config, model_id=model_id, weight_files=weight_files,
+                   device=device, dtype=dtype, sample_size=sample_size if isinstance(sample_size, int) else 64)
+
+    @staticmethod
+    def _load_folder(path: Path):
+        """(components, folder with the configs, UNet weight files) of a diffusers folder."""
         loading.check_folder(path)
-        unet_config = loading.read_json(path / "unet" / "config.json")
-        unet = UNet_SD(config_from_diffusers(unet_config))
+        unet = UNet_SD(config_from_diffusers(loading.read_json(path / "unet" / "config.json")))
         unet_files = loading.weights_file(path / "unet")
         load_pipe_into_our_UNet(unet, loading.load_safetensors(unet_files))
         try:
-            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-            text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True)
-            vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True)
+            parts = dict(tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
+                         text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True),
+                         vae=AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True), unet=unet)
         except (OSError, ValueError, KeyError) as e:
             raise loading.ModelLoadError(f"cannot load the model in {path}: {e}") from e
-        scheduler_config = loading.read_json(path / "scheduler" / "scheduler_config.json")
-        sample_size = unet_config.get("sample_size")
-        return cls(tokenizer, text_encoder, vae, unet, scheduler_config, model_id, unet_files, device, dtype,
-                   sample_size if isinstance(sample_size, int) else 64)
+        return parts, path, unet_files
 
-    @classmethod
-    def _from_single_file(cls, path: Path, model_id: str, device, dtype, config) -> "ImageCraftPipeline":
-        from diffusers import StableDiffusionPipeline
+    @staticmethod
+    def _load_single_file(path: Path, config):
+        """UNet_SD from the checkpoint's LDM keys (ours are the same names); the VAE and CLIP text encoder
+        through diffusers' LDM key converters, with configs, tokenizer and scheduler from the `config` folder."""
+        from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint,
+                                                         convert_open_clip_checkpoint)
 
-        from .porting import config_from_ldm
-
-        checkpoint = loading.load_safetensors([path])
-        unet = UNet_SD(config_from_ldm(checkpoint))
-        load_ldm_unet(unet, checkpoint)
         if config is None:
-            raise loading.ModelLoadError("a single-file checkpoint has no tokenizer or configs: pass config= a "
-                                         "diffusers folder or Hub id of the same SD version")
+            raise loading.ModelLoadError("a single-file checkpoint carries weights only: pass config= a diffusers "
+                                         "folder or Hub id of the same SD version (for the tokenizer and configs)")
         config_path = loading.resolve(config)[1]
-        try:
-            parts = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(config_path), local_files_only=True, safety_checker=None,
-                unet=_NoUNet(), load_safety_checker=False)
-        except (OSError, ValueError, KeyError) as e:
-            raise loading.ModelLoadError(f"cannot load the text encoder and VAE from {path}: {e}") from e
-        scheduler_config = loading.read_json(config_path / "scheduler" / "scheduler_config.json")
-        return cls(parts.tokenizer, parts.text_encoder, parts.vae, unet, scheduler_config, model_id, [path],
-                   device, dtype)
+        loading.check_folder(config_path, weights=False)
+        checkpoint = loading.load_safetensors([path])
+        loading.check_ldm_keys(checkpoint, path)
+        unet = UNet_SD(config_from_diffusers(loading.read_json(config_path / "unet" / "config.json")))
+        load_ldm_unet(unet, checkpoint)
+
+        vae_config = loading.read_json(config_path / "vae" / "config.json")
+        vae = AutoencoderKL.from_config(vae_config)
+        text_encoder = CLIPTextModel(CLIPTextModel.config_class.from_pretrained(config_path / "text_encoder"))
+        if any(k.startswith("cond_stage_model.model.") for k in checkpoint):  # SD2: OpenCLIP layout
+            text_weights = convert_open_clip_checkpoint(text_encoder, checkpoint)
+        else:
+            text_weights = convert_ldm_clip_checkpoint(checkpoint)
+        for part, module, weights in (("VAE", vae, convert_ldm_vae_checkpoint(checkpoint, vae_config)),
+                                      ("text encoder", text_encoder, text_weights)):
+            expected = module.state_dict()
+            missing = sorted(expected.keys() - weights.keys())
+            unknown = sorted(weights.keys() - expected.keys() - {"text_model.embeddings.position_ids"})
+            if missing or unknown:
+                raise loading.ModelLoadError(f"{path}: the {part} weights do not match {config_path}: missing "
+                                             f"{missing[:6]}, unknown {unknown[:6]}")
+            module.load_state_dict({k: v.reshape(expected[k].shape) for k, v in weights.items() if k in expected})
+        parts = dict(tokenizer=CLIPTokenizer.from_pretrained(config_path / "tokenizer"), text_encoder=text_encoder,
+                     vae=vae, unet=unet)
+        return parts, config_path, [path]
 
     @cached_property
     def model_hash(self) -> str:
@@ -200,8 +221,9 @@ class ImageCraftPipeline:
     def check_settings(self, prompt, negative_prompt, num_inference_steps, guidance_scale, width, height,
                        num_images, scheduler, seed) -> str:
         """Raises ValueError naming the bad setting and what is allowed; returns the scheduler's short name."""
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not isinstance(prompt, str) and not (isinstance(prompt, list) and 1 <= len(prompt) <= MAX_PROMPTS
+                                                and all(isinstance(p, str) for p in prompt)):
+            raise ValueError(f"prompt must be a string or a list of 1 to {MAX_PROMPTS} strings, got {prompt!r:.80}")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
         for name, value in (("width", width), ("height", height)):
@@ -236,15 +258,16 @@ class ImageCraftPipeline:
         return self.text_encoder(ids.to(self.device))[0].to(self.dtype), notes
 
     @torch.inference_mode()
-    def __call__(self, prompt: str, negative_prompt: str | None = "", num_inference_steps: int = 25,
+    def __call__(self, prompt: str | list[str], negative_prompt: str | None = "", num_inference_steps: int = 25,
                  guidance_scale: float = 7.5, seed: int | None = None, width: int | None = None,
                  height: int | None = None, num_images: int = 1, scheduler: str | None = None,
                  callback: Callable | None = None) -> GenerationResult:
         """Generates `num_images` images for `prompt`.
 
         Args:
-            prompt: the text; "" means unconditional. Longer than the text encoder's 77 tokens is truncated,
-                with a warning that says how many tokens were dropped.
+            prompt: the text; "" means unconditional. Longer than the text encoder's limit (77 tokens for SD)
+                is truncated, with a warning that says how many tokens were dropped. A list of prompts makes
+                one image each (num_images is then ignored).
             negative_prompt: what to steer away from (classifier-free guidance's unconditional half).
             num_inference_steps: 1..150 sampling steps.
             guidance_scale: classifier-free guidance; <= 1 turns guidance off.
@@ -263,9 +286,11 @@ class ImageCraftPipeline:
                                              height, num_images, scheduler, seed)
         if seed is None:
             seed = random.randint(0, MAX_SEED - num_images)
+        prompts = [prompt] * num_images if isinstance(prompt, str) else prompt
+        num_images = len(prompts)
         seeds = [(seed + i) % (MAX_SEED + 1) for i in range(num_images)]
 
-        context, notes = self.encode_prompt([prompt] * num_images)
+        context, notes = self.encode_prompt(prompts)
         guided = guidance_scale > 1.0
         if guided:
             negative, more = self.encode_prompt([negative_prompt] * num_images)
@@ -282,10 +307,10 @@ class ImageCraftPipeline:
         latents = denoise(self.unet, sched, latents, context, guidance_scale, generators, callback)
 
         images = self.decode(latents)
-        record = self.record(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+        record = self.record(negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                              guidance_scale=float(guidance_scale), width=width, height=height,
                              scheduler=scheduler_name, sched=sched)
-        records = [dict(record, seed=s) for s in seeds]
+        records = [dict(record, prompt=p, seed=s) for p, s in zip(prompts, seeds)]
         return GenerationResult(images, seeds, records, notes)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -308,7 +333,3 @@ class ImageCraftPipeline:
         """Generates again from the settings stored in one of our PNGs (or an A1111 one)."""
         settings = read_png_settings(png)
         return self(**{k: settings[k] for k in SETTINGS if k in settings})
-
-
-class _NoUNet(torch.nn.Module):
-    """Stands in for diffusers' UNet when diffusers loads the other parts of a single file; ours is UNet_SD."""

@@ -268,3 +268,42 @@ def load_ldm_unet(our_unet: UNet_SD, checkpoint: Mapping[str, torch.Tensor]) -> 
         raise PortingError(f"no UNet weights in this checkpoint: no key starts with {LDM_PREFIX!r}")
     key_map = {k: k for k in our_unet.state_dict()}
     return _copy_strict(our_unet, source, key_map, "LDM checkpoint -> UNet_SD")
+
+
+def config_from_ldm(checkpoint: Mapping[str, torch.Tensor], num_heads: int | None = None,
+                    head_dim: int | None = None, norm_groups: int = 32) -> UNetConfig:
+    """The UNetConfig of the UNet in an LDM-layout checkpoint, read off its key names and shapes.
+
+    Head counts are not in the weights: SD1 (768-wide context) uses 8 heads, SD2 (1024) 64-channel heads;
+    pass `num_heads` or `head_dim` for anything else (and `norm_groups`, which SD always has at 32).
+    """
+    sd = {k[len(LDM_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(LDM_PREFIX)}
+    if "input_blocks.0.0.weight" not in sd:
+        raise PortingError(f"no SD UNet in this checkpoint: {LDM_PREFIX}input_blocks.0.0.weight is missing")
+    for marker, feature in (("label_emb.", "class/SDXL label embeddings (label_emb)"),):
+        if any(k.startswith(marker) for k in sd):
+            raise PortingError(f"UNet_SD does not implement {feature}")
+    conv_in = sd["input_blocks.0.0.weight"]
+    base = conv_in.shape[0]
+    n_input = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+    levels = 1 + sum(1 for k in sd if k.startswith("input_blocks.") and k.endswith(".op.weight"))
+    num_res_blocks, rest = divmod(n_input - 1 - (levels - 1), levels)
+    if rest:
+        raise PortingError(f"cannot read the block layout: {n_input} input blocks for {levels} levels")
+    mult, attention, depth = [], [], []
+    for level in range(levels):
+        first = f"input_blocks.{1 + level * (num_res_blocks + 1)}"
+        mult.append(sd[f"{first}.0.out_layers.3.weight"].shape[0] // base)
+        attention.append(f"{first}.1.proj_in.weight" in sd)
+        owner = f"{first}.1." if attention[-1] else "middle_block.1."  # levels without attention: mid's depth
+        depth.append(len({k[len(owner):].split(".")[1] for k in sd if k.startswith(owner + "transformer_blocks.")}))
+    context_dim = next(v.shape[1] for k, v in sd.items() if k.endswith("attn2.to_k.weight"))
+    if num_heads is None and head_dim is None:
+        num_heads, head_dim = (8, None) if context_dim == 768 else (None, 64)
+    return UNetConfig(
+        in_channels=conv_in.shape[1], out_channels=sd["out.2.weight"].shape[0], model_channels=base,
+        channel_mult=tuple(mult), num_res_blocks=num_res_blocks, attention_levels=tuple(attention),
+        num_heads=num_heads, head_dim=head_dim, transformer_depth=tuple(depth) if len(set(depth)) > 1 else depth[0],
+        context_dim=context_dim, use_linear_projection=next(v.ndim == 2 for k, v in sd.items()
+                                                              if k.endswith(".proj_in.weight")),
+        upcast_attention=context_dim == 1024, norm_groups=norm_groups)

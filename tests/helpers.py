@@ -65,3 +65,35 @@ def make_tiny_pipeline_folder(folder, scheduler="pndm", seed=0):
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def diffusers_vae_to_ldm(state: dict) -> dict:
+    """A diffusers AutoencoderKL state dict under the original LDM names (what single files hold), for tests."""
+    import re
+
+    levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down_blocks."))
+    rules = [
+        (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"encoder.down.{m[1]}.block.{m[2]}."),
+        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: f"encoder.down.{m[1]}.downsample."),
+        (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
+         lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}."),
+        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample."),
+        (r"^(en|de)coder\.mid_block\.resnets\.(\d)\.", lambda m: f"{m[1]}coder.mid.block_{int(m[2]) + 1}."),
+        (r"^(en|de)coder\.mid_block\.attentions\.0\.", lambda m: f"{m[1]}coder.mid.attn_1."),
+        (r"^(en|de)coder\.conv_norm_out\.", lambda m: f"{m[1]}coder.norm_out."),
+    ]
+    leaf = {"conv_shortcut": "nin_shortcut", "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
+            "to_out.0": "proj_out"}
+    out = {}
+    for key, value in state.items():
+        new = key
+        for pattern, repl in rules:
+            new = re.sub(pattern, repl, new)
+        head, _, param = new.rpartition(".")
+        for a, b in leaf.items():
+            if head.endswith("." + a):
+                head = head[: -len(a)] + b
+        if ".attn_1." in new and value.ndim == 2:
+            value = value[:, :, None, None]  # LDM's attention projections are 1x1 convs
+        out["first_stage_model." + head + "." + param] = value
+    return out

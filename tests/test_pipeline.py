@@ -171,3 +171,28 @@ def test_hub_id_offline_says_so(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="no network .* not in the local cache"):
         ImageCraftPipeline.from_pretrained("someone/not-cached-model")
+
+
+def test_single_file_checkpoint_matches_the_folder(folder, pipe, tmp_path):
+    from helpers import diffusers_vae_to_ldm
+    from safetensors.torch import save_file
+
+    checkpoint = {"model.diffusion_model." + k: v.contiguous() for k, v in pipe.unet.state_dict().items()}
+    checkpoint.update(diffusers_vae_to_ldm(pipe.vae.state_dict()))
+    checkpoint.update({"cond_stage_model.transformer." + k: v for k, v in pipe.text_encoder.state_dict().items()})
+    checkpoint["alphas_cumprod"] = torch.linspace(1, 0, 1000)
+    save_file(checkpoint, tmp_path / "tiny.safetensors")
+
+    single = ImageCraftPipeline.from_pretrained(tmp_path / "tiny.safetensors", config=folder)
+    a = single("a blue circle", seed=3, num_inference_steps=4, scheduler="ddim")
+    b = pipe("a blue circle", seed=3, num_inference_steps=4, scheduler="ddim")
+    assert np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
+
+    with pytest.raises(ModelLoadError, match="pass config= a diffusers folder"):
+        ImageCraftPipeline.from_pretrained(tmp_path / "tiny.safetensors")
+    save_file(dict(checkpoint, **{"lora_unet_down.alpha": torch.zeros(1)}), tmp_path / "odd.safetensors")
+    with pytest.raises(ModelLoadError, match=r"1 unknown keys, e.g. \['lora_unet_down.alpha'\]"):
+        ImageCraftPipeline.from_pretrained(tmp_path / "odd.safetensors", config=folder)
+    torch.save(checkpoint, tmp_path / "tiny.ckpt")
+    with pytest.raises(ModelLoadError, match="pickle file"):
+        ImageCraftPipeline.from_pretrained(tmp_path / "tiny.ckpt", config=folder)

@@ -1,0 +1,164 @@
+"""ImageCraft's web app: a Gradio Blocks UI over imagecraft, ready for Hugging Face Spaces.
+
+    python app.py                      # http://127.0.0.1:7860, the built-in model, offline, on the CPU
+    IMAGECRAFT_CONCURRENCY=2 python app.py
+
+Layout is built in `build_demo()`, events are wired in `wire()`, and what each button does lives in
+`imagecraft.service`. Every action has a stable api_name for gradio_client.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gradio as gr
+
+from imagecraft.schedulers import SCHEDULERS
+from imagecraft.service import BUILTIN, ModelCache, generate, pick_seed, settings_from_png
+
+EXAMPLES = [
+    "a red circle on the left",
+    "a blue square above a green triangle",
+    "a yellow triangle at the top on a black background",
+    "a purple circle to the left of an orange triangle",
+    "a white square in the center on a red background",
+    "a purple triangle on the right",  # a colour-shape pair the model never saw in training
+]
+SCHEDULER_CHOICES = [(display, short) for short, (display, _, _) in SCHEDULERS.items()]
+
+models = ModelCache(device=os.environ.get("IMAGECRAFT_DEVICE"), dtype=os.environ.get("IMAGECRAFT_DTYPE"))
+
+try:  # on a ZeroGPU Space, `spaces.GPU` attaches a GPU for the duration of each call
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:
+    def gpu(fn):
+        return fn
+
+
+# --- handlers: turn our errors into sentences in the UI --------------------------------------------------------
+def _ui_errors(fn):
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as e:
+            raise gr.Error(str(e)) from e
+
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    return wrapped
+
+
+@gpu
+@_ui_errors
+def on_generate(prompt: str, negative_prompt: str = "", steps: int = 25, guidance: float = 5.0, seed: int = -1,
+                scheduler: str = "", width: int = 0, height: int = 0, num_images: int = 1, model: str = BUILTIN,
+                progress=gr.Progress()):
+    """Generates images for a prompt; returns the PNGs (with metadata) and the seed of the first one.
+    width/height 0 and scheduler "" mean the model's own."""
+    progress(0, desc="loading model")
+    pipe = models.get(model)
+    progress(0, desc="sampling")
+    paths, first_seed, notes = generate(
+        pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, int(width) or None,
+        int(height) or None, num_images, progress=lambda step, total: progress((step, total), desc="sampling"))
+    for note in notes:
+        gr.Warning(note)
+    return paths, first_seed
+
+
+@_ui_errors
+def on_load_model(model: str, progress=gr.Progress()):
+    """Loads a model (built-in, folder, .safetensors file or Hub id) once, for everyone; returns its status and
+    sizes."""
+    progress(0, desc=f"loading {model}")
+    pipe = models.get(model)
+    size = pipe.default_size
+    return (f"Loaded **{pipe.model_id}** ({pipe.device}, {str(pipe.dtype).replace('torch.', '')}); "
+            f"trained at {size}x{size}, sampler {SCHEDULERS[pipe.default_scheduler][0]}."), size, size
+
+
+@_ui_errors
+def on_png(file):
+    """Restores every field from one of our PNGs (or an AUTOMATIC1111 one)."""
+    if file is None:
+        return [gr.update()] * 10
+    s = settings_from_png(file)
+    model = s.get("model")
+    default_name = models.get(None).model_id
+    return (s.get("prompt", ""), s.get("negative_prompt", ""), s.get("num_inference_steps", 25),
+            s.get("guidance_scale", 5.0), s.get("seed", -1), s.get("scheduler", ""), s.get("width", 0),
+            s.get("height", 0), gr.update(), BUILTIN if model in (None, default_name) else model)
+
+
+def on_random_seed():
+    return pick_seed(-1)
+
+
+# --- layout ----------------------------------------------------------------------------------------------------
+def build_demo() -> gr.Blocks:
+    default = models.get(None)  # the built-in model, loaded before the first request
+    size = default.default_size
+    with gr.Blocks(title="ImageCraft") as demo:
+        gr.Markdown("# ImageCraft\nText to image with UNet_SD, a from-scratch Stable Diffusion UNet. "
+                    "The built-in model draws circles, squares and triangles in eight colours: try the examples.")
+        with gr.Tabs():
+            with gr.Tab("Generate", id="generate"):
+                with gr.Row():
+                    model = gr.Dropdown([BUILTIN], value=BUILTIN, allow_custom_value=True, scale=4,
+                                        label="Model: the built-in one, a folder or .safetensors path, or a Hub id")
+                    load = gr.Button("Load model", scale=1)
+                status = gr.Markdown(f"Loaded **{default.model_id}**, trained at {size}x{size}.")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        prompt = gr.Textbox(label="Prompt", placeholder="a red circle on the left", lines=2)
+                        negative = gr.Textbox(label="Negative prompt", lines=1)
+                        gr.Examples(EXAMPLES, inputs=[prompt], label="Examples for the built-in model")
+                        with gr.Row():
+                            steps = gr.Slider(1, 150, value=25, step=1, label="Sampling steps")
+                            guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="CFG scale")
+                        with gr.Row():
+                            seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", scale=3)
+                            dice = gr.Button("🎲 random", scale=1)
+                            reuse = gr.Button("♻️ reuse last", scale=1)
+                        with gr.Row():
+                            scheduler = gr.Dropdown(SCHEDULER_CHOICES, value=default.default_scheduler,
+                                                    label="Sampler")
+                            num_images = gr.Slider(1, 16, value=1, step=1, label="Images")
+                        with gr.Row():
+                            width = gr.Slider(64, 2048, value=size, step=8, label="Width")
+                            height = gr.Slider(64, 2048, value=size, step=8, label="Height")
+                        run = gr.Button("Generate", variant="primary")
+                    with gr.Column(scale=2):
+                        gallery = gr.Gallery(label="Images (download keeps the PNG metadata)", type="filepath",
+                                             format="png", columns=2, height=420)
+                        last_seed = gr.Number(label="Seed used", precision=0, interactive=False)
+                        png = gr.File(label="Reproduce from PNG: drop one of our PNGs", file_types=[".png"],
+                                      type="filepath")
+        wire(dict(model=model, load=load, status=status, prompt=prompt, negative=negative, steps=steps,
+                  guidance=guidance, seed=seed, dice=dice, reuse=reuse, scheduler=scheduler, num_images=num_images,
+                  width=width, height=height, run=run, gallery=gallery, last_seed=last_seed, png=png))
+    return demo
+
+
+def wire(ui: dict) -> None:
+    """Every event of the app, in one place."""
+    inputs = [ui[k] for k in ("prompt", "negative", "steps", "guidance", "seed", "scheduler", "width", "height",
+                              "num_images", "model")]
+    ui["run"].click(on_generate, inputs, [ui["gallery"], ui["last_seed"]], api_name="generate")
+    ui["prompt"].submit(on_generate, inputs, [ui["gallery"], ui["last_seed"]], api_name=False)
+    ui["load"].click(on_load_model, [ui["model"]], [ui["status"], ui["width"], ui["height"]], api_name="load_model")
+    ui["dice"].click(on_random_seed, None, ui["seed"], api_name="random_seed")
+    ui["reuse"].click(lambda s: s if s is not None else -1, ui["last_seed"], ui["seed"], api_name=False)
+    ui["png"].upload(on_png, ui["png"], inputs, api_name="read_png")
+
+
+def main():
+    concurrency = int(os.environ.get("IMAGECRAFT_CONCURRENCY", "1"))
+    build_demo().queue(default_concurrency_limit=concurrency).launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Quality of a shapes model: how often every attribute of the prompt is right, read by the shapes scorer.
+
+    python bench/bench_quality.py                        # the built-in model, 450 prompts
+    python bench/bench_quality.py --model PATH --per-group 100
+
+Three groups of prompts sampled from the grammar with a fixed seed, images with fixed seeds, 25 steps,
+guidance 5.0, the model's shipped scheduler:
+  single    one object with a position AND a background ("a red circle on the left on a blue background")
+  two       two objects with a relation (to the left of / above / and), background as the grammar samples it
+  held_out  one object of a held-out colour-shape pair, position and background as the grammar samples them
+Prints per-group, per-attribute tables, the fraction with every attribute right, and images per second.
+"""
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from imagecraft import shapes  # noqa: E402
+from imagecraft.loading import DEFAULT_MODEL  # noqa: E402
+from imagecraft.pipeline import ImageCraftPipeline  # noqa: E402
+
+TARGETS = {"single": 0.90, "two": 0.60, "held_out": 0.70}
+ATTRIBUTES = ("background", "count", "colour", "shape", "position", "relation", "all")
+
+
+def prompts_for(group: str, n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        if group == "held_out":
+            colour, shape = rng.choice(sorted(shapes.HELD_OUT))
+            spec = shapes.sample_spec(rng, two_objects=False)
+            spec.objects[0].colour, spec.objects[0].shape = colour, shape
+            if spec.background == colour:
+                continue
+        else:
+            spec = shapes.sample_spec(rng, two_objects=group == "two")
+            if group == "single":
+                spec.objects[0].position = rng.choice(shapes.POSITIONS)
+                spec.background = rng.choice([c for c in shapes.COLOURS if c != spec.objects[0].colour])
+        out.append(shapes.prompt_of(spec))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--per-group", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--scheduler", default=None, help="default: the model's shipped scheduler")
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--save", default=None, help="folder to save a grid of the first images of each group")
+    args = parser.parse_args()
+
+    pipe = ImageCraftPipeline.from_pretrained(args.model)
+    print(f"model {args.model}, {args.per_group} prompts per group, {args.steps} steps, guidance {args.guidance}, "
+          f"scheduler {args.scheduler or pipe.default_scheduler}")
+    summary = {}
+    total_images, started = 0, time.perf_counter()
+    for g, group in enumerate(TARGETS):
+        prompts = prompts_for(group, args.per_group, seed=1000 + g)
+        scores, images = [], []
+        for start in range(0, len(prompts), args.batch):
+            batch = prompts[start:start + args.batch]
+            result = pipe(batch, seed=start + 100_000 * g, num_inference_steps=args.steps,
+                          guidance_scale=args.guidance, scheduler=args.scheduler)
+            scores += [shapes.score(image, prompt) for image, prompt in zip(result.images, batch)]
+            images += result.images
+        total_images += len(prompts)
+        print(f"\n{group} ({len(prompts)} prompts)")
+        for attribute in ATTRIBUTES:
+            values = [s[attribute] for s in scores if s[attribute] is not None]
+            if values:
+                print(f"  {attribute:<11} {sum(values) / len(values):6.1%}  ({sum(values)}/{len(values)})")
+        summary[group] = sum(s["all"] for s in scores) / len(scores)
+        if args.save:
+            _save_grid(images[:32], prompts[:32], scores[:32], Path(args.save) / f"{group}.png")
+    seconds = time.perf_counter() - started
+    print("\nevery attribute right:")
+    for group, value in summary.items():
+        verdict = "meets" if value >= TARGETS[group] else "MISSES"
+        print(f"  {group:<9} {value:6.1%}   target >= {TARGETS[group]:.0%}: {verdict}")
+    print(f"\n{total_images} images in {seconds:.1f} s: {total_images / seconds:.2f} images/s "
+          f"(batches of {args.batch}, {args.steps} steps, guidance on)")
+
+
+def _save_grid(images, prompts, scores, path):
+    from PIL import Image, ImageDraw
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = 8
+    grid = Image.new("RGB", (cols * 66, ((len(images) + cols - 1) // cols) * 66), (255, 255, 255))
+    for i, (image, score) in enumerate(zip(images, scores)):
+        x, y = (i % cols) * 66, (i // cols) * 66
+        grid.paste(image.resize((64, 64)), (x + 1, y + 1))
+        ImageDraw.Draw(grid).rectangle([x, y, x + 65, y + 65], outline=(0, 160, 0) if score["all"] else (220, 0, 0))
+    grid.save(path)
+    path.with_suffix(".txt").write_text("\n".join(prompts))
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ Layout is built in `build_demo()`, events are wired in `wire()`, and what each b
 
 from __future__ import annotations
 
+import functools
 import os
 
 import gradio as gr
@@ -39,13 +40,13 @@ except ImportError:
 
 # --- handlers: turn our errors into sentences in the UI --------------------------------------------------------
 def _ui_errors(fn):
+    @functools.wraps(fn)  # keeps the signature: the API's parameter names and defaults come from it
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as e:
             raise gr.Error(str(e)) from e
 
-    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
     return wrapped
 
 
@@ -111,8 +112,8 @@ def build_demo() -> gr.Blocks:
                 status = gr.Markdown(f"Loaded **{default.model_id}**, trained at {size}x{size}.")
                 with gr.Row():
                     with gr.Column(scale=3):
-                        prompt = gr.Textbox(label="Prompt", placeholder="a red circle on the left", lines=2)
-                        negative = gr.Textbox(label="Negative prompt", lines=1)
+                        prompt = gr.Textbox("", label="Prompt", placeholder="a red circle on the left", lines=2)
+                        negative = gr.Textbox("", label="Negative prompt", lines=1)
                         gr.Examples(EXAMPLES, inputs=[prompt], label="Examples for the built-in model")
                         with gr.Row():
                             steps = gr.Slider(1, 150, value=25, step=1, label="Sampling steps")
@@ -128,10 +129,10 @@ def build_demo() -> gr.Blocks:
                         with gr.Row():
                             width = gr.Slider(64, 2048, value=size, step=8, label="Width")
                             height = gr.Slider(64, 2048, value=size, step=8, label="Height")
-                        run = gr.Button("Generate", variant="primary")
+                        run = gr.Button("Generate", variant="primary", elem_id="generate-button")
                     with gr.Column(scale=2):
                         gallery = gr.Gallery(label="Images (download keeps the PNG metadata)", type="filepath",
-                                             format="png", columns=2, height=420)
+                                             format="png", columns=2, height=420, elem_id="gallery")
                         last_seed = gr.Number(label="Seed used", precision=0, interactive=False)
                         png = gr.File(label="Reproduce from PNG: drop one of our PNGs", file_types=[".png"],
                                       type="filepath")

@@ -1,0 +1,148 @@
+"""The Gradio app, launched on localhost: through gradio_client, and in a real browser (Debian's Chromium)."""
+
+import json
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+from imagecraft.service import BUILTIN
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url():
+    demo = app.build_demo()
+    port = free_port()
+    demo.queue(default_concurrency_limit=2).launch(server_name="127.0.0.1", server_port=port,
+                                                    prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def image_path(gallery_item):
+    item = gallery_item["image"] if isinstance(gallery_item, dict) else gallery_item
+    return item["path"] if isinstance(item, dict) else item
+
+
+def test_generate_api_with_defaults(client):
+    gallery, seed = client.predict("a red circle on the left", seed=1234, api_name="/generate")
+    assert seed == 1234 and len(gallery) == 1
+    png = Image.open(image_path(gallery[0]))
+    assert png.size == (64, 64)
+    assert png.text["parameters"].startswith("a red circle on the left\n")  # served with its metadata
+    record = json.loads(png.text["imagecraft"])
+    assert record["seed"] == 1234 and record["num_inference_steps"] == 25
+
+    direct = app.models.get(None)("a red circle on the left", seed=1234, guidance_scale=5.0,
+                                  num_inference_steps=25).images[0]
+    assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(direct))
+
+
+def test_batch_and_random_seed(client):
+    gallery, seed = client.predict("a blue square", num_images=3, api_name="/generate")
+    assert len(gallery) == 3 and 0 <= seed < 2**32
+    seeds = [json.loads(Image.open(image_path(g)).text["imagecraft"])["seed"] for g in gallery]
+    assert seeds == [seed, seed + 1, seed + 2]
+    assert isinstance(client.predict(api_name="/random_seed"), (int, float))
+
+
+def test_concurrent_requests_do_not_mix(client):
+    prompts = ["a green triangle", "a white square", "a green triangle", "a black circle"] * 2
+    jobs = [client.submit(p, seed=77, steps=10, api_name="/generate") for p in prompts]
+    results = [job.result(timeout=300) for job in jobs]
+    by_prompt = {}
+    for prompt, (gallery, seed) in zip(prompts, results):
+        png = Image.open(image_path(gallery[0]))
+        assert json.loads(png.text["imagecraft"])["prompt"] == prompt and seed == 77
+        by_prompt.setdefault(prompt, []).append(np.asarray(png.convert("RGB")))
+    for images in by_prompt.values():  # the same seed gives the same image under concurrent load
+        assert all(np.array_equal(images[0], other) for other in images[1:])
+    assert not np.array_equal(by_prompt["a green triangle"][0], by_prompt["a white square"][0])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(scheduler="karras_magic"), "karras_magic is not in the list of choices"),
+    (dict(steps=100000), "greater than maximum value 150"),
+    (dict(width=100000), "greater than maximum value 2048"),
+    (dict(width=100), "width must be a multiple of 8"),
+    (dict(guidance=-2), "less than minimum value 0"),
+    (dict(model="/no/such/model"), "no model folder or file at '/no/such/model'"),
+])
+def test_bad_input_gets_a_message_and_the_app_keeps_serving(client, kwargs, message):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=message):
+        client.predict("a red circle", api_name="/generate", **kwargs)
+    gallery, _ = client.predict("", seed=3, steps=5, api_name="/generate")  # empty prompt: unconditional
+    assert len(gallery) == 1
+
+
+def test_read_png_restores_every_field(client):
+    gallery, seed = client.predict("a yellow square at the top", negative_prompt="red", steps=12, guidance=3.5,
+                                   seed=99, scheduler="euler_a", api_name="/generate")
+    from gradio_client import handle_file
+
+    fields = client.predict(handle_file(image_path(gallery[0])), api_name="/read_png")
+    assert list(fields[:8]) == ["a yellow square at the top", "red", 12, 3.5, 99, "euler_a", 64, 64]
+    assert fields[-1] == BUILTIN
+
+
+def test_load_model_reports_and_errors(client):
+    from gradio_client.exceptions import AppError
+
+    status, width, height = client.predict(BUILTIN, api_name="/load_model")
+    assert "shapes-sd" in status and width == height == 64
+    with pytest.raises(AppError, match="cannot download 'nobody/nothing'"):
+        client.predict("nobody/nothing", api_name="/load_model")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_browser_types_a_prompt_and_gets_an_image(url):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        try:
+            page.goto(url, wait_until="networkidle")
+            page.get_by_label("Prompt", exact=True).fill("a blue circle on the right")
+            page.locator("#generate-button").click()
+            page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
+            src = page.locator("#gallery img").first.get_attribute("src")
+            assert src and ".png" in src
+
+            # bad input in the UI: a visible sentence, and the app keeps serving
+            page.get_by_label("Model: the built-in one, a folder or .safetensors path, or a Hub id").fill("/no/model")
+            page.get_by_role("button", name="Load model").click()
+            page.get_by_text("no model folder or file at '/no/model'").first.wait_for(timeout=60_000)
+            page.locator("#generate-button").click()
+            page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "browser-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()

@@ -1,0 +1,78 @@
+"""The command line, run as a user would: `python -m imagecraft generate ...` and the `imagecraft` script."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import make_tiny_pipeline_folder
+from PIL import Image
+
+from imagecraft.cli import main
+from imagecraft.pipeline import ImageCraftPipeline
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny-cli"))
+
+
+def test_generate_writes_pngs_equal_to_the_pipeline(folder, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", str(folder), "--prompt", "a red circle", "--seed", "5", "--steps", "4",
+                 "--scheduler", "euler", "--num-images", "2", "--output", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "img-0.png  seed=5" in printed.out and "img-1.png  seed=6" in printed.out
+    assert "sampling" in printed.err  # the tqdm bar
+    expected = ImageCraftPipeline.from_pretrained(folder)("a red circle", seed=6, num_inference_steps=4,
+                                                          scheduler="euler").images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "img-1.png").convert("RGB")), np.asarray(expected))
+
+    # regenerate from the PNG alone; a flag given overrides what the PNG says
+    again = tmp_path / "again.png"
+    assert main(["generate", "--model", str(folder), "--from-png", str(tmp_path / "img-1.png"),
+                 "--output", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), np.asarray(expected))
+    assert main(["generate", "--model", str(folder), "--from-png", str(tmp_path / "img-1.png"), "--seed", "7",
+                 "--output", str(tmp_path / "other.png")]) == 0
+    assert "Seed: 7," in Image.open(tmp_path / "other.png").text["parameters"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--width", "100"], "width must be a multiple of 8 between 64 and 2048, got 100"),
+    (["--steps", "500"], "steps must be an integer from 1 to 150, got 500"),
+    (["--guidance", "nan"], "guidance scale must be a finite number >= 0, got nan"),
+])
+def test_bad_input_exits_with_a_message(folder, tmp_path, capsys, args, message):
+    assert main(["generate", "--model", str(folder), "--prompt", "x", "--output", str(tmp_path / "x.png"),
+                 *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_model_and_prompt(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
+    assert "model_index.json is missing" in capsys.readouterr().err
+    assert main(["generate"]) == 2
+    assert "give --prompt" in capsys.readouterr().err
+
+
+def test_help_and_scheduler_choices():
+    help_text = subprocess.run([sys.executable, "-m", "imagecraft", "generate", "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    for flag in ("--model", "--prompt", "--negative-prompt", "--seed", "--steps", "--guidance", "--scheduler",
+                 "--width", "--height", "--num-images", "--output", "--from-png"):
+        assert flag in help_text
+    bad = subprocess.run([sys.executable, "-m", "imagecraft", "generate", "--scheduler", "nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr
+
+
+@pytest.mark.skipif(shutil.which("imagecraft") is None, reason="the package is not installed (pip install -e .)")
+def test_console_script(folder, tmp_path):
+    done = subprocess.run(["imagecraft", "generate", "--model", str(folder), "--prompt", "a blue square",
+                           "--seed", "1", "--steps", "2", "--output", str(tmp_path / "s.png")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "s.png").exists()

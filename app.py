@@ -25,6 +25,7 @@ EXAMPLES = [
     "a white square in the center on a red background",
     "a purple triangle on the right",  # a colour-shape pair the model never saw in training
 ]
+CSS = "#gallery img { image-rendering: pixelated; }"  # small images scale up as crisp pixels
 SCHEDULER_CHOICES = [(display, short) for short, (display, _, _) in SCHEDULERS.items()]
 
 models = ModelCache(device=os.environ.get("IMAGECRAFT_DEVICE"), dtype=os.environ.get("IMAGECRAFT_DTYPE"))
@@ -120,8 +121,8 @@ def build_demo() -> gr.Blocks:
                             guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="CFG scale")
                         with gr.Row():
                             seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", scale=3)
-                            dice = gr.Button("🎲 random", scale=1)
-                            reuse = gr.Button("♻️ reuse last", scale=1)
+                            dice = gr.Button("Random seed", scale=1)
+                            reuse = gr.Button("Reuse last seed", scale=1)
                         with gr.Row():
                             scheduler = gr.Dropdown(SCHEDULER_CHOICES, value=default.default_scheduler,
                                                     label="Sampler")
@@ -157,7 +158,7 @@ def wire(ui: dict) -> None:
 def main():
     concurrency = int(os.environ.get("IMAGECRAFT_CONCURRENCY", "1"))
     build_demo().queue(default_concurrency_limit=concurrency).launch(
-        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        css=CSS, server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
 
 

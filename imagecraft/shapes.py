@@ -208,16 +208,21 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return [labels == i for i in range(1, n + 1) if (labels == i).sum() >= MIN_AREA]
 
 
+def _templates(h: int, w: int) -> dict[str, np.ndarray]:
+    """Ideal circle, square and up-pointing triangle filling an h x w box, sampled at pixel centres."""
+    y, x = np.mgrid[0:h, 0:w] + 0.5
+    nx, ny = (x - w / 2) / (w / 2), (y - h / 2) / (h / 2)  # -1..1 across the box
+    return {"circle": nx**2 + ny**2 <= 1.0, "square": np.ones((h, w), bool),
+            "triangle": np.abs(nx) <= y / h}
+
+
 def classify_shape(mask: np.ndarray) -> str:
-    """Square, circle or triangle from how much of its bounding box the component fills (1, pi/4, 1/2)."""
+    """The shape whose ideal template, fitted to the component's bounding box, overlaps it best (IoU): robust to
+    the soft corners of generated images, where a fill-ratio threshold reads a rounded triangle as a circle."""
     ys, xs = np.nonzero(mask)
-    h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    fill = mask.sum() / (h * w)
-    if fill >= 0.89:
-        return "square"
-    if fill >= 0.64:
-        return "circle"
-    return "triangle"
+    crop = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    ious = {name: (crop & t).sum() / (crop | t).sum() for name, t in _templates(*crop.shape).items()}
+    return max(ious, key=ious.get)
 
 
 def _thirds(value: float) -> int:

@@ -66,7 +66,7 @@ class Recipe:
     unet: dict = field(default_factory=lambda: dict(
         model_channels=64, channel_mult=(1, 2, 2), attention_levels=(False, True, True), num_res_blocks=1,
         num_heads=None, head_dim=32, transformer_depth=1, norm_groups=32))
-    unet_steps: int = 5000
+    unet_steps: int = 4200
     unet_batch: int = 64
     unet_lr: float = 4e-4
     warmup: int = 200
@@ -351,7 +351,8 @@ def export(output: Path, tokenizer, text_encoder, vae, unet: UNet_SD, scaling_fa
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     vae.register_to_config(scaling_factor=scaling_factor)
-    diffusers_unet = to_diffusers(unet.float())
+    # the UNet is stored in fp16 to keep the model under 30 MB; diffusers and ImageCraft load it back into fp32
+    diffusers_unet = to_diffusers(unet.float()).half()
     diffusers_unet.register_to_config(sample_size=shapes.SIZE // 4)
     train = make_noise_scheduler().config
     scheduler = DPMSolverMultistepScheduler.from_config(dict(train, steps_offset=1, timestep_spacing="leading"))

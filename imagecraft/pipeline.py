@@ -7,7 +7,7 @@ diffusers on the same weights.
 
 from __future__ import annotations
 
-import logging
+import inspect
 import math
 import random
 import warnings
@@ -29,7 +29,6 @@ from .porting import config_from_diffusers, load_ldm_unet, load_pipe_into_our_UN
 from .schedulers import check_scheduler_name, make_scheduler, scheduler_name_of
 from .unet import UNet_SD
 
-logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -83,9 +82,8 @@ def denoise(unet: UNet_SD, scheduler, latents: torch.Tensor, context: torch.Tens
     `callback(step, total, latents)` runs after every step.
     """
     guided = context.shape[0] == 2 * latents.shape[0]
-    extra = {"generator": generator} if "generator" in _step_params(scheduler) else {}
-    if "eta" in _step_params(scheduler):
-        extra["eta"] = 0.0
+    accepts = inspect.signature(scheduler.step).parameters  # as diffusers: eta for DDIM, generator for ancestral
+    extra = {k: v for k, v in (("generator", generator), ("eta", 0.0)) if k in accepts}
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
         model_input = torch.cat([latents] * 2) if guided else latents
@@ -99,11 +97,6 @@ def denoise(unet: UNet_SD, scheduler, latents: torch.Tensor, context: torch.Tens
             callback(i, len(timesteps), latents)
     return latents
 
-
-def _step_params(scheduler):
-    import inspect
-
-    return inspect.signature(scheduler.step).parameters
 
 
 class ImageCraftPipeline:

@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from bench.common import interleaved, report  # noqa: E402
+from helpers import random_diffusers_unet  # noqa: E402
 from imagecraft import UNet_SD  # noqa: E402
 
 
@@ -28,11 +29,7 @@ def main():
     args = parser.parse_args()
     device = args.device
 
-    torch.manual_seed(0)
-    theirs = UNet2DConditionModel(cross_attention_dim=768).eval()  # with diffusers defaults otherwise: SD1.5
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.normal_(0, 1 / max(1, p[0].numel()) ** 0.5)
+    theirs = random_diffusers_unet(cross_attention_dim=768)  # with diffusers' defaults otherwise: SD1.5
     ours = UNet_SD.from_diffusers(theirs).eval()
     theirs.to(device), ours.to(device)
     x = torch.randn(args.batch, 4, args.latent, args.latent, device=device)

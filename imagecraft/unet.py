@@ -167,7 +167,8 @@ class SDPAProcessor:
 
     A processor is any callable `(attn, x, context) -> out`, where `attn` is the CrossAttention module (its
     `to_q`, `to_k`, `to_v`, `to_out`, `heads` and `upcast`), `x` is (B, N, query_dim) and `context` is
-    (B, M, context_dim) or None for self-attention. Swap one in with `UNet_SD.set_attn_processor`.
+    (B, M, context_dim) or None for self-attention. It must return a new tensor: TransformerBlock adds the
+    residual into it in place. Swap one in with `UNet_SD.set_attn_processor`.
     """
 
     def __call__(self, attn: "CrossAttention", x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:

@@ -119,13 +119,7 @@ def test_attention_processor_hook_by_module_name():
 
 @pytest.mark.slow
 def test_sd15_shape_matches_diffusers():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    theirs = UNet2DConditionModel(cross_attention_dim=768).eval()  # with diffusers defaults otherwise: SD1.5
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.normal_(0, 1 / max(1, p[0].numel()) ** 0.5)
+    theirs = random_diffusers_unet(cross_attention_dim=768)  # with diffusers' defaults otherwise: SD1.5
     ours = UNet_SD.from_diffusers(theirs).eval()
     assert ours.config == UNetConfig.sd15()
     x, context = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 768)

@@ -88,7 +88,7 @@ class Recipe:
 def check_settings(recipe: Recipe, output: Path):
     """Refuses nonsense before any work starts, with the setting named."""
     for name in ("vae_steps", "unet_steps", "num_scenes", "checkpoint_every", "log_every"):
-        if getattr(recipe, name) < 0 or (name != "vae_steps" and name != "unet_steps" and getattr(recipe, name) == 0):
+        if getattr(recipe, name) < 1:
             raise ValueError(f"{name} must be positive, got {getattr(recipe, name)}")
     for name in ("vae_batch", "unet_batch"):
         if getattr(recipe, name) < 1:

@@ -51,13 +51,12 @@ FLAG_TO_SETTING = {"prompt": "prompt", "negative_prompt": "negative_prompt", "se
 def generate(args) -> list:
     from tqdm import tqdm
 
-    from .metadata import SETTINGS, read_png_settings
+    from .metadata import pipeline_settings, read_png_settings
     from .pipeline import ImageCraftPipeline
 
     settings = {}
     if args.from_png:
-        stored = read_png_settings(args.from_png)
-        settings = {k: stored[k] for k in SETTINGS if k in stored}
+        settings = pipeline_settings(read_png_settings(args.from_png))
     settings.update({FLAG_TO_SETTING[k]: v for k, v in vars(args).items() if k in FLAG_TO_SETTING and v is not None})
     if "prompt" not in settings:
         raise ValueError("give --prompt (an empty one means unconditional) or --from-png")

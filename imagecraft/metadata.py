@@ -72,6 +72,11 @@ def parse_a1111_parameters(text: str) -> dict:
     return settings
 
 
+def pipeline_settings(record: dict) -> dict:
+    """The part of a stored record (or parsed A1111 text) that `ImageCraftPipeline.__call__` takes."""
+    return {k: record[k] for k in SETTINGS if k in record}
+
+
 def png_info(record: dict) -> PngImagePlugin.PngInfo:
     """The two text chunks for one image's full record (settings plus model and environment)."""
     info = PngImagePlugin.PngInfo()

@@ -24,7 +24,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import loading
-from .metadata import SETTINGS, read_png_settings, save_png
+from .metadata import pipeline_settings, read_png_settings, save_png
 from .porting import config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet
 from .schedulers import check_scheduler_name, make_scheduler, scheduler_name_of
 from .unet import UNet_SD
@@ -324,5 +324,4 @@ class ImageCraftPipeline:
 
     def reproduce(self, png) -> GenerationResult:
         """Generates again from the settings stored in one of our PNGs (or an A1111 one)."""
-        settings = read_png_settings(png)
-        return self(**{k: settings[k] for k in SETTINGS if k in settings})
+        return self(**pipeline_settings(read_png_settings(png)))

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from .metadata import SETTINGS, read_png_settings
+from .metadata import pipeline_settings, read_png_settings
 from .pipeline import MAX_SEED, ImageCraftPipeline
 
 BUILTIN = "built-in shapes model"
@@ -45,9 +45,6 @@ class ModelCache:
                 self._pipes[key] = ImageCraftPipeline.from_pretrained(key, device=self.device, dtype=self.dtype)
             return self._pipes[key]
 
-    def loaded(self) -> list[str]:
-        return list(self._pipes)
-
 
 def pick_seed(seed) -> int:
     """A seed from the UI: -1 or empty means a fresh random one (AUTOMATIC1111's convention)."""
@@ -77,7 +74,7 @@ def generate(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", s
 def settings_from_png(path) -> dict:
     """The generation settings stored in one of our PNGs (or an AUTOMATIC1111 one), plus its model."""
     stored = read_png_settings(path)
-    settings = {k: stored[k] for k in SETTINGS if k in stored}
+    settings = pipeline_settings(stored)
     if "model" in stored:
         settings["model"] = stored["model"]
     return settings

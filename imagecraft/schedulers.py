@@ -1,12 +1,17 @@
 """Sampler names: our short names, AUTOMATIC1111's display names and the diffusers schedulers behind them.
 
 Each scheduler is built with `from_config` over the model's own scheduler config, so betas, prediction type and
-timestep spacing stay the model's; only the sampling algorithm changes.
+timestep spacing stay the model's; only the sampling algorithm changes. A model trained on zero-terminal-SNR betas
+(`rescale_betas_zero_snr`) gets them in every scheduler, also in those without that option (PLMS, LMS).
 """
 
 from __future__ import annotations
 
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+import inspect
+
+import torch
+
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
 
 # short name -> (AUTOMATIC1111 name, diffusers class, config overrides)
@@ -35,7 +40,20 @@ def check_scheduler_name(name: str) -> str:
 def make_scheduler(name: str, config: dict):
     """A fresh scheduler `name` over the model's scheduler `config` (a fresh one per call keeps requests apart)."""
     _, cls, overrides = SCHEDULERS[check_scheduler_name(name)]
-    return cls.from_config(dict(config), **overrides)
+    config = dict(config)
+    if config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
+        config["trained_betas"] = zero_terminal_snr_betas(config)
+    return cls.from_config(config, **overrides)
+
+
+def zero_terminal_snr_betas(config: dict) -> list[float]:
+    """The config's betas rescaled to zero terminal SNR, for schedulers that cannot rescale them themselves. The
+    last cumulative alpha is 2**-24 rather than 0, as in diffusers' DPM-Solver and Euler, so no step divides by
+    zero."""
+    alphas_cumprod = DDPMScheduler.from_config(config).alphas_cumprod.double()
+    alphas_cumprod[-1] = 2.0**-24
+    previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    return (1 - alphas_cumprod / previous).tolist()
 
 
 def scheduler_name_of(config: dict) -> str:

@@ -10,8 +10,10 @@ Phases, each checkpointed so an interrupted run resumes where it stopped (run th
   2. vae: a small AutoencoderKL (4 latent channels, 64x64 -> 16x16) trained to reconstruct scenes, its first
      three latent channels tied to the 4x4-average colour;
   3. latents: a fixed set of scenes encoded once, and the latent scaling factor (1 / std);
-  4. unet: UNet_SD and a small CLIPTextModel trained together with the epsilon-prediction loss of SD (Min-SNR
+  4. unet: UNet_SD and a small CLIPTextModel trained together with SD's epsilon loss on SD's schedule (Min-SNR
      weighted), captions dropped 10% of the time for classifier-free guidance, with an EMA of the weights;
+  4b. unet-zsnr: the same two fine-tuned to v-prediction on SD's betas rescaled to zero terminal SNR, which is
+     what makes position words work (see Recipe);
   5. export: tokenizer, text_encoder, vae, unet (diffusers layout, safetensors), scheduler, model_index.json.
 Held-out colour-shape pairs (shapes.HELD_OUT) never appear in a caption.
 """
@@ -72,6 +74,17 @@ class Recipe:
     warmup: int = 200
     uncond_prob: float = 0.1  # caption dropped for classifier-free guidance
     snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023, arXiv:2303.09556); 0 = plain MSE
+    prediction_type: str = "epsilon"  # first stage: SD's objective
+    zero_terminal_snr: bool = False
+    # Second stage. SD's scaled-linear betas leave signal at t=999 (SNR 0.0047): a model trained on them takes the
+    # layout from that leftover signal, so at sampling, from pure noise, the noise places the objects and position
+    # words are ignored (positions at chance after stage one). Rescaling the betas to zero terminal SNR (Lin et al.
+    # 2023, arXiv:2305.08891) removes the leak; epsilon cannot be predicted from pure noise, so the UNet is
+    # fine-tuned to predict v. Where the noise is low, v is nearly epsilon, so the shapes learnt in stage one
+    # survive; trained from scratch on this objective, the same budget learns positions but leaves shapes blurred.
+    zsnr_steps: int = 1500  # 0: no second stage
+    zsnr_lr: float = 2e-4
+    zsnr_warmup: int = 100
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     log_every: int = 50
@@ -82,7 +95,26 @@ class Recipe:
         return cls(vae_channels=(16, 32, 32), vae_groups=8, vae_steps=4, vae_batch=4, num_scenes=64, text_width=32,
                    text_layers=1, unet=dict(model_channels=32, channel_mult=(1, 2), attention_levels=(False, True),
                                             num_res_blocks=1, num_heads=2, norm_groups=8),
-                   unet_steps=6, unet_batch=4, warmup=2, checkpoint_every=3, log_every=2)
+                   unet_steps=6, unet_batch=4, warmup=2, zsnr_steps=4, zsnr_warmup=1, checkpoint_every=3,
+                   log_every=2)
+
+    def stages(self) -> list["Stage"]:
+        out = [Stage("unet", self.unet_steps, self.unet_lr, self.warmup, self.prediction_type,
+                     self.zero_terminal_snr)]
+        if self.zsnr_steps:
+            out.append(Stage("unet-zsnr", self.zsnr_steps, self.zsnr_lr, self.zsnr_warmup, "v_prediction", True))
+        return out
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One UNet training stage: its checkpoint name, length, learning rate and objective."""
+    name: str
+    steps: int
+    lr: float
+    warmup: int
+    prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
 
 
 def check_settings(recipe: Recipe, output: Path):
@@ -93,10 +125,17 @@ def check_settings(recipe: Recipe, output: Path):
     for name in ("vae_batch", "unet_batch"):
         if getattr(recipe, name) < 1:
             raise ValueError(f"{name} (batch size) must be at least 1, got {getattr(recipe, name)}")
-    for name in ("vae_lr", "unet_lr"):
+    if recipe.zsnr_steps < 0:
+        raise ValueError(f"zsnr_steps must be 0 (no second stage) or positive, got {recipe.zsnr_steps}")
+    for name in ("vae_lr", "unet_lr", "zsnr_lr"):
         value = getattr(recipe, name)
         if not (value > 0 and math.isfinite(value)):
             raise ValueError(f"{name} (learning rate) must be a positive number, got {value}")
+    if recipe.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {recipe.prediction_type!r}")
+    if recipe.zero_terminal_snr and recipe.prediction_type == "epsilon":
+        raise ValueError("zero_terminal_snr needs prediction_type 'v_prediction': at t=999 the input is pure noise, "
+                         "so epsilon is the input itself and the loss weight is undefined")
     if not 0 <= recipe.uncond_prob < 1:
         raise ValueError(f"uncond_prob must be in [0, 1), got {recipe.uncond_prob}")
     if output.exists() and not output.is_dir():
@@ -259,25 +298,59 @@ def make_text_encoder(recipe: Recipe, tokenizer):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
 
 
-def make_noise_scheduler():
+def make_noise_scheduler(stage: Stage):
     from diffusers import DDPMScheduler
 
-    # Stable Diffusion's training schedule
+    # Stable Diffusion's training schedule, rescaled to zero terminal SNR if the recipe says so; "trailing" spacing
+    # makes sampling start at t=999, the step the model learnt to read pure noise at
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         prediction_type="epsilon", clip_sample=False, steps_offset=1)
+                         prediction_type=stage.prediction_type, rescale_betas_zero_snr=stage.zero_terminal_snr,
+                         timestep_spacing="trailing" if stage.zero_terminal_snr else "leading",
+                         clip_sample=False, steps_offset=1)
 
 
-def train_unet(recipe: Recipe, work: Path, tokenizer, latents, captions, scaling_factor):
+def noised_and_target(prediction_type: str, alphas_cumprod: torch.Tensor, x0, noise, t):
+    """SD's forward process at timesteps t, and what the UNet is asked to predict there (epsilon or v)."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return xt, (a.sqrt() * noise - (1 - a).sqrt() * x0 if prediction_type == "v_prediction" else noise)
+
+
+def loss_weights(prediction_type: str, snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample weights of the MSE on the model's target. Min-SNR-gamma in x0 terms is min(snr, gamma); for
+    v-prediction it is floored at 1 as well, so the noisiest steps, where layout is decided from the text alone,
+    still count (plain Min-SNR gives t=999 weight 0 on a zero-terminal-SNR schedule)."""
+    if not gamma:
+        return torch.ones_like(snr)
+    if prediction_type == "v_prediction":  # MSE on v = (snr + 1) x MSE on x0
+        return snr.clamp(min=1, max=gamma) / (snr + 1)
+    return snr.clamp(max=gamma) / snr  # MSE on epsilon = snr x MSE on x0
+
+
+def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, captions, scaling_factor, init=None,
+               init_from: str | None = None):
+    """Trains one stage from `init` (the previous stage's EMA UNet and text encoder, `init_from` naming it, e.g.
+    "unet@4200") or from scratch; returns the EMA of both."""
     torch.manual_seed(recipe.seed + 3)
     text_encoder = make_text_encoder(recipe, tokenizer)
     unet = UNet_SD(UNetConfig(context_dim=recipe.text_width, **recipe.unet))
+    if init:
+        unet.load_state_dict(init[0].state_dict())
+        text_encoder.load_state_dict(init[1].state_dict())
     ema = {"unet": copy.deepcopy(unet).requires_grad_(False), "text": copy.deepcopy(text_encoder).requires_grad_(False)}
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=0.01)
-    noise_scheduler = make_noise_scheduler()
-    path = work / "unet.pt"
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.01)
+    noise_scheduler = make_noise_scheduler(stage)
+    path = work / f"{stage.name}.pt"
     state = load_checkpoint(path)
-    step, rng = 0, torch.Generator().manual_seed(recipe.seed + 4)
+    objective = dict(prediction_type=stage.prediction_type, zero_terminal_snr=stage.zero_terminal_snr,
+                     unet=json.loads(json.dumps(recipe.unet)), text_width=recipe.text_width)
+    if init_from:
+        objective["init"] = init_from  # a stage started from another first stage is not resumed
+    if state and state.get("objective") != objective:
+        raise ValueError(f"checkpoint {path} was trained with {state.get('objective')}, this recipe has {objective}; "
+                         f"delete it or pass another --work folder")
+    step, rng = 0, torch.Generator().manual_seed(recipe.seed + 4 + 10 * (stage.name != "unet"))
     if state:
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
@@ -286,8 +359,8 @@ def train_unet(recipe: Recipe, work: Path, tokenizer, latents, captions, scaling
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         rng.set_state(state["rng"])
-        log.info("resumed unet training at step %d", step)
-    if step >= recipe.unet_steps:
+        log.info("resumed %s training at step %d", stage.name, step)
+    if step >= stage.steps:
         return ema["unet"].eval(), ema["text"].eval()
 
     latents = latents * scaling_factor
@@ -296,10 +369,10 @@ def train_unet(recipe: Recipe, work: Path, tokenizer, latents, captions, scaling
     ids_empty = tokenizer([""], padding="max_length", max_length=recipe.max_tokens, return_tensors="pt").input_ids
     alphas = noise_scheduler.alphas_cumprod
     unet.train(), text_encoder.train()
-    bar = tqdm(total=recipe.unet_steps, initial=step, desc="unet", unit="step")
+    bar = tqdm(total=stage.steps, initial=step, desc=stage.name, unit="step")
     running, started = None, time.time()
-    while step < recipe.unet_steps:
-        lr = lr_at(step, recipe.unet_steps, recipe.unet_lr, recipe.warmup)
+    while step < stage.steps:
+        lr = lr_at(step, stage.steps, stage.lr, stage.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         # batch: random scenes, captions dropped for guidance, SD's noising at uniform timesteps
@@ -310,17 +383,13 @@ def train_unet(recipe: Recipe, work: Path, tokenizer, latents, captions, scaling
         ids[drop] = ids_empty
         noise = torch.randn(x0.shape, generator=rng)
         t = torch.randint(0, 1000, (recipe.unet_batch,), generator=rng)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt, target = noised_and_target(stage.prediction_type, alphas, x0, noise, t)
         # forward in bf16 autocast (AMX), loss in fp32
         with torch.autocast("cpu", dtype=torch.bfloat16):
             context = text_encoder(ids)[0]
             pred = unet(xt, t, context)
-        loss = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        if recipe.snr_gamma:  # down-weight the easy low-noise steps: converges several times faster
-            snr = a.flatten() / (1 - a.flatten())
-            loss = loss * snr.clamp(max=recipe.snr_gamma) / snr
-        loss = loss.mean()
+        loss = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        loss = (loss * loss_weights(stage.prediction_type, alphas[t] / (1 - alphas[t]), recipe.snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -336,17 +405,18 @@ def train_unet(recipe: Recipe, work: Path, tokenizer, latents, captions, scaling
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
         if step % recipe.log_every == 0:
-            log.info("unet step %d/%d loss %.4f lr %.2e (%.1f min)", step, recipe.unet_steps, running, lr,
+            log.info("%s step %d/%d loss %.4f lr %.2e (%.1f min)", stage.name, step, stage.steps, running, lr,
                      (time.time() - started) / 60)
-        if step % recipe.checkpoint_every == 0 or step == recipe.unet_steps:
+        if step % recipe.checkpoint_every == 0 or step == stage.steps:
             save_checkpoint(path, dict(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(),
                                        ema_unet=ema["unet"].state_dict(), ema_text=ema["text"].state_dict(),
-                                       optimizer=opt.state_dict(), step=step, rng=rng.get_state()))
+                                       optimizer=opt.state_dict(), step=step, rng=rng.get_state(),
+                                       objective=objective))
     bar.close()
     return ema["unet"].eval(), ema["text"].eval()
 
 
-def export(output: Path, tokenizer, text_encoder, vae, unet: UNet_SD, scaling_factor: float):
+def export(output: Path, recipe: Recipe, tokenizer, text_encoder, vae, unet: UNet_SD, scaling_factor: float):
     """Writes the model as a plain diffusers StableDiffusionPipeline folder (safetensors)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -354,8 +424,7 @@ def export(output: Path, tokenizer, text_encoder, vae, unet: UNet_SD, scaling_fa
     # the UNet is stored in fp16 to keep the model under 30 MB; diffusers and ImageCraft load it back into fp32
     diffusers_unet = to_diffusers(unet.float()).half()
     diffusers_unet.register_to_config(sample_size=shapes.SIZE // 4)
-    train = make_noise_scheduler().config
-    scheduler = DPMSolverMultistepScheduler.from_config(dict(train, steps_offset=1, timestep_spacing="leading"))
+    scheduler = DPMSolverMultistepScheduler.from_config(make_noise_scheduler(recipe.stages()[-1]).config)
     pipe = StableDiffusionPipeline(vae=vae.float(), text_encoder=text_encoder.float(), tokenizer=tokenizer,
                                    unet=diffusers_unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -379,6 +448,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few steps at toy sizes (CI)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--unet-steps", type=int, default=None)
+    parser.add_argument("--zsnr-steps", type=int, default=None, help="second UNet stage (0: none)")
     parser.add_argument("--vae-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="UNet batch size")
     parser.add_argument("--lr", type=float, default=None, help="UNet peak learning rate")
@@ -386,7 +456,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     recipe = Recipe.smoke() if args.smoke else Recipe()
-    for flag, name in (("seed", "seed"), ("unet_steps", "unet_steps"), ("vae_steps", "vae_steps"),
+    for flag, name in (("seed", "seed"), ("unet_steps", "unet_steps"), ("zsnr_steps", "zsnr_steps"),
+                       ("vae_steps", "vae_steps"),
                        ("batch_size", "unet_batch"), ("lr", "unet_lr")):
         if getattr(args, flag) is not None:
             setattr(recipe, name, getattr(args, flag))
@@ -409,11 +480,16 @@ def main(argv=None) -> int:
         tokenizer = train_tokenizer(recipe, work)
         vae = train_vae(recipe, work)
         latents, captions, scaling_factor = encode_scenes(recipe, vae, work)
-        unet, text_encoder = train_unet(recipe, work, tokenizer, latents, captions, scaling_factor)
+        models, previous = None, None
+        for stage in recipe.stages():
+            models = train_unet(recipe, stage, work, tokenizer, latents, captions, scaling_factor, init=models,
+                                init_from=previous and f"{previous.name}@{previous.steps}")
+            previous = stage
+        unet, text_encoder = models
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    export(output, tokenizer, text_encoder, vae, unet, scaling_factor)
+    export(output, recipe, tokenizer, text_encoder, vae, unet, scaling_factor)
     minutes = (time.time() - started) / 60
     (work / "time.json").write_text(json.dumps({"minutes_this_run": minutes}))
     log.info("wrote %s in %.1f min", output, minutes)

@@ -42,7 +42,8 @@ TINY_TEXTS = ["a red circle on the left", "a blue square above a green triangle"
 
 def make_tiny_pipeline_folder(folder, scheduler="pndm", seed=0):
     """Saves a tiny random SD pipeline in diffusers layout (safetensors) and returns the folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
+                           StableDiffusionPipeline)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from imagecraft.tokenizer import train_clip_tokenizer
@@ -58,8 +59,13 @@ def make_tiny_pipeline_folder(folder, scheduler="pndm", seed=0):
     unet = random_diffusers_unet(seed=seed, **dict(SD1_STYLE, cross_attention_dim=32, sample_size=16))
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  steps_offset=1, set_alpha_to_one=False)
-    sched = (PNDMScheduler(skip_prk_steps=True, **betas) if scheduler == "pndm"
-             else DDIMScheduler(clip_sample=False, **betas))
+    if scheduler == "pndm":
+        sched = PNDMScheduler(skip_prk_steps=True, **betas)
+    elif scheduler == "ddim":
+        sched = DDIMScheduler(clip_sample=False, **betas)
+    else:  # "v-zsnr": how the built-in model ships, v-prediction on zero-terminal-SNR betas
+        sched = DPMSolverMultistepScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                            timestep_spacing="trailing", **betas)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

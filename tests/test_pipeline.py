@@ -52,6 +52,33 @@ def test_same_image_as_diffusers(pipe, reference, scheduler):
     assert np.abs(pixels(ours.images[0]) - pixels(theirs[0])).mean() <= 1.0
 
 
+@pytest.fixture(scope="module")
+def v_folder(tmp_path_factory):
+    return make_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny-v-zsnr"), scheduler="v-zsnr")
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_v_prediction_zero_snr_model_matches_diffusers(v_folder, scheduler):
+    """The built-in model's kind of schedule: v-prediction on betas rescaled to zero terminal SNR, every sampler."""
+    ours = ImageCraftPipeline.from_pretrained(v_folder)("a red circle", seed=4, num_inference_steps=6,
+                                                        guidance_scale=5.0, scheduler=scheduler)
+    reference = StableDiffusionPipeline.from_pretrained(v_folder, safety_checker=None)
+    theirs = diffusers_images(reference, scheduler, "a red circle", "", [4], 6, 5.0)
+    assert np.isfinite(pixels(ours.images[0])).all() and pixels(ours.images[0]).std() > 5
+    assert np.abs(pixels(ours.images[0]) - pixels(theirs[0])).mean() <= 1.0
+
+
+def test_zero_snr_betas_reach_schedulers_without_the_option(v_folder):
+    """PLMS and LMS cannot rescale betas themselves: they get the rescaled betas diffusers' DPM-Solver computes."""
+    config = json.loads((v_folder / "scheduler" / "scheduler_config.json").read_text())
+    dpm = make_scheduler("dpm++2m", config)
+    for name in ("pndm", "lms"):
+        scheduler = make_scheduler(name, config)
+        torch.testing.assert_close(scheduler.alphas_cumprod, dpm.alphas_cumprod, rtol=0, atol=1e-6)
+        assert scheduler.config.prediction_type == "v_prediction"
+    assert dpm.alphas_cumprod[-1] == 2.0**-24  # nearly pure noise at t=999, as diffusers clamps it
+
+
 def test_batch_matches_diffusers_and_single_calls(pipe, reference):
     batch = pipe("a green triangle", seed=100, num_images=3, num_inference_steps=5, scheduler="euler_a")
     assert batch.seeds == [100, 101, 102]

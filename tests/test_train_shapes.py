@@ -8,7 +8,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from imagecraft.pipeline import ImageCraftPipeline
-from imagecraft.train_shapes import main
+from imagecraft.train_shapes import (Recipe, Stage, check_settings, loss_weights, main, make_noise_scheduler,
+                                     noised_and_target)
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +34,68 @@ def test_smoke_run_writes_a_plain_diffusers_model(trained):
                guidance_scale=5.0, height=64, width=64).images[0]
     assert np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() <= 1.0
     assert json.loads((model / "vae" / "config.json").read_text())["scaling_factor"] != 0.18215  # measured
+    scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["prediction_type"], scheduler["rescale_betas_zero_snr"], scheduler["timestep_spacing"]) == \
+        ("v_prediction", True, "trailing")  # sampling matches the training objective
+
+
+@pytest.mark.parametrize("prediction_type, zero_snr", [("v_prediction", True), ("epsilon", False)])
+def test_noising_and_target_match_diffusers(prediction_type, zero_snr):
+    scheduler = make_noise_scheduler(Stage("unet", 10, 1e-4, 1, prediction_type, zero_snr))
+    assert (scheduler.alphas_cumprod[-1] == 0) == zero_snr  # t=999 is pure noise only on the rescaled schedule
+    x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([0, 333, 998, 999])
+    xt, target = noised_and_target(prediction_type, scheduler.alphas_cumprod, x0, noise, t)
+    torch.testing.assert_close(xt, scheduler.add_noise(x0, noise, t))
+    expected = scheduler.get_velocity(x0, noise, t) if prediction_type == "v_prediction" else noise
+    torch.testing.assert_close(target, expected)
+
+
+def test_loss_weights_are_min_snr_with_a_floor_for_v():
+    snr = torch.tensor([0.0, 0.5, 1.0, 5.0, 100.0])
+    v = loss_weights("v_prediction", snr, 5.0) * (snr + 1)  # weights on the x0 error
+    torch.testing.assert_close(v, torch.tensor([1.0, 1.0, 1.0, 5.0, 5.0]))  # min(snr, 5), never below 1
+    eps = loss_weights("epsilon", snr[1:], 5.0) * snr[1:]
+    torch.testing.assert_close(eps, torch.tensor([0.5, 1.0, 5.0, 5.0]))  # Min-SNR-5: min(snr, 5) on x0
+    assert torch.equal(loss_weights("v_prediction", snr, 0), torch.ones(5))
+
+
+def test_epsilon_with_zero_terminal_snr_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="zero_terminal_snr needs prediction_type 'v_prediction'"):
+        check_settings(Recipe(zero_terminal_snr=True), tmp_path)
+    with pytest.raises(ValueError, match="prediction_type must be 'epsilon' or 'v_prediction', got 'sample'"):
+        check_settings(Recipe(prediction_type="sample"), tmp_path)
 
 
 def test_rerun_resumes_instead_of_retraining(trained, caplog):
     before = (trained / "work" / "unet.pt").stat().st_mtime_ns
     assert main(["--output", str(trained / "model"), "--work", str(trained / "work"), "--smoke"]) == 0
     assert (trained / "work" / "unet.pt").stat().st_mtime_ns == before  # finished phases are not redone
-    state = torch.load(trained / "work" / "unet.pt", weights_only=True)
-    assert state["step"] == 6
+    assert torch.load(trained / "work" / "unet.pt", weights_only=True)["step"] == 6
+    second = torch.load(trained / "work" / "unet-zsnr.pt", weights_only=True)
+    assert second["step"] == 4 and second["objective"]["init"] == "unet@6"
+    assert second["objective"]["prediction_type"] == "v_prediction"
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path):
+def test_resume_continues_from_the_checkpoint(tmp_path, capsys):
     args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke"]
     assert main(args + ["--unet-steps", "3"]) == 0
     assert torch.load(tmp_path / "w" / "unet.pt", weights_only=True)["step"] == 3
-    assert main(args + ["--unet-steps", "5"]) == 0
+    assert main(args + ["--unet-steps", "5", "--zsnr-steps", "0"]) == 0
     assert torch.load(tmp_path / "w" / "unet.pt", weights_only=True)["step"] == 5
+    # the second stage was fine-tuned from the 3-step first stage: it is not silently reused on top of the 5-step one
+    assert main(args + ["--unet-steps", "5"]) == 2
+    assert "unet-zsnr.pt was trained with" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_objective_is_not_resumed(tmp_path, capsys):
+    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--unet-steps", "2"]
+    assert main(args) == 0
+    state = torch.load(tmp_path / "w" / "unet.pt", weights_only=True)
+    state["objective"]["prediction_type"] = "epsilon"  # as if written by an older recipe
+    torch.save(state, tmp_path / "w" / "unet.pt")
+    assert main(args[:-1] + ["4"]) == 2
+    assert "unet.pt was trained with {'prediction_type': 'epsilon'" in capsys.readouterr().err
 
 
 def test_corrupt_checkpoint_is_named(tmp_path, capsys):
@@ -62,6 +109,7 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     (["--batch-size", "0"], "unet_batch (batch size) must be at least 1, got 0"),
     (["--lr", "-0.001"], "unet_lr (learning rate) must be a positive number, got -0.001"),
     (["--unet-steps", "-5"], "unet_steps must be positive"),
+    (["--zsnr-steps", "-1"], "zsnr_steps must be 0 (no second stage) or positive, got -1"),
 ])
 def test_nonsensical_settings_are_refused(tmp_path, capsys, args, message):
     assert main(["--output", str(tmp_path / "m"), "--smoke", *args]) == 2

@@ -292,6 +292,11 @@ class ImageCraftPipeline:
 
         sched = make_scheduler(scheduler_name, self.scheduler_config)
         sched.set_timesteps(num_inference_steps, device=self.device)
+        if hasattr(sched, "set_begin_index"):
+            # text-to-image starts at the first timestep. Said explicitly, because with Karras sigmas on a
+            # zero-terminal-SNR model several leading timesteps round to 999, and diffusers' lookup by timestep then
+            # starts at the second and runs past the end (diffusers' own pipeline raises IndexError there)
+            sched.set_begin_index(0)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)

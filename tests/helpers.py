@@ -58,11 +58,11 @@ def make_tiny_pipeline_folder(folder, scheduler="pndm", seed=0):
                         sample_size=64).eval()  # 64x64 images, 16x16 latents
     unet = random_diffusers_unet(seed=seed, **dict(SD1_STYLE, cross_attention_dim=32, sample_size=16))
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                 steps_offset=1, set_alpha_to_one=False)
+                 steps_offset=1)
     if scheduler == "pndm":
-        sched = PNDMScheduler(skip_prk_steps=True, **betas)
+        sched = PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, **betas)
     elif scheduler == "ddim":
-        sched = DDIMScheduler(clip_sample=False, **betas)
+        sched = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **betas)
     else:  # "v-zsnr": how the built-in model ships, v-prediction on zero-terminal-SNR betas
         sched = DPMSolverMultistepScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
                                             timestep_spacing="trailing", **betas)

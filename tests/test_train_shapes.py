@@ -92,10 +92,10 @@ def test_checkpoint_of_another_objective_is_not_resumed(tmp_path, capsys):
     args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--unet-steps", "2"]
     assert main(args) == 0
     state = torch.load(tmp_path / "w" / "unet.pt", weights_only=True)
-    state["objective"]["prediction_type"] = "epsilon"  # as if written by an older recipe
+    state["objective"]["prediction_type"] = "v_prediction"  # as if written by another recipe
     torch.save(state, tmp_path / "w" / "unet.pt")
     assert main(args[:-1] + ["4"]) == 2
-    assert "unet.pt was trained with {'prediction_type': 'epsilon'" in capsys.readouterr().err
+    assert "unet.pt was trained with {'prediction_type': 'v_prediction'" in capsys.readouterr().err
 
 
 def test_corrupt_checkpoint_is_named(tmp_path, capsys):

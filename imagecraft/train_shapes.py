@@ -451,7 +451,7 @@ def main(argv=None) -> int:
     parser.add_argument("--zsnr-steps", type=int, default=None, help="second UNet stage (0: none)")
     parser.add_argument("--vae-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="UNet batch size")
-    parser.add_argument("--lr", type=float, default=None, help="UNet peak learning rate")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate of the first UNet stage")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 

@@ -57,22 +57,30 @@ def v_folder(tmp_path_factory):
     return make_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny-v-zsnr"), scheduler="v-zsnr")
 
 
+@pytest.fixture(scope="module")
+def v_pipe(v_folder):
+    return ImageCraftPipeline.from_pretrained(v_folder)
+
+
+@pytest.fixture(scope="module")
+def v_reference(v_folder):
+    return StableDiffusionPipeline.from_pretrained(v_folder, safety_checker=None)
+
+
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
-def test_v_prediction_zero_snr_model_matches_diffusers(v_folder, scheduler):
+def test_v_prediction_zero_snr_model_matches_diffusers(v_pipe, v_reference, scheduler):
     """The built-in model's kind of schedule: v-prediction on betas rescaled to zero terminal SNR, every sampler."""
-    ours = ImageCraftPipeline.from_pretrained(v_folder)("a red circle", seed=4, num_inference_steps=6,
-                                                        guidance_scale=5.0, scheduler=scheduler)
+    ours = v_pipe("a red circle", seed=4, num_inference_steps=6, guidance_scale=5.0, scheduler=scheduler)
     assert np.isfinite(pixels(ours.images[0])).all() and pixels(ours.images[0]).std() > 5
-    reference = StableDiffusionPipeline.from_pretrained(v_folder, safety_checker=None)
     if scheduler == "dpm++2m_karras":
         # diffusers' pipeline fails here (its Karras timesteps repeat t=999 and its step lookup runs past the end);
         # ours starts at step 0 explicitly. Where diffusers works, the images must agree.
         try:
-            theirs = diffusers_images(reference, scheduler, "a red circle", "", [4], 6, 5.0)
+            theirs = diffusers_images(v_reference, scheduler, "a red circle", "", [4], 6, 5.0)
         except IndexError:
             return
     else:
-        theirs = diffusers_images(reference, scheduler, "a red circle", "", [4], 6, 5.0)
+        theirs = diffusers_images(v_reference, scheduler, "a red circle", "", [4], 6, 5.0)
     assert np.abs(pixels(ours.images[0]) - pixels(theirs[0])).mean() <= 1.0
 
 

@@ -8,8 +8,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from imagecraft.pipeline import ImageCraftPipeline
-from imagecraft.train_shapes import (Recipe, Stage, check_settings, loss_weights, main, make_noise_scheduler,
-                                     noised_and_target)
+from imagecraft import shapes
+from imagecraft.train_shapes import (Recipe, Stage, batch_indices, caption_corpus, check_settings, loss_weights, main,
+                                     make_noise_scheduler, native_bf16, noised_and_target, scene_pools)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,32 @@ def test_rerun_resumes_instead_of_retraining(trained, caplog):
     second = torch.load(trained / "work" / "unet-zsnr.pt", weights_only=True)
     assert second["step"] == 4 and second["objective"]["init"] == "unet@6"
     assert second["objective"]["prediction_type"] == "v_prediction"
+    third = torch.load(trained / "work" / "unet-two.pt", weights_only=True)
+    assert third["step"] == 3 and third["objective"]["init"] == "unet-zsnr@4"
+    assert (third["objective"]["prediction_type"], third["objective"]["zero_terminal_snr"]) == ("v_prediction", True)
+    assert third["objective"]["two_share"] == 0.8
+
+
+def test_stage_three_batches_are_mostly_two_object_scenes():
+    captions = caption_corpus(seed=0, n=4000)
+    ones, twos = scene_pools(captions)
+    assert len(ones) + len(twos) == 4000 and 0.45 < len(twos) / 4000 < 0.55  # the training set's own mix
+    assert all(len(shapes.parse_prompt(captions[i]).objects) == 2 for i in twos[:200])
+    assert all(len(shapes.parse_prompt(captions[i]).objects) == 1 for i in ones[:200])
+    generator = torch.Generator().manual_seed(0)
+    two = torch.zeros(4000, dtype=torch.bool)
+    two[twos] = True
+    assert two[batch_indices((ones, twos), 1.0, 500, generator)].all()
+    assert 0.76 < two[batch_indices((ones, twos), 0.8, 4000, generator)].float().mean() < 0.84
+    assert 0.45 < two[batch_indices((ones, twos), None, 4000, generator)].float().mean() < 0.55  # uniform
+
+
+def test_precision_follows_the_cpu_unless_asked(tmp_path):
+    for precision, bf16 in (("fp32", False), ("bf16", True), ("auto", native_bf16())):
+        with Recipe(precision=precision).autocast():
+            assert torch.is_autocast_enabled("cpu") == bf16, precision
+    with pytest.raises(ValueError, match="precision must be 'auto', 'bf16' or 'fp32', got 'fp16'"):
+        check_settings(Recipe(precision="fp16"), tmp_path)
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path, capsys):
@@ -110,6 +137,7 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     (["--lr", "-0.001"], "unet_lr (learning rate) must be a positive number, got -0.001"),
     (["--unet-steps", "-5"], "unet_steps must be positive"),
     (["--zsnr-steps", "-1"], "zsnr_steps must be 0 (no second stage) or positive, got -1"),
+    (["--two-steps", "-2"], "two_steps must be 0 (no third stage) or positive, got -2"),
 ])
 def test_nonsensical_settings_are_refused(tmp_path, capsys, args, message):
     assert main(["--output", str(tmp_path / "m"), "--smoke", *args]) == 2

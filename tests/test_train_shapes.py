@@ -108,7 +108,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, capsys):
     args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke"]
     assert main(args + ["--unet-steps", "3"]) == 0
     assert torch.load(tmp_path / "w" / "unet.pt", weights_only=True)["step"] == 3
-    assert main(args + ["--unet-steps", "5", "--zsnr-steps", "0"]) == 0
+    assert main(args + ["--unet-steps", "5", "--zsnr-steps", "0", "--two-steps", "0"]) == 0
     assert torch.load(tmp_path / "w" / "unet.pt", weights_only=True)["step"] == 5
     # the second stage was fine-tuned from the 3-step first stage: it is not silently reused on top of the 5-step one
     assert main(args + ["--unet-steps", "5"]) == 2

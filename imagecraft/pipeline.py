@@ -44,15 +44,26 @@ def default_device() -> str:
     return "cpu"
 
 
+def native_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 bf16 or AMX); without them bf16 is emulated, slowly."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_dtype(dtype, device: str) -> torch.dtype:
     """fp16 on CUDA, fp32 elsewhere, unless asked otherwise ("fp32", "bf16", "fp16" or a torch dtype)."""
     if dtype is None:
         return torch.float16 if device.startswith("cuda") else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
-    return DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+        dtype = DTYPES[dtype]
+    if dtype == torch.bfloat16 and device == "cpu" and not native_bf16():
+        warnings.warn("bf16 on this CPU is emulated (it has neither AMX nor AVX-512 bf16) and runs about 5x slower "
+                      "than fp32; use dtype='fp32'", stacklevel=3)
+    return dtype
 
 
 @dataclass

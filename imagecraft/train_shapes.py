@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import shapes
+from .pipeline import native_bf16
 from .porting import to_diffusers
 from .unet import UNet_SD, UNetConfig
 
@@ -126,13 +127,6 @@ class Recipe:
         """bf16 autocast where the CPU runs bf16 natively (or the recipe asks for it), else a no-op (fp32)."""
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.uses_bf16())
 
-
-def native_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 bf16 or AMX); without them bf16 is emulated, slowly."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from imagecraft.loading import ModelLoadError
 from imagecraft.metadata import parse_a1111_parameters, read_png_settings
-from imagecraft.pipeline import ImageCraftPipeline
+from imagecraft.pipeline import ImageCraftPipeline, native_bf16, resolve_dtype
 from imagecraft.schedulers import SCHEDULERS, make_scheduler
 
 
@@ -239,3 +239,17 @@ def test_single_file_checkpoint_matches_the_folder(folder, pipe, tmp_path):
     torch.save(checkpoint, tmp_path / "tiny.ckpt")
     with pytest.raises(ModelLoadError, match="pickle file"):
         ImageCraftPipeline.from_pretrained(tmp_path / "tiny.ckpt", config=folder)
+
+
+def test_dtype_names_and_a_warning_for_emulated_bf16():
+    import warnings
+
+    assert resolve_dtype(None, "cpu") == torch.float32 and resolve_dtype(None, "cuda:0") == torch.float16
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_dtype("bf16", "cpu") == torch.bfloat16
+        assert resolve_dtype("fp32", "cpu") == torch.float32
+    emulated = [w for w in caught if "bf16 on this CPU is emulated" in str(w.message)]
+    assert len(emulated) == (0 if native_bf16() else 1)  # warned exactly when the CPU lacks AMX / AVX-512 bf16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'; use one of fp32, bf16, fp16"):
+        resolve_dtype("fp8", "cpu")

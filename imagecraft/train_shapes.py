@@ -107,8 +107,7 @@ class Recipe:
                    text_layers=1, unet=dict(model_channels=32, channel_mult=(1, 2), attention_levels=(False, True),
                                             num_res_blocks=1, num_heads=2, norm_groups=8),
                    unet_steps=6, unet_batch=4, warmup=2, zsnr_steps=4, zsnr_warmup=1, two_steps=3, two_warmup=1,
-                   checkpoint_every=3,
-                   log_every=2)
+                   checkpoint_every=3, log_every=2)
 
     def stages(self) -> list["Stage"]:
         out = [Stage("unet", self.unet_steps, self.unet_lr, self.warmup, self.prediction_type,
@@ -126,7 +125,6 @@ class Recipe:
     def autocast(self):
         """bf16 autocast where the CPU runs bf16 natively (or the recipe asks for it), else a no-op (fp32)."""
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.uses_bf16())
-
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import math
 import random
 import warnings
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -44,8 +44,10 @@ def default_device() -> str:
     return "cpu"
 
 
+@cache
 def native_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 bf16 or AMX); without them bf16 is emulated, slowly."""
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 bf16 or AMX); without them bf16 is emulated, slowly.
+    Asked once: training asks at every step."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -29,9 +29,9 @@ def test_generate_writes_pngs_equal_to_the_pipeline(folder, tmp_path, capsys):
                                                           scheduler="euler").images[0]
     # the second image of a batch of two against the same seed alone: fp32 kernels may round differently at another
     # batch size (seen on an AVX2 CPU: one channel of one pixel off by 1/255), so equal up to that rounding
-    batched = np.asarray(Image.open(tmp_path / "img-1.png").convert("RGB"), float)
-    assert np.abs(batched - np.asarray(expected, float)).max() <= 1
-    assert np.abs(batched - np.asarray(expected, float)).mean() < 0.01
+    difference = np.abs(np.asarray(Image.open(tmp_path / "img-1.png").convert("RGB"), float)
+                        - np.asarray(expected, float))
+    assert difference.max() <= 1 and difference.mean() < 0.01
 
     # regenerate from the PNG alone; a flag given overrides what the PNG says
     again = tmp_path / "again.png"

@@ -7,9 +7,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from imagecraft.pipeline import ImageCraftPipeline
 from imagecraft import shapes
-from imagecraft.pipeline import native_bf16
+from imagecraft.pipeline import ImageCraftPipeline, native_bf16
 from imagecraft.train_shapes import (Recipe, Stage, batch_indices, caption_corpus, check_settings, loss_weights, main,
                                      make_noise_scheduler, noised_and_target, scene_pools)
 

@@ -34,7 +34,11 @@ def test_smoke_run_writes_a_plain_diffusers_model(trained):
     b = theirs("a red circle", generator=torch.Generator().manual_seed(0), num_inference_steps=3,
                guidance_scale=5.0, height=64, width=64).images[0]
     assert np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() <= 1.0
-    assert json.loads((model / "vae" / "config.json").read_text())["scaling_factor"] != 0.18215  # measured
+    vae_config = json.loads((model / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] != 0.18215  # measured
+    # three VAE levels: 16x16 latents, which the UNet's config states, so pipelines default to 64x64 images
+    assert json.loads((model / "unet" / "config.json").read_text())["sample_size"] == 16
+    assert len(vae_config["block_out_channels"]) == 3 and a.size == (64, 64)
     scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
     assert (scheduler["prediction_type"], scheduler["rescale_betas_zero_snr"], scheduler["timestep_spacing"]) == \
         ("v_prediction", True, "trailing")  # sampling matches the training objective

@@ -148,6 +148,14 @@ def test_nonsensical_settings_are_refused(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("crop", [30, 0, 68])
+def test_vae_crops_must_sit_on_the_latent_grid(tmp_path, crop):
+    check_settings(Recipe(vae_crop=32), tmp_path)  # the recipe's own
+    message = f"vae_crop must be a multiple of 4 \\(the latent factor\\) from 4 to 64, got {crop}"
+    with pytest.raises(ValueError, match=message):
+        check_settings(Recipe(vae_crop=crop), tmp_path)
+
+
 def test_output_must_be_a_writable_folder(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["--output", str(tmp_path / "file"), "--smoke"]) == 2

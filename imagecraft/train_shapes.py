@@ -59,17 +59,14 @@ class Recipe:
     text_width: int = 128  # CLIPTextModel hidden size
     text_layers: int = 3
     # VAE
-    # three levels: 64x64 images -> 16x16 latents (factor 4). The narrow full-resolution level halves the cost of a
-    # step (fp32 on AVX2: 1.25 s against 2.3 s with 64 channels there). Factor 8 would make UNet steps 3x cheaper, but
-    # with three of the four latent channels tied to the colour, 500 steps left shapes as blurred blobs (14% of
-    # round trips fully right)
-    vae_channels: tuple = (32, 64, 64)
-    vae_groups: int = 8  # GroupNorm groups (4 or more channels each; one channel per group trained far slower)
-    # The autoencoder is convolutional, so it trains on random 32x32 crops of the scenes: 4x the steps per minute,
-    # and edges are what it has to learn. On AVX2, 1,200 crop steps (6.9 min) gave 96% of one-object and 86% of
-    # two-object round trips fully right (read by the scorer on whole images); 500 whole-image steps (10.7 min), 72%
-    # and 43%.
-    vae_crop: int = 32  # 64: whole images
+    vae_channels: tuple = (64, 64, 64)  # three levels: 64x64 images -> 16x16 latents (factor 4)
+    vae_groups: int = 16  # GroupNorm groups (4 channels each; one channel per group trained far slower)
+    # The autoencoder is convolutional, so it can train on random crops of the scenes (a multiple of the latent
+    # factor; 64: whole images, as the shipped model). With channels 32-64-64 on AVX2, 1,200 steps on 32x32 crops
+    # (6.9 min) gave 96% of one-object and 86% of two-object round trips fully right (read by the scorer on whole
+    # images), 500 whole-image steps (10.7 min) 72% and 43%. Factor 8 (four levels) trained far slower still: after
+    # 500 whole-image steps shapes were blurred blobs (14% of one-object round trips right).
+    vae_crop: int = 64
     vae_steps: int = 1800
     vae_batch: int = 16
     vae_lr: float = 2e-3
@@ -77,12 +74,12 @@ class Recipe:
     vae_colour: float = 1.0  # weight of the auxiliary loss tying latent channels 0-2 to the patch-average colour
     vae_kl: float = 1e-6  # tiny KL, as SD's VAE: the latents stay near zero, the autoencoder near-deterministic
     # latents
-    num_scenes: int = 30000  # fixed training set, encoded once
+    num_scenes: int = 50000  # fixed training set, encoded once
     # UNet
     unet: dict = field(default_factory=lambda: dict(
-        model_channels=32, channel_mult=(1, 2, 4), attention_levels=(False, True, True), num_res_blocks=1,
-        num_heads=None, head_dim=32, transformer_depth=1, norm_groups=8))
-    unet_steps: int = 2500
+        model_channels=64, channel_mult=(1, 2, 2), attention_levels=(False, True, True), num_res_blocks=1,
+        num_heads=None, head_dim=32, transformer_depth=1, norm_groups=32))
+    unet_steps: int = 4200
     unet_batch: int = 64
     unet_lr: float = 4e-4
     warmup: int = 200
@@ -96,7 +93,7 @@ class Recipe:
     # 2023, arXiv:2305.08891) removes the leak; epsilon cannot be predicted from pure noise, so the UNet is
     # fine-tuned to predict v. Where the noise is low, v is nearly epsilon, so the shapes learnt in stage one
     # survive; trained from scratch on this objective, the same budget learns positions but leaves shapes blurred.
-    zsnr_steps: int = 1000  # 0: no second stage
+    zsnr_steps: int = 1500  # 0: no second stage
     zsnr_lr: float = 2e-4
     zsnr_warmup: int = 100
     # Third stage: the second stage's objective, with batches drawn mostly from two-object scenes. After stage two,
@@ -112,9 +109,10 @@ class Recipe:
     @classmethod
     def smoke(cls) -> "Recipe":
         """A few steps of everything at toy sizes: checks the script end to end in seconds."""
-        return cls(vae_channels=(16, 32, 32), vae_groups=8, vae_steps=4, vae_batch=4, num_scenes=64, text_width=32,
-                   text_layers=1, unet=dict(model_channels=32, channel_mult=(1, 2), attention_levels=(False, True),
-                                            num_res_blocks=1, num_heads=2, norm_groups=8),
+        return cls(vae_channels=(16, 32, 32), vae_groups=8, vae_crop=32, vae_steps=4, vae_batch=4, num_scenes=64,
+                   text_width=32, text_layers=1,
+                   unet=dict(model_channels=32, channel_mult=(1, 2), attention_levels=(False, True), num_res_blocks=1,
+                             num_heads=2, norm_groups=8),
                    unet_steps=6, unet_batch=4, warmup=2, zsnr_steps=4, zsnr_warmup=1, two_steps=3, two_warmup=1,
                    checkpoint_every=3, log_every=2)
 

@@ -150,7 +150,7 @@ def test_nonsensical_settings_are_refused(tmp_path, capsys, args, message):
 
 @pytest.mark.parametrize("crop", [30, 0, 68])
 def test_vae_crops_must_sit_on_the_latent_grid(tmp_path, crop):
-    check_settings(Recipe(vae_crop=32), tmp_path)  # the recipe's own
+    check_settings(Recipe(vae_crop=32), tmp_path)  # a 32x32 crop is on the grid
     message = f"vae_crop must be a multiple of 4 \\(the latent factor\\) from 4 to 64, got {crop}"
     with pytest.raises(ValueError, match=message):
         check_settings(Recipe(vae_crop=crop), tmp_path)

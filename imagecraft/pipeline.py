@@ -44,6 +44,11 @@ def default_device() -> str:
     return "cpu"
 
 
+def vae_scale_factor(block_out_channels) -> int:
+    """How many image pixels one latent pixel covers, per side: each AutoencoderKL level after the first halves it."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 @cache
 def native_bf16() -> bool:
     """Whether oneDNN has bf16 kernels for this CPU (AVX-512 bf16 or AMX); without them bf16 is emulated, slowly.
@@ -138,7 +143,7 @@ class ImageCraftPipeline:
         self.default_scheduler = scheduler_name_of(self.scheduler_config)
         self.model_id = model_id
         self.weight_files = weight_files or []
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(vae.config.block_out_channels)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.default_size = sample_size * self.vae_scale_factor  # the model's trained image size
 

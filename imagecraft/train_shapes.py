@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import shapes
-from .pipeline import native_bf16
+from .pipeline import native_bf16, vae_scale_factor
 from .porting import to_diffusers
 from .unet import UNet_SD, UNetConfig
 
@@ -127,8 +127,7 @@ class Recipe:
         return out
 
     def latent_factor(self) -> int:
-        """How many image pixels one latent pixel covers, per side: each VAE level after the first halves the size."""
-        return 2 ** (len(self.vae_channels) - 1)
+        return vae_scale_factor(self.vae_channels)
 
     def uses_bf16(self) -> bool:
         return self.precision == "bf16" or (self.precision == "auto" and native_bf16())

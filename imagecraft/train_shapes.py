@@ -397,8 +397,9 @@ def position_separation(unet: UNet_SD, text_encoder, tokenizer, stage: Stage, la
     At t=999 the model's estimate of x0 from noise is the layout it commits to. For 8 objects named with each of
     the 5 positions, the centre of mass of |x0(prompt) - mean of x0 over the object's 5 prompts| is taken; the
     result is (right - left) in x plus (bottom - top) in y, averaged over the objects: about 0 while position
-    words are ignored (the 90-minute attempts of sessions 4 and 5), 11 for the shipped model. Sampling places
-    objects in the named third only once this is well above 0, so training logs it at every checkpoint."""
+    words are ignored (every checkpoint of the 90-minute attempts in issue #4), 11.6 for the shipped model.
+    Sampling places objects in the named third only once this is well above 0, so training logs it at every
+    checkpoint, long before the quality benchmark could tell."""
     prompts = [f"a {c} {s} {p}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square")
                for p in shapes.POSITIONS]
     ids = tokenizer(prompts, padding="max_length", max_length=max_tokens, truncation=True,

@@ -8,8 +8,10 @@ Checkpoints and cached latents go to runs/<output name>/ (or --work).
 Phases, each checkpointed so an interrupted run resumes where it stopped (run the same command again):
   1. tokenizer: a CLIP BPE vocabulary trained on training captions;
   2. vae: a small AutoencoderKL (4 latent channels, 64x64 -> 16x16) trained to reconstruct scenes, its first
-     three latent channels tied to the 4x4-average colour;
+     three latent channels tied to the 4x4-average colour (with --vae-coverage, the fourth to where objects are);
   3. latents: a fixed set of scenes encoded once, and the latent scaling factor (1 / std);
+  4-. unet-layout (only with --layout-steps, for a recipe on v-prediction from the start, --v-from-start): where
+     each position word puts an object, learnt from pure noise against the mean latent of each position class;
   4. unet: UNet_SD and a small CLIPTextModel trained together with SD's epsilon loss on SD's schedule (Min-SNR
      weighted), captions dropped 10% of the time for classifier-free guidance, with an EMA of the weights;
   4b. unet-zsnr: the same two fine-tuned to v-prediction on SD's betas rescaled to zero terminal SNR, which is
@@ -72,6 +74,11 @@ class Recipe:
     vae_lr: float = 2e-3
     vae_warmup: int = 100
     vae_colour: float = 1.0  # weight of the auxiliary loss tying latent channels 0-2 to the patch-average colour
+    # weight of the auxiliary loss tying latent channel 3 to object coverage (-1 background, 1 object), whatever
+    # the colours. 0 (the shipped model): channel 3 is free, the latents are mostly background colour, the five
+    # position classes differ by 0.17% of their variance, and position words are learnt last (see
+    # position_separation). With coverage, the layout stage below learns them in ~150 steps instead of never.
+    vae_coverage: float = 0.0
     vae_kl: float = 1e-6  # tiny KL, as SD's VAE: the latents stay near zero, the autoencoder near-deterministic
     # latents
     num_scenes: int = 50000  # fixed training set, encoded once
@@ -102,6 +109,19 @@ class Recipe:
     two_lr: float = 1e-4
     two_warmup: int = 50
     two_share: float = 0.8  # share of two-object scenes in a stage-three batch (the training set has 0.5)
+    # Position words, faster (session 7 of issue #4; off in the shipped recipe). Position words move only a small,
+    # noisy part of each training target, so a UNet learns them last: after ~5,000 steps in the shipped recipe,
+    # never within the 90-minute attempts. Two aids, both for zero-terminal-SNR v-prediction:
+    # - layout_steps: a first stage where every sample is at t >= 980 (pure noise, only the words can place the
+    #   object), half the batch has a position in its caption, and x0 is replaced by the mean latent of the
+    #   caption's position class (5 positions, or none): the UNet learns where each position word puts an object
+    #   in ~150 steps, given latents whose channel 3 shows where objects are (vae_coverage);
+    # - mean_target_t: from this timestep up, x0 in the target is the mean latent of all training scenes with the
+    #   same caption (an estimate of E[x0 | caption], which is what the model should predict there, with far less
+    #   noise than one scene), and a third of each batch is drawn there. 0: off.
+    layout_steps: int = 0
+    layout_lr: float = 4e-4
+    mean_target_t: int = 0
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     log_every: int = 50
@@ -117,13 +137,16 @@ class Recipe:
                    checkpoint_every=3, log_every=2)
 
     def stages(self) -> list["Stage"]:
-        out = [Stage("unet", self.unet_steps, self.unet_lr, self.warmup, self.prediction_type,
-                     self.zero_terminal_snr)]
+        out = [Stage("unet-layout", self.layout_steps, self.layout_lr, min(100, self.layout_steps), "v_prediction",
+                     True, layout=True)] if self.layout_steps else []
+        out.append(Stage("unet", self.unet_steps, self.unet_lr, self.warmup, self.prediction_type,
+                         self.zero_terminal_snr, mean_target_t=self.mean_target_t if self.zero_terminal_snr else 0))
         if self.zsnr_steps:
-            out.append(Stage("unet-zsnr", self.zsnr_steps, self.zsnr_lr, self.zsnr_warmup, "v_prediction", True))
+            out.append(Stage("unet-zsnr", self.zsnr_steps, self.zsnr_lr, self.zsnr_warmup, "v_prediction", True,
+                             mean_target_t=self.mean_target_t))
         if self.two_steps:
             out.append(Stage("unet-two", self.two_steps, self.two_lr, self.two_warmup, out[-1].prediction_type,
-                             out[-1].zero_terminal_snr, two_share=self.two_share))
+                             out[-1].zero_terminal_snr, two_share=self.two_share, mean_target_t=out[-1].mean_target_t))
         return out
 
     def latent_factor(self) -> int:
@@ -147,6 +170,8 @@ class Stage:
     prediction_type: str = "epsilon"
     zero_terminal_snr: bool = False
     two_share: float | None = None  # share of two-object scenes per batch; None: the training set's own mix
+    layout: bool = False  # the layout stage: t >= 980, position-class mean targets (Recipe.layout_steps)
+    mean_target_t: int = 0  # caption-mean x0 targets from this timestep up (Recipe.mean_target_t); 0: off
 
 
 def check_settings(recipe: Recipe, output: Path):
@@ -167,14 +192,27 @@ def check_settings(recipe: Recipe, output: Path):
     if not (factor <= recipe.vae_crop <= shapes.SIZE and recipe.vae_crop % factor == 0):
         raise ValueError(f"vae_crop must be a multiple of {factor} (the latent factor) from {factor} to {shapes.SIZE}, "
                          f"got {recipe.vae_crop}")
+    if recipe.vae_coverage and recipe.vae_crop % (2 * factor):
+        raise ValueError(f"vae_crop must be a multiple of {2 * factor} with vae_coverage (tied on 2x2 latent cells), "
+                         f"got {recipe.vae_crop}")
     if recipe.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {recipe.precision!r}")
-    for name in ("vae_lr", "unet_lr", "zsnr_lr", "two_lr"):
+    for name in ("vae_colour", "vae_coverage"):
+        if not getattr(recipe, name) >= 0:
+            raise ValueError(f"{name} (an auxiliary loss weight) must be 0 or positive, got {getattr(recipe, name)}")
+    for name in ("vae_lr", "unet_lr", "zsnr_lr", "two_lr", "layout_lr"):
         value = getattr(recipe, name)
         if not (value > 0 and math.isfinite(value)):
             raise ValueError(f"{name} (learning rate) must be a positive number, got {value}")
     if recipe.prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {recipe.prediction_type!r}")
+    if recipe.layout_steps < 0:
+        raise ValueError(f"layout_steps must be 0 (no layout stage) or positive, got {recipe.layout_steps}")
+    if recipe.mean_target_t and not 500 <= recipe.mean_target_t <= 990:
+        raise ValueError(f"mean_target_t must be 0 (off) or a timestep from 500 to 990, got {recipe.mean_target_t}")
+    if recipe.layout_steps and not (recipe.prediction_type == "v_prediction" and recipe.zero_terminal_snr):
+        raise ValueError("layout_steps needs the first stage on v_prediction with zero_terminal_snr: the layout "
+                         "stage's pure-noise v-prediction is lost on an epsilon objective")
     if recipe.zero_terminal_snr and recipe.prediction_type == "epsilon":
         raise ValueError("zero_terminal_snr needs prediction_type 'v_prediction': at t=999 the input is pure noise, "
                          "so epsilon is the input itself and the loss weight is undefined")
@@ -209,15 +247,17 @@ def load_checkpoint(path: Path) -> dict | None:
 
 
 # --- data ----------------------------------------------------------------------------------------------------
-def scene_batch(rng: random.Random, n: int) -> tuple[torch.Tensor, list[str]]:
-    """n training scenes as (n, 3, 64, 64) in [-1, 1] and their captions (no held-out pairs)."""
-    images, prompts = [], []
+def scene_batch(rng: random.Random, n: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """n training scenes as (n, 3, 64, 64) in [-1, 1], their captions (no held-out pairs), and where the objects
+    are as (n, 1, 64, 64): 1 on an object, -1 on the background."""
+    images, prompts, coverage = [], [], []
     for _ in range(n):
-        _, prompt, image, _ = shapes.sample_scene(rng)
+        _, prompt, image, masks = shapes.sample_scene(rng)
         images.append(image)
         prompts.append(prompt)
+        coverage.append(np.any(masks, axis=0))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, prompts
+    return x, prompts, torch.from_numpy(np.stack(coverage))[:, None].float() * 2 - 1
 
 
 def caption_corpus(seed: int, n: int = 20000) -> list[str]:
@@ -262,6 +302,11 @@ def train_vae(recipe: Recipe, work: Path):
     state = load_checkpoint(path)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     step, rng = 0, random.Random(recipe.seed + 1)
+    objective = dict(channels=list(recipe.vae_channels), crop=recipe.vae_crop, colour=recipe.vae_colour,
+                     coverage=recipe.vae_coverage)
+    if state and state.get("objective", objective) != objective:  # checkpoints before the coverage loss lack it
+        raise ValueError(f"checkpoint {path} was trained with {state['objective']}, this recipe has {objective}; "
+                         f"delete it or pass another --work folder")
     if state:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -275,11 +320,12 @@ def train_vae(recipe: Recipe, work: Path):
     while step < recipe.vae_steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe.vae_steps, recipe.vae_lr, recipe.vae_warmup)
-        x, _ = scene_batch(rng, recipe.vae_batch)
+        x, _, coverage = scene_batch(rng, recipe.vae_batch)
         if recipe.vae_crop < shapes.SIZE:  # one crop per batch, on the latent grid so the colour target lines up
             f = recipe.latent_factor()
             top, left = (rng.randrange((shapes.SIZE - recipe.vae_crop) // f + 1) * f for _ in range(2))
             x = x[:, :, top:top + recipe.vae_crop, left:left + recipe.vae_crop]
+            coverage = coverage[:, :, top:top + recipe.vae_crop, left:left + recipe.vae_crop]
         with recipe.autocast():
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.mode()).sample
@@ -288,9 +334,16 @@ def train_vae(recipe: Recipe, work: Path):
         # flat colours and edges crisp; the tiny KL keeps the latents near zero. The auxiliary term asks the first
         # three latent channels to be the patch-average colour of the image: the autoencoder then learns in a few
         # hundred steps instead of thousands, and the latents are image-like, which suits the diffusion model.
-        latent_rgb = posterior.mode()[:, :3].float()
+        # With vae_coverage the fourth channel is asked to show where the objects are, on 2x2 latent cells (8x8 px),
+        # leaving the edges' detail free: after 1,200 steps on 32x32 crops, shapes survived the round trip 84% of
+        # the time tied on 2x2 cells, 73% tied cell by cell (200 scenes, runs/s7/rt.py in issue #4's notes).
+        latents = posterior.mode().float()
+        f = recipe.latent_factor()
         loss = (F.l1_loss(recon.float(), x) + recipe.vae_kl * posterior.kl().mean()
-                + recipe.vae_colour * F.mse_loss(latent_rgb, F.avg_pool2d(x, recipe.latent_factor())))
+                + recipe.vae_colour * F.mse_loss(latents[:, :3], F.avg_pool2d(x, f)))
+        if recipe.vae_coverage:
+            loss = loss + recipe.vae_coverage * F.mse_loss(F.avg_pool2d(latents[:, 3:], 2),
+                                                           F.avg_pool2d(coverage, 2 * f))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -302,7 +355,7 @@ def train_vae(recipe: Recipe, work: Path):
             log.info("vae step %d/%d loss %.4f", step, recipe.vae_steps, loss.item())
         if step % recipe.checkpoint_every == 0 or step == recipe.vae_steps:
             save_checkpoint(path, dict(model=vae.state_dict(), optimizer=opt.state_dict(), step=step,
-                                       rng=rng.getstate(), torch_rng=torch.get_rng_state()))
+                                       rng=rng.getstate(), torch_rng=torch.get_rng_state(), objective=objective))
     bar.close()
     return vae.eval()
 
@@ -322,7 +375,7 @@ def encode_scenes(recipe: Recipe, vae, work: Path):
     rng = random.Random(recipe.seed + 2)
     latents, captions = [], []
     for start in tqdm(range(0, recipe.num_scenes, 256), desc="encode", unit="batch"):
-        x, prompts = scene_batch(rng, min(256, recipe.num_scenes - start))
+        x, prompts, _ = scene_batch(rng, min(256, recipe.num_scenes - start))
         latents.append(vae.encode(x).latent_dist.mean)
         captions += prompts
     latents = torch.cat(latents)
@@ -338,6 +391,20 @@ def scene_pools(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the one-object scenes and of the two-object scenes, read from their captions."""
     two = torch.tensor([len(shapes.parse_prompt(c).objects) == 2 for c in captions])
     return torch.nonzero(~two).flatten(), torch.nonzero(two).flatten()
+
+
+def position_of(caption: str) -> str | None:
+    """The position a caption names (one of shapes.POSITIONS), or None."""
+    spec = shapes.parse_prompt(caption)
+    return spec.objects[0].position if len(spec.objects) == 1 else None
+
+
+def group_means(latents: torch.Tensor, keys: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean latent of each group of scenes that share a key, and each scene's group: (means, index)."""
+    groups = {}
+    index = torch.tensor([groups.setdefault(k, len(groups)) for k in keys])
+    sums = torch.zeros(len(groups), *latents.shape[1:]).index_add_(0, index, latents)
+    return sums / torch.bincount(index, minlength=len(groups)).view(-1, 1, 1, 1), index
 
 
 def batch_indices(pools, two_share: float | None, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -446,6 +513,10 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
         objective["init"] = init_from  # a stage started from another earlier stage is not resumed
     if stage.two_share is not None:
         objective["two_share"] = stage.two_share
+    if stage.layout:
+        objective["layout"] = True
+    if stage.mean_target_t:
+        objective["mean_target_t"] = stage.mean_target_t
     if state and state.get("objective") != objective:
         raise ValueError(f"checkpoint {path} was trained with {state.get('objective')}, this recipe has {objective}; "
                          f"delete it or pass another --work folder")
@@ -468,7 +539,13 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
                         return_tensors="pt").input_ids
     ids_empty = tokenizer([""], padding="max_length", max_length=recipe.max_tokens, return_tensors="pt").input_ids
     alphas = noise_scheduler.alphas_cumprod
-    pools = scene_pools(captions)
+    pools, share = scene_pools(captions), stage.two_share
+    if stage.layout:  # half of each batch from the scenes whose caption names a position
+        positioned = torch.tensor([position_of(c) is not None for c in captions])
+        pools, share = (torch.nonzero(~positioned).flatten(), torch.nonzero(positioned).flatten()), 0.5
+        targets = group_means(latents, [position_of(c) for c in captions])
+    elif stage.mean_target_t:
+        targets = group_means(latents, captions)
     unet.train(), text_encoder.train()
     bar = tqdm(total=stage.steps, initial=step, desc=stage.name, unit="step")
     running, started = None, time.time()
@@ -477,14 +554,23 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
         for group in opt.param_groups:
             group["lr"] = lr
         # batch: random scenes, captions dropped for guidance, SD's noising at uniform timesteps
-        index = batch_indices(pools, stage.two_share, recipe.unet_batch, rng)
+        index = batch_indices(pools, share, recipe.unet_batch, rng)
         x0 = latents[index]
         ids = ids_all[index].clone()
         drop = torch.rand(recipe.unet_batch, generator=rng) < recipe.uncond_prob
         ids[drop] = ids_empty
         noise = torch.randn(x0.shape, generator=rng)
         t = torch.randint(0, 1000, (recipe.unet_batch,), generator=rng)
+        if stage.layout:
+            t = torch.randint(980, 1000, (recipe.unet_batch,), generator=rng)
+        elif stage.mean_target_t:  # a third of the batch where the caption-mean target applies
+            high = torch.randint(stage.mean_target_t, 1000, (recipe.unet_batch,), generator=rng)
+            t = torch.where(torch.arange(recipe.unet_batch) % 3 == 0, high, t)
         xt, target = noised_and_target(stage.prediction_type, alphas, x0, noise, t)
+        if stage.layout or stage.mean_target_t:
+            _, mean_target = noised_and_target(stage.prediction_type, alphas, targets[0][targets[1][index]], noise, t)
+            target = torch.where((t >= (980 if stage.layout else stage.mean_target_t)).view(-1, 1, 1, 1),
+                                 mean_target, target)
         # forward in bf16 autocast where the CPU has native bf16, loss in fp32
         with recipe.autocast():
             context = text_encoder(ids)[0]
@@ -509,7 +595,7 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
             log.info("%s step %d/%d loss %.4f lr %.2e (%.1f min)", stage.name, step, stage.steps, running, lr,
                      (time.time() - started) / 60)
         if step % recipe.checkpoint_every == 0 or step == stage.steps:
-            log.info("%s step %d: position separation at t=999 %.1f px (about 0: position words still ignored)",
+            log.info("%s step %d: position separation at t=999 %.1f px (0: position words ignored; shipped 11.6)",
                      stage.name, step, position_separation(ema["unet"].eval(), ema["text"].eval(), tokenizer, stage,
                                                            latents.shape[-1], recipe.max_tokens))
             save_checkpoint(path, dict(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(),
@@ -559,15 +645,28 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="UNet batch size")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of the first UNet stage")
+    parser.add_argument("--num-scenes", type=int, default=None, help="training scenes encoded once")
+    parser.add_argument("--vae-crop", type=int, default=None, help="VAE training crop (a multiple of 4, to 64)")
+    parser.add_argument("--vae-coverage", type=float, default=None,
+                        help="weight tying latent channel 3 to object coverage (0: free, as the shipped model)")
+    parser.add_argument("--v-from-start", action="store_true",
+                        help="first UNet stage on zero-terminal-SNR v-prediction instead of SD's epsilon")
+    parser.add_argument("--layout-steps", type=int, default=None, help="layout stage before the first (0: none)")
+    parser.add_argument("--mean-target-t", type=int, default=None,
+                        help="caption-mean x0 targets from this timestep up, zero-SNR stages (0: off)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     recipe = Recipe.smoke() if args.smoke else Recipe()
     for flag, name in (("seed", "seed"), ("unet_steps", "unet_steps"), ("zsnr_steps", "zsnr_steps"),
                        ("two_steps", "two_steps"), ("vae_steps", "vae_steps"), ("precision", "precision"),
-                       ("batch_size", "unet_batch"), ("lr", "unet_lr")):
+                       ("batch_size", "unet_batch"), ("lr", "unet_lr"), ("num_scenes", "num_scenes"),
+                       ("vae_crop", "vae_crop"), ("vae_coverage", "vae_coverage"), ("layout_steps", "layout_steps"),
+                       ("mean_target_t", "mean_target_t")):
         if getattr(args, flag) is not None:
             setattr(recipe, name, getattr(args, flag))
+    if args.v_from_start:
+        recipe.prediction_type, recipe.zero_terminal_snr = "v_prediction", True
     output = Path(args.output)
     try:
         check_settings(recipe, output)

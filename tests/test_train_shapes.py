@@ -1,7 +1,9 @@
 """The training script, in its smoke configuration: it runs end to end, resumes, and refuses bad settings."""
 
+import dataclasses
 import json
 import logging
+import random
 import re
 
 import numpy as np
@@ -11,9 +13,9 @@ from diffusers import StableDiffusionPipeline
 
 from imagecraft import shapes
 from imagecraft.pipeline import ImageCraftPipeline, native_bf16
-from imagecraft.train_shapes import (Recipe, Stage, batch_indices, caption_corpus, check_settings, loss_weights, main,
-                                     make_noise_scheduler, make_text_encoder, noised_and_target, position_separation,
-                                     scene_pools)
+from imagecraft.train_shapes import (Recipe, Stage, batch_indices, caption_corpus, check_settings, group_means,
+                                     loss_weights, main, make_noise_scheduler, make_text_encoder, noised_and_target,
+                                     position_of, position_separation, scene_batch, scene_pools, train_vae)
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +185,66 @@ def test_output_must_be_a_writable_folder(tmp_path, capsys):
     # /proc takes no new folders, even for root
     assert main(["--output", "/proc/imagecraft-model", "--smoke"]) == 2
     assert "output folder /proc/imagecraft-model is not writable" in capsys.readouterr().err
+
+
+def test_scene_coverage_is_where_the_objects_are():
+    x, captions, coverage = scene_batch(random.Random(5), 6)
+    again = random.Random(5)
+    for image, caption, cover in zip(x, captions, coverage):
+        spec, prompt, _, _ = shapes.sample_scene(again)
+        assert prompt == caption
+        background = torch.tensor(spec.background_rgb, dtype=torch.float32) / 127.5 - 1
+        on_background = (image - background.view(3, 1, 1)).abs().amax(dim=0) < 1e-6
+        assert torch.equal(cover[0] == -1, on_background)  # no object is the background's colour
+        assert 0.03 < (cover == 1).float().mean() < 0.4  # one or two shapes of 16-24 px
+
+
+def test_coverage_loss_ties_latent_channel_3_to_the_objects(tmp_path):
+    recipe = dataclasses.replace(Recipe.smoke(), vae_steps=60, vae_coverage=1.0, checkpoint_every=60)
+    torch.manual_seed(0)
+    vae = train_vae(recipe, tmp_path)
+    x, _, coverage = scene_batch(random.Random(9), 16)
+    with torch.no_grad():
+        channel = vae.encode(x).latent_dist.mean[:, 3]
+    target = torch.nn.functional.avg_pool2d(coverage, recipe.latent_factor())[:, 0]
+    assert torch.corrcoef(torch.stack([channel.flatten(), target.flatten()]))[0, 1] > 0.8
+    # the checkpoint remembers the objective: another coverage weight does not resume it
+    with pytest.raises(ValueError, match="vae.pt was trained with .*'coverage': 1.0.*'coverage': 0.0"):
+        train_vae(dataclasses.replace(recipe, vae_coverage=0.0), tmp_path)
+
+
+def test_layout_and_mean_targets_are_the_group_means():
+    captions = ["a red circle on the left", "a red circle", "a red circle on the left", "a blue square above a "
+                "red circle", "a green triangle at the top"]
+    assert [position_of(c) for c in captions] == ["on the left", None, "on the left", None, "at the top"]
+    latents = torch.randn(5, 4, 2, 2)
+    means, index = group_means(latents, [position_of(c) for c in captions])
+    assert index.tolist() == [0, 1, 0, 1, 2]
+    torch.testing.assert_close(means[index[0]], latents[[0, 2]].mean(0))
+    torch.testing.assert_close(means[index[1]], latents[[1, 3]].mean(0))
+    torch.testing.assert_close(means[index[4]], latents[4])
+
+
+def test_layout_recipe_runs_its_stages_in_order(tmp_path, caplog):
+    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--vae-coverage", "1",
+            "--v-from-start", "--layout-steps", "2", "--mean-target-t", "900", "--zsnr-steps", "0"]
+    with caplog.at_level(logging.INFO, logger="imagecraft.train_shapes"):
+        assert main(args) == 0
+    layout = torch.load(tmp_path / "w" / "unet-layout.pt", weights_only=True)
+    assert layout["step"] == 2 and layout["objective"]["layout"] and "init" not in layout["objective"]
+    first = torch.load(tmp_path / "w" / "unet.pt", weights_only=True)["objective"]
+    assert (first["init"], first["prediction_type"], first["mean_target_t"]) == ("unet-layout@2", "v_prediction", 900)
+    assert torch.load(tmp_path / "w" / "unet-two.pt", weights_only=True)["objective"]["mean_target_t"] == 900
+    assert torch.load(tmp_path / "w" / "vae.pt", weights_only=True)["objective"]["coverage"] == 1.0
+    assert "unet-layout step 2: position separation" in caplog.text
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(layout_steps=100), "layout_steps needs the first stage on v_prediction with zero_terminal_snr"),
+    (dict(mean_target_t=200), "mean_target_t must be 0 \\(off\\) or a timestep from 500 to 990, got 200"),
+    (dict(vae_coverage=-1.0), "vae_coverage \\(an auxiliary loss weight\\) must be 0 or positive, got -1.0"),
+    (dict(layout_steps=-3), "layout_steps must be 0 \\(no layout stage\\) or positive, got -3"),
+])
+def test_layout_settings_are_checked(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        check_settings(Recipe(**settings), tmp_path)

@@ -138,7 +138,7 @@ class Recipe:
 
     def stages(self) -> list["Stage"]:
         out = [Stage("unet-layout", self.layout_steps, self.layout_lr, min(100, self.layout_steps), "v_prediction",
-                     True, layout=True)] if self.layout_steps else []
+                     True, layout=True, mean_target_t=980)] if self.layout_steps else []
         out.append(Stage("unet", self.unet_steps, self.unet_lr, self.warmup, self.prediction_type,
                          self.zero_terminal_snr, mean_target_t=self.mean_target_t if self.zero_terminal_snr else 0))
         if self.zsnr_steps:
@@ -170,8 +170,8 @@ class Stage:
     prediction_type: str = "epsilon"
     zero_terminal_snr: bool = False
     two_share: float | None = None  # share of two-object scenes per batch; None: the training set's own mix
-    layout: bool = False  # the layout stage: t >= 980, position-class mean targets (Recipe.layout_steps)
-    mean_target_t: int = 0  # caption-mean x0 targets from this timestep up (Recipe.mean_target_t); 0: off
+    layout: bool = False  # the layout stage: every t >= mean_target_t, position-class means (Recipe.layout_steps)
+    mean_target_t: int = 0  # group-mean x0 targets from this timestep up (Recipe.mean_target_t); 0: off
 
 
 def check_settings(recipe: Recipe, output: Path):
@@ -234,6 +234,13 @@ def save_checkpoint(path: Path, state: dict):
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: an interrupted save never leaves a half-written checkpoint
+
+
+def refuse_other_objective(path: Path, state: dict, objective: dict):
+    """A checkpoint trained for another objective is not resumed: the message names both."""
+    if state.get("objective") != objective:
+        raise ValueError(f"checkpoint {path} was trained with {state.get('objective')}, this recipe has {objective}; "
+                         f"delete it or pass another --work folder")
 
 
 def load_checkpoint(path: Path) -> dict | None:
@@ -304,9 +311,8 @@ def train_vae(recipe: Recipe, work: Path):
     step, rng = 0, random.Random(recipe.seed + 1)
     objective = dict(channels=list(recipe.vae_channels), crop=recipe.vae_crop, colour=recipe.vae_colour,
                      coverage=recipe.vae_coverage)
-    if state and state.get("objective", objective) != objective:  # checkpoints before the coverage loss lack it
-        raise ValueError(f"checkpoint {path} was trained with {state['objective']}, this recipe has {objective}; "
-                         f"delete it or pass another --work folder")
+    if state and "objective" in state:  # checkpoints from before the coverage loss lack it
+        refuse_other_objective(path, state, objective)
     if state:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -518,9 +524,8 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
         objective["layout"] = True
     if stage.mean_target_t:
         objective["mean_target_t"] = stage.mean_target_t
-    if state and state.get("objective") != objective:
-        raise ValueError(f"checkpoint {path} was trained with {state.get('objective')}, this recipe has {objective}; "
-                         f"delete it or pass another --work folder")
+    if state:
+        refuse_other_objective(path, state, objective)
     stage_number = [s.name for s in recipe.stages()].index(stage.name)
     step, rng = 0, torch.Generator().manual_seed(recipe.seed + 4 + 10 * stage_number)
     if state:
@@ -542,9 +547,10 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
     alphas = noise_scheduler.alphas_cumprod
     pools, share = scene_pools(captions), stage.two_share
     if stage.layout:  # half of each batch from the scenes whose caption names a position
-        positioned = torch.tensor([position_of(c) is not None for c in captions])
+        positions = [position_of(c) for c in captions]
+        positioned = torch.tensor([p is not None for p in positions])
         pools, share = (torch.nonzero(~positioned).flatten(), torch.nonzero(positioned).flatten()), 0.5
-        targets = group_means(latents, [position_of(c) for c in captions])
+        targets = group_means(latents, positions)
     elif stage.mean_target_t:
         targets = group_means(latents, captions)
     unet.train(), text_encoder.train()
@@ -562,16 +568,13 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
         ids[drop] = ids_empty
         noise = torch.randn(x0.shape, generator=rng)
         t = torch.randint(0, 1000, (recipe.unet_batch,), generator=rng)
-        if stage.layout:
-            t = torch.randint(980, 1000, (recipe.unet_batch,), generator=rng)
-        elif stage.mean_target_t:  # a third of the batch where the caption-mean target applies
+        if stage.mean_target_t:  # all of a layout batch, a third of others, where the group-mean target applies
             high = torch.randint(stage.mean_target_t, 1000, (recipe.unet_batch,), generator=rng)
-            t = torch.where(torch.arange(recipe.unet_batch) % 3 == 0, high, t)
+            t = torch.where(torch.arange(recipe.unet_batch) % 3 == 0, high, t) if not stage.layout else high
         xt, target = noised_and_target(stage.prediction_type, alphas, x0, noise, t)
-        if stage.layout or stage.mean_target_t:
+        if stage.mean_target_t:
             _, mean_target = noised_and_target(stage.prediction_type, alphas, targets[0][targets[1][index]], noise, t)
-            target = torch.where((t >= (980 if stage.layout else stage.mean_target_t)).view(-1, 1, 1, 1),
-                                 mean_target, target)
+            target = torch.where((t >= stage.mean_target_t).view(-1, 1, 1, 1), mean_target, target)
         # forward in bf16 autocast where the CPU has native bf16, loss in fp32
         with recipe.autocast():
             context = text_encoder(ids)[0]

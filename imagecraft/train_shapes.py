@@ -136,6 +136,15 @@ class Recipe:
                    unet_steps=6, unet_batch=4, warmup=2, zsnr_steps=4, zsnr_warmup=1, two_steps=3, two_warmup=1,
                    checkpoint_every=3, log_every=2)
 
+    @classmethod
+    def fast(cls) -> "Recipe":
+        """The session-7 aids together, sized for 90 minutes on a 2-core AVX2 CPU (fp32): a smaller VAE on 32x32
+        crops with channel 3 tied to coverage, 30,000 scenes, and zero-terminal-SNR v-prediction from the start,
+        after a layout stage, with caption-mean targets at high noise."""
+        return cls(vae_channels=(32, 64, 64), vae_groups=8, vae_crop=32, vae_coverage=1.0, num_scenes=30000,
+                   prediction_type="v_prediction", zero_terminal_snr=True, layout_steps=300, mean_target_t=900,
+                   unet_steps=2600, unet_batch=32, unet_lr=3e-4, zsnr_steps=0, two_steps=400)
+
     def stages(self) -> list["Stage"]:
         out = [Stage("unet-layout", self.layout_steps, self.layout_lr, min(100, self.layout_steps), "v_prediction",
                      True, layout=True, mean_target_t=980)] if self.layout_steps else []
@@ -172,6 +181,7 @@ class Stage:
     two_share: float | None = None  # share of two-object scenes per batch; None: the training set's own mix
     layout: bool = False  # the layout stage: every t >= mean_target_t, position-class means (Recipe.layout_steps)
     mean_target_t: int = 0  # group-mean x0 targets from this timestep up (Recipe.mean_target_t); 0: off
+    max_t: int = 1000  # timesteps drawn below this (a shape stage: where the noise leaves shapes to draw)
 
 
 def check_settings(recipe: Recipe, output: Path):
@@ -524,6 +534,8 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
         objective["layout"] = True
     if stage.mean_target_t:
         objective["mean_target_t"] = stage.mean_target_t
+    if stage.max_t < 1000:
+        objective["max_t"] = stage.max_t
     if state:
         refuse_other_objective(path, state, objective)
     stage_number = [s.name for s in recipe.stages()].index(stage.name)
@@ -567,7 +579,7 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
         drop = torch.rand(recipe.unet_batch, generator=rng) < recipe.uncond_prob
         ids[drop] = ids_empty
         noise = torch.randn(x0.shape, generator=rng)
-        t = torch.randint(0, 1000, (recipe.unet_batch,), generator=rng)
+        t = torch.randint(0, stage.max_t, (recipe.unet_batch,), generator=rng)
         if stage.mean_target_t:  # all of a layout batch, a third of others, where the group-mean target applies
             high = torch.randint(stage.mean_target_t, 1000, (recipe.unet_batch,), generator=rng)
             t = torch.where(torch.arange(recipe.unet_batch) % 3 == 0, high, t) if not stage.layout else high
@@ -639,7 +651,10 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="folder for the model (and work/ with checkpoints)")
     parser.add_argument("--work", default=None,
                         help="folder for checkpoints and cached latents (default: runs/<output name>)")
-    parser.add_argument("--smoke", action="store_true", help="a few steps at toy sizes (CI)")
+    parser.add_argument("--recipe", choices=("shipped", "fast", "smoke"), default="shipped",
+                        help="shipped: the built-in model's recipe; fast: sized for 90 minutes on a 2-core CPU; "
+                             "smoke: a few steps at toy sizes (CI); the flags below override it")
+    parser.add_argument("--smoke", action="store_true", help="same as --recipe smoke")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--unet-steps", type=int, default=None)
     parser.add_argument("--zsnr-steps", type=int, default=None, help="second UNet stage (0: none)")
@@ -661,7 +676,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
-    recipe = Recipe.smoke() if args.smoke else Recipe()
+    recipe = {"shipped": Recipe, "fast": Recipe.fast, "smoke": Recipe.smoke}["smoke" if args.smoke else args.recipe]()
     for flag, name in (("seed", "seed"), ("unet_steps", "unet_steps"), ("zsnr_steps", "zsnr_steps"),
                        ("two_steps", "two_steps"), ("vae_steps", "vae_steps"), ("precision", "precision"),
                        ("batch_size", "unet_batch"), ("lr", "unet_lr"), ("num_scenes", "num_scenes"),

@@ -248,3 +248,13 @@ def test_layout_recipe_runs_its_stages_in_order(tmp_path, caplog):
 def test_layout_settings_are_checked(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         check_settings(Recipe(**settings), tmp_path)
+
+
+def test_fast_recipe_is_the_layout_recipe_at_full_size(tmp_path):
+    recipe = Recipe.fast()
+    check_settings(recipe, tmp_path / "out")
+    stages = recipe.stages()
+    assert [s.name for s in stages] == ["unet-layout", "unet", "unet-two"]
+    assert all(s.prediction_type == "v_prediction" and s.zero_terminal_snr for s in stages)
+    assert [s.mean_target_t for s in stages] == [980, 900, 900] and stages[0].layout and stages[2].two_share == 0.8
+    assert recipe.vae_coverage > 0 and recipe.vae_crop % (2 * recipe.latent_factor()) == 0

@@ -254,7 +254,20 @@ def test_fast_recipe_is_the_layout_recipe_at_full_size(tmp_path):
     recipe = Recipe.fast()
     check_settings(recipe, tmp_path / "out")
     stages = recipe.stages()
-    assert [s.name for s in stages] == ["unet-layout", "unet", "unet-two"]
+    assert [s.name for s in stages] == ["unet-layout", "unet", "unet-two", "unet-shape"]
     assert all(s.prediction_type == "v_prediction" and s.zero_terminal_snr for s in stages)
-    assert [s.mean_target_t for s in stages] == [980, 900, 900] and stages[0].layout and stages[2].two_share == 0.8
+    assert [s.mean_target_t for s in stages] == [980, 900, 900, 0] and stages[0].layout and stages[2].two_share == 0.8
+    assert [s.max_t for s in stages] == [1000, 1000, 1000, 700]
     assert recipe.vae_coverage > 0 and recipe.vae_crop % (2 * recipe.latent_factor()) == 0
+
+
+def test_shape_stage_runs_last_from_the_previous_stage(tmp_path):
+    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--shape-steps", "2"]
+    assert main(args) == 0
+    shape = torch.load(tmp_path / "w" / "unet-shape.pt", weights_only=True)
+    assert shape["step"] == 2 and shape["objective"]["max_t"] == 700 and shape["objective"]["init"] == "unet-two@3"
+    exported = StableDiffusionPipeline.from_pretrained(tmp_path / "m").unet.state_dict()["conv_in.weight"]
+    before = torch.load(tmp_path / "w" / "unet-two.pt", weights_only=True)["ema_unet"]["input_blocks.0.0.weight"]
+    after = shape["ema_unet"]["input_blocks.0.0.weight"]
+    torch.testing.assert_close(exported, after.half().float())  # the model written is the shape stage's
+    assert not torch.equal(after, before)

@@ -522,6 +522,16 @@ def position_separation(unet: UNet_SD, text_encoder, tokenizer, stage: Stage, la
                  + cy[where["at the bottom"]] - cy[where["at the top"]])
 
 
+def draw_timesteps(stage: Stage, n: int, rng: torch.Generator) -> torch.Tensor:
+    """Uniform below stage.max_t; with a group-mean target, all of a layout batch and a third of any other from
+    stage.mean_target_t up, where that target applies."""
+    t = torch.randint(0, stage.max_t, (n,), generator=rng)
+    if stage.mean_target_t:
+        high = torch.randint(stage.mean_target_t, 1000, (n,), generator=rng)
+        t = high if stage.layout else torch.where(torch.arange(n) % 3 == 0, high, t)
+    return t
+
+
 def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, captions, scaling_factor, init=None,
                init_from: str | None = None):
     """Trains one stage from `init` (the previous stage's EMA UNet and text encoder, `init_from` naming it, e.g.
@@ -593,10 +603,7 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
         drop = torch.rand(recipe.unet_batch, generator=rng) < recipe.uncond_prob
         ids[drop] = ids_empty
         noise = torch.randn(x0.shape, generator=rng)
-        t = torch.randint(0, stage.max_t, (recipe.unet_batch,), generator=rng)
-        if stage.mean_target_t:  # all of a layout batch, a third of others, where the group-mean target applies
-            high = torch.randint(stage.mean_target_t, 1000, (recipe.unet_batch,), generator=rng)
-            t = torch.where(torch.arange(recipe.unet_batch) % 3 == 0, high, t) if not stage.layout else high
+        t = draw_timesteps(stage, recipe.unet_batch, rng)
         xt, target = noised_and_target(stage.prediction_type, alphas, x0, noise, t)
         if stage.mean_target_t:
             _, mean_target = noised_and_target(stage.prediction_type, alphas, targets[0][targets[1][index]], noise, t)

@@ -13,9 +13,10 @@ from diffusers import StableDiffusionPipeline
 
 from imagecraft import shapes
 from imagecraft.pipeline import ImageCraftPipeline, native_bf16
-from imagecraft.train_shapes import (Recipe, Stage, batch_indices, caption_corpus, check_settings, group_means,
-                                     loss_weights, main, make_noise_scheduler, make_text_encoder, noised_and_target,
-                                     position_of, position_separation, scene_batch, scene_pools, train_vae)
+from imagecraft.train_shapes import (Recipe, Stage, batch_indices, caption_corpus, check_settings, draw_timesteps,
+                                     group_means, loss_weights, main, make_noise_scheduler, make_text_encoder,
+                                     noised_and_target, position_of, position_separation, scene_batch, scene_pools,
+                                     train_vae)
 
 
 @pytest.fixture(scope="module")
@@ -271,3 +272,13 @@ def test_shape_stage_runs_last_from_the_previous_stage(tmp_path):
     after = shape["ema_unet"]["input_blocks.0.0.weight"]
     torch.testing.assert_close(exported, after.half().float())  # the model written is the shape stage's
     assert not torch.equal(after, before)
+
+
+def test_timesteps_stay_where_each_stage_draws_them():
+    rng = torch.Generator().manual_seed(0)
+    shape = draw_timesteps(Stage("s", 1, 1e-4, 1, max_t=700), 3000, rng)
+    assert shape.max() < 700 and shape.min() == 0 and shape.float().mean().sub(349.5).abs() < 15
+    layout = draw_timesteps(Stage("l", 1, 1e-4, 1, layout=True, mean_target_t=980), 300, rng)
+    assert layout.min() >= 980
+    main_t = draw_timesteps(Stage("m", 1, 1e-4, 1, mean_target_t=900), 3000, rng)
+    assert (main_t[::3] >= 900).all() and (main_t >= 900).float().mean().sub(1 / 3 + 2 / 3 * 0.1).abs() < 0.03

@@ -112,7 +112,8 @@ class Recipe:
     two_share: float = 0.8  # share of two-object scenes in a stage-three batch (the training set has 0.5)
     # A last stage with timesteps below shape_max_t only, where the noise leaves the shapes to draw (layout and
     # colour are set by then). After the fast recipe (below), whose shapes were round blobs (35% right), 400 such
-    # steps (7.5 min) raised shapes to 46% and kept positions (99%). 0: no such stage (the shipped recipe).
+    # steps (7.5 min) raised shapes to 46% and kept positions (99%); 1,200 to 71% (over the 90 minutes). 0: no such
+    # stage (the shipped recipe).
     shape_steps: int = 0
     shape_lr: float = 1e-4
     shape_max_t: int = 700

@@ -18,6 +18,8 @@ Phases, each checkpointed so an interrupted run resumes where it stopped (run th
   4b. unet-zsnr: the same two fine-tuned to v-prediction on SD's betas rescaled to zero terminal SNR, which is
      what makes position words work (see Recipe);
   4c. unet-two: the same objective, with batches drawn mostly from two-object scenes (fewer lost or doubled objects);
+  4d. unet-shape (only with --shape-steps; the fast recipe has it): the same objective at timesteps below 700 only,
+     where the noise leaves the shapes to draw;
   5. export: tokenizer, text_encoder, vae, unet (diffusers layout, safetensors), scheduler, model_index.json.
 Held-out colour-shape pairs (shapes.HELD_OUT) never appear in a caption.
 """
@@ -682,7 +684,8 @@ def main(argv=None) -> int:
     parser.add_argument("--zsnr-steps", type=int, default=None, help="second UNet stage (0: none)")
     parser.add_argument("--two-steps", type=int, default=None, help="third UNet stage (0: none)")
     parser.add_argument("--shape-steps", type=int, default=None,
-                        help="last UNet stage, timesteps below 700 only (0: none; the fast recipe has 400)")
+                        help=f"last UNet stage, timesteps below {Recipe.shape_max_t} only (0: none; the fast recipe "
+                             f"has {Recipe.fast().shape_steps})")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
                         help="auto (default): bf16 autocast where the CPU runs bf16 natively, else fp32")
     parser.add_argument("--vae-steps", type=int, default=None)
@@ -703,8 +706,7 @@ def main(argv=None) -> int:
     recipe = {"shipped": Recipe, "fast": Recipe.fast, "smoke": Recipe.smoke}["smoke" if args.smoke else args.recipe]()
     for flag, name in (("seed", "seed"), ("unet_steps", "unet_steps"), ("zsnr_steps", "zsnr_steps"),
                        ("two_steps", "two_steps"), ("shape_steps", "shape_steps"), ("vae_steps", "vae_steps"),
-                       ("precision", "precision"),
-                       ("batch_size", "unet_batch"), ("lr", "unet_lr"), ("num_scenes", "num_scenes"),
+                       ("precision", "precision"), ("batch_size", "unet_batch"), ("lr", "unet_lr"), ("num_scenes", "num_scenes"),
                        ("vae_crop", "vae_crop"), ("vae_coverage", "vae_coverage"), ("layout_steps", "layout_steps"),
                        ("mean_target_t", "mean_target_t")):
         if getattr(args, flag) is not None:

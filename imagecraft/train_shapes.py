@@ -153,7 +153,8 @@ class Recipe:
     def fast(cls) -> "Recipe":
         """The session-7 aids together, sized for 90 minutes on a 2-core AVX2 CPU (fp32): a smaller VAE on 32x32
         crops with channel 3 tied to coverage, 30,000 scenes, and zero-terminal-SNR v-prediction from the start,
-        after a layout stage, with caption-mean targets at high noise; a last stage on shapes (low noise only)."""
+        after a layout stage, with caption-mean targets at high noise; a last, long stage on shapes (low noise only).
+        Session 9, end to end: 87.3 min; every attribute right 80.7% / 37.3% / 78.0% (targets 90 / 60 / 70)."""
         return cls(vae_channels=(32, 64, 64), vae_groups=8, vae_crop=32, vae_coverage=1.0, num_scenes=30000,
                    prediction_type="v_prediction", zero_terminal_snr=True, layout_steps=300, mean_target_t=900,
                    unet_steps=1800, unet_batch=32, unet_lr=3e-4, zsnr_steps=0, two_steps=400, shape_steps=1200,

@@ -711,9 +711,9 @@ def main(argv=None) -> int:
     recipe = {"shipped": Recipe, "fast": Recipe.fast, "smoke": Recipe.smoke}["smoke" if args.smoke else args.recipe]()
     for flag, name in (("seed", "seed"), ("unet_steps", "unet_steps"), ("zsnr_steps", "zsnr_steps"),
                        ("two_steps", "two_steps"), ("shape_steps", "shape_steps"), ("vae_steps", "vae_steps"),
-                       ("precision", "precision"), ("batch_size", "unet_batch"), ("lr", "unet_lr"), ("num_scenes", "num_scenes"),
-                       ("vae_crop", "vae_crop"), ("vae_coverage", "vae_coverage"), ("layout_steps", "layout_steps"),
-                       ("mean_target_t", "mean_target_t")):
+                       ("precision", "precision"), ("batch_size", "unet_batch"), ("lr", "unet_lr"),
+                       ("num_scenes", "num_scenes"), ("vae_crop", "vae_crop"), ("vae_coverage", "vae_coverage"),
+                       ("layout_steps", "layout_steps"), ("mean_target_t", "mean_target_t")):
         if getattr(args, flag) is not None:
             setattr(recipe, name, getattr(args, flag))
     if args.v_from_start:

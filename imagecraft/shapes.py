@@ -143,9 +143,9 @@ def sample_spec(rng: random.Random, allow_held_out: bool = False, two_objects: b
     return Spec(objects, relation, background)
 
 
-def place(spec: Spec, rng: random.Random, tries: int = 200) -> list[Placed]:
+def place(spec: Spec, rng: random.Random, tries: int = 200, gap: float = 2.0) -> list[Placed]:
     """Centres and sizes that satisfy the spec: positions in their thirds, relations with a clear margin, no
-    overlap (2 px gap), each object fully inside."""
+    overlap (bounding boxes at least `gap` px apart along x or y), each object fully inside."""
     for _ in range(tries):
         placed = []
         for o in spec.objects:
@@ -156,12 +156,12 @@ def place(spec: Spec, rng: random.Random, tries: int = 200) -> list[Placed]:
             placed.append(Placed(o, cx, cy, size))
         if len(placed) == 2:
             a, b = placed
-            gap = (a.size + b.size) / 2 + 2
-            if abs(a.cx - b.cx) < gap and abs(a.cy - b.cy) < gap:
+            apart = (a.size + b.size) / 2 + gap  # centre distance of boxes `gap` px apart
+            if abs(a.cx - b.cx) < apart and abs(a.cy - b.cy) < apart:
                 continue  # overlapping boxes
-            if spec.relation == "to the left of" and not (b.cx - a.cx >= gap):
+            if spec.relation == "to the left of" and not (b.cx - a.cx >= apart):
                 continue
-            if spec.relation == "above" and not (b.cy - a.cy >= gap):
+            if spec.relation == "above" and not (b.cy - a.cy >= apart):
                 continue
         return placed
     raise RuntimeError(f"could not place {prompt_of(spec)!r}")
@@ -187,10 +187,11 @@ def render(spec: Spec, placed: list[Placed]) -> np.ndarray:
     return np.array(image)
 
 
-def sample_scene(rng: random.Random, allow_held_out: bool = False, spec: Spec | None = None):
-    """(spec, prompt, image (64, 64, 3) uint8, masks: one (64, 64) bool array per object)."""
+def sample_scene(rng: random.Random, allow_held_out: bool = False, spec: Spec | None = None, gap: float = 2.0):
+    """(spec, prompt, image (64, 64, 3) uint8, masks: one (64, 64) bool array per object); two objects' boxes
+    `gap` px apart at least."""
     spec = spec or sample_spec(rng, allow_held_out)
-    placed = place(spec, rng)
+    placed = place(spec, rng, gap=gap)
     image = render(spec, placed)
     return spec, prompt_of(spec), image, [p.mask for p in placed]
 

@@ -35,6 +35,28 @@ def test_generator_is_seeded_and_keeps_the_contract():
         assert (image[everything_else] == background).all()
 
 
+def box_gap(masks):
+    """Pixels of background between two objects' bounding boxes, along the axis where they are apart."""
+    (ax0, ax1, ay0, ay1), (bx0, bx1, by0, by1) = [(xs.min(), xs.max(), ys.min(), ys.max())
+                                                  for ys, xs in (np.nonzero(m) for m in masks)]
+    return max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1) - 1
+
+
+@pytest.mark.parametrize("gap", [2, 8])
+def test_two_objects_keep_the_gap_asked_for(gap):
+    rng = random.Random(1)
+    pairs = [s for s in (sample_scene(rng, gap=gap) for _ in range(400)) if len(s[3]) == 2]
+    gaps = [box_gap(masks) for _, _, _, masks in pairs]
+    assert min(gaps) >= gap - 1  # drawn boxes round to whole pixels
+    assert (min(gaps) <= 3) == (gap == 2)  # the default keeps the world's close pairs; a wider gap has none
+    for spec, _, _, masks in pairs:  # relations still hold
+        (ay, ax), (by, bx) = [np.argwhere(m).mean(axis=0) for m in masks]
+        assert {"to the left of": ax < bx, "above": ay < by, "and": True}[spec.relation]
+    # the default is the world's 2 px: the same scenes as without the argument
+    a, b = random.Random(4), random.Random(4)
+    assert [sample_scene(a)[1] for _ in range(50)] == [sample_scene(b, gap=2)[1] for _ in range(50)]
+
+
 def test_articles_and_held_out_pairs():
     assert prompt_of(parse_prompt("an orange circle on an orange background")).startswith("an orange circle")
     rng = random.Random(0)

@@ -14,9 +14,9 @@ from diffusers import StableDiffusionPipeline
 from imagecraft import shapes
 from imagecraft.pipeline import ImageCraftPipeline, native_bf16
 from imagecraft.train_shapes import (Recipe, Stage, batch_indices, caption_corpus, check_settings, draw_timesteps,
-                                     group_means, loss_weights, main, make_noise_scheduler, make_text_encoder,
-                                     noised_and_target, position_of, position_separation, scene_batch, scene_pools,
-                                     train_vae)
+                                     encode_scenes, group_means, loss_weights, main, make_noise_scheduler,
+                                     make_text_encoder, make_vae, noised_and_target, position_of, position_separation,
+                                     scene_batch, scene_pools, train_vae)
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +186,20 @@ def test_output_must_be_a_writable_folder(tmp_path, capsys):
     # /proc takes no new folders, even for root
     assert main(["--output", "/proc/imagecraft-model", "--smoke"]) == 2
     assert "output folder /proc/imagecraft-model is not writable" in capsys.readouterr().err
+
+
+def test_scene_gap_is_checked_and_keys_the_cached_latents(tmp_path, caplog):
+    for gap in (1, 9):
+        with pytest.raises(ValueError, match=f"scene_gap must be from 2 px .* to 8 px .*, got {gap}"):
+            check_settings(Recipe(scene_gap=gap), tmp_path)
+    recipe = dataclasses.replace(Recipe.smoke(), num_scenes=40)
+    vae = make_vae(recipe).eval()
+    encode_scenes(recipe, vae, tmp_path)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="imagecraft.train_shapes"):
+        encode_scenes(dataclasses.replace(recipe, scene_gap=8), vae, tmp_path)
+    assert "encoded 40 scenes" in caplog.text  # another gap is another training set: encoded again
+    assert torch.load(tmp_path / "latents.pt", weights_only=True)["scene_gap"] == 8
 
 
 def test_scene_coverage_is_where_the_objects_are():

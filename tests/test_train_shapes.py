@@ -165,6 +165,8 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     (["--unet-steps", "-5"], "unet_steps must be positive"),
     (["--zsnr-steps", "-1"], "zsnr_steps must be 0 (no second stage) or positive, got -1"),
     (["--two-steps", "-2"], "two_steps must be 0 (no third stage) or positive, got -2"),
+    (["--sampler", "karras_magic"], "unknown scheduler 'karras_magic'; valid names are ddim, euler, euler_a"),
+    (["--scene-gap", "0"], "scene_gap must be from 2 px (the world's least gap) to 8 px"),
 ])
 def test_nonsensical_settings_are_refused(tmp_path, capsys, args, message):
     assert main(["--output", str(tmp_path / "m"), "--smoke", *args]) == 2
@@ -277,7 +279,8 @@ def test_fast_recipe_is_the_layout_recipe_at_full_size(tmp_path):
 
 
 def test_shape_stage_runs_last_from_the_previous_stage(tmp_path):
-    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--shape-steps", "2"]
+    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--shape-steps", "2",
+            "--sampler", "Euler a"]
     assert main(args) == 0
     shape = torch.load(tmp_path / "w" / "unet-shape.pt", weights_only=True)
     assert shape["step"] == 2 and shape["objective"]["max_t"] == 700 and shape["objective"]["init"] == "unet-two@3"
@@ -286,6 +289,10 @@ def test_shape_stage_runs_last_from_the_previous_stage(tmp_path):
     after = shape["ema_unet"]["input_blocks.0.0.weight"]
     torch.testing.assert_close(exported, after.half().float())  # the model written is the shape stage's
     assert not torch.equal(after, before)
+    # the sampler asked for (an AUTOMATIC1111 name here) ships as the model's scheduler, on the training betas
+    scheduler = json.loads((tmp_path / "m" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "EulerAncestralDiscreteScheduler" and scheduler["rescale_betas_zero_snr"]
+    assert ImageCraftPipeline.from_pretrained(tmp_path / "m").default_scheduler == "euler_a"
 
 
 def test_timesteps_stay_where_each_stage_draws_them():

@@ -94,8 +94,8 @@ class Recipe:
     # the VAE always trains on that). Two-object samples of session 9's fast recipe failed their count 29% of the
     # time, mostly two objects touching (the scorer then reads one blob); 2 px is half a latent cell, and 26% of
     # two-object scenes have their boxes under 6 px apart. A wider gap (still no overlap) shows objects kept apart.
-    # Session 10's fast recipe (gap 8, and 400 steps moved from the main stage to the shape stage) had two-object
-    # counts right 85% of the time (DPM++ 2M; 91% with Euler a), every attribute 71% (session 9: 71%, 37%).
+    # Session 10's fast recipe (gap 8, and 400 steps moved from the main stage to the shape stage) got two-object
+    # counts right 85% of the time and every attribute 71% (DPM++ 2M; session 9: 71% and 37%; Euler a: 91%, 75%).
     scene_gap: float = 2.0
     # UNet
     unet: dict = field(default_factory=lambda: dict(
@@ -722,7 +722,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="UNet batch size")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of the first UNet stage")
     parser.add_argument("--num-scenes", type=int, default=None, help="training scenes encoded once")
-    parser.add_argument("--sampler", default=None, help="the scheduler the model ships with (default dpm++2m)")
+    parser.add_argument("--sampler", default=None, help="the scheduler the model ships with (fast recipe: euler_a)")
     parser.add_argument("--scene-gap", type=float, default=None, help="least px between two objects in training scenes")
     parser.add_argument("--vae-crop", type=int, default=None, help="VAE training crop (a multiple of 4, to 64)")
     parser.add_argument("--vae-coverage", type=float, default=None,

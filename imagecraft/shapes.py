@@ -36,6 +36,7 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
 RELATIONS = ("to the left of", "above", "and")
 HELD_OUT = {("purple", "triangle"), ("orange", "square"), ("yellow", "circle")}
+GAP = 2.0  # least px between two objects' bounding boxes; a generator may ask for more
 MIN_SIZE, MAX_SIZE = 16, 24
 
 
@@ -143,7 +144,7 @@ def sample_spec(rng: random.Random, allow_held_out: bool = False, two_objects: b
     return Spec(objects, relation, background)
 
 
-def place(spec: Spec, rng: random.Random, tries: int = 200, gap: float = 2.0) -> list[Placed]:
+def place(spec: Spec, rng: random.Random, tries: int = 200, gap: float = GAP) -> list[Placed]:
     """Centres and sizes that satisfy the spec: positions in their thirds, relations with a clear margin, no
     overlap (bounding boxes at least `gap` px apart along x or y), each object fully inside."""
     for _ in range(tries):
@@ -187,7 +188,7 @@ def render(spec: Spec, placed: list[Placed]) -> np.ndarray:
     return np.array(image)
 
 
-def sample_scene(rng: random.Random, allow_held_out: bool = False, spec: Spec | None = None, gap: float = 2.0):
+def sample_scene(rng: random.Random, allow_held_out: bool = False, spec: Spec | None = None, gap: float = GAP):
     """(spec, prompt, image (64, 64, 3) uint8, masks: one (64, 64) bool array per object); two objects' boxes
     `gap` px apart at least."""
     spec = spec or sample_spec(rng, allow_held_out)

@@ -96,7 +96,7 @@ class Recipe:
     # two-object scenes have their boxes under 6 px apart. A wider gap (still no overlap) shows objects kept apart.
     # Session 10's fast recipe (gap 8, and 400 steps moved from the main stage to the shape stage) got two-object
     # counts right 85% of the time and every attribute 71% (DPM++ 2M; session 9: 71% and 37%; Euler a: 91%, 75%).
-    scene_gap: float = 2.0
+    scene_gap: float = shapes.GAP
     # UNet
     unet: dict = field(default_factory=lambda: dict(
         model_channels=64, channel_mult=(1, 2, 2), attention_levels=(False, True, True), num_res_blocks=1,
@@ -246,9 +246,9 @@ def check_settings(recipe: Recipe, output: Path):
     if recipe.vae_coverage and recipe.vae_crop % (2 * factor):
         raise ValueError(f"vae_crop must be a multiple of {2 * factor} with vae_coverage (tied on 2x2 latent cells), "
                          f"got {recipe.vae_crop}")
-    if not 2 <= recipe.scene_gap <= 8:
-        raise ValueError(f"scene_gap must be from 2 px (the world's least gap) to 8 px (at 10, one scene in 20,000 "
-                         f"found no room for its relation), got {recipe.scene_gap}")
+    if not shapes.GAP <= recipe.scene_gap <= 8:
+        raise ValueError(f"scene_gap must be from {shapes.GAP:g} px (the world's least gap) to 8 px (at 10, one scene "
+                         f"in 20,000 found no room for its relation), got {recipe.scene_gap}")
     check_scheduler_name(recipe.sampler)  # names the valid samplers
     if recipe.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {recipe.precision!r}")
@@ -309,7 +309,7 @@ def load_checkpoint(path: Path) -> dict | None:
 
 
 # --- data ----------------------------------------------------------------------------------------------------
-def scene_batch(rng: random.Random, n: int, gap: float = 2.0) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+def scene_batch(rng: random.Random, n: int, gap: float = shapes.GAP) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """n training scenes as (n, 3, 64, 64) in [-1, 1], their captions (no held-out pairs), and where the objects
     are as (n, 1, 64, 64): 1 on an object, -1 on the background. Two objects' boxes lie `gap` px apart at least."""
     images, prompts, coverage = [], [], []
@@ -432,7 +432,7 @@ def encode_scenes(recipe: Recipe, vae, work: Path):
     """(latents (N, 4, 64 / f, 64 / f) float32, captions, scaling factor), cached in work/latents.pt."""
     path = work / "latents.pt"
     state = load_checkpoint(path)
-    if state and state["num_scenes"] == recipe.num_scenes and state.get("scene_gap", 2.0) == recipe.scene_gap:
+    if state and state["num_scenes"] == recipe.num_scenes and state.get("scene_gap", shapes.GAP) == recipe.scene_gap:
         return state["latents"], state["captions"], state["scaling_factor"]
     rng = random.Random(recipe.seed + 2)
     latents, captions = [], []

@@ -79,6 +79,7 @@ class GenerationResult:
     seeds: list[int]
     records: list[dict]  # per image: every setting plus model and environment, as stored in its PNG
     warnings: list[str] = field(default_factory=list)
+    attention: list | None = None  # per image an `imagecraft.attention.AttentionMaps`, when asked for
 
     def save(self, path_pattern: str | Path) -> list[Path]:
         """Saves each image as a PNG with its metadata; `{i}` and `{seed}` in the pattern are filled in."""
@@ -272,7 +273,7 @@ class ImageCraftPipeline:
     def __call__(self, prompt: str | list[str], negative_prompt: str | None = "", num_inference_steps: int = 25,
                  guidance_scale: float = 7.5, seed: int | None = None, width: int | None = None,
                  height: int | None = None, num_images: int = 1, scheduler: str | None = None,
-                 callback: Callable | None = None) -> GenerationResult:
+                 callback: Callable | None = None, attention: bool = False) -> GenerationResult:
         """Generates `num_images` images for `prompt`.
 
         Args:
@@ -288,6 +289,8 @@ class ImageCraftPipeline:
             scheduler: ddim, euler, euler_a, dpm++2m, dpm++2m_karras, pndm, lms (or A1111 names); the
                 model's own when None.
             callback: `callback(step, total, latents)` after each step (progress bars, previews).
+            attention: also record the cross-attention maps (`result.attention`, one
+                `imagecraft.attention.AttentionMaps` per image); the images are the same bit for bit.
         Returns a GenerationResult with `images`, `seeds`, per-image `records` and `warnings`.
         """
         width = self.default_size if width is None else width
@@ -320,14 +323,43 @@ class ImageCraftPipeline:
                  width // self.vae_scale_factor)
         latents = randn_tensor(shape, generator=generators, device=torch.device(self.device), dtype=self.dtype)
         latents = latents * sched.init_noise_sigma
-        latents = denoise(self.unet, sched, latents, context, guidance_scale, generators, callback)
+        if attention:
+            if attention is not True:
+                raise ValueError(f"attention must be True or False, got {attention!r}")
+            capture = self._attention_capture(prompts, negative_prompt, guided, len(sched.timesteps), shape,
+                                              (height, width))
+            with capture as attention_maps:
+                latents = denoise(self.unet, sched, latents, context, guidance_scale, generators, callback)
+        else:
+            attention_maps = None
+            latents = denoise(self.unet, sched, latents, context, guidance_scale, generators, callback)
 
         images = self.decode(latents)
         record = self.record(negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                              guidance_scale=float(guidance_scale), width=width, height=height,
                              scheduler=scheduler_name, sched=sched)
         records = [dict(record, prompt=p, seed=s) for p, s in zip(prompts, seeds)]
-        return GenerationResult(images, seeds, records, notes)
+        return GenerationResult(images, seeds, records, notes, attention_maps)
+
+    def tokens(self, prompt: str) -> tuple[list[str], int]:
+        """The tokens the text encoder sees for `prompt` (start and end tokens included, truncated to its
+        limit) and how many were dropped."""
+        limit = self.tokenizer.model_max_length
+        full = self.tokenizer(prompt).input_ids
+        ids = self.tokenizer(prompt, truncation=True, max_length=limit).input_ids
+        return self.tokenizer.convert_ids_to_tokens(ids), max(0, len(full) - limit)
+
+    def _attention_capture(self, prompts, negative_prompt, guided, steps, shape, image_size):
+        from . import attention
+
+        if any(not p.strip() for p in prompts):
+            raise ValueError("attention maps need a prompt with words; the prompt is empty")
+        split = [self.tokens(p) for p in prompts]
+        tokens = [t for t, _ in split]
+        negative = [self.tokens(negative_prompt)[0]] * len(prompts)
+        attention.check_memory(len(prompts), steps, tokens, negative, guided, self.unet, shape[2:])
+        return attention.capture(self.unet, tokens, negative, guided, shape[2:], image_size, prompts,
+                                 negative_prompt, truncated=[dropped for _, dropped in split])
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         latents = latents.to(self.vae_dtype) / self.vae.config.scaling_factor

@@ -7,7 +7,7 @@ single-file SD checkpoint copies in key for key; `imagecraft.porting` maps diffu
 
 Every attention layer computes through a swappable processor (`CrossAttention.processor`), addressable by
 module name via `UNet_SD.attn_processors` / `UNet_SD.set_attn_processor`. The default one is a single call to
-`torch.nn.functional.scaled_dot_product_attention`; `imagecraft.attention_maps` swaps in one that also records
+`torch.nn.functional.scaled_dot_product_attention`; `imagecraft.attention` swaps in one that also records
 the cross-attention probabilities.
 """
 
@@ -172,11 +172,17 @@ class SDPAProcessor:
     """
 
     def __call__(self, attn: "CrossAttention", x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = attn.qkv(x, context)  # each (B, heads, N or M, dim_head)
+        return self.attend(attn, *attn.qkv(x, context))
+
+    @staticmethod
+    def attend(attn: "CrossAttention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over projected q, k, v (each (B, heads, N or M, dim_head)), merged and projected out.
+        `mask` is added to the scores (-inf removes a key); other processors reuse this to stay bit-identical."""
         dtype = q.dtype
         if attn.upcast and dtype == torch.float16:
             q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(q, k, v).to(dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(dtype)
         return attn.out(out)
 
 

@@ -40,7 +40,7 @@ TINY_TEXTS = ["a red circle on the left", "a blue square above a green triangle"
               "a yellow triangle on a black background", "a purple circle to the left of a white square"]
 
 
-def make_tiny_pipeline_folder(folder, scheduler="pndm", seed=0):
+def make_tiny_pipeline_folder(folder, scheduler="pndm", seed=0, unet=SD1_STYLE):
     """Saves a tiny random SD pipeline in diffusers layout (safetensors) and returns the folder."""
     from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
                            StableDiffusionPipeline)
@@ -56,7 +56,7 @@ def make_tiny_pipeline_folder(folder, scheduler="pndm", seed=0):
     vae = AutoencoderKL(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8,
                         sample_size=64).eval()  # 64x64 images, 16x16 latents
-    unet = random_diffusers_unet(seed=seed, **dict(SD1_STYLE, cross_attention_dim=32, sample_size=16))
+    unet = random_diffusers_unet(seed=seed, **dict(unet, cross_attention_dim=32, sample_size=16))
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  steps_offset=1)
     if scheduler == "pndm":

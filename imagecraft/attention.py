@@ -277,6 +277,28 @@ def group_words(tokens: list[str]) -> list[tuple[str, list[int]]]:
     return words
 
 
+def word_indices(tokens: list[str], word: str, what: str = "prompt", truncated: int = 0) -> list[int]:
+    """Indices into `tokens` (as the tokenizer split the prompt, start token first) of every occurrence of `word`
+    (one or more words, any case); "<start>" and "<end>" name the special tokens. ValueError listing the
+    prompt's words when it is not there."""
+    if not isinstance(word, str) or not word.strip():
+        raise ValueError(f"a word must be a non-empty string, got {word!r}")
+    text = word.strip().lower()
+    if text in (START, END):
+        return [0] if text == START else [len(tokens) - 1]
+    words = group_words(tokens)
+    wanted = text.split()
+    found = []
+    for start in range(len(words) - len(wanted) + 1):
+        if [w for w, _ in words[start:start + len(wanted)]] == wanted:
+            found += [i for _, indices in words[start:start + len(wanted)] for i in indices]
+    if not found:
+        listed = ", ".join(dict.fromkeys(w for w, _ in words)) or "(none)"
+        more = f" ({truncated} tokens past the text encoder's limit were dropped)" if truncated else ""
+        raise ValueError(f"{word!r} is not in the {what}; its words are: {listed}{more}")
+    return found
+
+
 class AttentionMaps:
     """The cross-attention of one generated image; see the module docstring for the default aggregation.
 
@@ -342,23 +364,7 @@ class AttentionMaps:
         if negative and not self.guided:
             raise ValueError("there are no negative-prompt maps: guidance was off (CFG scale <= 1)")
         tokens = self.raw_negative_tokens if negative else self.raw_tokens
-        if not isinstance(word, str) or not word.strip():
-            raise ValueError(f"a word must be a non-empty string, got {word!r}")
-        text = word.strip().lower()
-        if text in (START, END):
-            return [0] if text == START else [len(tokens) - 1]
-        words = group_words(tokens)
-        wanted = text.split()
-        found = []
-        for start in range(len(words) - len(wanted) + 1):
-            if [w for w, _ in words[start:start + len(wanted)]] == wanted:
-                found += [i for _, indices in words[start:start + len(wanted)] for i in indices]
-        if not found:
-            which = "negative prompt" if negative else "prompt"
-            listed = ", ".join(self.words(negative)) or "(none)"
-            more = f" ({self.truncated} tokens past the text encoder's limit were dropped)" if self.truncated else ""
-            raise ValueError(f"{word!r} is not in the {which}; its words are: {listed}{more}")
-        return found
+        return word_indices(tokens, word, "negative prompt" if negative else "prompt", self.truncated)
 
     # --- aggregation ------------------------------------------------------------------------------------------------
     def select_layers(self, blocks=None, resolutions=None, layers=None) -> list[int]:

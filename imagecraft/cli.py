@@ -3,6 +3,7 @@
     imagecraft generate --prompt "a red circle on the left" --seed 42 --output out.png
     imagecraft generate --model ./my-sd15-folder --prompt "a castle" --scheduler dpm++2m_karras --steps 30
     imagecraft generate --from-png out.png                # regenerate an image from its metadata
+    imagecraft attention --prompt "a blue square above a green triangle" --seed 7 --output fig.png --npz maps.npz
 """
 
 from __future__ import annotations
@@ -13,33 +14,64 @@ import sys
 from .schedulers import SCHEDULERS
 
 
+def _add_model_and_sampling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="the built-in model (default), a diffusers folder, a Hub id or a .safetensors single file")
+    parser.add_argument("--config", default=None,
+                        help="for a single-file model: a diffusers folder or Hub id with its tokenizer and configs")
+    parser.add_argument("--prompt", default=None, help="what to draw; empty means unconditional")
+    parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    parser.add_argument("--seed", type=int, default=None, help="image i uses seed + i; random when not given")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps, 1..150 (25 when not given)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (7.5 when not given)")
+    parser.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
+                        help="sampler; the model's own when not given")
+    parser.add_argument("--width", type=int, default=None,
+                        help="multiple of 8, 64..2048; the model's size when not given")
+    parser.add_argument("--height", type=int, default=None,
+                        help="multiple of 8, 64..2048; the model's size when not given")
+    parser.add_argument("--device", default=None, help="cpu, cuda or mps; detected when not given")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                        help="fp16 on CUDA, fp32 elsewhere when not given")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagecraft", description="ImageCraft: text-to-image with UNet_SD.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate images from a prompt",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    gen.add_argument("--model", default=None,
-                     help="the built-in model (default), a diffusers folder, a Hub id or a .safetensors single file")
-    gen.add_argument("--config", default=None,
-                     help="for a single-file model: a diffusers folder or Hub id with its tokenizer and configs")
-    gen.add_argument("--prompt", default=None, help="what to draw; empty means unconditional")
-    gen.add_argument("--negative-prompt", default=None, help="what to steer away from")
-    gen.add_argument("--seed", type=int, default=None, help="image i uses seed + i; random when not given")
-    gen.add_argument("--steps", type=int, default=None, help="sampling steps, 1..150 (25 when not given)")
-    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (7.5 when not given)")
-    gen.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
-                     help="sampler; the model's own when not given")
-    gen.add_argument("--width", type=int, default=None, help="multiple of 8, 64..2048; the model's size when not given")
-    gen.add_argument("--height", type=int, default=None, help="multiple of 8, 64..2048; the model's size when not given")
+    _add_model_and_sampling(gen)
     gen.add_argument("--num-images", type=int, default=None, help="images in the batch, 1..16 (1 when not given)")
     gen.add_argument("--output", default="imagecraft-{seed}.png",
                      help="PNG path; {seed} and {i} are filled in, and -i is added for batches")
     gen.add_argument("--from-png", default=None,
                      help="take every setting from this PNG's metadata (flags given here override)")
-    gen.add_argument("--device", default=None, help="cpu, cuda or mps; detected when not given")
-    gen.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                     help="fp16 on CUDA, fp32 elsewhere when not given")
+
+    att = commands.add_parser("attention", help="generate an image and show which pixels each word attended to",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_and_sampling(att)
+    att.add_argument("--words", nargs="+", default=None, help="words to show; every word of the prompt when not given")
+    att.add_argument("--plot", default="overlay", choices=["overlay", "time", "layers", "segment"],
+                     help="overlay: one panel per word; time: words by steps; layers: the first word per layer; "
+                          "segment: each pixel's strongest word")
+    att.add_argument("--output", default="attention-{seed}.png", help="the figure (PNG); {seed} is filled in")
+    att.add_argument("--image", default="imagecraft-{seed}.png", help="the generated image (PNG with metadata)")
+    att.add_argument("--npz", default=None, help="also save the maps (AttentionMaps.save) to this .npz")
+    att.add_argument("--blocks", nargs="+", default=None, choices=["down", "mid", "up"],
+                     help="UNet blocks to aggregate (default: down and up, as DAAM)")
+    att.add_argument("--resolutions", nargs="+", type=int, default=None,
+                     help="map heights in cells to aggregate, e.g. 64 32 16 at 512 px (default: all but 1/64 of the image)")
+    att.add_argument("--layers", nargs="+", default=None, help="single layers by module name (overrides --blocks)")
+    att.add_argument("--heads", nargs="+", type=int, default=None, help="attention heads to keep (default: all)")
+    att.add_argument("--timesteps", default=None, metavar="START:STOP",
+                     help="sampling steps to aggregate, as a range over step indices (default: all)")
+    att.add_argument("--negative", action="store_true", help="show the negative prompt's words instead")
+    att.add_argument("--cmap", default="jet", help="matplotlib colormap")
+    att.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0..1")
+    att.add_argument("--normalize", default="word", choices=["word", "absolute"],
+                     help="scale each map to its own maximum, or all to one scale")
     return parser
 
 
@@ -81,11 +113,79 @@ def generate(args) -> list:
     return paths
 
 
+def parse_steps(text: str | None):
+    if text is None:
+        return None
+    start, sep, stop = text.partition(":")
+    try:
+        return (int(start), int(stop)) if sep else int(start)
+    except ValueError:
+        raise ValueError(f"--timesteps must be START:STOP step indices (e.g. 0:10) or one index, got {text!r}") from None
+
+
+def attention(args) -> list:
+    """Generates one image with its cross-attention and writes the image, the figure and optionally the maps."""
+    from tqdm import tqdm
+
+    from . import plots
+    from .pipeline import ImageCraftPipeline
+
+    if not args.prompt or not args.prompt.strip():
+        raise ValueError("give --prompt with words: attention maps show where each word of the prompt went")
+    settings = {FLAG_TO_SETTING[k]: v for k, v in vars(args).items() if k in FLAG_TO_SETTING and v is not None}
+    filters = dict(blocks=args.blocks, resolutions=args.resolutions, layers=args.layers, heads=args.heads,
+                   steps=parse_steps(args.timesteps), negative=args.negative or None)
+    filters = {k: v for k, v in filters.items() if v is not None}
+
+    print(f"loading {args.model or 'the built-in model'} ...", file=sys.stderr)
+    pipe = ImageCraftPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=args.config)
+    if args.words and not args.negative:  # a word not in the prompt fails before sampling, not after
+        from .attention import word_indices
+
+        tokens, dropped = pipe.tokens(args.prompt)
+        for word in args.words:
+            word_indices(tokens, word, truncated=dropped)
+    bar = tqdm(desc="sampling", unit="step", file=sys.stderr)
+
+    def progress(step, total, latents):
+        bar.total = total
+        bar.update(1)
+
+    try:
+        result = pipe(callback=progress, attention=True, **settings)
+    finally:
+        bar.close()
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    image, maps, seed = result.images[0], result.attention[0], result.seeds[0]
+    words = args.words or maps.words(args.negative)
+    if args.plot == "overlay":
+        fig = plots.plot_overlay(image, maps, words, cmap=args.cmap, alpha=args.alpha, normalize=args.normalize,
+                                 **filters)
+    elif args.plot == "time":
+        fig = plots.plot_timesteps(image, maps, words, cmap=args.cmap, alpha=args.alpha, normalize=args.normalize,
+                                   **filters)
+    elif args.plot == "layers":
+        fig = plots.plot_layers(image, maps, words[0], cmap=args.cmap, alpha=args.alpha,
+                                negative=args.negative)
+    else:
+        fig = plots.plot_segmentation(image, maps, words, **filters)
+    paths = [result.save(args.image.replace("{seed}", str(seed)))[0],
+             plots.save(fig, args.output.replace("{seed}", str(seed)))]
+    if args.npz:
+        paths.append(maps.save(args.npz))
+    for path in paths:
+        print(path)
+    return paths
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             generate(args)
+        elif args.command == "attention":
+            attention(args)
     except (ValueError, FileNotFoundError) as e:  # our errors are ValueErrors with a sentence for the user
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -80,3 +80,45 @@ def test_console_script(folder, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "s.png").exists()
+
+
+def test_attention_writes_the_image_the_figure_and_the_maps(folder, tmp_path, capsys):
+    from imagecraft.attention import AttentionMaps
+
+    fig, image, npz = tmp_path / "fig.png", tmp_path / "img.png", tmp_path / "maps.npz"
+    assert main(["attention", "--model", str(folder), "--prompt", "a red circle on the left", "--seed", "3",
+                 "--steps", "3", "--guidance", "5", "--words", "red", "circle", "--output", str(fig),
+                 "--image", str(image), "--npz", str(npz)]) == 0
+    printed = capsys.readouterr()
+    assert "sampling" in printed.err and str(fig) in printed.out
+    expected = ImageCraftPipeline.from_pretrained(folder)("a red circle on the left", seed=3, num_inference_steps=3,
+                                                          guidance_scale=5.0, attention=True)
+    assert np.array_equal(np.asarray(Image.open(image).convert("RGB")), np.asarray(expected.images[0]))
+    assert "a red circle on the left" in Image.open(image).text["parameters"]
+    maps = AttentionMaps.load(npz)
+    np.testing.assert_array_equal(maps.word("red"), expected.attention[0].word("red"))
+    assert Image.open(fig).size[0] >= 3 * 200  # the image and two word panels
+
+    time_fig = tmp_path / "time.png"
+    assert main(["attention", "--model", str(folder), "--prompt", "a red circle", "--seed", "3", "--steps", "3",
+                 "--plot", "time", "--blocks", "up", "--output", str(time_fig),
+                 "--image", str(tmp_path / "i2.png")]) == 0
+    assert Image.open(time_fig).size[1] > 150
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--words", "dog"], "'dog' is not in the prompt; its words are: a, red, circle"),
+    (["--layers", "nowhere.attn2"], "no captured layer named"),
+    (["--timesteps", "2:99"], "outside the"),
+    (["--timesteps", "two"], "--timesteps must be START:STOP"),
+    (["--heads", "9"], "heads must be indices"),
+    (["--prompt", ""], "give --prompt with words"),
+])
+def test_attention_bad_words_and_filters_exit_2(folder, tmp_path, capsys, args, message):
+    base = ["attention", "--model", str(folder), "--prompt", "a red circle", "--steps", "2",
+            "--output", str(tmp_path / "f.png"), "--image", str(tmp_path / "i.png")]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err and "Traceback" not in err
+    if args[0] == "--words":
+        assert "sampling" not in err  # refused before any sampling

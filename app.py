@@ -14,6 +14,7 @@ import os
 
 import gradio as gr
 
+from imagecraft import service
 from imagecraft.schedulers import SCHEDULERS
 from imagecraft.service import BUILTIN, ModelCache, generate, pick_seed, settings_from_png
 
@@ -26,6 +27,7 @@ EXAMPLES = [
     "a purple triangle on the right",  # a colour-shape pair the model never saw in training
 ]
 CSS = "#gallery img { image-rendering: pixelated; }"  # small images scale up as crisp pixels
+COLORMAPS = ["jet", "viridis", "inferno", "magma", "turbo", "gray"]
 SCHEDULER_CHOICES = [(display, short) for short, (display, _, _) in SCHEDULERS.items()]
 
 models = ModelCache(device=os.environ.get("IMAGECRAFT_DEVICE"), dtype=os.environ.get("IMAGECRAFT_DTYPE"))
@@ -97,6 +99,69 @@ def on_random_seed():
     return pick_seed(-1)
 
 
+# --- the Attention tab ------------------------------------------------------------------------------------------
+@gpu
+@_ui_errors
+def on_attention(prompt: str, negative_prompt: str = "", steps: int = 25, guidance: float = 5.0, seed: int = -1,
+                 scheduler: str = "", width: int = 0, height: int = 0, model: str = BUILTIN,
+                 progress=gr.Progress()):
+    """Generates the image again with its cross-attention (the same pixels as Generate gives for these settings)
+    and shows every word's map. Returns the overlay figure, the image (scaled up for clicking), the maps (.npz), the figure (PNG), the
+    controls filled for this prompt and the first step's maps."""
+    progress(0, desc="loading model")
+    pipe = models.get(model)
+    explained = service.explain(
+        pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, int(width) or None,
+        int(height) or None, progress=lambda step, total: progress((step, total), desc="sampling with attention"))
+    maps = explained.maps
+    words = maps.words()
+    figure = service.draw_attention(explained, words, {})
+    at_first_step = service.draw_step(explained, words, 0, {})
+    sizes = sorted({f"{l.size[0]}x{l.size[1]}" for l in maps.layers}, key=lambda s: -int(s.split("x")[0]))
+    heads = min(l.heads for l in maps.layers)
+    last = maps.num_steps
+    return (explained, figure, explained.view_path, str(explained.folder / "attention.npz"), figure,
+            gr.update(choices=words, value=words), gr.update(choices=["all", *sizes], value="all"),
+            gr.update(choices=["all", *map(str, range(heads))], value="all"),
+            gr.update(maximum=last - 1, value=0), gr.update(maximum=last, value=last),
+            gr.update(maximum=last - 1, value=0), None, at_first_step)
+
+
+def _filters(explained, blocks, resolution, step_from, step_to, heads):
+    if explained is None:
+        raise ValueError("explain an image first: press \"Explain the last image\"")
+    return service.attention_filters(explained.maps, blocks, resolution, step_from, step_to, heads)
+
+
+@_ui_errors
+def on_redraw(explained, words, blocks, resolution, step_from, step_to, heads, alpha, cmap, normalize):
+    """Redraws the overlay from the stored maps (no model call)."""
+    if explained is None:
+        return gr.update(), gr.update()
+    figure = service.draw_attention(explained, words,
+                                    _filters(explained, blocks, resolution, step_from, step_to, heads),
+                                    alpha, cmap, normalize)
+    return figure, figure
+
+
+@_ui_errors
+def on_scrub(explained, words, step, blocks, resolution, alpha, cmap, normalize):
+    """The time scrubber: the ticked words' maps at one sampling step."""
+    if explained is None:
+        return gr.update()
+    filters = _filters(explained, blocks, resolution, 0, None, "all")
+    return service.draw_step(explained, words, step, filters, alpha, cmap, normalize)
+
+
+@_ui_errors
+def on_pixel(explained, blocks, resolution, step_from, step_to, heads, evt: gr.SelectData):
+    """Clicking a pixel of the image: how that pixel's attention splits over the prompt's tokens."""
+    if explained is None:
+        return gr.update()
+    x, y = explained.pixel(evt.index[0], evt.index[1])
+    return service.draw_pixel(explained, x, y, _filters(explained, blocks, resolution, step_from, step_to, heads))
+
+
 # --- layout ----------------------------------------------------------------------------------------------------
 def build_demo() -> gr.Blocks:
     default = models.get(None)  # the built-in model, loaded before the first request
@@ -137,9 +202,63 @@ def build_demo() -> gr.Blocks:
                         last_seed = gr.Number(label="Seed used", precision=0, interactive=False)
                         png = gr.File(label="Reproduce from PNG: drop one of our PNGs", file_types=[".png"],
                                       type="filepath")
+            with gr.Tab("Attention", id="attention"):
+                gr.Markdown("Which pixels each word of the prompt attended to (cross-attention, aggregated as "
+                            "DAAM does). The settings follow your last generation; press the button to see "
+                            "its maps. Click a pixel of the image to see how its attention splits over the words.")
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        att_prompt = gr.Textbox("", label="Prompt to explain", lines=2,
+                                                placeholder="a blue square above a green triangle")
+                        att_negative = gr.Textbox("", label="Negative prompt", lines=1)
+                        with gr.Row():
+                            att_seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
+                            att_steps = gr.Slider(1, 150, value=25, step=1, label="Sampling steps")
+                        with gr.Row():
+                            att_guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="CFG scale")
+                            att_scheduler = gr.Dropdown(SCHEDULER_CHOICES, value=default.default_scheduler,
+                                                        label="Sampler")
+                        att_width = gr.Number(value=0, precision=0, visible=False)
+                        att_height = gr.Number(value=0, precision=0, visible=False)
+                        att_model = gr.Textbox(BUILTIN, visible=False)
+                        explain = gr.Button("Explain the last image", variant="primary", elem_id="explain-button")
+                        att_words = gr.CheckboxGroup([], label="Words to show", elem_id="attention-words")
+                        with gr.Row():
+                            att_blocks = gr.CheckboxGroup(["down", "mid", "up"], value=["down", "up"],
+                                                          label="UNet blocks")
+                            att_resolution = gr.Dropdown(["all"], value="all", label="Resolution")
+                            att_heads = gr.Dropdown(["all"], value="all", label="Heads")
+                        with gr.Row():
+                            att_from = gr.Slider(0, 24, value=0, step=1, label="From step")
+                            att_to = gr.Slider(1, 25, value=25, step=1, label="To step (exclusive)")
+                        with gr.Row():
+                            att_alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
+                            att_cmap = gr.Dropdown(COLORMAPS, value="jet", label="Colormap")
+                            att_normalize = gr.Radio([("per word", "word"), ("absolute", "absolute")],
+                                                     value="word", label="Scale")
+                    with gr.Column(scale=3):
+                        att_figure = gr.Image(label="Attention per word", type="filepath", elem_id="attention-figure")
+                        with gr.Row():
+                            att_image = gr.Image(label="Image: click a pixel", type="filepath", interactive=False,
+                                                 elem_id="attention-image")
+                            att_pixel = gr.Image(label="Attention at the clicked pixel", type="filepath",
+                                                 elem_id="attention-pixel")
+                        att_step = gr.Slider(0, 24, value=0, step=1, label="Time scrubber: one sampling step")
+                        att_step_figure = gr.Image(label="At this step", type="filepath")
+                        with gr.Row():
+                            att_npz = gr.File(label="Maps (.npz, AttentionMaps.load)")
+                            att_png = gr.File(label="Figure (PNG)")
+                att_state = gr.State(None)
         wire(dict(model=model, load=load, status=status, prompt=prompt, negative=negative, steps=steps,
                   guidance=guidance, seed=seed, dice=dice, reuse=reuse, scheduler=scheduler, num_images=num_images,
-                  width=width, height=height, run=run, gallery=gallery, last_seed=last_seed, png=png))
+                  width=width, height=height, run=run, gallery=gallery, last_seed=last_seed, png=png,
+                  att_prompt=att_prompt, att_negative=att_negative, att_steps=att_steps, att_guidance=att_guidance,
+                  att_seed=att_seed, att_scheduler=att_scheduler, att_width=att_width, att_height=att_height,
+                  att_model=att_model, explain=explain, att_words=att_words, att_blocks=att_blocks,
+                  att_resolution=att_resolution, att_heads=att_heads, att_from=att_from, att_to=att_to,
+                  att_alpha=att_alpha, att_cmap=att_cmap, att_normalize=att_normalize, att_figure=att_figure,
+                  att_image=att_image, att_pixel=att_pixel, att_step=att_step, att_step_figure=att_step_figure,
+                  att_npz=att_npz, att_png=att_png, att_state=att_state))
     return demo
 
 
@@ -147,12 +266,34 @@ def wire(ui: dict) -> None:
     """Every event of the app, in one place."""
     inputs = [ui[k] for k in ("prompt", "negative", "steps", "guidance", "seed", "scheduler", "width", "height",
                               "num_images", "model")]
-    ui["run"].click(on_generate, inputs, [ui["gallery"], ui["last_seed"]], api_name="generate")
-    ui["prompt"].submit(on_generate, inputs, [ui["gallery"], ui["last_seed"]], api_name=False)
+    # after each generation the Attention tab takes its settings (with the seed used), ready to explain it
+    last = [ui[k] for k in ("prompt", "negative", "steps", "guidance", "last_seed", "scheduler", "width", "height",
+                            "model")]
+    explain_inputs = [ui[k] for k in ("att_prompt", "att_negative", "att_steps", "att_guidance", "att_seed",
+                                      "att_scheduler", "att_width", "att_height", "att_model")]
+    ui["run"].click(on_generate, inputs, [ui["gallery"], ui["last_seed"]], api_name="generate").success(
+        lambda *values: values, last, explain_inputs, api_name=False)
+    ui["prompt"].submit(on_generate, inputs, [ui["gallery"], ui["last_seed"]], api_name=False).success(
+        lambda *values: values, last, explain_inputs, api_name=False)
     ui["load"].click(on_load_model, [ui["model"]], [ui["status"], ui["width"], ui["height"]], api_name="load_model")
     ui["dice"].click(on_random_seed, None, ui["seed"], api_name="random_seed")
     ui["reuse"].click(lambda s: s if s is not None else -1, ui["last_seed"], ui["seed"], api_name=False)
     ui["png"].upload(on_png, ui["png"], inputs, api_name="read_png")
+
+    # Attention: explain, then redraw from the stored maps on every control (no model call)
+    ui["explain"].click(on_attention, explain_inputs,
+                        [ui[k] for k in ("att_state", "att_figure", "att_image", "att_npz", "att_png", "att_words",
+                                         "att_resolution", "att_heads", "att_from", "att_to", "att_step",
+                                         "att_pixel", "att_step_figure")], api_name="attention")
+    filters = [ui[k] for k in ("att_blocks", "att_resolution", "att_from", "att_to", "att_heads")]
+    looks = [ui[k] for k in ("att_alpha", "att_cmap", "att_normalize")]
+    for control in ("att_words", "att_blocks", "att_resolution", "att_from", "att_to", "att_heads", "att_alpha",
+                    "att_cmap", "att_normalize"):
+        ui[control].change(on_redraw, [ui["att_state"], ui["att_words"], *filters, *looks],
+                           [ui["att_figure"], ui["att_png"]], api_name=False)
+    ui["att_step"].change(on_scrub, [ui["att_state"], ui["att_words"], ui["att_step"], ui["att_blocks"],
+                                     ui["att_resolution"], *looks], ui["att_step_figure"], api_name=False)
+    ui["att_image"].select(on_pixel, [ui["att_state"], *filters], ui["att_pixel"], api_name=False)
 
 
 def main():

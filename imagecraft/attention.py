@@ -231,7 +231,8 @@ def check_memory(num_images: int, steps: int, tokens: list[list[str]], negative_
         per_token_step += h * w * 2  # fp16 step maps
         per_token_sums += module.heads * h * w * 4  # fp32 head sums
     n_tok = sum(len(t) + (len(n) if guided else 0) for t, n in zip(tokens, negative_tokens))
-    mb = n_tok * (per_token_step * steps + per_token_sums) / 2**20
+    per_image_step = sizes[0][0] * sizes[0][1] * (unet.config.in_channels * 4 + 2)  # UNet input, CFG difference
+    mb = (n_tok * (per_token_step * steps + per_token_sums) + num_images * per_image_step * steps) / 2**20
     limit = max_mb if max_mb is not None else float(os.environ.get("IMAGECRAFT_ATTENTION_MB", DEFAULT_MAX_MB))
     if mb > limit:
         raise ValueError(f"attention maps for {num_images} image(s) at {latent_size[1]}x{latent_size[0]} "

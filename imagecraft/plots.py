@@ -143,7 +143,7 @@ def plot_token_distribution(maps: AttentionMaps, x: int, y: int, skip_start: boo
     ax.bar(range(len(names)), values, color="tab:blue")
     ax.set_xticks(range(len(names)), [n.split(":", 1)[1] for n in names], rotation=45, ha="right")
     ax.set_ylabel("share of attention")
-    note = f"; <start> took {start_share:.0%} and is left out" if skip_start else ""
+    note = f"\n<start> took {start_share:.0%} and is not shown" if skip_start else ""
     ax.set_title(f"pixel ({x}, {y}){note}", fontsize=9)
     return fig
 

@@ -127,7 +127,8 @@ def test_browser_types_a_prompt_and_gets_an_image(url):
             "--disable-component-update", "--disable-sync"])
         page = browser.new_page()
         try:
-            page.goto(url, wait_until="networkidle")
+            page.goto(url, wait_until="load")  # no networkidle: session state keeps a heartbeat open
+            page.locator("#generate-button").wait_for(state="visible", timeout=60_000)
             page.get_by_label("Prompt", exact=True).fill("a blue circle on the right")
             page.locator("#generate-button").click()
             page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
@@ -142,6 +143,70 @@ def test_browser_types_a_prompt_and_gets_an_image(url):
             page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "browser-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
+def test_attention_api_explains_the_generated_image(client):
+    from gradio_client.exceptions import AppError
+
+    from imagecraft.attention import AttentionMaps
+
+    prompt = "a blue square above a green triangle"
+    gallery, _ = client.predict(prompt, seed=4321, steps=10, api_name="/generate")
+    figure, image, npz, figure_file, words = client.predict(prompt, seed=4321, steps=10, api_name="/attention")[:5]
+    generated = Image.open(image_path(gallery[0])).convert("RGB")
+    view = Image.open(image).convert("RGB")  # scaled up with nearest neighbour, to click a pixel
+    assert view.size == (512, 512)
+    assert np.array_equal(np.asarray(view.resize(generated.size, Image.NEAREST)), np.asarray(generated))
+    maps = AttentionMaps.load(npz)
+    assert maps.words() == ["a", "blue", "square", "above", "green", "triangle"] and maps.num_steps == 10
+    assert [c[0] for c in words["choices"]] == maps.words()
+    assert Image.open(figure).size[0] > 4 * generated.size[0]  # the image and a panel per word
+    with pytest.raises(AppError, match="type a prompt first"):
+        client.predict("", api_name="/attention")
+    assert len(client.predict("a red circle", steps=3, api_name="/attention")) == 12  # still serving
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_browser_generates_then_explains_a_word(url):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    prompt = "a blue square above a green triangle"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        try:
+            page.goto(url, wait_until="load")  # no networkidle: session state keeps a heartbeat open
+            page.locator("#generate-button").wait_for(state="visible", timeout=60_000)
+            page.get_by_label("Prompt", exact=True).fill(prompt)
+            page.locator("#generate-button").click()
+            page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
+
+            page.get_by_role("tab", name="Attention").click()
+            assert page.get_by_label("Prompt to explain").input_value() == prompt  # follows the last generation
+            page.locator("#explain-button").click()
+            figure = page.locator("#attention-figure img")
+            figure.wait_for(state="visible", timeout=120_000)
+            words = page.locator("#attention-words")
+            words.get_by_label("green").wait_for(timeout=30_000)
+            first = figure.get_attribute("src")
+            for word in ("a", "blue", "square", "above", "triangle"):  # leave only "green" ticked
+                words.get_by_label(word, exact=True).uncheck()
+            page.wait_for_function(
+                "src => { const i = document.querySelector('#attention-figure img'); return i && i.src !== src; }",
+                arg=first, timeout=60_000)
+            view = page.locator("#attention-image img")
+            box = view.bounding_box()
+            view.click(position={"x": box["width"] / 2, "y": box["height"] * 0.8})  # near the triangle
+            page.locator("#attention-pixel img").wait_for(state="visible", timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "attention-tab.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "attention-failure.png"), full_page=True)
             raise
         finally:
             browser.close()

@@ -8,7 +8,6 @@ diffusers on the same weights.
 from __future__ import annotations
 
 import inspect
-import math
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -27,13 +26,12 @@ from . import loading
 from .metadata import pipeline_settings, read_png_settings, save_png
 from .porting import config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet
 from .schedulers import check_scheduler_name, make_scheduler, scheduler_name_of
+from .settings import MAX_PROMPTS, MAX_SEED, check_settings  # noqa: F401  (MAX_* re-exported for callers)
 from .unet import UNet_SD
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-MAX_SEED = 2**32 - 1
-MAX_PROMPTS = 64  # prompts in one list-of-prompts call
 
 
 def default_device() -> str:
@@ -230,28 +228,16 @@ class ImageCraftPipeline:
         return loading.file_hash(self.weight_files) if self.weight_files else ""
 
     # --- generation -----------------------------------------------------------------------------------------
-    def check_settings(self, prompt, negative_prompt, num_inference_steps, guidance_scale, width, height,
-                       num_images, scheduler, seed) -> str:
-        """Raises ValueError naming the bad setting and what is allowed; returns the scheduler's short name."""
-        if not isinstance(prompt, str) and not (isinstance(prompt, list) and 1 <= len(prompt) <= MAX_PROMPTS
-                                                and all(isinstance(p, str) for p in prompt)):
-            raise ValueError(f"prompt must be a string or a list of 1 to {MAX_PROMPTS} strings, got {prompt!r:.80}")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
-        for name, value in (("width", width), ("height", height)):
-            if not isinstance(value, int) or isinstance(value, bool) or value % 8 or not 64 <= value <= 2048:
-                raise ValueError(f"{name} must be a multiple of 8 between 64 and 2048, got {value!r}")
-            if value % self.vae_scale_factor:
-                raise ValueError(f"{name} must be a multiple of {self.vae_scale_factor} for this model, got {value}")
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= 150:
-            raise ValueError(f"steps must be an integer from 1 to 150, got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance scale must be a finite number >= 0, got {guidance_scale!r}")
-        if not isinstance(num_images, int) or not 1 <= num_images <= 16:
-            raise ValueError(f"number of images must be from 1 to 16, got {num_images!r}")
-        if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, or None for a random one, got {seed!r}")
-        return check_scheduler_name(scheduler or self.default_scheduler)
+    def check_settings(self, **settings) -> dict:
+        """The settings checked by `imagecraft.settings` (the same schema as the CLI and the app) and normalised,
+        plus this model's own rules: sizes on its VAE's grid, its scheduler when none is named."""
+        clean = check_settings(settings)
+        for name in ("width", "height"):
+            if clean[name] % self.vae_scale_factor:
+                raise ValueError(f"{name} must be a multiple of {self.vae_scale_factor} for this model, "
+                                 f"got {clean[name]}")
+        clean["scheduler"] = clean["scheduler"] or check_scheduler_name(self.default_scheduler)
+        return clean
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
         """CLIP hidden states (B, max_length, dim) of the prompts, padded and truncated as diffusers does."""
@@ -293,11 +279,15 @@ class ImageCraftPipeline:
                 `imagecraft.attention.AttentionMaps` per image); the images are the same bit for bit.
         Returns a GenerationResult with `images`, `seeds`, per-image `records` and `warnings`.
         """
-        width = self.default_size if width is None else width
-        height = self.default_size if height is None else height
-        negative_prompt = negative_prompt or ""
-        scheduler_name = self.check_settings(prompt, negative_prompt, num_inference_steps, guidance_scale, width,
-                                             height, num_images, scheduler, seed)
+        s = self.check_settings(prompt=prompt, negative_prompt=negative_prompt or "",
+                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                width=self.default_size if width is None else width,
+                                height=self.default_size if height is None else height, num_images=num_images,
+                                scheduler=scheduler or None, seed=seed)
+        prompt, negative_prompt, num_inference_steps, guidance_scale = (
+            s["prompt"], s["negative_prompt"], s["num_inference_steps"], s["guidance_scale"])
+        width, height, num_images, scheduler_name, seed = (s["width"], s["height"], s["num_images"], s["scheduler"],
+                                                           s["seed"])
         if seed is None:
             seed = random.randint(0, MAX_SEED - num_images)
         prompts = [prompt] * num_images if isinstance(prompt, str) else prompt
@@ -336,7 +326,7 @@ class ImageCraftPipeline:
 
         images = self.decode(latents)
         record = self.record(negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                             guidance_scale=float(guidance_scale), width=width, height=height,
+                             guidance_scale=guidance_scale, width=width, height=height,
                              scheduler=scheduler_name, sched=sched)
         records = [dict(record, prompt=p, seed=s) for p, s in zip(prompts, seeds)]
         return GenerationResult(images, seeds, records, notes, attention_maps)

@@ -10,6 +10,8 @@ Layout is built in `build_demo()`, events are wired in `wire()`, and what each b
 from __future__ import annotations
 
 import functools
+import html
+import logging
 import os
 
 import gradio as gr
@@ -30,6 +32,7 @@ CSS = "#gallery img { image-rendering: pixelated; }"  # small images scale up as
 COLORMAPS = ["jet", "viridis", "inferno", "magma", "turbo", "gray"]
 SCHEDULER_CHOICES = [(display, short) for short, (display, _, _) in SCHEDULERS.items()]
 
+log = logging.getLogger("imagecraft.app")
 models = ModelCache(device=os.environ.get("IMAGECRAFT_DEVICE"), dtype=os.environ.get("IMAGECRAFT_DTYPE"))
 
 try:  # on a ZeroGPU Space, `spaces.GPU` attaches a GPU for the duration of each call
@@ -43,14 +46,33 @@ except ImportError:
 
 # --- handlers: turn our errors into sentences in the UI --------------------------------------------------------
 def _ui_errors(fn):
+    """Our errors (ValueError with a sentence) become a message in the UI and one log line; only bugs log a
+    traceback. The message is HTML-escaped: Gradio renders it as HTML, and it may quote the user's input."""
+
     @functools.wraps(fn)  # keeps the signature: the API's parameter names and defaults come from it
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as e:
-            raise gr.Error(str(e)) from e
+            log.info("%s refused: %s", fn.__name__, str(e)[:300])
+            raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from e
+        except service.Cancelled as e:
+            log.info("%s: %s", fn.__name__, e)
+            raise gr.Error(str(e), print_exception=False) from e
 
     return wrapped
+
+
+def _cancelled() -> bool:
+    """Whether Gradio has dropped the event this thread runs (its client cancelled it or went away). Gradio cannot
+    stop a running thread, so sampling asks this after every step."""
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    if queue is None or event_id is None:
+        return False
+    return not any(event._id == event_id for job in queue.active_jobs if job for event in job)
 
 
 @gpu
@@ -64,8 +86,8 @@ def on_generate(prompt: str, negative_prompt: str = "", steps: int = 25, guidanc
     pipe = models.get(model)
     progress(0, desc="sampling")
     paths, first_seed, notes = generate(
-        pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, int(width) or None,
-        int(height) or None, num_images, progress=lambda step, total: progress((step, total), desc="sampling"))
+        pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, width, height, num_images,
+        progress=lambda step, total: progress((step, total), desc="sampling"), should_stop=_cancelled)
     for note in notes:
         gr.Warning(note)
     return paths, first_seed
@@ -111,8 +133,8 @@ def on_attention(prompt: str, negative_prompt: str = "", steps: int = 25, guidan
     progress(0, desc="loading model")
     pipe = models.get(model)
     explained = service.explain(
-        pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, int(width) or None,
-        int(height) or None, progress=lambda step, total: progress((step, total), desc="sampling with attention"))
+        pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, width, height,
+        progress=lambda step, total: progress((step, total), desc="sampling with attention"), should_stop=_cancelled)
     maps = explained.maps
     words = maps.words()
     figure = service.draw_attention(explained, words, {})
@@ -166,13 +188,15 @@ def on_pixel(explained, blocks, resolution, step_from, step_to, heads, evt: gr.S
 def build_demo() -> gr.Blocks:
     default = models.get(None)  # the built-in model, loaded before the first request
     size = default.default_size
-    with gr.Blocks(title="ImageCraft") as demo:
+    # Gradio's copies of served files are dropped after an hour, checked every 30 minutes
+    with gr.Blocks(title="ImageCraft", delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# ImageCraft\nText to image with UNet_SD, a from-scratch Stable Diffusion UNet. "
                     "The built-in model draws circles, squares and triangles in eight colours: try the examples.")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
-                    model = gr.Dropdown([BUILTIN], value=BUILTIN, allow_custom_value=True, scale=4,
+                    model = gr.Dropdown(models.choices, value=models.choices[0], scale=4,
+                                        allow_custom_value=models.allowed is None,  # a public Space: its list only
                                         label="Model: the built-in one, a folder or .safetensors path, or a Hub id")
                     load = gr.Button("Load model", scale=1)
                 status = gr.Markdown(f"Loaded **{default.model_id}**, trained at {size}x{size}.")

@@ -7,10 +7,14 @@ State is per call: the only module-level object is the model cache, which holds 
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import tempfile
 import threading
+import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,62 +22,164 @@ from typing import Callable
 from PIL import Image
 
 from .attention import DEFAULT_BLOCKS, AttentionMaps
+from .loading import DEFAULT_MODEL
 from .metadata import pipeline_settings, read_png_settings
 from .pipeline import MAX_SEED, ImageCraftPipeline
+from .settings import check, check_cost
 
 BUILTIN = "built-in shapes model"
 OUTPUT_ROOT = Path(tempfile.gettempdir()) / "imagecraft-outputs"
 
 
 class ModelCache:
-    """Loaded pipelines, shared by all users and requests, each loaded once (concurrent first requests wait)."""
+    """Loaded pipelines, shared by all users and requests, each loaded once (concurrent first requests wait).
 
-    def __init__(self, device: str | None = None, dtype=None):
+    Keyed on what a source resolves to (a folder's real path, a Hub id), so spellings of one folder share one copy,
+    and least-recently-used models beyond `max_models` (IMAGECRAFT_MAX_MODELS, default 2) are dropped. With an
+    allowlist (IMAGECRAFT_MODELS: comma-separated folders or Hub ids, "default" for the built-in model) it loads
+    only those, and its errors never say what exists on the server's disk.
+    """
+
+    def __init__(self, device: str | None = None, dtype=None, max_models: int | None = None,
+                 allowed: list[str] | None = None):
         self.device, self.dtype = device, dtype
-        self._pipes: dict[str, ImageCraftPipeline] = {}
+        self.max_models = max_models or int(os.environ.get("IMAGECRAFT_MAX_MODELS", "2"))
+        if allowed is None and os.environ.get("IMAGECRAFT_MODELS"):
+            allowed = [a.strip() for a in os.environ["IMAGECRAFT_MODELS"].split(",") if a.strip()]
+        self.allowed = {self.key(a): a for a in allowed} if allowed else None
+        self._pipes: OrderedDict[str, ImageCraftPipeline] = OrderedDict()
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
+    @property
+    def choices(self) -> list[str]:
+        """What the model box offers: the allowlist when there is one."""
+        if self.allowed is None:
+            return [BUILTIN]
+        return [BUILTIN if k == "default" else name for k, name in self.allowed.items()]
+
     @staticmethod
     def key(source: str | None) -> str:
-        source = (source or "").strip()
-        return "default" if source in ("", "default", BUILTIN) else source
+        """"default" for the built-in model, the resolved path for a local folder or file, else the text (a Hub id)."""
+        source = (str(source) if source is not None else "").strip()
+        if source in ("", "default", BUILTIN):
+            return "default"
+        try:
+            path = Path(source).expanduser()
+            if path.exists():
+                resolved = path.resolve()
+                return "default" if resolved == DEFAULT_MODEL.resolve() else str(resolved)
+        except (OSError, ValueError, RuntimeError):  # not a path this system can have (a NUL byte, too long, ~user)
+            pass
+        return source
 
     def get(self, source: str | None) -> ImageCraftPipeline:
+        if source is not None and not isinstance(source, str):
+            raise ValueError(f"the model must be a name, a path or a Hub id, got {type(source).__name__}")
+        if source is not None and len(source) > 1000:
+            raise ValueError("the model name is too long (over 1,000 characters)")
         key = self.key(source)
+        if self.allowed is not None and key not in self.allowed:
+            raise ValueError(f"this server serves only these models: {', '.join(self.choices)}")
         with self._guard:
             if key in self._pipes:
+                self._pipes.move_to_end(key)
                 return self._pipes[key]
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
-            if key not in self._pipes:
-                self._pipes[key] = ImageCraftPipeline.from_pretrained(key, device=self.device, dtype=self.dtype)
-            return self._pipes[key]
+            with self._guard:
+                if key in self._pipes:
+                    return self._pipes[key]
+            try:
+                pipe = ImageCraftPipeline.from_pretrained(key, device=self.device, dtype=self.dtype)
+            except (ValueError, OSError) as e:
+                if self.allowed is not None:  # a public server does not describe its disk
+                    raise ValueError(f"the model {source!r} could not be loaded") from e
+                raise
+            with self._guard:
+                self._pipes[key] = pipe
+                while len(self._pipes) > self.max_models:
+                    self._pipes.popitem(last=False)  # requests still running keep their own reference
+            return pipe
+
+    def __len__(self) -> int:
+        return len(self._pipes)
 
 
 def pick_seed(seed) -> int:
-    """A seed from the UI: -1 or empty means a fresh random one (AUTOMATIC1111's convention)."""
-    if seed is None or seed == "" or int(seed) < 0:
+    """A seed from the UI: -1 or empty means a fresh random one (AUTOMATIC1111's convention); otherwise it is
+    checked like any seed."""
+    if seed is None or seed == "" or (isinstance(seed, (int, float)) and not isinstance(seed, bool) and seed == -1):
         return random.randint(0, MAX_SEED - 16)
-    return int(seed)
+    return check("seed", seed)
+
+
+class Cancelled(Exception):
+    """The request was cancelled or its client went away; sampling stopped after the current step."""
+
+
+def _callback(progress: Callable | None, should_stop: Callable | None):
+    """The pipeline's step callback: progress, then a stop within one step when the request is no longer wanted."""
+    if progress is None and should_stop is None:
+        return None
+
+    def callback(step, total, latents):
+        if progress is not None:
+            progress(step + 1, total)
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"stopped after step {step + 1} of {total}: the request was cancelled")
+
+    return callback
+
+
+def _size(pipe, value, name: str) -> int:
+    """A width or height from the UI: 0 or None means the model's own."""
+    return pipe.default_size if value is None or (value == 0 and not isinstance(value, bool)) else check(name, value)
 
 
 def generate(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", steps: int = 25,
              guidance: float = 7.5, seed: int = -1, scheduler: str | None = None, width: int | None = None,
-             height: int | None = None, num_images: int = 1, progress: Callable | None = None):
+             height: int | None = None, num_images: int = 1, progress: Callable | None = None,
+             should_stop: Callable | None = None):
     """Generates and writes each image as a PNG with its metadata to a fresh folder of its own.
 
-    Returns (PNG paths, the first seed, warnings). `progress(step, total)` is called after each sampling step.
+    Every value is checked by `imagecraft.settings` (the same schema as the API and CLI), and the request's
+    width x height x steps x images must be within `settings.max_cost`. Returns (PNG paths, the first seed,
+    warnings). `progress(step, total)` is called after each sampling step; `should_stop()` too, and when it says
+    yes sampling stops there (`Cancelled`).
     """
-    callback = (lambda step, total, latents: progress(step + 1, total)) if progress else None
-    result = pipe(prompt or "", negative_prompt=negative_prompt or "", num_inference_steps=int(steps),
-                  guidance_scale=float(guidance), seed=pick_seed(seed), scheduler=scheduler or None,
-                  width=None if width is None else int(width), height=None if height is None else int(height),
-                  num_images=int(num_images), callback=callback)
-    folder = OUTPUT_ROOT / uuid.uuid4().hex
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = result.save(folder / "imagecraft-{seed}.png")
+    w, h = _size(pipe, width, "width"), _size(pipe, height, "height")
+    check_cost(w, h, check("num_inference_steps", steps), check("num_images", num_images), pipe.device)
+    result = pipe(prompt if prompt is not None else "", negative_prompt=negative_prompt or "",
+                  num_inference_steps=steps, guidance_scale=guidance, seed=pick_seed(seed),
+                  scheduler=scheduler or None, width=w, height=h, num_images=num_images,
+                  callback=_callback(progress, should_stop))
+    paths = result.save(new_output_folder() / "imagecraft-{seed}.png")
     return [str(p) for p in paths], result.seeds[0], result.warnings
+
+
+def new_output_folder() -> Path:
+    """A fresh folder under OUTPUT_ROOT, after dropping folders older than IMAGECRAFT_OUTPUT_TTL seconds (default
+    3600) and the oldest ones while all of them take more than IMAGECRAFT_OUTPUT_MB (default 500)."""
+    ttl = float(os.environ.get("IMAGECRAFT_OUTPUT_TTL", "3600"))
+    cap = float(os.environ.get("IMAGECRAFT_OUTPUT_MB", "500")) * 2**20
+    OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
+    folders = []
+    for folder in OUTPUT_ROOT.iterdir():
+        try:
+            files = [f.stat() for f in folder.iterdir()] if folder.is_dir() else []
+            folders.append((folder.stat().st_mtime, sum(f.st_size for f in files), folder))
+        except OSError:  # removed meanwhile by another request
+            continue
+    folders.sort()
+    total, now = sum(size for _, size, _ in folders), time.time()
+    for mtime, size, folder in folders:
+        if now - mtime > ttl or total > cap:
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= size
+    folder = OUTPUT_ROOT / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    return folder
 
 
 def settings_from_png(path) -> dict:
@@ -104,18 +210,17 @@ class Explained:
 
 def explain(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", steps: int = 25, guidance: float = 7.5,
             seed: int = -1, scheduler: str | None = None, width: int | None = None, height: int | None = None,
-            progress: Callable | None = None) -> Explained:
+            progress: Callable | None = None, should_stop: Callable | None = None) -> Explained:
     """Generates one image with its cross-attention, as `generate` would draw it (same seed, same pixels), and
     writes the PNG and the maps (`attention.npz`) to a fresh folder."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("type a prompt first: attention maps show where each word of the prompt went")
-    callback = (lambda step, total, latents: progress(step + 1, total)) if progress else None
-    result = pipe(prompt, negative_prompt=negative_prompt or "", num_inference_steps=int(steps),
-                  guidance_scale=float(guidance), seed=pick_seed(seed), scheduler=scheduler or None,
-                  width=None if width is None else int(width), height=None if height is None else int(height),
-                  callback=callback, attention=True)
-    folder = OUTPUT_ROOT / uuid.uuid4().hex
-    folder.mkdir(parents=True, exist_ok=True)
+    w, h = _size(pipe, width, "width"), _size(pipe, height, "height")
+    check_cost(w, h, check("num_inference_steps", steps), 1, pipe.device)
+    result = pipe(prompt, negative_prompt=negative_prompt or "", num_inference_steps=steps, guidance_scale=guidance,
+                  seed=pick_seed(seed), scheduler=scheduler or None, width=w, height=h,
+                  callback=_callback(progress, should_stop), attention=True)
+    folder = new_output_folder()
     image_path = result.save(folder / "imagecraft-{seed}.png")[0]
     maps = result.attention[0]
     maps.save(folder / "attention.npz")

@@ -36,8 +36,9 @@ class Field:
     def check(self, value):
         """The value, normalised (whole floats to int); ValueError with one sentence otherwise."""
         if self.kind == "int":
-            value = _whole(value)
-            ok = value is not None and self.low <= value <= self.high
+            whole = _whole(value)
+            ok = whole is not None and self.low <= whole <= self.high
+            value = whole if ok else value
         elif self.kind == "float":
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
                 and (self.low is None or value >= self.low) and (self.high is None or value <= self.high)

@@ -1,6 +1,7 @@
 """The Gradio app, launched on localhost: through gradio_client, and in a real browser (Debian's Chromium)."""
 
 import json
+import time
 import shutil
 import socket
 from pathlib import Path
@@ -210,3 +211,41 @@ def test_browser_generates_then_explains_a_word(url):
             raise
         finally:
             browser.close()
+
+
+def test_a_cancelled_request_stops_and_frees_the_server(capfd):
+    """A long request (16 images x 150 steps, ~30 s here) cancelled after 2 s stops sampling within a step, where
+    Gradio alone would let its thread run to the end. Expected user errors log one line, never a traceback."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    demo = app.build_demo()
+    port = free_port()
+    demo.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", server_port=port,
+                                                    prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        client.predict("a red circle", steps=2, api_name="/generate")  # warm
+        calls = []  # UNet forwards of 16-image batches: the long request's steps
+        hook = app.models.get(None).unet.register_forward_hook(
+            lambda m, args, out: calls.append(1) if args[0].shape[0] >= 16 else None)
+        try:
+            long = client.submit("a red circle", steps=150, num_images=16, api_name="/generate")
+            time.sleep(2.0)
+            long.cancel()
+            gallery, _ = client.predict("a blue square", steps=5, seed=1, api_name="/generate")
+            assert len(gallery) == 1
+            stopped_at = len(calls)
+            time.sleep(1.5)
+            assert 0 < stopped_at < 150 and len(calls) == stopped_at  # sampling stopped, not run to the end
+        finally:
+            hook.remove()
+
+        with pytest.raises(AppError, match="width must be a multiple of 8"):
+            client.predict("a red circle", width=100, api_name="/generate")
+        with pytest.raises(AppError, match="steps must be an integer from 1 to 150, got 2.5"):
+            client.predict("a red circle", steps=2.5, api_name="/generate")
+    finally:
+        demo.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err

@@ -1,0 +1,123 @@
+"""What the app's buttons do, hardened: the model cache, the cost cap, cancellation, the output folder, the schema."""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from helpers import make_tiny_pipeline_folder
+
+from imagecraft import service, settings
+from imagecraft.loading import DEFAULT_MODEL
+from imagecraft.service import Cancelled, ModelCache, generate, new_output_folder, pick_seed
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return [make_tiny_pipeline_folder(tmp_path_factory.mktemp(f"tiny-{i}"), seed=i) for i in range(2)]
+
+
+def test_spellings_of_one_folder_share_one_copy(folders, monkeypatch, tmp_path):
+    cache = ModelCache()
+    folder = folders[0]
+    monkeypatch.chdir(folder.parent)
+    spellings = [str(folder), f"{folder}/", f"./{folder.name}", f"././{folder.name}", f"{folder.name}/../{folder.name}",
+                 f"  {folder}  "]
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    spellings.append(str(link))
+    pipes = {id(cache.get(s)) for s in spellings * 15}
+    assert len(pipes) == 1 and len(cache) == 1
+    assert ModelCache.key(str(DEFAULT_MODEL)) == ModelCache.key("././" + os.path.relpath(DEFAULT_MODEL)) == "default"
+
+
+def test_least_recently_used_models_are_dropped(folders):
+    cache = ModelCache(max_models=1)
+    first = cache.get(str(folders[0]))
+    second = cache.get(str(folders[1]))
+    assert len(cache) == 1 and cache.get(str(folders[1])) is second
+    assert cache.get(str(folders[0])) is not first  # loaded again after it was dropped
+
+
+def test_an_allowlist_loads_only_its_models_and_says_nothing_of_the_disk(folders, tmp_path):
+    cache = ModelCache(allowed=["default", str(folders[0])])
+    assert cache.choices == [service.BUILTIN, str(folders[0])]
+    assert cache.get(f"{folders[0]}/") is cache.get(str(folders[0]))
+    messages = []
+    for probe in (str(folders[1]), "/etc", "/no/such/folder", str(tmp_path), "nobody/nothing", "../../etc/passwd"):
+        with pytest.raises(ValueError) as info:
+            cache.get(probe)
+        messages.append(str(info.value))
+    assert len(set(messages)) == 1  # the same sentence whether the path exists or not
+    assert messages[0] == f"this server serves only these models: {service.BUILTIN}, {folders[0]}"
+
+
+def test_bad_values_are_refused_by_the_schema(folders):
+    pipe = ModelCache().get(str(folders[0]))
+    for kwargs, message in [
+        (dict(steps=2.5), "steps must be an integer from 1 to 150, got 2.5"),
+        (dict(steps=True), "steps must be an integer from 1 to 150, got True"),
+        (dict(num_images=1.5), "number of images must be from 1 to 16, got 1.5"),
+        (dict(guidance=float("inf")), "guidance scale must be a finite number >= 0, got inf"),
+        (dict(guidance="7"), "guidance scale must be a finite number >= 0, got '7'"),
+        (dict(width=100.5), "width must be a multiple of 8 between 64 and 2048, got 100.5"),
+        (dict(height=True), "height must be a multiple of 8 between 64 and 2048, got True"),
+        (dict(seed=2.5), "seed must be an integer from 0 to"),
+        (dict(seed=-7), "seed must be an integer from 0 to"),
+        (dict(scheduler="karras_magic"), "unknown scheduler 'karras_magic'"),
+        (dict(prompt="x" * 5000), "prompt must be at most 4000 characters"),
+        (dict(negative_prompt=["a"]), "negative_prompt must be a string of at most 4000 characters, got ['a']"),
+    ]:
+        args = dict(prompt="a red circle", steps=2) | kwargs
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            generate(pipe, **args)
+    import numpy as np
+
+    paths, seed, _ = generate(pipe, "a red circle", steps=np.int64(2), guidance=np.float32(3.0), seed=np.int64(5),
+                              width=64.0, num_images=1.0)  # numpy numbers and whole floats from sliders are fine
+    assert seed == 5 and len(paths) == 1
+    assert pick_seed(-1) >= 0 and pick_seed(None) >= 0 and pick_seed(7) == 7
+
+
+def test_the_cost_cap_refuses_at_once(folders, monkeypatch):
+    pipe = ModelCache().get(str(folders[0]))
+    monkeypatch.setenv("IMAGECRAFT_MAX_COST", str(64 * 64 * 10))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"too large for this server: 64x64 x 20 steps x 1 image\(s\) = 81,920 "
+                                         r"pixel-steps, over the limit of 40,960 \(IMAGECRAFT_MAX_COST\)"):
+        generate(pipe, "a red circle", steps=20)
+    assert time.perf_counter() - start < 0.5
+    generate(pipe, "a red circle", steps=10)  # at the limit
+    monkeypatch.delenv("IMAGECRAFT_MAX_COST")
+    assert settings.max_cost("cpu") == 512 * 512 * 50 and settings.max_cost("cuda") == 16 * 512 * 512 * 50
+
+
+def test_a_cancelled_request_stops_within_one_step(folders):
+    pipe = ModelCache().get(str(folders[0]))
+    steps_done = []
+    with pytest.raises(Cancelled, match="stopped after step 3 of "):
+        generate(pipe, "a red circle", steps=20, progress=lambda step, total: steps_done.append(step),
+                 should_stop=lambda: len(steps_done) >= 3)
+    assert steps_done == [1, 2, 3]
+
+
+def test_outputs_expire_and_stay_under_the_size_cap(monkeypatch, tmp_path):
+    monkeypatch.setattr(service, "OUTPUT_ROOT", tmp_path / "outputs")  # a private root for this test
+    old = new_output_folder()
+    (old / "a.png").write_bytes(b"x" * 1000)
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    fresh = new_output_folder()
+    assert not old.exists() and fresh.exists()  # older than an hour: gone
+
+    monkeypatch.setenv("IMAGECRAFT_OUTPUT_MB", str(4.5 / 1024))  # 4.5 KiB
+    folders = []
+    for i in range(10):
+        folder = new_output_folder()
+        (folder / "img.png").write_bytes(b"x" * 1024)
+        os.utime(folder, (time.time() - 100 + i, time.time() - 100 + i))
+        folders.append(folder)
+    total = sum(f.stat().st_size for f in (tmp_path / "outputs").rglob("*") if f.is_file())
+    assert total <= 6 * 1024 and folders[-1].exists() and not folders[0].exists()
+    shutil.rmtree(tmp_path / "outputs")
+    assert new_output_folder().parent == Path(tmp_path / "outputs")  # the root comes back when removed

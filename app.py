@@ -100,7 +100,8 @@ def on_load_model(model: str, progress=gr.Progress()):
     progress(0, desc=f"loading {model}")
     pipe = models.get(model)
     size = pipe.default_size
-    return (f"Loaded **{pipe.model_id}** ({pipe.device}, {str(pipe.dtype).replace('torch.', '')}); "
+    name = html.escape(pipe.model_id).replace("*", "\\*").replace("_", "\\_")  # shown as Markdown
+    return (f"Loaded **{name}** ({pipe.device}, {str(pipe.dtype).replace('torch.', '')}); "
             f"trained at {size}x{size}, sampler {SCHEDULERS[pipe.default_scheduler][0]}."), size, size
 
 
@@ -197,7 +198,8 @@ def build_demo() -> gr.Blocks:
                 with gr.Row():
                     model = gr.Dropdown(models.choices, value=models.choices[0], scale=4,
                                         allow_custom_value=models.allowed is None,  # a public Space: its list only
-                                        label="Model: the built-in one, a folder or .safetensors path, or a Hub id")
+                                        label="Model: the built-in one, a diffusers folder, a Hub id, or "
+                                              "FILE.safetensors | CONFIG (a folder or Hub id of the same SD version)")
                     load = gr.Button("Load model", scale=1)
                 status = gr.Markdown(f"Loaded **{default.model_id}**, trained at {size}x{size}.")
                 with gr.Row():

@@ -23,9 +23,9 @@ from PIL import Image
 
 from .attention import DEFAULT_BLOCKS, AttentionMaps
 from .loading import DEFAULT_MODEL
-from .metadata import pipeline_settings, read_png_settings
+from .metadata import pipeline_settings, restore_settings
 from .pipeline import MAX_SEED, ImageCraftPipeline
-from .settings import check, check_cost
+from .settings import _show, check, check_cost
 
 BUILTIN = "built-in shapes model"
 OUTPUT_ROOT = Path(tempfile.gettempdir()) / "imagecraft-outputs"
@@ -74,11 +74,16 @@ class ModelCache:
         return source
 
     def get(self, source: str | None) -> ImageCraftPipeline:
+        """The pipeline for `source`: the built-in model (None, "", "default"), a folder, a Hub id, or a single
+        `.safetensors` file with its config as "FILE.safetensors | CONFIG" (a diffusers folder or Hub id of the
+        same SD version, which supplies the tokenizer and configs)."""
         if source is not None and not isinstance(source, str):
             raise ValueError(f"the model must be a name, a path or a Hub id, got {type(source).__name__}")
         if source is not None and len(source) > 1000:
             raise ValueError("the model name is too long (over 1,000 characters)")
-        key = self.key(source)
+        source, _, config = (source or "").partition("|")
+        config = config.strip() or None
+        key = self.key(source) + (f" | {self.key(config)}" if config else "")
         if self.allowed is not None and key not in self.allowed:
             raise ValueError(f"this server serves only these models: {', '.join(self.choices)}")
         with self._guard:
@@ -91,7 +96,8 @@ class ModelCache:
                 if key in self._pipes:
                     return self._pipes[key]
             try:
-                pipe = ImageCraftPipeline.from_pretrained(key, device=self.device, dtype=self.dtype)
+                pipe = ImageCraftPipeline.from_pretrained(self.key(source), device=self.device, dtype=self.dtype,
+                                                          config=self.key(config) if config else None)
             except (ValueError, OSError) as e:
                 if self.allowed is not None:  # a public server does not describe its disk
                     raise ValueError(f"the model {source!r} could not be loaded") from e
@@ -182,13 +188,15 @@ def new_output_folder() -> Path:
     return folder
 
 
-def settings_from_png(path) -> dict:
-    """The generation settings stored in one of our PNGs (or an AUTOMATIC1111 one), plus its model."""
-    stored = read_png_settings(path)
-    settings = pipeline_settings(stored)
-    if "model" in stored:
-        settings["model"] = stored["model"]
-    return settings
+def settings_from_png(path) -> tuple[dict, list[str]]:
+    """The generation settings of one of our PNGs (or an AUTOMATIC1111 one) that pass the settings checks, and notes
+    on those left out. The PNG's model is never returned, only named in a note when it is not the built-in one: a
+    PNG can name any path or Hub id, and loading one is the user's choice."""
+    stored, notes = restore_settings(path)
+    model = stored.get("model")
+    if model is not None and model != DEFAULT_MODEL.name:
+        notes.append(f"this image was made with the model {_show(model)}; load it in the Model box to use it")
+    return pipeline_settings(stored), notes
 
 
 # --- attention maps ------------------------------------------------------------------------------------------------

@@ -121,3 +121,24 @@ def test_outputs_expire_and_stay_under_the_size_cap(monkeypatch, tmp_path):
     assert total <= 6 * 1024 and folders[-1].exists() and not folders[0].exists()
     shutil.rmtree(tmp_path / "outputs")
     assert new_output_folder().parent == Path(tmp_path / "outputs")  # the root comes back when removed
+
+
+def test_the_model_box_loads_a_single_file_with_its_config(folders, tmp_path):
+    import numpy as np
+    from helpers import diffusers_vae_to_ldm
+    from safetensors.torch import save_file
+
+    cache = ModelCache()
+    pipe = cache.get(str(folders[0]))
+    checkpoint = {"model.diffusion_model." + k: v.contiguous() for k, v in pipe.unet.state_dict().items()}
+    checkpoint.update(diffusers_vae_to_ldm(pipe.vae.state_dict()))
+    checkpoint.update({"cond_stage_model.transformer." + k: v for k, v in pipe.text_encoder.state_dict().items()})
+    save_file(checkpoint, tmp_path / "tiny.safetensors")
+
+    single = cache.get(f"{tmp_path / 'tiny.safetensors'} | {folders[0]}")
+    assert single is cache.get(f"{tmp_path}/./tiny.safetensors|{folders[0]}/") and single is not pipe
+    a = single("a blue circle", seed=3, num_inference_steps=3)
+    b = pipe("a blue circle", seed=3, num_inference_steps=3)
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    with pytest.raises(ValueError, match="a single-file checkpoint carries weights only"):
+        cache.get(str(tmp_path / "tiny.safetensors"))

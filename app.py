@@ -107,15 +107,17 @@ def on_load_model(model: str, progress=gr.Progress()):
 
 @_ui_errors
 def on_png(file):
-    """Restores every field from one of our PNGs (or an AUTOMATIC1111 one)."""
+    """Restores each field from one of our PNGs (or an AUTOMATIC1111 one) whose value passes the settings checks;
+    the others keep their value and a warning says why. The number of images and the model box are never set:
+    a PNG can name any model, and a warning names it for the user to load."""
     if file is None:
         return [gr.update()] * 10
-    s = settings_from_png(file)
-    model = s.get("model")
-    default_name = models.get(None).model_id
-    return (s.get("prompt", ""), s.get("negative_prompt", ""), s.get("num_inference_steps", 25),
-            s.get("guidance_scale", 5.0), s.get("seed", -1), s.get("scheduler", ""), s.get("width", 0),
-            s.get("height", 0), gr.update(), BUILTIN if model in (None, default_name) else model)
+    settings, notes = settings_from_png(file)
+    for note in notes:
+        gr.Warning(html.escape(note, quote=False))  # rendered as HTML, and it quotes the PNG's text
+    names = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "scheduler", "width",
+             "height")
+    return [settings[name] if name in settings else gr.update() for name in names] + [gr.update(), gr.update()]
 
 
 def on_random_seed():
@@ -323,6 +325,7 @@ def wire(ui: dict) -> None:
 
 
 def main():
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     concurrency = int(os.environ.get("IMAGECRAFT_CONCURRENCY", "1"))
     build_demo().queue(default_concurrency_limit=concurrency).launch(
         css=CSS, server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

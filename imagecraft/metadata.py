@@ -7,19 +7,35 @@ The `parameters` text is what A1111, ComfyUI, Civitai and friends read:
     Steps: 25, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 1a2b3c4d5e, Model: name
 
 The `imagecraft` chunk is JSON with every setting, the scheduler config, dtype and library versions.
+
+A PNG is untrusted input (an upload to the app): its chunks are read with a size limit, each setting it restores is
+checked as user input is (`imagecraft.settings.check`), and one that fails is left out with a note saying why.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import os
+import struct
+import zlib
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from .schedulers import A1111_NAMES, SCHEDULERS
+from .files import atomic_write
+from .schedulers import SCHEDULERS
+from .settings import FIELDS, _show, check
 
 JSON_KEY = "imagecraft"
+TEXT_KEYS = ("parameters", JSON_KEY)  # the text chunks we read; every other chunk is skipped unread
+# The most one text may hold once inflated: our JSON record is at most about 100 KB (two 4,000-character prompts of
+# emoji, each escaped as 12 characters); an A1111 text is a few KB
+MAX_TEXT = 128 * 1024
+MAX_CHUNKS = 100_000  # libpng and PIL write pixels in IDAT chunks of 8 KB or more: this is over 800 MB of them
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# How restore notes name each setting (A1111's words: they are what the PNG's text shows)
+LABELS = {"prompt": "prompt", "negative_prompt": "negative prompt", "num_inference_steps": "steps",
+          "guidance_scale": "CFG scale", "seed": "seed", "width": "size", "scheduler": "sampler"}
 # Settings that `ImageCraftPipeline.__call__` takes and a PNG restores.
 SETTINGS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "width", "height",
             "scheduler")
@@ -44,9 +60,18 @@ def a1111_parameters(settings: dict) -> str:
 
 
 def parse_a1111_parameters(text: str) -> dict:
-    """Pipeline settings from an A1111 `parameters` text (ours or another tool's)."""
+    """The settings of an A1111 `parameters` text (ours or another tool's) that pass the settings checks; see
+    `restore_settings`."""
+    return _restore_a1111(text)[0]
+
+
+def _restore_a1111(text: str) -> tuple[dict, list[str]]:
+    """(settings, notes) from an A1111 `parameters` text. Numbers that do not parse stay text, so that the
+    settings check names them in its note."""
+    if len(text) > MAX_TEXT:
+        raise _too_long("the 'parameters' text", "characters")
     lines = text.strip().split("\n")
-    last = lines[-1] if lines and re.match(r"^\s*Steps: ", lines[-1]) else ""
+    last = lines[-1] if lines[-1].lstrip().startswith("Steps: ") else ""
     body = lines[:-1] if last else lines
     negative = [i for i, line in enumerate(body) if line.startswith("Negative prompt:")]
     if negative:
@@ -54,22 +79,97 @@ def parse_a1111_parameters(text: str) -> dict:
         negative_prompt = "\n".join(body[negative[0]:])[len("Negative prompt:"):].strip()
     else:
         prompt, negative_prompt = "\n".join(body), ""
-    fields = dict(m.groups() for m in re.finditer(r"\s*([\w ]+):\s*((?:\"[^\"]*\")|[^,]*)(?:,|$)", last))
-    settings = {"prompt": prompt, "negative_prompt": negative_prompt}
-    if "Steps" in fields:
-        settings["num_inference_steps"] = int(fields["Steps"])
-    if "CFG scale" in fields:
-        settings["guidance_scale"] = float(fields["CFG scale"])
-    if "Seed" in fields:
-        settings["seed"] = int(fields["Seed"])
+    fields = _a1111_fields(last)
+    sampler, schedule = fields.get("Sampler"), fields.get("Schedule type")
+    if sampler is not None and schedule not in (None, "Automatic"):
+        sampler = f"{sampler} {schedule}"  # A1111 1.9+ writes "Sampler: DPM++ 2M, Schedule type: Karras"
+    raw = {"prompt": prompt, "negative_prompt": negative_prompt, "scheduler": sampler, "model": fields.get("Model"),
+           "num_inference_steps": _number(fields.get("Steps"), int),
+           "guidance_scale": _number(fields.get("CFG scale"), float), "seed": _number(fields.get("Seed"), int)}
     if "Size" in fields:
-        width, height = fields["Size"].lower().split("x")
-        settings["width"], settings["height"] = int(width), int(height)
-    if fields.get("Sampler") in A1111_NAMES:
-        settings["scheduler"] = A1111_NAMES[fields["Sampler"]]
-    if "Model" in fields:
-        settings["model"] = fields["Model"]
-    return settings
+        width, x, height = fields["Size"].lower().partition("x")
+        raw["width"], raw["height"] = (_number(width, int), _number(height, int)) if x else (fields["Size"],) * 2
+    return _checked(raw)
+
+
+def _a1111_fields(line: str) -> dict[str, str]:
+    """The "key: value" pairs of A1111's settings line, split at the commas outside double quotes in one pass. (A
+    regex with backtracking took quadratic time here: 60,000 characters held the server for 25 s.)"""
+    pieces, start, quoted, escaped = [], 0, False, False
+    for i, char in enumerate(line):
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            pieces.append(line[start:i])
+            start = i + 1
+    pieces.append(line[start:])
+    fields = {}
+    for piece in pieces:
+        key, colon, value = piece.partition(":")
+        if colon and key.strip():
+            fields[key.strip()] = _unquote(value.strip())
+    return fields
+
+
+def _unquote(value: str) -> str:
+    """A1111 writes a value with commas as a JSON string ("Lora hashes: \"a: 1, b: 2\"")."""
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    try:
+        text = json.loads(value)
+    except ValueError:
+        return value[1:-1]
+    return text if isinstance(text, str) else value[1:-1]
+
+
+def _number(text: str | None, kind: type):
+    """The text as an int or float; the text itself when it is not one (the settings check then names it)."""
+    try:
+        return None if text is None else kind(text)
+    except ValueError:  # also for ints of over 4,300 digits, which Python refuses to parse
+        return text
+
+
+def _checked(raw: dict) -> tuple[dict, list[str]]:
+    """The settings of `raw` that pass `settings.check`, and a note for each one left out (out of range, of the
+    wrong type, a sampler ImageCraft lacks, or not given): the caller's own value or the model's default applies
+    there. Width and height go together, as A1111's Size does. "model" is kept if it is a name."""
+    settings, notes, missing = {}, [], []
+    for names in (("prompt",), ("negative_prompt",), ("num_inference_steps",), ("guidance_scale",), ("seed",),
+                  ("width", "height"), ("scheduler",)):
+        label = LABELS[names[0]]
+        if all(raw.get(name) is None for name in names):
+            missing.append(label)
+            continue
+        try:
+            settings.update({name: _check_restored(name, raw.get(name)) for name in names})
+        except ValueError as e:
+            notes.append(f"left out the PNG's {label}: {e}")
+    if missing:
+        listed = " or ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
+        notes.append(f"the PNG gives no {listed}; the current or default value is used")
+    if isinstance(raw.get("model"), str) and raw["model"].strip():
+        settings["model"] = raw["model"]
+    return settings, notes
+
+
+def _check_restored(name: str, value):
+    """One setting from a PNG, checked as user input is; a PNG may hold only single values, never a list."""
+    label = FIELDS[name].label if name in FIELDS else name
+    if value is None:
+        raise ValueError(f"{label} is missing")
+    if not isinstance(value, (str, int, float)):
+        raise ValueError(f"{label} must be a single value, got {_show(value)}")
+    if name == "scheduler":
+        try:
+            return check(name, value)
+        except ValueError:  # its message lists every name; here the name alone says it
+            raise ValueError(f"ImageCraft has no sampler {_show(value)}") from None
+    return check(name, value)
 
 
 def pipeline_settings(record: dict) -> dict:
@@ -85,20 +185,148 @@ def png_info(record: dict) -> PngImagePlugin.PngInfo:
     return info
 
 
-def save_png(image: Image.Image, path, record: dict) -> Path:
+def check_png_path(path, label: str = "the output") -> Path:
+    """`path` as a Path if it is a .png name. JPEG and WebP would drop the two text chunks, and with them the
+    settings that reproduce the image, so they are refused rather than written without them."""
     path = Path(path)
-    image.save(path, pnginfo=png_info(record))
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{label} must be a .png name (ImageCraft writes PNG, which keeps the settings), "
+                         f"got {str(path)!r}")
+    return path
+
+
+def save_png(image: Image.Image, path, record: dict) -> Path:
+    """Writes the PNG atomically (`files.atomic_write`): a full disk never leaves a partial file at `path`."""
+    path = check_png_path(path)
+    with atomic_write(path) as f:
+        image.save(f, format="PNG", pnginfo=png_info(record))
     return path
 
 
 def read_png_settings(source) -> dict:
-    """The settings stored in a PNG (a path, file object or PIL image): our JSON chunk if present, else A1111's
-    `parameters` text. Raises ValueError when the PNG carries neither."""
-    image = source if isinstance(source, Image.Image) else Image.open(source)
-    text = getattr(image, "text", None) or image.info
-    if JSON_KEY in text:
-        record = json.loads(text[JSON_KEY])
-        return record
-    if "parameters" in text:
-        return parse_a1111_parameters(text["parameters"])
+    """`restore_settings` without its notes, for callers that want only the valid settings."""
+    return restore_settings(source)[0]
+
+
+def restore_settings(source) -> tuple[dict, list[str]]:
+    """The settings stored in a PNG (a path, binary file object or PIL image), each checked as user input is, and a
+    note for each one left out (out of range, a sampler ImageCraft lacks, not given), where the caller's own value
+    or the model's default then applies. Our JSON chunk is read if present, else A1111's `parameters` text.
+    "model" is the name the PNG gives its model: to show, never to load unasked (it can be any path or Hub id).
+
+    Raises ValueError (one sentence) for a file that is not a readable PNG or that carries neither chunk.
+    """
+    texts = _texts(source)
+    if JSON_KEY in texts:
+        return _checked(_json_record(texts[JSON_KEY]))
+    if "parameters" in texts:
+        return _restore_a1111(texts["parameters"])
     raise ValueError("this PNG carries no generation settings (no 'imagecraft' or 'parameters' text chunk)")
+
+
+def _json_record(text: str) -> dict:
+    if len(text) > MAX_TEXT:
+        raise _too_long(f"the {JSON_KEY!r} text", "characters")
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
+        raise ValueError(f"the PNG's {JSON_KEY!r} text is not valid JSON") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"the PNG's {JSON_KEY!r} text must be a JSON object of settings, "
+                         f"got {type(record).__name__}")
+    return record
+
+
+def _texts(source) -> dict[str, str]:
+    """Our two texts of a PNG. From a PIL image, those PIL has read (within its own limits); from a file, those
+    `read_png_texts` reads."""
+    if isinstance(source, Image.Image):
+        info = getattr(source, "text", None) or source.info
+        return {k: info[k] for k in TEXT_KEYS if isinstance(info.get(k), str)}
+    return read_png_texts(source)
+
+
+def read_png_texts(source) -> dict[str, str]:
+    """The 'parameters' and 'imagecraft' texts of a PNG file (a path or binary file object), MAX_TEXT at most each.
+
+    The chunks are read here, not by PIL: `Image.open(...).text` inflates every text chunk of a file, up to 1 MB each
+    and 64 MB in all (PngImagePlugin.MAX_TEXT_CHUNK and MAX_TEXT_MEMORY), and lowering those globals would change
+    how every other PNG in the process is read. Here other chunks are skipped unread and ours are inflated only up
+    to MAX_TEXT, so a small upload (a zTXt bomb) cannot make the server allocate more.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return _read_png_texts(f)
+    return _read_png_texts(source)
+
+
+def _read_png_texts(f) -> dict[str, str]:
+    if f.read(8) != PNG_SIGNATURE:
+        raise ValueError("this file is not a PNG; generation settings are read only from PNG files")
+    truncated = ValueError("this PNG is truncated or corrupt: it ends before its IEND chunk")
+    texts = {}
+    for _ in range(MAX_CHUNKS):
+        header = f.read(8)
+        if len(header) < 8:
+            raise truncated
+        length, kind = struct.unpack(">I4s", header)
+        if not kind.isalpha() or length >= 2**31:
+            raise ValueError(f"this PNG is corrupt: it has a chunk of type {kind!r} and length {length:,}")
+        if kind == b"IEND":
+            return texts
+        start = f.read(min(length, 80)) if kind in (b"tEXt", b"zTXt", b"iTXt") else b""  # keyword: 1-79 bytes, NUL
+        key = start.split(b"\0", 1)[0].decode("latin-1")
+        if key not in TEXT_KEYS or key in texts:
+            f.seek(length - len(start) + 4, os.SEEK_CUR)  # the rest of the chunk and its CRC, unread
+            continue
+        if length > MAX_TEXT + 1024:  # deflate adds at most 5 bytes per 16 KB; iTXt a language tag
+            raise _too_long(f"the PNG's {key!r} text", "bytes")
+        data = start + f.read(length - len(start))
+        crc = f.read(4)
+        if len(data) < length or len(crc) < 4:
+            raise truncated
+        if zlib.crc32(kind + data) != int.from_bytes(crc, "big"):
+            raise ValueError(f"this PNG is corrupt: its {key!r} chunk fails its checksum")
+        texts[key] = _chunk_text(kind, key, data)
+    raise ValueError(f"this PNG has over {MAX_CHUNKS:,} chunks, more than any image needs")
+
+
+def _chunk_text(kind: bytes, key: str, data: bytes) -> str:
+    """The text of one tEXt, zTXt or iTXt chunk (PNG spec, section 11.3.4)."""
+    corrupt = ValueError(f"this PNG is corrupt: its {key!r} {kind.decode()} chunk is malformed")
+    body = data[len(key) + 1:]
+    if kind == b"tEXt":
+        text, encoding = body, "latin-1"
+    elif kind == b"zTXt":  # compression method (0, deflate), then the compressed text
+        if body[:1] != b"\0":
+            raise corrupt
+        text, encoding = _inflate(key, body[1:]), "latin-1"
+    else:  # iTXt: compressed or not, method, language tag NUL, translated keyword NUL, UTF-8 text
+        parts = body[2:].split(b"\0", 2)
+        if len(parts) < 3 or body[:1] not in (b"\0", b"\1") or body[1:2] != b"\0":
+            raise corrupt
+        text, encoding = (_inflate(key, parts[2]) if body[:1] == b"\1" else parts[2]), "utf-8"
+    if len(text) > MAX_TEXT:
+        raise _too_long(f"the PNG's {key!r} text", "bytes")
+    try:
+        return text.decode(encoding)
+    except UnicodeDecodeError:
+        raise ValueError(f"this PNG is corrupt: its {key!r} text is not valid UTF-8") from None
+
+
+def _inflate(key: str, data: bytes) -> bytes:
+    """Inflates at most MAX_TEXT + 1 bytes: a 50 KB zTXt can hold 50 MB, which is refused without being made."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(data, MAX_TEXT + 1)
+    except zlib.error:
+        raise ValueError(f"this PNG is corrupt: its {key!r} text does not inflate") from None
+    if len(text) > MAX_TEXT:
+        raise _too_long(f"the PNG's {key!r} text", "bytes")
+    if not inflater.eof:
+        raise ValueError(f"this PNG is corrupt: its {key!r} text ends early")
+    return text
+
+
+def _too_long(what: str, unit: str) -> ValueError:
+    return ValueError(f"{what} is over the limit of {MAX_TEXT:,} {unit}, far more than generation settings need")

@@ -59,7 +59,7 @@ FIELDS = {f.name: f for f in (
     Field("negative_prompt", "negative_prompt", "text", high=MAX_PROMPT_CHARS,
           allowed=f"a string of at most {MAX_PROMPT_CHARS} characters"),
     Field("num_inference_steps", "steps", "int", 1, 150, "an integer from 1 to 150"),
-    Field("guidance_scale", "guidance scale", "float", 0, None, "a finite number >= 0"),
+    Field("guidance_scale", "guidance scale", "float", 0, 30, "a number from 0 to 30"),
     Field("width", "width", "int", 64, 2048, "a multiple of 8 between 64 and 2048"),
     Field("height", "height", "int", 64, 2048, "a multiple of 8 between 64 and 2048"),
     Field("num_images", "number of images", "int", 1, MAX_IMAGES, f"from 1 to {MAX_IMAGES}"),

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .files import atomic_write
 from .unet import CrossAttention, SDPAProcessor, UNet_SD
 
 START, END = "<start>", "<end>"
@@ -540,10 +541,8 @@ class AttentionMaps:
             arrays["guidance"] = self.guidance
         if self.inputs is not None:
             arrays["inputs"] = self.inputs
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as f:
             np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
         return path
 
     @classmethod

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 
+from .files import check_writable
 from .schedulers import SCHEDULERS
 
 
@@ -31,7 +33,7 @@ def _add_model_and_sampling(parser: argparse.ArgumentParser) -> None:
                         help="multiple of 8, 64..2048; the model's size when not given")
     parser.add_argument("--height", type=int, default=None,
                         help="multiple of 8, 64..2048; the model's size when not given")
-    parser.add_argument("--device", default=None, help="cpu, cuda or mps; detected when not given")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps; detected when not given")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                         help="fp16 on CUDA, fp32 elsewhere when not given")
 
@@ -80,18 +82,39 @@ FLAG_TO_SETTING = {"prompt": "prompt", "negative_prompt": "negative_prompt", "se
                    "width": "width", "height": "height", "num_images": "num_images"}
 
 
+@contextmanager
+def writing(what: str):
+    """An OSError while writing `what` (a full disk, a folder removed while sampling) as a sentence; the writes are
+    atomic, so no partial file is left."""
+    try:
+        yield
+    except OSError as e:
+        raise ValueError(f"cannot write {what!r}: {e.strerror or e}") from e
+
+
 def generate(args) -> list:
     from tqdm import tqdm
 
-    from .metadata import pipeline_settings, read_png_settings
+    from .loading import DEFAULT_MODEL
+    from .metadata import check_png_path, pipeline_settings, restore_settings
     from .pipeline import ImageCraftPipeline
 
     settings = {}
     if args.from_png:
-        settings = pipeline_settings(read_png_settings(args.from_png))
+        restored, notes = restore_settings(args.from_png)
+        settings = pipeline_settings(restored)
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
+        # The PNG's model is a name (any path or Hub id, possibly from someone else's machine): shown, never loaded
+        # unasked.
+        named = restored.get("model")
+        if args.model is None and named and named != DEFAULT_MODEL.name:
+            print(f"warning: the PNG was made with the model {named!r}; the built-in model is used unless --model "
+                  f"is given", file=sys.stderr)
     settings.update({FLAG_TO_SETTING[k]: v for k, v in vars(args).items() if k in FLAG_TO_SETTING and v is not None})
     if "prompt" not in settings:
         raise ValueError("give --prompt (an empty one means unconditional) or --from-png")
+    check_png_path(check_writable(args.output, "--output"), "--output")  # before loading and sampling, not after
 
     print(f"loading {args.model or 'the built-in model'} ...", file=sys.stderr)
     pipe = ImageCraftPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=args.config)
@@ -107,7 +130,8 @@ def generate(args) -> list:
         bar.close()
     for note in result.warnings:
         print(f"warning: {note}", file=sys.stderr)
-    paths = result.save(args.output)
+    with writing(args.output):
+        paths = result.save(args.output)
     for path, seed in zip(paths, result.seeds):
         print(f"{path}  seed={seed}")
     return paths
@@ -128,10 +152,17 @@ def attention(args) -> list:
     from tqdm import tqdm
 
     from . import plots
+    from .metadata import check_png_path
     from .pipeline import ImageCraftPipeline
 
     if not args.prompt or not args.prompt.strip():
         raise ValueError("give --prompt with words: attention maps show where each word of the prompt went")
+    # every output checked before loading and sampling, not after
+    check_png_path(check_writable(args.image, "--image"), "--image")
+    if check_writable(args.output, "--output").suffix.lower() != ".png":
+        raise ValueError(f"--output must be a .png name (the figure is written as PNG), got {args.output!r}")
+    if args.npz:
+        check_writable(args.npz, "--npz")
     settings = {FLAG_TO_SETTING[k]: v for k, v in vars(args).items() if k in FLAG_TO_SETTING and v is not None}
     filters = dict(blocks=args.blocks, resolutions=args.resolutions, layers=args.layers, heads=args.heads,
                    steps=parse_steps(args.timesteps), negative=args.negative or None)
@@ -170,10 +201,13 @@ def attention(args) -> list:
                                 negative=args.negative)
     else:
         fig = plots.plot_segmentation(image, maps, words, **filters)
-    paths = [result.save(args.image.replace("{seed}", str(seed)))[0],
-             plots.save(fig, args.output.replace("{seed}", str(seed)))]
+    with writing(args.image):
+        paths = [result.save(args.image.replace("{seed}", str(seed)))[0]]
+    with writing(args.output):
+        paths.append(plots.save(fig, args.output.replace("{seed}", str(seed))))
     if args.npz:
-        paths.append(maps.save(args.npz))
+        with writing(args.npz):
+            paths.append(maps.save(args.npz))
     for path in paths:
         print(path)
     return paths

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import re
 import warnings
 from dataclasses import dataclass, field
 from functools import cache, cached_property
@@ -23,7 +24,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import loading
-from .metadata import pipeline_settings, read_png_settings, save_png
+from .metadata import pipeline_settings, restore_settings, save_png
 from .porting import config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet
 from .schedulers import check_scheduler_name, make_scheduler, scheduler_name_of
 from .settings import MAX_PROMPTS, MAX_SEED, check_settings  # noqa: F401  (MAX_* re-exported for callers)
@@ -40,6 +41,26 @@ def default_device() -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def check_device(device) -> str:
+    """The device to run on: `device` ("cpu", "cuda", "cuda:N", "mps" or a torch.device) once checked to exist
+    here, or the detected one for None or "". Checked before loading, so a typo fails in a sentence, not in `.to()`."""
+    if device is None or device == "":
+        return default_device()
+    name = str(device) if isinstance(device, torch.device) else device
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(f"device {name!r} needs CUDA, which is not available on this machine; use cpu")
+        if int(name.partition(":")[2] or 0) >= count:
+            raise ValueError(f"device {name!r} does not exist: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' needs Apple's Metal (MPS), which is not available on this machine; use cpu")
+    return name
 
 
 def vae_scale_factor(block_out_channels) -> int:
@@ -130,7 +151,7 @@ class ImageCraftPipeline:
     def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, vae: AutoencoderKL, unet: UNet_SD,
                  scheduler_config: dict, model_id: str = "custom", weight_files: list[Path] | None = None,
                  device: str | None = None, dtype=None, sample_size: int = 64):
-        self.device = device or default_device()
+        self.device = check_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder.to(self.device, self.dtype).eval()
@@ -156,11 +177,12 @@ class ImageCraftPipeline:
             source: None or "default" (the built-in model under assets/), a diffusers folder (model_index.json
                 with tokenizer, text_encoder, vae, unet, scheduler), a Hub repo id (downloaded when there is
                 network), or a single-file original SD checkpoint (`.safetensors`, CompVis/LDM keys).
-            device: "cpu", "cuda", "mps"; detected when None.
+            device: "cpu", "cuda", "cuda:N", "mps"; detected when None. One this machine lacks is refused.
             dtype: "fp32", "bf16" or "fp16"; fp16 on CUDA and fp32 elsewhere when None.
             config: for a single file, a diffusers folder or Hub id that supplies the tokenizer, the text
                 encoder and VAE configs, and the scheduler (single files carry weights only).
         """
+        device = check_device(device)  # before the weights load, not after
         kind, path, model_id = loading.resolve(source)
         if kind == "single_file":
             parts, configs, weight_files = cls._load_single_file(path, config)
@@ -368,5 +390,11 @@ class ImageCraftPipeline:
                               "diffusers": diffusers.__version__, "transformers": transformers.__version__})
 
     def reproduce(self, png) -> GenerationResult:
-        """Generates again from the settings stored in one of our PNGs (or an A1111 one)."""
-        return self(**pipeline_settings(read_png_settings(png)))
+        """Generates again from the settings stored in one of our PNGs (or an A1111 one). A setting the PNG lacks or
+        holds out of range takes its default, and the result's `warnings` say which."""
+        settings, notes = restore_settings(png)
+        if "prompt" not in settings:
+            raise ValueError(f"the PNG gives no prompt ImageCraft can use ({'; '.join(notes)})")
+        result = self(**pipeline_settings(settings))
+        result.warnings[:0] = notes
+        return result

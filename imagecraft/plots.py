@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .attention import AttentionMaps
+from .files import atomic_write
 
 PANEL = 2.3  # inches per panel
 NORMALIZE = ("word", "absolute")
@@ -186,7 +187,8 @@ def _caption(maps: AttentionMaps, filters: dict) -> str:
 
 
 def save(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
-    """Writes the figure as a PNG."""
+    """Writes the figure as a PNG, atomically (`files.atomic_write`)."""
     path = Path(path)
-    fig.savefig(path, dpi=dpi, format="png")
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=dpi, format="png")
     return path

@@ -21,7 +21,10 @@ SCHEDULERS = {
     "euler_a": ("Euler a", EulerAncestralDiscreteScheduler, {}),
     "dpm++2m": ("DPM++ 2M", DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
     "dpm++2m_karras": ("DPM++ 2M Karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    "pndm": ("PLMS", PNDMScheduler, {}),
+    # PLMS as in CompVis and A1111, without PNDM's Runge-Kutta warm-up (what SD's own scheduler configs set).
+    # The warm-up takes 12 extra model calls and fails below 4 steps; configs from other schedulers (the built-in
+    # model ships Euler a) would otherwise get it, since skip_prk_steps defaults to False.
+    "pndm": ("PLMS", PNDMScheduler, {"skip_prk_steps": True}),
     "lms": ("LMS", LMSDiscreteScheduler, {"use_karras_sigmas": False}),
 }
 A1111_NAMES = {display: short for short, (display, _, _) in SCHEDULERS.items()}

@@ -14,6 +14,7 @@ the cross-attention probabilities.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -29,6 +30,21 @@ def layout_for(dtype: torch.dtype) -> torch.memory_format:
     """UNet_SD runs channels-last in half precision (oneDNN and cuDNN run bf16/fp16 convs faster in NHWC;
     measured 10-15% on the SD1.5 UNet on CPU) and in the standard layout in fp32 (where NHWC measured slower)."""
     return torch.channels_last if dtype in HALF else torch.contiguous_format
+
+
+def _count(name: str, value, low: int = 1) -> int:
+    """`value` as an int >= low; numpy ints pass, bools and floats do not (True is not a channel count)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _levels(name: str, value) -> tuple:
+    """A per-level field as a tuple; a string is refused rather than read as one level per character."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a tuple with one entry per level, got {value!r}")
+    return tuple(value)
+
 
 @dataclass
 class UNetConfig:
@@ -50,24 +66,54 @@ class UNetConfig:
     dropout: float = 0.0  # dropout in ResBlocks and feed-forwards (only active in training)
 
     def __post_init__(self):
-        self.channel_mult = tuple(self.channel_mult)
-        self.attention_levels = tuple(bool(a) for a in self.attention_levels)
+        """Checks every field here, so a bad config fails with its name and value, not deep inside a layer."""
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "context_dim", "norm_groups"):
+            setattr(self, name, _count(name, getattr(self, name)))
+        self.channel_mult = tuple(_count(f"channel_mult[{i}]", m)
+                                  for i, m in enumerate(_levels("channel_mult", self.channel_mult)))
         levels = len(self.channel_mult)
+        if not levels:
+            raise ValueError("channel_mult must have at least one level, got ()")
+        self.attention_levels = _levels("attention_levels", self.attention_levels)
+        if not all(isinstance(a, bool) for a in self.attention_levels):
+            raise ValueError(f"attention_levels must be True or False per level, got {self.attention_levels}")
         if len(self.attention_levels) != levels:
             raise ValueError(f"attention_levels needs one entry per level ({levels}), got {self.attention_levels}")
+        for name in ("use_linear_projection", "upcast_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real)
+                or not 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
         if (self.num_heads is None) == (self.head_dim is None):
-            raise ValueError("set exactly one of num_heads and head_dim")
-        for name in ("num_heads", "head_dim", "transformer_depth"):
+            raise ValueError(f"set exactly one of num_heads and head_dim, got num_heads={self.num_heads!r} and "
+                             f"head_dim={self.head_dim!r}")
+        # depth 0 is allowed where no transformer is built (diffusers ignores it on levels without attention)
+        for name, low in (("num_heads", 1), ("head_dim", 1), ("transformer_depth", 0)):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 if len(value) != levels:
                     raise ValueError(f"{name} needs one entry per level ({levels}), got {tuple(value)}")
-                setattr(self, name, tuple(value))
+                setattr(self, name, tuple(_count(f"{name}[{i}]", v, low) for i, v in enumerate(value)))
+            elif value is not None or name == "transformer_depth":
+                setattr(self, name, _count(name, value, low))
+        if self.model_channels % self.norm_groups:  # the first ResBlock norms conv_in's output
+            raise ValueError(f"model_channels={self.model_channels} must be divisible by "
+                             f"norm_groups={self.norm_groups}")
         for level, mult in enumerate(self.channel_mult):
             channels = self.model_channels * mult
             if channels % self.norm_groups:
                 raise ValueError(f"level {level} has {channels} channels, not divisible by norm_groups={self.norm_groups}")
-            if self.attention_levels[level] and channels % self.heads(level):
+            if not (self.attention_levels[level] or level == levels - 1):
+                continue  # no spatial transformer here (the middle block has one at the last level)
+            if self.depth(level) < 1:
+                raise ValueError(f"transformer_depth at level {level} must be at least 1 (the level has a spatial "
+                                 f"transformer), got {self.depth(level)}")
+            if self.head_dim is not None and channels % self._per_level(self.head_dim, level):
+                raise ValueError(f"level {level} has {channels} channels, not divisible by "
+                                 f"head_dim={self._per_level(self.head_dim, level)}")
+            if channels % self.heads(level):
                 raise ValueError(f"level {level} has {channels} channels, not divisible by {self.heads(level)} heads")
 
     def _per_level(self, value, level):
@@ -115,7 +161,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]  # (B, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb  # (B, dim): an odd dim gets a zero column, as SD and diffusers
 
 
 class ResBlock(nn.Module):

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import app
 from imagecraft.service import BUILTIN
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
+UNCHANGED = {"__type__": "update"}  # what gradio_client gives for a gr.update() that leaves a field as it is
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -105,7 +106,27 @@ def test_read_png_restores_every_field(client):
 
     fields = client.predict(handle_file(image_path(gallery[0])), api_name="/read_png")
     assert list(fields[:8]) == ["a yellow square at the top", "red", 12, 3.5, 99, "euler_a", 64, 64]
-    assert fields[-1] == BUILTIN
+    assert list(fields[8:]) == [UNCHANGED, UNCHANGED]  # the number of images and the model box
+
+
+def test_read_png_leaves_bad_fields_and_the_model_unchanged(client, tmp_path):
+    from gradio_client import handle_file
+
+    from imagecraft.service import settings_from_png
+
+    info = PngImagePlugin.PngInfo()  # AUTOMATIC1111's, with no Size, a sampler we lack and steps out of range
+    info.add_text("parameters", "a castle\nNegative prompt: fog\nSteps: 9999, Sampler: DPM++ SDE Karras, "
+                                "CFG scale: 7, Seed: 3, Model: ../../somewhere/else")
+    path = tmp_path / "a1111.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    fields = client.predict(handle_file(str(path)), api_name="/read_png")
+    assert list(fields) == ["a castle", "fog", UNCHANGED, 7, 3, UNCHANGED, UNCHANGED, UNCHANGED, UNCHANGED,
+                            UNCHANGED]
+    _, notes = settings_from_png(path)  # what the warnings say
+    assert notes == ["left out the PNG's steps: steps must be an integer from 1 to 150, got 9999",
+                     "left out the PNG's sampler: ImageCraft has no sampler 'DPM++ SDE Karras'",
+                     "the PNG gives no size; the current or default value is used",
+                     "this image was made with the model '../../somewhere/else'; load it in the Model box to use it"]
 
 
 def test_load_model_reports_and_errors(client):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from imagecraft.loading import ModelLoadError
 from imagecraft.metadata import parse_a1111_parameters, read_png_settings
-from imagecraft.pipeline import ImageCraftPipeline, native_bf16, resolve_dtype
+from imagecraft.pipeline import ImageCraftPipeline, check_device, default_device, native_bf16, resolve_dtype
 from imagecraft.schedulers import SCHEDULERS, make_scheduler
 
 
@@ -84,6 +84,27 @@ def test_v_prediction_zero_snr_model_matches_diffusers(v_pipe, v_reference, sche
     assert np.abs(pixels(ours.images[0]) - pixels(theirs[0])).mean() <= 1.0
 
 
+@pytest.fixture(scope="module")
+def builtin_pipe():
+    return ImageCraftPipeline.from_pretrained()  # an Euler a config: no skip_prk_steps, v-prediction, zero SNR
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_every_scheduler_works_at_one_to_three_steps(pipe, reference, v_pipe, builtin_pipe, scheduler, steps):
+    """PLMS failed below 4 steps wherever the model's config lacked skip_prk_steps=True (the built-in model's):
+    PNDM's Runge-Kutta warm-up needs 4. Every sampler runs at 1-3 steps on a PNDM config (as diffusers does),
+    a DPM-Solver v/zero-SNR config and the built-in model's Euler a config."""
+    ours = pipe("a red circle", seed=3, num_inference_steps=steps, scheduler=scheduler)
+    theirs = diffusers_images(reference, scheduler, "a red circle", "", [3], steps, 7.5)
+    assert np.abs(pixels(ours.images[0]) - pixels(theirs[0])).mean() <= 1.0
+    for other in (v_pipe, builtin_pipe):
+        last = []
+        image = other("a red circle", seed=3, num_inference_steps=steps, scheduler=scheduler,
+                      callback=lambda step, total, latents: last.append(latents)).images[0]
+        assert torch.isfinite(last[-1]).all() and image.size == (other.default_size, other.default_size)
+
+
 def test_zero_snr_betas_reach_schedulers_without_the_option(v_folder):
     """PLMS and LMS cannot rescale betas themselves: they get the rescaled betas diffusers' DPM-Solver computes."""
     config = json.loads((v_folder / "scheduler" / "scheduler_config.json").read_text())
@@ -137,8 +158,9 @@ def test_long_prompt_is_truncated_with_a_warning(pipe):
     (dict(height=4096), "height must be a multiple of 8 between 64 and 2048, got 4096"),
     (dict(num_inference_steps=0), "steps must be an integer from 1 to 150, got 0"),
     (dict(num_inference_steps=151), "steps must be an integer from 1 to 150, got 151"),
-    (dict(guidance_scale=-1.0), "guidance scale must be a finite number >= 0, got -1.0"),
-    (dict(guidance_scale=float("nan")), "guidance scale must be a finite number >= 0, got nan"),
+    (dict(guidance_scale=-1.0), "guidance scale must be a number from 0 to 30, got -1.0"),
+    (dict(guidance_scale=float("nan")), "guidance scale must be a number from 0 to 30, got nan"),
+    (dict(guidance_scale=35.0), "guidance scale must be a number from 0 to 30, got 35.0"),
     (dict(scheduler="karras_magic"), "unknown scheduler 'karras_magic'; valid names are ddim, euler, euler_a"),
     (dict(seed=-3), "seed must be an integer from 0 to"),
     (dict(num_images=0), "number of images must be from 1 to 16, got 0"),
@@ -253,3 +275,21 @@ def test_dtype_names_and_a_warning_for_emulated_bf16():
     assert len(emulated) == (0 if native_bf16() else 1)  # warned exactly when the CPU lacks AMX / AVX-512 bf16
     with pytest.raises(ValueError, match="unknown dtype 'fp8'; use one of fp32, bf16, fp16"):
         resolve_dtype("fp8", "cpu")
+
+
+@pytest.mark.parametrize("device, match", [
+    ("bogus", r"device must be cpu, cuda, cuda:N or mps, got 'bogus'"),
+    ("CPU", r"device must be cpu, cuda, cuda:N or mps, got 'CPU'"),
+    ("cuda:-1", r"device must be cpu, cuda, cuda:N or mps, got 'cuda:-1'"),
+    (0, r"device must be cpu, cuda, cuda:N or mps, got 0"),
+    ("cuda:99", r"device 'cuda:99' (needs CUDA, which is not available|does not exist)"),
+])
+def test_devices_are_checked_before_loading(tmp_path, device, match):
+    """A bad device fails in a sentence before any weights load: the model here does not even exist."""
+    assert check_device("cpu") == "cpu" and check_device(torch.device("cpu")) == "cpu"
+    assert check_device(None) == default_device()
+    with pytest.raises(ValueError, match=match):
+        ImageCraftPipeline.from_pretrained(tmp_path / "no-such-model", device=device)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' needs CUDA, which is not available on this machine"):
+            check_device("cuda")

@@ -3,6 +3,8 @@
 import pytest
 import torch
 from helpers import DEEP, SD1_STYLE, SD2_STYLE, random_diffusers_unet, rel_err
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from imagecraft import UNet_SD, UNetConfig
 
@@ -76,6 +78,106 @@ def test_config_validation():
         UNetConfig(attention_levels=(True, False))
     with pytest.raises(ValueError, match="not divisible by 7 heads"):
         UNetConfig(num_heads=7)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(model_channels=0), "model_channels must be an int >= 1, got 0"),
+    (dict(channel_mult=()), "channel_mult must have at least one level, got ()"),
+    (dict(channel_mult=(1, 2.0, 4, 4)), "channel_mult[1] must be an int >= 1, got 2.0"),
+    (dict(transformer_depth=-1), "transformer_depth must be an int >= 0, got -1"),
+    (dict(transformer_depth=(1, 1, 1, 0)), "transformer_depth at level 3 must be at least 1"),  # the middle block's
+    (dict(num_res_blocks=-1), "num_res_blocks must be an int >= 1, got -1"),
+    (dict(attention_levels="TF"), "attention_levels must be a tuple with one entry per level, got 'TF'"),
+    (dict(attention_levels=(1, 1, 1, 0)), "attention_levels must be True or False per level"),
+    (dict(num_heads=0), "num_heads must be an int >= 1, got 0"),
+    (dict(num_heads=(8, 8, 8, 7)), "level 3 has 1280 channels, not divisible by 7 heads"),  # the middle block's
+    (dict(num_heads=None, head_dim=-64), "head_dim must be an int >= 1, got -64"),
+    (dict(num_heads=None, head_dim=48), "level 0 has 320 channels, not divisible by head_dim=48"),
+    (dict(norm_groups=0), "norm_groups must be an int >= 1, got 0"),
+    (dict(model_channels=330), "model_channels=330 must be divisible by norm_groups=32"),
+    (dict(in_channels=0), "in_channels must be an int >= 1, got 0"),
+    (dict(out_channels=-4), "out_channels must be an int >= 1, got -4"),
+    (dict(context_dim=0), "context_dim must be an int >= 1, got 0"),
+    (dict(model_channels=True), "model_channels must be an int >= 1, got True"),
+    (dict(use_linear_projection=1), "use_linear_projection must be True or False, got 1"),
+    (dict(dropout=1.0), "dropout must be a number in [0, 1), got 1.0"),
+    (dict(dropout=float("nan")), "dropout must be a number in [0, 1), got nan"),
+])
+def test_config_fields_are_checked_with_a_sentence(fields, message):
+    with pytest.raises(ValueError) as error:
+        UNetConfig(**fields)
+    assert message in str(error.value)
+
+
+def test_config_normalises_lists_and_numpy_ints():
+    """Configs read back from JSON have lists, and numpy ints come from arrays: both are the same config."""
+    import numpy as np
+
+    config = UNetConfig(model_channels=np.int64(32), channel_mult=[1, 2], attention_levels=[True, False],
+                        num_res_blocks=1, num_heads=[2, 2], context_dim=32, norm_groups=8)
+    assert config == UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(True, False),
+                                num_res_blocks=1, num_heads=(2, 2), context_dim=32, norm_groups=8)
+    assert type(config.model_channels) is int
+
+
+# What a spoiled field gets: wrong types, bools, out-of-range numbers, strings where tuples are meant.
+JUNK = st.one_of(st.sampled_from([None, True, False, 2.5, float("nan"), "2", "TF", ()]), st.integers(-2, 70),
+                 st.floats(-2, 2), st.lists(st.integers(-1, 3), max_size=4).map(tuple))
+
+
+@st.composite
+def unet_fields(draw):
+    """Fields of a tiny UNetConfig, mostly valid (some fail divisibility or depth rules), with up to two fields
+    spoiled by junk: enough valid configs to build and run, enough bad ones to reach every check."""
+    levels = draw(st.integers(1, 3))
+
+    def level_tuple(values):
+        return st.lists(values, min_size=levels, max_size=levels).map(tuple)
+
+    def one_or_per_level(values):
+        return st.one_of(values, level_tuple(values))
+
+    fields = dict(
+        in_channels=draw(st.integers(1, 4)),
+        out_channels=draw(st.integers(1, 4)),
+        model_channels=draw(st.sampled_from([2, 3, 4, 6, 8, 16, 512])),  # 512: valid, too large to run here
+        channel_mult=draw(level_tuple(st.integers(1, 3))),
+        num_res_blocks=draw(st.integers(1, 2)),
+        attention_levels=draw(level_tuple(st.booleans())),
+        transformer_depth=draw(one_or_per_level(st.sampled_from([1, 2, 1, 0]))),  # 0: only without attention
+        context_dim=draw(st.integers(1, 6)),
+        use_linear_projection=draw(st.booleans()),
+        upcast_attention=draw(st.booleans()),
+        norm_groups=draw(st.sampled_from([1, 2, 3, 4])),
+        dropout=draw(st.floats(0, 0.9)),
+    )
+    if draw(st.booleans()):
+        fields.update(num_heads=draw(one_or_per_level(st.integers(1, 3))), head_dim=None)
+    else:
+        fields.update(num_heads=None, head_dim=draw(one_or_per_level(st.integers(1, 4))))
+    for name in draw(st.lists(st.sampled_from(sorted(fields)), max_size=2, unique=True)):
+        fields[name] = draw(JUNK)
+    return fields
+
+
+@settings(max_examples=100, deadline=None)
+@given(fields=unet_fields())
+def test_random_configs_build_and_run_or_refuse_with_a_sentence(fields):
+    """Any field values either make a config whose UNet runs, or a one-line ValueError; never another error."""
+    try:
+        config = UNetConfig(**fields)
+    except ValueError as e:
+        assert str(e) and "\n" not in str(e)
+        event("refused")
+        return
+    if config.model_channels * max(config.channel_mult) > 64:
+        return  # valid, but too large to build in a unit test
+    event("built and ran")
+    unet = UNet_SD(config).eval()
+    x = torch.randn(1, config.in_channels, 6, 5)
+    with torch.no_grad():
+        out = unet(x, 10, torch.randn(1, 3, config.context_dim))
+    assert out.shape == (1, config.out_channels, 6, 5) and torch.isfinite(out).all()
 
 
 def test_presets_have_the_released_parameter_counts():

@@ -13,6 +13,7 @@ import functools
 import html
 import logging
 import os
+from pathlib import Path
 
 import gradio as gr
 
@@ -63,6 +64,14 @@ def _ui_errors(fn):
     return wrapped
 
 
+def _prune_gradio_cache():
+    """Gradio keeps its own copies of served files (expired hourly by `delete_cache`); between those sweeps they are
+    held to the same size cap as our outputs. Files under five minutes old may still be downloading, so stay."""
+    from gradio.utils import get_upload_folder
+
+    service.prune(Path(get_upload_folder()), keep_younger=300)
+
+
 def _cancelled() -> bool:
     """Whether Gradio has dropped the event this thread runs (its client cancelled it or went away). Gradio cannot
     stop a running thread, so sampling asks this after every step."""
@@ -84,6 +93,7 @@ def on_generate(prompt: str, negative_prompt: str = "", steps: int = 25, guidanc
     width/height 0 and scheduler "" mean the model's own."""
     progress(0, desc="loading model")
     pipe = models.get(model)
+    _prune_gradio_cache()
     progress(0, desc="sampling")
     paths, first_seed, notes = generate(
         pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, width, height, num_images,
@@ -135,6 +145,7 @@ def on_attention(prompt: str, negative_prompt: str = "", steps: int = 25, guidan
     controls filled for this prompt and the first step's maps."""
     progress(0, desc="loading model")
     pipe = models.get(model)
+    _prune_gradio_cache()
     explained = service.explain(
         pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, width, height,
         progress=lambda step, total: progress((step, total), desc="sampling with attention"), should_stop=_cancelled)

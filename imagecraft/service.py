@@ -164,25 +164,40 @@ def generate(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", s
     return [str(p) for p in paths], result.seeds[0], result.warnings
 
 
-def new_output_folder() -> Path:
-    """A fresh folder under OUTPUT_ROOT, after dropping folders older than IMAGECRAFT_OUTPUT_TTL seconds (default
-    3600) and the oldest ones while all of them take more than IMAGECRAFT_OUTPUT_MB (default 500)."""
-    ttl = float(os.environ.get("IMAGECRAFT_OUTPUT_TTL", "3600"))
-    cap = float(os.environ.get("IMAGECRAFT_OUTPUT_MB", "500")) * 2**20
-    OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
-    folders = []
-    for folder in OUTPUT_ROOT.iterdir():
+def output_limits() -> tuple[float, float]:
+    """(seconds, bytes): IMAGECRAFT_OUTPUT_TTL (default 3600) and IMAGECRAFT_OUTPUT_MB (default 500)."""
+    return float(os.environ.get("IMAGECRAFT_OUTPUT_TTL", "3600")), float(os.environ.get("IMAGECRAFT_OUTPUT_MB",
+                                                                                          "500")) * 2**20
+
+
+def prune(root: Path, keep_younger: float = 0.0) -> None:
+    """Drops the entries of `root` older than the output TTL, then the oldest while all of them take more than the
+    output cap; entries younger than `keep_younger` seconds stay (another request may still be serving them)."""
+    ttl, cap = output_limits()
+    entries = []
+    for entry in root.iterdir() if root.is_dir() else ():
         try:
-            files = [f.stat() for f in folder.iterdir()] if folder.is_dir() else []
-            folders.append((folder.stat().st_mtime, sum(f.st_size for f in files), folder))
+            files = [f.stat() for f in entry.rglob("*") if f.is_file()] if entry.is_dir() else [entry.stat()]
+            entries.append((entry.stat().st_mtime, sum(f.st_size for f in files), entry))
         except OSError:  # removed meanwhile by another request
             continue
-    folders.sort()
-    total, now = sum(size for _, size, _ in folders), time.time()
-    for mtime, size, folder in folders:
+    entries.sort(key=lambda e: e[0])
+    total, now = sum(size for _, size, _ in entries), time.time()
+    for mtime, size, entry in entries:
+        if now - mtime < keep_younger:
+            break
         if now - mtime > ttl or total > cap:
-            shutil.rmtree(folder, ignore_errors=True)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
             total -= size
+
+
+def new_output_folder() -> Path:
+    """A fresh folder under OUTPUT_ROOT, after `prune` kept the others within the output TTL and size cap."""
+    OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
+    prune(OUTPUT_ROOT)
     folder = OUTPUT_ROOT / uuid.uuid4().hex
     folder.mkdir(parents=True)
     return folder

@@ -142,3 +142,17 @@ def test_the_model_box_loads_a_single_file_with_its_config(folders, tmp_path):
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
     with pytest.raises(ValueError, match="a single-file checkpoint carries weights only"):
         cache.get(str(tmp_path / "tiny.safetensors"))
+
+
+def test_prune_keeps_what_may_still_be_served(monkeypatch, tmp_path):
+    """Gradio's cache layout (a folder per file): over the cap, the oldest go first, but nothing under
+    `keep_younger` seconds old."""
+    monkeypatch.setenv("IMAGECRAFT_OUTPUT_MB", str(0.5 / 1024))  # 0.5 KiB: every entry is over it
+    now = time.time()
+    for i, age in enumerate((900, 600, 400, 100, 10)):
+        entry = tmp_path / f"hash{i}"
+        entry.mkdir()
+        (entry / "image.png").write_bytes(b"x" * 1024)
+        os.utime(entry, (now - age, now - age))
+    service.prune(tmp_path, keep_younger=300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hash3", "hash4"]  # over the cap, but young

@@ -310,10 +310,12 @@ def wire(ui: dict) -> None:
                             "model")]
     explain_inputs = [ui[k] for k in ("att_prompt", "att_negative", "att_steps", "att_guidance", "att_seed",
                                       "att_scheduler", "att_width", "att_height", "att_model")]
-    ui["run"].click(on_generate, inputs, [ui["gallery"], ui["last_seed"]], api_name="generate").success(
-        lambda *values: values, last, explain_inputs, api_name=False)
-    ui["prompt"].submit(on_generate, inputs, [ui["gallery"], ui["last_seed"]], api_name=False).success(
-        lambda *values: values, last, explain_inputs, api_name=False)
+    # preprocess=False: the values reach our schema as sent, so a bool, a string or 2.5 for a number gets our
+    # sentence instead of being coerced by a component or failing there with a generic error
+    ui["run"].click(on_generate, inputs, [ui["gallery"], ui["last_seed"]], api_name="generate",
+                    preprocess=False).success(lambda *values: values, last, explain_inputs, api_name=False)
+    ui["prompt"].submit(on_generate, inputs, [ui["gallery"], ui["last_seed"]], api_name=False,
+                        preprocess=False).success(lambda *values: values, last, explain_inputs, api_name=False)
     ui["load"].click(on_load_model, [ui["model"]], [ui["status"], ui["width"], ui["height"]], api_name="load_model")
     ui["dice"].click(on_random_seed, None, ui["seed"], api_name="random_seed")
     ui["reuse"].click(lambda s: s if s is not None else -1, ui["last_seed"], ui["seed"], api_name=False)
@@ -323,7 +325,7 @@ def wire(ui: dict) -> None:
     ui["explain"].click(on_attention, explain_inputs,
                         [ui[k] for k in ("att_state", "att_figure", "att_image", "att_npz", "att_png", "att_words",
                                          "att_resolution", "att_heads", "att_from", "att_to", "att_step",
-                                         "att_pixel", "att_step_figure")], api_name="attention")
+                                         "att_pixel", "att_step_figure")], api_name="attention", preprocess=False)
     filters = [ui[k] for k in ("att_blocks", "att_resolution", "att_from", "att_to", "att_heads")]
     looks = [ui[k] for k in ("att_alpha", "att_cmap", "att_normalize")]
     for control in ("att_words", "att_blocks", "att_resolution", "att_from", "att_to", "att_heads", "att_alpha",

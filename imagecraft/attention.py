@@ -33,8 +33,10 @@ import math
 import os
 import threading
 import weakref
+import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -256,12 +258,29 @@ def _level_of(unet: UNet_SD, name: str) -> int:
 
 
 # --- the maps ------------------------------------------------------------------------------------------------------
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE (GPT-2's, CLIP's) writes each byte as one printable character; this maps them back, so that
+    a token of an emoji or an accented letter reads as the text it came from."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def decode_piece(text: str) -> str:
+    """The text a (merged) byte-level BPE piece stands for; left as it is when it is not one."""
+    decoder = _byte_decoder()
+    if not all(ch in decoder for ch in text):
+        return text
+    return bytes(decoder[ch] for ch in text).decode("utf-8", errors="replace")
+
+
 def display_token(token: str, index: int, count: int) -> str:
     if index == 0:
         return START
     if index == count - 1 and token.startswith("<|end"):
         return END
-    return token.replace("</w>", "")
+    return decode_piece(token.replace("</w>", ""))
 
 
 def group_words(tokens: list[str]) -> list[tuple[str, list[int]]]:
@@ -272,10 +291,10 @@ def group_words(tokens: list[str]) -> list[tuple[str, list[int]]]:
         piece += token.replace("</w>", "")
         indices.append(i)
         if token.endswith("</w>"):
-            words.append((piece, indices))
+            words.append((decode_piece(piece), indices))
             piece, indices = "", []
     if indices:  # truncated in the middle of a word
-        words.append((piece, indices))
+        words.append((decode_piece(piece), indices))
     return words
 
 
@@ -292,7 +311,7 @@ def word_indices(tokens: list[str], word: str, what: str = "prompt", truncated: 
     wanted = text.split()
     found = []
     for start in range(len(words) - len(wanted) + 1):
-        if [w for w, _ in words[start:start + len(wanted)]] == wanted:
+        if [w.lower() for w, _ in words[start:start + len(wanted)]] == wanted:
             found += [i for _, indices in words[start:start + len(wanted)] for i in indices]
     if not found:
         listed = ", ".join(dict.fromkeys(w for w, _ in words)) or "(none)"
@@ -372,13 +391,17 @@ class AttentionMaps:
     def select_layers(self, blocks=None, resolutions=None, layers=None) -> list[int]:
         """Indices into `self.layers` that the filters keep; ValueError naming what exists when none does."""
         if layers is not None:
-            names = [layers] if isinstance(layers, str) else list(layers)
+            names = [layers] if isinstance(layers, str) else list(layers) if isinstance(layers, (list, tuple)) else None
             known = [l.name for l in self.layers]
+            if names is None or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"layers must be module names (strings), got {layers!r}; captured: {', '.join(known)}")
             unknown = [n for n in names if n not in known]
             if unknown or not names:
                 raise ValueError(f"no captured layer named {unknown or names}; captured: {', '.join(known)}")
             chosen = [known.index(n) for n in names]
         else:
+            if blocks is not None and not isinstance(blocks, (str, list, tuple)):
+                raise ValueError(f"blocks must be some of {', '.join(BLOCKS)}, got {blocks!r}")
             blocks = DEFAULT_BLOCKS if blocks is None else ((blocks,) if isinstance(blocks, str) else tuple(blocks))
             bad = [b for b in blocks if b not in BLOCKS]
             if bad or not blocks:
@@ -387,7 +410,9 @@ class AttentionMaps:
                 chosen = [i for i, l in enumerate(self.layers) if l.block in blocks
                           and l.size[0] * 64 != self.image_size[0]]  # DAAM skips maps 1/64 of the image side
             else:
-                resolutions = [resolutions] if isinstance(resolutions, (int, np.integer)) else list(resolutions)
+                resolutions = [resolutions] if not isinstance(resolutions, (list, tuple)) else list(resolutions)
+                if not resolutions or not all(_is_int(r) for r in resolutions):
+                    raise ValueError(f"resolutions must be map heights in cells (integers), got {resolutions!r}")
                 chosen = [i for i, l in enumerate(self.layers) if l.block in blocks and l.size[0] in resolutions]
             if not chosen:
                 have = sorted({(l.block, l.size[0]) for l in self.layers})
@@ -396,10 +421,10 @@ class AttentionMaps:
         return chosen
 
     def _check_steps(self, steps) -> tuple[int, int]:
-        try:
-            start, stop = (int(steps), int(steps) + 1) if isinstance(steps, (int, np.integer)) else map(int, steps)
-        except (TypeError, ValueError):
-            raise ValueError(f"steps must be a step index or a (start, stop) range, got {steps!r}") from None
+        pair = (steps, steps + 1) if _is_int(steps) else tuple(steps) if isinstance(steps, (list, tuple)) else ()
+        if len(pair) != 2 or not all(_is_int(v) for v in pair):
+            raise ValueError(f"steps must be a step index or a (start, stop) range of integers, got {steps!r}")
+        start, stop = int(pair[0]), int(pair[1])
         if not 0 <= start < stop <= self.num_steps:
             raise ValueError(f"steps {start}..{stop} are outside the {self.num_steps} sampling steps "
                              f"(give 0 <= start < stop <= {self.num_steps})")
@@ -408,10 +433,9 @@ class AttentionMaps:
     def _check_heads(self, heads, chosen) -> list[int] | None:
         if heads is None:
             return None
-        heads = [heads] if isinstance(heads, (int, np.integer)) else list(heads)
+        heads = list(heads) if isinstance(heads, (list, tuple)) else [heads]
         fewest = min(self.layers[i].heads for i in chosen)
-        if not heads or any(not isinstance(h, (int, np.integer)) or isinstance(h, bool) or not 0 <= h < fewest
-                            for h in heads):
+        if not heads or any(not _is_int(h) or not 0 <= h < fewest for h in heads):
             raise ValueError(f"heads must be indices from 0 to {fewest - 1} (the selected layers have {fewest} "
                              f"or more), got {heads}")
         return [int(h) for h in heads]
@@ -476,8 +500,8 @@ class AttentionMaps:
     def at(self, x: int, y: int, **filters) -> dict[str, float]:
         """How the attention at pixel (x, y) splits over the prompt's tokens (values sum to 1)."""
         h, w = self.image_size
-        if not (0 <= x < w and 0 <= y < h):
-            raise ValueError(f"pixel ({x}, {y}) is outside the {w}x{h} image")
+        if not (_is_int(x) and _is_int(y) and 0 <= x < w and 0 <= y < h):
+            raise ValueError(f"a pixel must be integers x in 0..{w - 1} and y in 0..{h - 1}, got ({x!r}, {y!r})")
         values = np.clip(self.all_tokens(**filters)[:, y, x], 0, None)
         values = values / max(values.sum(), 1e-12)
         names = self.negative_tokens if filters.get("negative") else self.tokens
@@ -486,10 +510,10 @@ class AttentionMaps:
     def segment(self, words: list[str], threshold: float = 0.4, **filters) -> np.ndarray:
         """(H, W) ints: per pixel the index into `words` of the strongest word, -1 where no word's map reaches
         `threshold` of its own maximum (DAAM's tau)."""
-        if not words:
-            raise ValueError("segment needs at least one word")
-        if not 0 <= threshold <= 1:
-            raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
+        if not words or isinstance(words, str):
+            raise ValueError(f"segment needs a list of words, got {words!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be a number between 0 and 1, got {threshold!r}")
         maps = np.stack([self.word(w, normalize=True, **filters) for w in words])
         labels = maps.argmax(0)
         labels[maps.max(0) < threshold] = -1
@@ -559,8 +583,14 @@ class AttentionMaps:
                            get("neg_sums") if guided else None, meta["timesteps"], meta["latent_size"],
                            meta["image_size"], data["guidance"] if "guidance" in data else None,
                            data["inputs"] if "inputs" in data else None, meta["missing_layers"], meta["truncated"])
-        except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not an ImageCraft attention file (.npz from AttentionMaps.save): {e}") from e
+        except (OSError, KeyError, IndexError, TypeError, AttributeError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path} is not an ImageCraft attention file (.npz from AttentionMaps.save): "
+                             f"{type(e).__name__}: {e}") from e
+
+
+def _is_int(value) -> bool:
+    """An int or numpy int, and not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _normalized(m: np.ndarray, normalize: bool) -> np.ndarray:

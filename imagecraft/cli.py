@@ -97,7 +97,7 @@ def generate(args) -> list:
 
     from .loading import DEFAULT_MODEL
     from .metadata import check_png_path, pipeline_settings, restore_settings
-    from .pipeline import ImageCraftPipeline
+    from .pipeline import ImageCraftPipeline, output_path
 
     settings = {}
     if args.from_png:
@@ -114,7 +114,8 @@ def generate(args) -> list:
     settings.update({FLAG_TO_SETTING[k]: v for k, v in vars(args).items() if k in FLAG_TO_SETTING and v is not None})
     if "prompt" not in settings:
         raise ValueError("give --prompt (an empty one means unconditional) or --from-png")
-    check_png_path(check_writable(args.output, "--output"), "--output")  # before loading and sampling, not after
+    output_path(args.output)  # only {seed} and {i} in braces; checked, like the folder, before loading and sampling
+    check_png_path(check_writable(args.output, "--output"), "--output")
 
     print(f"loading {args.model or 'the built-in model'} ...", file=sys.stderr)
     pipe = ImageCraftPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=args.config)
@@ -153,11 +154,12 @@ def attention(args) -> list:
 
     from . import plots
     from .metadata import check_png_path
-    from .pipeline import ImageCraftPipeline
+    from .pipeline import ImageCraftPipeline, output_path
 
     if not args.prompt or not args.prompt.strip():
         raise ValueError("give --prompt with words: attention maps show where each word of the prompt went")
     # every output checked before loading and sampling, not after
+    output_path(args.image)  # only {seed} and {i} in braces, checked before loading
     check_png_path(check_writable(args.image, "--image"), "--image")
     if check_writable(args.output, "--output").suffix.lower() != ".png":
         raise ValueError(f"--output must be a .png name (the figure is written as PNG), got {args.output!r}")

@@ -41,10 +41,16 @@ def resolve(source: str | Path | None) -> tuple[str, Path, str]:
             raise ModelLoadError(f"the built-in model is missing from {DEFAULT_MODEL}; "
                                  f"train it with `python -m imagecraft.train_shapes` or pass a model folder")
         return "folder", DEFAULT_MODEL, DEFAULT_MODEL.name
-    path = Path(source).expanduser()
-    if path.is_dir():
+    if not isinstance(source, (str, Path)):
+        raise ModelLoadError(f"a model source must be a folder, a file or a Hub id (a string), got {source!r:.80}")
+    try:
+        path = Path(source).expanduser()
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except (OSError, ValueError, RuntimeError) as e:  # too long a name, a NUL byte, ~nosuchuser
+        raise ModelLoadError(f"no model folder or file at {str(source)[:100]!r}: {type(e).__name__}") from None
+    if is_dir:
         return "folder", path, path.name
-    if path.is_file():
+    if is_file:
         if path.suffix in PICKLE_SUFFIXES:
             refuse_pickle(path)
         if path.suffix != ".safetensors":

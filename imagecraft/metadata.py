@@ -255,6 +255,8 @@ def read_png_texts(source) -> dict[str, str]:
     to MAX_TEXT, so a small upload (a zTXt bomb) cannot make the server allocate more.
     """
     if isinstance(source, (str, os.PathLike)):
+        if os.path.isdir(source):
+            raise ValueError(f"{str(source)!r} is a folder, not a PNG file")
         with open(source, "rb") as f:
             return _read_png_texts(f)
     return _read_png_texts(source)

@@ -83,9 +83,11 @@ def resolve_dtype(dtype, device: str) -> torch.dtype:
     if dtype is None:
         return torch.float16 if device.startswith("cuda") else torch.float32
     if not isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
         dtype = DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
     if dtype == torch.bfloat16 and device == "cpu" and not native_bf16():
         warnings.warn("bf16 on this CPU is emulated (it has neither AMX nor AVX-512 bf16) and runs about 5x slower "
                       "than fp32; use dtype='fp32'", stacklevel=3)
@@ -102,14 +104,34 @@ class GenerationResult:
 
     def save(self, path_pattern: str | Path) -> list[Path]:
         """Saves each image as a PNG with its metadata; `{i}` and `{seed}` in the pattern are filled in."""
-        paths = []
-        for i, (image, record) in enumerate(zip(self.images, self.records)):
-            path = str(path_pattern)
-            if len(self.images) > 1 and "{i}" not in path and "{seed}" not in path:
-                stem, dot, suffix = path.rpartition(".")
-                path = f"{stem}-{{i}}.{suffix}" if dot else f"{path}-{{i}}"
-            paths.append(save_png(image, path.format(i=i, seed=record["seed"]), record))
-        return paths
+        return [save_png(image, output_path(path_pattern, i, record["seed"], len(self.images)), record)
+                for i, (image, record) in enumerate(zip(self.images, self.records))]
+
+
+def check_callback(callback) -> None:
+    """A step callback must take (step, total, latents); checked before sampling, not at the first step."""
+    if callback is None:
+        return
+    try:
+        inspect.signature(callback).bind(0, 1, None)
+    except TypeError:
+        raise ValueError(f"callback must be a function of (step, total, latents), got {callback!r:.80}") from None
+    except ValueError:  # a builtin without a signature: it will say so itself when called
+        pass
+
+
+def output_path(pattern: str | Path, i: int = 0, seed: int = 0, count: int = 1) -> str:
+    """Image i's file name from a pattern with `{i}` and `{seed}`; "-i" is added for a batch that names neither.
+    ValueError for any other field, before anything is generated when called with the defaults."""
+    path = str(pattern)
+    if count > 1 and "{i}" not in path and "{seed}" not in path:
+        stem, dot, suffix = path.rpartition(".")
+        path = f"{stem}-{{i}}.{suffix}" if dot else f"{path}-{{i}}"
+    try:
+        return path.format(i=i, seed=seed)
+    except (KeyError, IndexError, ValueError, AttributeError):
+        raise ValueError(f"an output name may use {{seed}} and {{i}} and no other field in braces (write {{{{ or }}}} "
+                         f"for a brace), got {str(pattern)!r}") from None
 
 
 def denoise(unet: UNet_SD, scheduler, latents: torch.Tensor, context: torch.Tensor, guidance_scale: float,
@@ -301,6 +323,7 @@ class ImageCraftPipeline:
                 `imagecraft.attention.AttentionMaps` per image); the images are the same bit for bit.
         Returns a GenerationResult with `images`, `seeds`, per-image `records` and `warnings`.
         """
+        check_callback(callback)
         s = self.check_settings(prompt=prompt, negative_prompt=negative_prompt or "",
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                 width=self.default_size if width is None else width,

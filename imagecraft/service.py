@@ -81,8 +81,11 @@ class ModelCache:
             raise ValueError(f"the model must be a name, a path or a Hub id, got {type(source).__name__}")
         if source is not None and len(source) > 1000:
             raise ValueError("the model name is too long (over 1,000 characters)")
-        source, _, config = (source or "").partition("|")
+        source, bar, config = (source or "").partition("|")
         config = config.strip() or None
+        if bar and (config is None or not source.strip().endswith(".safetensors")):
+            raise ValueError("'FILE | CONFIG' names a single .safetensors file and, after the bar, the folder or Hub "
+                             "id of its SD version; for a folder or a Hub id give it alone")
         key = self.key(source) + (f" | {self.key(config)}" if config else "")
         if self.allowed is not None and key not in self.allowed:
             raise ValueError(f"this server serves only these models: {', '.join(self.choices)}")
@@ -138,6 +141,14 @@ def _callback(progress: Callable | None, should_stop: Callable | None):
     return callback
 
 
+def _check_text(**texts) -> None:
+    """The app's prompts are single strings (the Python API also takes a list of prompts; the app does not)."""
+    for name, value in texts.items():
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {_show(value)}")
+        check("negative_prompt" if name == "negative_prompt" else "prompt", value or "")
+
+
 def _size(pipe, value, name: str) -> int:
     """A width or height from the UI: 0 or None means the model's own."""
     return pipe.default_size if value is None or (value == 0 and not isinstance(value, bool)) else check(name, value)
@@ -154,6 +165,7 @@ def generate(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", s
     warnings). `progress(step, total)` is called after each sampling step; `should_stop()` too, and when it says
     yes sampling stops there (`Cancelled`).
     """
+    _check_text(prompt=prompt, negative_prompt=negative_prompt)
     w, h = _size(pipe, width, "width"), _size(pipe, height, "height")
     check_cost(w, h, check("num_inference_steps", steps), check("num_images", num_images), pipe.device)
     result = pipe(prompt if prompt is not None else "", negative_prompt=negative_prompt or "",
@@ -236,7 +248,8 @@ def explain(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", st
             progress: Callable | None = None, should_stop: Callable | None = None) -> Explained:
     """Generates one image with its cross-attention, as `generate` would draw it (same seed, same pixels), and
     writes the PNG and the maps (`attention.npz`) to a fresh folder."""
-    if not isinstance(prompt, str) or not prompt.strip():
+    _check_text(prompt=prompt, negative_prompt=negative_prompt)
+    if not prompt or not prompt.strip():
         raise ValueError("type a prompt first: attention maps show where each word of the prompt went")
     w, h = _size(pipe, width, "width"), _size(pipe, height, "height")
     check_cost(w, h, check("num_inference_steps", steps), 1, pipe.device)

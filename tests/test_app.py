@@ -83,18 +83,29 @@ def test_concurrent_requests_do_not_mix(client):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(scheduler="karras_magic"), "karras_magic is not in the list of choices"),
-    (dict(steps=100000), "greater than maximum value 150"),
-    (dict(width=100000), "greater than maximum value 2048"),
+    (dict(scheduler="karras_magic"), "unknown scheduler 'karras_magic'"),
+    (dict(steps=100000), "steps must be an integer from 1 to 150, got 100000"),
+    (dict(steps=2.5), "steps must be an integer from 1 to 150, got 2.5"),
+    (dict(steps=True), "steps must be an integer from 1 to 150, got True"),
+    (dict(steps="25"), "steps must be an integer from 1 to 150, got '25'"),
+    (dict(width=100000), "width must be a multiple of 8 between 64 and 2048, got 100000"),
     (dict(width=100), "width must be a multiple of 8"),
-    (dict(guidance=-2), "less than minimum value 0"),
+    (dict(guidance=-2), "guidance scale must be a number from 0 to 30, got -2"),
+    (dict(seed=1.5), "seed must be an integer from 0 to"),
+    (dict(seed=True), "seed must be an integer from 0 to"),
+    (dict(prompt=["a", "b"]), "prompt must be a string, got \\['a', 'b'\\]"),
+    (dict(prompt=True), "prompt must be a string, got True"),
+    (dict(negative_prompt=7), "negative_prompt must be a string, got 7"),
+    (dict(num_images="2"), "number of images must be from 1 to 16, got '2'"),
+    (dict(width=2048, height=2048, num_images=16, steps=150), "too large for this server"),
+    (dict(model="x | y"), "'FILE \\| CONFIG' names a single .safetensors file"),
     (dict(model="/no/such/model"), "no model folder or file at '/no/such/model'"),
 ])
 def test_bad_input_gets_a_message_and_the_app_keeps_serving(client, kwargs, message):
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match=message):
-        client.predict("a red circle", api_name="/generate", **kwargs)
+        client.predict(**{"prompt": "a red circle", "api_name": "/generate", **kwargs})
     gallery, _ = client.predict("", seed=3, steps=5, api_name="/generate")  # empty prompt: unconditional
     assert len(gallery) == 1
 

@@ -417,3 +417,42 @@ def test_plots_render_headless(sd2_run, tmp_path):
         plots.plot_overlay(image, maps, ["red"], cmap="nope")
     with pytest.raises(ValueError, match="normalize must be"):
         plots.plot_overlay(image, maps, ["red"], normalize="max")
+
+
+def test_odd_filter_values_get_sentences(sd2_run, tmp_path):
+    maps, _ = sd2_run
+    for call, message in [
+        (lambda: maps.word("red", layers=5), "layers must be module names"),
+        (lambda: maps.word("red", heads=1.5), "heads must be indices"),
+        (lambda: maps.word("red", steps=True), "steps must be a step index"),
+        (lambda: maps.word("red", steps=(0.5, 2)), "steps must be a step index"),
+        (lambda: maps.word("red", resolutions="16"), "resolutions must be map heights"),
+        (lambda: maps.word("red", blocks=5), "blocks must be some of"),
+        (lambda: maps.at(1.5, 2), "a pixel must be integers"),
+        (lambda: maps.at(True, 0), "a pixel must be integers"),
+        (lambda: maps.segment(["red"], threshold="0.4"), "threshold must be a number"),
+        (lambda: maps.segment("red"), "segment needs a list of words"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call()
+    import json
+    import zipfile
+
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(maps.save(tmp_path / "good.npz").read_bytes()[:500])
+    listed = tmp_path / "listed.npz"
+    np.savez(listed, meta=np.array(json.dumps([1, 2])))
+    for bad in (empty, truncated, listed):
+        with pytest.raises(ValueError, match="is not an ImageCraft attention file"):
+            AttentionMaps.load(bad)
+    assert zipfile.is_zipfile(tmp_path / "good.npz")
+
+
+def test_words_read_as_typed_for_any_script(pipe):
+    maps = pipe("a 🎨 circle à la carte", seed=1, num_inference_steps=2, attention=True).attention[0]
+    assert maps.words() == ["a", "🎨", "circle", "à", "la", "carte"]
+    np.testing.assert_array_equal(maps.word("🎨"), maps.to_image_size(
+        maps.latent_maps(maps.token_indices("🎨")).mean(0)))
+    assert len(maps.token_indices("🎨")) >= 1 and maps.word("À").shape == maps.image_size

@@ -293,3 +293,24 @@ def test_devices_are_checked_before_loading(tmp_path, device, match):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device 'cuda' needs CUDA, which is not available on this machine"):
             check_device("cuda")
+
+
+def test_odd_arguments_get_sentences(pipe, tmp_path):
+    from imagecraft.pipeline import output_path
+
+    with pytest.raises(ValueError, match=r"callback must be a function of \(step, total, latents\)"):
+        pipe("a red circle", num_inference_steps=1, callback=5)
+    with pytest.raises(ValueError, match=r"callback must be a function of \(step, total, latents\)"):
+        pipe("a red circle", num_inference_steps=1, callback=lambda: None)
+    for source in (5, ["a"], "a" * 999, "~nosuchuser/x"):
+        with pytest.raises(ModelLoadError):
+            ImageCraftPipeline.from_pretrained(source)
+    for dtype in ([1], torch.int8, "fp8"):
+        with pytest.raises(ValueError, match="unknown dtype"):
+            ImageCraftPipeline.from_pretrained(dtype=dtype)
+    for pattern in ("x{foo}.png", "x{0}.png", "x{seed.real}{.png"):
+        with pytest.raises(ValueError, match=r"may use \{seed\} and \{i\}"):
+            output_path(pattern)
+    assert output_path("out-{seed}-{i}.png", 2, 7, 3) == "out-7-2.png" and output_path("a.png", 1, 0, 2) == "a-1.png"
+    with pytest.raises(ValueError, match="is a folder, not a PNG file"):
+        pipe.reproduce(tmp_path)

@@ -67,7 +67,7 @@ def test_bad_values_are_refused_by_the_schema(folders):
         (dict(seed=-7), "seed must be an integer from 0 to"),
         (dict(scheduler="karras_magic"), "unknown scheduler 'karras_magic'"),
         (dict(prompt="x" * 5000), "prompt must be at most 4000 characters"),
-        (dict(negative_prompt=["a"]), "negative_prompt must be a string of at most 4000 characters, got ['a']"),
+        (dict(negative_prompt=["a"]), "negative_prompt must be a string, got ['a']"),
     ]:
         args = dict(prompt="a red circle", steps=2) | kwargs
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -159,8 +159,10 @@ def on_attention(prompt: str, negative_prompt: str = "", steps: int = 25, guidan
     return (explained, figure, explained.view_path, str(explained.folder / "attention.npz"), figure,
             gr.update(choices=words, value=words), gr.update(choices=["all", *sizes], value="all"),
             gr.update(choices=["all", *map(str, range(heads))], value="all"),
-            gr.update(maximum=last - 1, value=0), gr.update(maximum=last, value=last),
-            gr.update(maximum=last - 1, value=0), None, at_first_step)
+            # a slider needs its maximum above its minimum: with one step the range sliders stay put
+            gr.update(maximum=max(last - 1, 1), value=0, interactive=last > 1),
+            gr.update(maximum=max(last, 2), value=last, interactive=last > 1),
+            gr.update(maximum=max(last - 1, 1), value=0, interactive=last > 1), None, at_first_step)
 
 
 def _filters(explained, blocks, resolution, step_from, step_to, heads):

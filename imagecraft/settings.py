@@ -45,6 +45,8 @@ class Field:
             value = float(value) if ok else value
         elif self.kind == "text":
             ok = isinstance(value, str) and len(value) <= self.high
+            if ok:
+                _check_unicode(self.label, value)
         else:  # scheduler: our short names or A1111's display names
             if not isinstance(value, str):
                 ok = False
@@ -78,7 +80,18 @@ def check_prompt(prompt) -> str | list[str]:
     if long:
         raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters (the text encoder reads about 300), "
                          f"got {long[0]}")
+    for p in prompts:
+        _check_unicode("prompt", p)
     return prompts if many else prompts[0]
+
+
+def _check_unicode(label: str, text: str) -> None:
+    """Text that UTF-8 cannot encode (a lone surrogate) would fail later, writing the PNG; refuse it here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{label} must be valid Unicode text; it has an unpaired surrogate at character "
+                         f"{e.start}") from None
 
 
 def check(name: str, value):

@@ -200,6 +200,7 @@ def test_attention_api_explains_the_generated_image(client):
     with pytest.raises(AppError, match="type a prompt first"):
         client.predict("", api_name="/attention")
     assert len(client.predict("a red circle", steps=3, api_name="/attention")) == 12  # still serving
+    assert len(client.predict("a red circle", steps=1, api_name="/attention")) == 12  # one step: sliders stay put
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")

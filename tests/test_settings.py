@@ -73,3 +73,12 @@ def test_the_cost_cap_names_its_limit(monkeypatch):
     monkeypatch.setenv("IMAGECRAFT_MAX_COST", "lots")
     with pytest.raises(ValueError, match="IMAGECRAFT_MAX_COST must be a number, got 'lots'"):
         check_cost(64, 64, 1, 1, "cpu")
+
+
+def test_text_that_utf8_cannot_hold_is_refused():
+    with pytest.raises(ValueError, match="prompt must be valid Unicode text; it has an unpaired surrogate at "
+                                         "character 2"):
+        check("prompt", "a \ud800 circle")
+    with pytest.raises(ValueError, match="negative_prompt must be valid Unicode text"):
+        check("negative_prompt", "\udfff")
+    assert check("prompt", "a 🎨 circle") == "a 🎨 circle"

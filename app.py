@@ -56,7 +56,7 @@ def _ui_errors(fn):
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as e:
             log.info("%s refused: %s", fn.__name__, str(e)[:300])
-            raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from e
+            raise gr.Error(_as_text(str(e)), print_exception=False) from e
         except service.Cancelled as e:
             log.info("%s: %s", fn.__name__, e)
             raise gr.Error(str(e), print_exception=False) from e
@@ -70,6 +70,12 @@ def _prune_gradio_cache():
     from gradio.utils import get_upload_folder
 
     service.prune(Path(get_upload_folder()), keep_younger=300)
+
+
+def _as_text(message: str) -> str:
+    """Gradio shows an error as HTML, and ours may quote the user's input: angle brackets become look-alike
+    characters, so nothing in it can become markup, while API clients still read plain text (not &lt;)."""
+    return message.replace("<", "\u2039").replace(">", "\u203a")
 
 
 def _cancelled() -> bool:
@@ -124,7 +130,7 @@ def on_png(file):
         return [gr.update()] * 10
     settings, notes = settings_from_png(file)
     for note in notes:
-        gr.Warning(html.escape(note, quote=False))  # rendered as HTML, and it quotes the PNG's text
+        gr.Warning(_as_text(note))  # rendered as HTML, and it quotes the PNG's text
     names = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "scheduler", "width",
              "height")
     return [settings[name] if name in settings else gr.update() for name in names] + [gr.update(), gr.update()]

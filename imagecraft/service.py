@@ -182,9 +182,17 @@ def output_limits() -> tuple[float, float]:
                                                                                           "500")) * 2**20
 
 
+PRUNE_EVERY = 10.0  # seconds between two sweeps of one folder: a sweep reads every entry, too slow per request
+_last_pruned: dict[Path, float] = {}
+
+
 def prune(root: Path, keep_younger: float = 0.0) -> None:
     """Drops the entries of `root` older than the output TTL, then the oldest while all of them take more than the
-    output cap; entries younger than `keep_younger` seconds stay (another request may still be serving them)."""
+    output cap; entries younger than `keep_younger` seconds stay (another request may still be serving them).
+    Sweeps at most every PRUNE_EVERY seconds, so the cap may be passed by that much traffic in between."""
+    if time.time() - _last_pruned.get(root, 0.0) < PRUNE_EVERY:
+        return
+    _last_pruned[root] = time.time()
     ttl, cap = output_limits()
     entries = []
     for entry in root.iterdir() if root.is_dir() else ():

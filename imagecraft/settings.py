@@ -66,7 +66,7 @@ FIELDS = {f.name: f for f in (
     Field("height", "height", "int", 64, 2048, "a multiple of 8 between 64 and 2048"),
     Field("num_images", "number of images", "int", 1, MAX_IMAGES, f"from 1 to {MAX_IMAGES}"),
     Field("seed", "seed", "int", 0, MAX_SEED, f"an integer from 0 to {MAX_SEED}, or None for a random one"),
-    Field("scheduler", "scheduler", "scheduler"),
+    Field("scheduler", "scheduler", "scheduler", allowed="a sampler's name (a string)"),
 )}
 
 

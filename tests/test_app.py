@@ -282,3 +282,12 @@ def test_a_cancelled_request_stops_and_frees_the_server(capfd):
         demo.close()
     err = capfd.readouterr().err
     assert "Traceback" not in err
+
+
+def test_error_messages_reach_api_clients_as_plain_text(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        client.predict("<b>x</b>", api_name="/load_model")
+    message = str(info.value)
+    assert "&lt;" not in message and "<b>" not in message and "\u2039b\u203ax\u2039/b\u203a" in message

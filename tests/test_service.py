@@ -104,6 +104,7 @@ def test_a_cancelled_request_stops_within_one_step(folders):
 
 def test_outputs_expire_and_stay_under_the_size_cap(monkeypatch, tmp_path):
     monkeypatch.setattr(service, "OUTPUT_ROOT", tmp_path / "outputs")  # a private root for this test
+    monkeypatch.setattr(service, "PRUNE_EVERY", 0.0)  # sweep at every request here
     old = new_output_folder()
     (old / "a.png").write_bytes(b"x" * 1000)
     os.utime(old, (time.time() - 7200, time.time() - 7200))
@@ -148,6 +149,7 @@ def test_prune_keeps_what_may_still_be_served(monkeypatch, tmp_path):
     """Gradio's cache layout (a folder per file): over the cap, the oldest go first, but nothing under
     `keep_younger` seconds old."""
     monkeypatch.setenv("IMAGECRAFT_OUTPUT_MB", str(0.5 / 1024))  # 0.5 KiB: every entry is over it
+    monkeypatch.setattr(service, "PRUNE_EVERY", 0.0)
     now = time.time()
     for i, age in enumerate((900, 600, 400, 100, 10)):
         entry = tmp_path / f"hash{i}"
@@ -156,3 +158,14 @@ def test_prune_keeps_what_may_still_be_served(monkeypatch, tmp_path):
         os.utime(entry, (now - age, now - age))
     service.prune(tmp_path, keep_younger=300)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hash3", "hash4"]  # over the cap, but young
+
+
+def test_prune_sweeps_a_folder_at_most_every_few_seconds(monkeypatch, tmp_path):
+    monkeypatch.setenv("IMAGECRAFT_OUTPUT_TTL", "0")  # everything is expired
+    service.prune(tmp_path / "other")  # a first sweep of a folder runs at once
+    (tmp_path / "a").mkdir()
+    service.prune(tmp_path)
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "b").mkdir()
+    service.prune(tmp_path)  # within PRUNE_EVERY of the last sweep: left for the next one
+    assert (tmp_path / "b").exists() and service.PRUNE_EVERY >= 1

@@ -46,7 +46,7 @@ class ModelCache:
         self.max_models = max_models or int(os.environ.get("IMAGECRAFT_MAX_MODELS", "2"))
         if allowed is None and os.environ.get("IMAGECRAFT_MODELS"):
             allowed = [a.strip() for a in os.environ["IMAGECRAFT_MODELS"].split(",") if a.strip()]
-        self.allowed = {self.key(a): a for a in allowed} if allowed else None
+        self.allowed = {self._parse(a)[2]: a for a in allowed} if allowed else None
         self._pipes: OrderedDict[str, ImageCraftPipeline] = OrderedDict()
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -81,12 +81,7 @@ class ModelCache:
             raise ValueError(f"the model must be a name, a path or a Hub id, got {type(source).__name__}")
         if source is not None and len(source) > 1000:
             raise ValueError("the model name is too long (over 1,000 characters)")
-        source, bar, config = (source or "").partition("|")
-        config = config.strip() or None
-        if bar and (config is None or not source.strip().endswith(".safetensors")):
-            raise ValueError("'FILE | CONFIG' names a single .safetensors file and, after the bar, the folder or Hub "
-                             "id of its SD version; for a folder or a Hub id give it alone")
-        key = self.key(source) + (f" | {self.key(config)}" if config else "")
+        source, config, key = self._parse(source)
         if self.allowed is not None and key not in self.allowed:
             raise ValueError(f"this server serves only these models: {', '.join(self.choices)}")
         with self._guard:
@@ -102,6 +97,8 @@ class ModelCache:
                 pipe = ImageCraftPipeline.from_pretrained(self.key(source), device=self.device, dtype=self.dtype,
                                                           config=self.key(config) if config else None)
             except (ValueError, OSError) as e:
+                with self._guard:
+                    self._locks.pop(key, None)  # failed names leave nothing behind
                 if self.allowed is not None:  # a public server does not describe its disk
                     raise ValueError(f"the model {source!r} could not be loaded") from e
                 raise
@@ -110,6 +107,15 @@ class ModelCache:
                 while len(self._pipes) > self.max_models:
                     self._pipes.popitem(last=False)  # requests still running keep their own reference
             return pipe
+
+    def _parse(self, text: str | None) -> tuple[str, str | None, str]:
+        """(source, config or None, cache key) of what the model box holds: a source, or "FILE | CONFIG"."""
+        source, bar, config = (text or "").partition("|")
+        config = config.strip() or None
+        if bar and (config is None or not source.strip().endswith(".safetensors")):
+            raise ValueError("'FILE | CONFIG' names a single .safetensors file and, after the bar, the folder or Hub "
+                             "id of its SD version; for a folder or a Hub id give it alone")
+        return source, config, self.key(source) + (f" | {self.key(config)}" if config else "")
 
     def __len__(self) -> int:
         return len(self._pipes)

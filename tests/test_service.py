@@ -143,6 +143,11 @@ def test_the_model_box_loads_a_single_file_with_its_config(folders, tmp_path):
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
     with pytest.raises(ValueError, match="a single-file checkpoint carries weights only"):
         cache.get(str(tmp_path / "tiny.safetensors"))
+    allowing = ModelCache(allowed=[f"{tmp_path / 'tiny.safetensors'} | {folders[0]}"])  # an allowlist entry too
+    assert allowing.get(f"{tmp_path}/tiny.safetensors|{folders[0]}") is not None
+    with pytest.raises(ValueError, match="no model folder or file"):
+        cache.get("/no/such/model")
+    assert "/no/such/model" not in cache._locks  # a failed name leaves nothing behind
 
 
 def test_prune_keeps_what_may_still_be_served(monkeypatch, tmp_path):

@@ -191,7 +191,13 @@ def attention(args) -> list:
     for note in result.warnings:
         print(f"warning: {note}", file=sys.stderr)
     image, maps, seed = result.images[0], result.attention[0], result.seeds[0]
+    if args.negative and not maps.guided:
+        raise ValueError("--negative shows the negative prompt's maps, which exist only with guidance on "
+                         "(--guidance above 1)")
     words = args.words or maps.words(args.negative)
+    if not words:
+        raise ValueError("the negative prompt has no words to show: give --negative-prompt" if args.negative
+                         else "the prompt has no words to show")
     if args.plot == "overlay":
         fig = plots.plot_overlay(image, maps, words, cmap=args.cmap, alpha=args.alpha, normalize=args.normalize,
                                  **filters)

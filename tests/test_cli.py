@@ -280,6 +280,8 @@ def test_attention_writes_the_image_the_figure_and_the_maps(folder, tmp_path, ca
     (["--timesteps", "two"], "--timesteps must be START:STOP"),
     (["--heads", "9"], "heads must be indices"),
     (["--prompt", ""], "give --prompt with words"),
+    (["--negative", "--guidance", "1"], "exist only with guidance on"),
+    (["--negative", "--guidance", "5"], "the negative prompt has no words to show: give --negative-prompt"),
 ])
 def test_attention_bad_words_and_filters_exit_2(folder, tmp_path, capsys, args, message):
     base = ["attention", "--model", str(folder), "--prompt", "a red circle", "--steps", "2",

@@ -24,7 +24,7 @@ from PIL import Image, PngImagePlugin
 
 from .files import atomic_write
 from .schedulers import SCHEDULERS
-from .settings import FIELDS, _show, check
+from .settings import FIELDS, check, shown
 
 JSON_KEY = "imagecraft"
 TEXT_KEYS = ("parameters", JSON_KEY)  # the text chunks we read; every other chunk is skipped unread
@@ -163,12 +163,12 @@ def _check_restored(name: str, value):
     if value is None:
         raise ValueError(f"{label} is missing")
     if not isinstance(value, (str, int, float)):
-        raise ValueError(f"{label} must be a single value, got {_show(value)}")
+        raise ValueError(f"{label} must be a single value, got {shown(value)}")
     if name == "scheduler":
         try:
             return check(name, value)
         except ValueError:  # its message lists every name; here the name alone says it
-            raise ValueError(f"ImageCraft has no sampler {_show(value)}") from None
+            raise ValueError(f"ImageCraft has no sampler {shown(value)}") from None
     return check(name, value)
 
 

@@ -25,7 +25,7 @@ from .attention import DEFAULT_BLOCKS, AttentionMaps
 from .loading import DEFAULT_MODEL
 from .metadata import pipeline_settings, restore_settings
 from .pipeline import MAX_SEED, ImageCraftPipeline
-from .settings import _show, check, check_cost
+from .settings import check, check_cost, shown
 
 BUILTIN = "built-in shapes model"
 OUTPUT_ROOT = Path(tempfile.gettempdir()) / "imagecraft-outputs"
@@ -151,7 +151,7 @@ def _check_text(**texts) -> None:
     """The app's prompts are single strings (the Python API also takes a list of prompts; the app does not)."""
     for name, value in texts.items():
         if value is not None and not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {_show(value)}")
+            raise ValueError(f"{name} must be a string, got {shown(value)}")
         check("negative_prompt" if name == "negative_prompt" else "prompt", value or "")
 
 
@@ -236,7 +236,7 @@ def settings_from_png(path) -> tuple[dict, list[str]]:
     stored, notes = restore_settings(path)
     model = stored.get("model")
     if model is not None and model != DEFAULT_MODEL.name:
-        notes.append(f"this image was made with the model {_show(model)}; load it in the Model box to use it")
+        notes.append(f"this image was made with the model {shown(model)}; load it in the Model box to use it")
     return pipeline_settings(stored), notes
 
 

@@ -53,7 +53,7 @@ class Field:
             else:
                 return check_scheduler_name(value)
         if not ok:
-            raise ValueError(f"{self.label} must be {self.allowed}, got {_show(value)}")
+            raise ValueError(f"{self.label} must be {self.allowed}, got {shown(value)}")
         return value
 
 
@@ -75,7 +75,7 @@ def check_prompt(prompt) -> str | list[str]:
     many = isinstance(prompt, (list, tuple))
     prompts = list(prompt) if many else [prompt]
     if not prompts or len(prompts) > MAX_PROMPTS or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompt must be a string or a list of 1 to {MAX_PROMPTS} strings, got {_show(prompt)}")
+        raise ValueError(f"prompt must be a string or a list of 1 to {MAX_PROMPTS} strings, got {shown(prompt)}")
     long = [len(p) for p in prompts if len(p) > MAX_PROMPT_CHARS]
     if long:
         raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters (the text encoder reads about 300), "
@@ -148,6 +148,7 @@ def _whole(value) -> int | None:
     return None
 
 
-def _show(value) -> str:
+def shown(value) -> str:
+    """A value as an error quotes it: its repr, cut at 60 characters (a 1 MB prompt is not echoed back)."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

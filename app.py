@@ -48,7 +48,7 @@ except ImportError:
 # --- handlers: turn our errors into sentences in the UI --------------------------------------------------------
 def _ui_errors(fn):
     """Our errors (ValueError with a sentence) become a message in the UI and one log line; only bugs log a
-    traceback. The message is HTML-escaped: Gradio renders it as HTML, and it may quote the user's input."""
+    traceback. The message goes through `_as_text`: Gradio renders it as HTML, and it may quote the user's input."""
 
     @functools.wraps(fn)  # keeps the signature: the API's parameter names and defaults come from it
     def wrapped(*args, **kwargs):

@@ -93,11 +93,9 @@ def writing(what: str):
 
 
 def generate(args) -> list:
-    from tqdm import tqdm
-
     from .loading import DEFAULT_MODEL
     from .metadata import check_png_path, pipeline_settings, restore_settings
-    from .pipeline import ImageCraftPipeline, output_path
+    from .pipeline import output_path
 
     settings = {}
     if args.from_png:
@@ -117,8 +115,26 @@ def generate(args) -> list:
     output_path(args.output)  # only {seed} and {i} in braces; checked, like the folder, before loading and sampling
     check_png_path(check_writable(args.output, "--output"), "--output")
 
+    result = sample(load(args), **settings)
+    with writing(args.output):
+        paths = result.save(args.output)
+    for path, seed in zip(paths, result.seeds):
+        print(f"{path}  seed={seed}")
+    return paths
+
+
+def load(args):
+    """The pipeline the --model, --config, --device and --dtype flags name."""
+    from .pipeline import ImageCraftPipeline
+
     print(f"loading {args.model or 'the built-in model'} ...", file=sys.stderr)
-    pipe = ImageCraftPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=args.config)
+    return ImageCraftPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=args.config)
+
+
+def sample(pipe, **settings):
+    """`pipe(**settings)` with a tqdm bar on stderr; its warnings printed there too."""
+    from tqdm import tqdm
+
     bar = tqdm(desc="sampling", unit="step", file=sys.stderr)
 
     def progress(step, total, latents):
@@ -131,11 +147,7 @@ def generate(args) -> list:
         bar.close()
     for note in result.warnings:
         print(f"warning: {note}", file=sys.stderr)
-    with writing(args.output):
-        paths = result.save(args.output)
-    for path, seed in zip(paths, result.seeds):
-        print(f"{path}  seed={seed}")
-    return paths
+    return result
 
 
 def parse_steps(text: str | None):
@@ -150,11 +162,9 @@ def parse_steps(text: str | None):
 
 def attention(args) -> list:
     """Generates one image with its cross-attention and writes the image, the figure and optionally the maps."""
-    from tqdm import tqdm
-
     from . import plots
     from .metadata import check_png_path
-    from .pipeline import ImageCraftPipeline, output_path
+    from .pipeline import output_path
 
     if not args.prompt or not args.prompt.strip():
         raise ValueError("give --prompt with words: attention maps show where each word of the prompt went")
@@ -170,26 +180,14 @@ def attention(args) -> list:
                    steps=parse_steps(args.timesteps), negative=args.negative or None)
     filters = {k: v for k, v in filters.items() if v is not None}
 
-    print(f"loading {args.model or 'the built-in model'} ...", file=sys.stderr)
-    pipe = ImageCraftPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=args.config)
+    pipe = load(args)
     if args.words and not args.negative:  # a word not in the prompt fails before sampling, not after
         from .attention import word_indices
 
         tokens, dropped = pipe.tokens(args.prompt)
         for word in args.words:
             word_indices(tokens, word, truncated=dropped)
-    bar = tqdm(desc="sampling", unit="step", file=sys.stderr)
-
-    def progress(step, total, latents):
-        bar.total = total
-        bar.update(1)
-
-    try:
-        result = pipe(callback=progress, attention=True, **settings)
-    finally:
-        bar.close()
-    for note in result.warnings:
-        print(f"warning: {note}", file=sys.stderr)
+    result = sample(pipe, attention=True, **settings)
     image, maps, seed = result.images[0], result.attention[0], result.seeds[0]
     if args.negative and not maps.guided:
         raise ValueError("--negative shows the negative prompt's maps, which exist only with guidance on "

@@ -1,9 +1,10 @@
 """The Gradio app, launched on localhost: through gradio_client, and in a real browser (Debian's Chromium)."""
 
 import json
-import time
 import shutil
 import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -149,8 +150,9 @@ def test_load_model_reports_and_errors(client):
         client.predict("nobody/nothing", api_name="/load_model")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_browser_types_a_prompt_and_gets_an_image(url):
+@contextmanager
+def browser_page(failure_png: str, **page_options):
+    """A page in Debian's Chromium; on failure a full-page screenshot goes to tests/artifacts/`failure_png`."""
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -158,27 +160,33 @@ def test_browser_types_a_prompt_and_gets_an_image(url):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
-        page = browser.new_page()
+        page = browser.new_page(**page_options)
         try:
-            page.goto(url, wait_until="load")  # no networkidle: session state keeps a heartbeat open
-            page.locator("#generate-button").wait_for(state="visible", timeout=60_000)
-            page.get_by_label("Prompt", exact=True).fill("a blue circle on the right")
-            page.locator("#generate-button").click()
-            page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
-            src = page.locator("#gallery img").first.get_attribute("src")
-            assert src and ".png" in src
-
-            # bad input in the UI: a visible sentence, and the app keeps serving
-            page.get_by_label("Model", exact=False).first.fill("/no/model")
-            page.get_by_role("button", name="Load model").click()
-            page.get_by_text("no model folder or file at '/no/model'").first.wait_for(timeout=60_000)
-            page.locator("#generate-button").click()
-            page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
+            yield page
         except Exception:
-            page.screenshot(path=str(ARTIFACTS / "browser-failure.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / failure_png), full_page=True)
             raise
         finally:
             browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_browser_types_a_prompt_and_gets_an_image(url):
+    with browser_page("browser-failure.png") as page:
+        page.goto(url, wait_until="load")  # no networkidle: session state keeps a heartbeat open
+        page.locator("#generate-button").wait_for(state="visible", timeout=60_000)
+        page.get_by_label("Prompt", exact=True).fill("a blue circle on the right")
+        page.locator("#generate-button").click()
+        page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
+        src = page.locator("#gallery img").first.get_attribute("src")
+        assert src and ".png" in src
+
+        # bad input in the UI: a visible sentence, and the app keeps serving
+        page.get_by_label("Model", exact=False).first.fill("/no/model")
+        page.get_by_role("button", name="Load model").click()
+        page.get_by_text("no model folder or file at '/no/model'").first.wait_for(timeout=60_000)
+        page.locator("#generate-button").click()
+        page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
 
 
 def test_attention_api_explains_the_generated_image(client):
@@ -205,45 +213,32 @@ def test_attention_api_explains_the_generated_image(client):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_browser_generates_then_explains_a_word(url):
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(exist_ok=True)
     prompt = "a blue square above a green triangle"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1300})
-        try:
-            page.goto(url, wait_until="load")  # no networkidle: session state keeps a heartbeat open
-            page.locator("#generate-button").wait_for(state="visible", timeout=60_000)
-            page.get_by_label("Prompt", exact=True).fill(prompt)
-            page.locator("#generate-button").click()
-            page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
+    with browser_page("attention-failure.png", viewport={"width": 1400, "height": 1300}) as page:
+        page.goto(url, wait_until="load")  # no networkidle: session state keeps a heartbeat open
+        page.locator("#generate-button").wait_for(state="visible", timeout=60_000)
+        page.get_by_label("Prompt", exact=True).fill(prompt)
+        page.locator("#generate-button").click()
+        page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
 
-            page.get_by_role("tab", name="Attention").click()
-            assert page.get_by_label("Prompt to explain").input_value() == prompt  # follows the last generation
-            page.locator("#explain-button").click()
-            figure = page.locator("#attention-figure img")
-            figure.wait_for(state="visible", timeout=120_000)
-            words = page.locator("#attention-words")
-            words.get_by_label("green").wait_for(timeout=30_000)
-            first = figure.get_attribute("src")
-            for word in ("a", "blue", "square", "above", "triangle"):  # leave only "green" ticked
-                words.get_by_label(word, exact=True).uncheck()
-            page.wait_for_function(
-                "src => { const i = document.querySelector('#attention-figure img'); return i && i.src !== src; }",
-                arg=first, timeout=60_000)
-            view = page.locator("#attention-image img")
-            box = view.bounding_box()
-            view.click(position={"x": box["width"] / 2, "y": box["height"] * 0.8})  # near the triangle
-            page.locator("#attention-pixel img").wait_for(state="visible", timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "attention-tab.png"), full_page=True)
-        except Exception:
-            page.screenshot(path=str(ARTIFACTS / "attention-failure.png"), full_page=True)
-            raise
-        finally:
-            browser.close()
+        page.get_by_role("tab", name="Attention").click()
+        assert page.get_by_label("Prompt to explain").input_value() == prompt  # follows the last generation
+        page.locator("#explain-button").click()
+        figure = page.locator("#attention-figure img")
+        figure.wait_for(state="visible", timeout=120_000)
+        words = page.locator("#attention-words")
+        words.get_by_label("green").wait_for(timeout=30_000)
+        first = figure.get_attribute("src")
+        for word in ("a", "blue", "square", "above", "triangle"):  # leave only "green" ticked
+            words.get_by_label(word, exact=True).uncheck()
+        page.wait_for_function(
+            "src => { const i = document.querySelector('#attention-figure img'); return i && i.src !== src; }",
+            arg=first, timeout=60_000)
+        view = page.locator("#attention-image img")
+        box = view.bounding_box()
+        view.click(position={"x": box["width"] / 2, "y": box["height"] * 0.8})  # near the triangle
+        page.locator("#attention-pixel img").wait_for(state="visible", timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "attention-tab.png"), full_page=True)
 
 
 def test_a_cancelled_request_stops_and_frees_the_server(capfd):

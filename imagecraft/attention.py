@@ -532,10 +532,7 @@ class AttentionMaps:
         labels = [(self.layers[i].name, h) for i in chosen for h in (heads or range(self.layers[i].heads))]
         stats = []
         for (name, head), m in zip(labels, maps):
-            flat = m.flatten()
-            p = flat / flat.sum().clamp(min=1e-12)
-            entropy = -(p * p.clamp(min=1e-12).log()).sum() / math.log(len(p))
-            stats.append(dict(layer=name, head=head, entropy=float(entropy), correlation=_pearson(flat, consensus)))
+            stats.append(dict(layer=name, head=head, entropy=spatial_entropy(m), correlation=pearson(m, consensus)))
         return stats
 
     def cfg_difference(self, steps=None) -> np.ndarray:
@@ -597,10 +594,20 @@ def _normalized(m: np.ndarray, normalize: bool) -> np.ndarray:
     return m / max(float(m.max()), 1e-12) if normalize else m
 
 
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+def pearson(a, b) -> float:
+    """Pearson correlation of two maps (tensors or arrays of any shape, same size); 0 when either is flat."""
+    a, b = torch.as_tensor(a).flatten().double(), torch.as_tensor(b).flatten().double()
     a, b = a - a.mean(), b - b.mean()
     denom = (a.norm() * b.norm()).item()
     return float((a @ b).item() / denom) if denom > 0 else 0.0
+
+
+def spatial_entropy(m) -> float:
+    """The entropy of a map (negative values clipped) as a distribution over its cells, over its maximum: 0 when
+    one cell holds everything, 1 when it is uniform."""
+    p = torch.as_tensor(m).flatten().double().clamp(min=0)
+    p = p / p.sum().clamp(min=1e-12)
+    return float(-(p * p.clamp(min=1e-12).log()).sum() / math.log(len(p)))
 
 
 # --- faithfulness: does the model use what the map shows? ----------------------------------------------------------
@@ -640,5 +647,5 @@ def ablation(pipe, maps: AttentionMaps, word: str, step: int | None = None) -> d
     change = (full - ablated).norm(dim=1)[0].cpu()  # (h, w)
     change_img = maps.to_image_size(change)
     attention = maps.word(word, steps=(step, step + 1))
-    r = _pearson(torch.from_numpy(change_img).flatten(), torch.from_numpy(attention).flatten())
+    r = pearson(change_img, attention)
     return dict(change=change_img, attention=attention, correlation=r, step=step, timestep=t)

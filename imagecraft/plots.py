@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .attention import AttentionMaps
+from .attention import AttentionMaps, pearson, spatial_entropy
 from .files import atomic_write
 
 PANEL = 2.3  # inches per panel
@@ -117,14 +117,11 @@ def plot_layers(image: Image.Image, maps: AttentionMaps, word: str, cmap: str = 
     """One panel per captured layer (middle block included) with the word's map, its spatial entropy and its
     correlation with the consensus (DAAM's default aggregation)."""
     _check(cmap, alpha, "word")
-    consensus = maps.word(word, negative=negative).ravel()
+    consensus = maps.word(word, negative=negative)
     fig, axes = _grid(len(maps.layers), columns)
     for ax, layer in zip(axes, maps.layers):
         heat = maps.word(word, layers=[layer.name], negative=negative)
-        p = np.clip(heat, 0, None).ravel()
-        p = p / max(p.sum(), 1e-12)
-        entropy = -(p * np.log(np.clip(p, 1e-12, None))).sum() / math.log(p.size)
-        r = np.corrcoef(heat.ravel(), consensus)[0, 1] if heat.std() > 0 else 0.0
+        entropy, r = spatial_entropy(heat), pearson(heat, consensus)
         short = f"{layer.block} {layer.size[0]}x{layer.size[1]} #{layer.name.split('.')[1]}"
         _overlay(ax, image, heat, float(heat.max()), cmap, alpha, f"{short}\nH={entropy:.2f} r={r:.2f}")
     fig.suptitle(f"{word!r} per layer (H: spatial entropy, r: correlation with the consensus)", fontsize=9)

@@ -8,7 +8,8 @@ Images are 64x64 RGB: a flat background with one or two flat-filled shapes (circ
     ... either form optionally followed by "on a {colour} background" (gray when not named)
 
 The pairs in HELD_OUT never appear in a training caption; they measure compositional generalisation.
-`sample_scene` draws a (spec, image, masks) triple; `score(image, prompt)` says which attributes are right.
+`sample_scene` draws a (spec, image, masks) triple; `score(image, prompt)` says which attributes are right, reading
+shapes strictly (`classify_shape`: a shape counts only if it fits its ideal outline and touches no border).
 """
 
 from __future__ import annotations
@@ -210,21 +211,74 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return [labels == i for i in range(1, n + 1) if (labels == i).sum() >= MIN_AREA]
 
 
-def _templates(h: int, w: int) -> dict[str, np.ndarray]:
-    """Ideal circle, square and up-pointing triangle filling an h x w box, sampled at pixel centres."""
-    y, x = np.mgrid[0:h, 0:w] + 0.5
-    nx, ny = (x - w / 2) / (w / 2), (y - h / 2) / (h / 2)  # -1..1 across the box
-    return {"circle": nx**2 + ny**2 <= 1.0, "square": np.ones((h, w), bool),
-            "triangle": np.abs(nx) <= y / h}
+# A shape counts only if it fits: the object's pixels against the ideal filled shape in its bounding box.
+FIT_IOU = 0.80  # least intersection-over-union with the ideal shape; the world's own renders score >= 0.94
+# Deepest concavity allowed, in px of the 64x64 image: every shape of the world is convex, so pixels inside the
+# object's convex hull but off the object are a dent. A digitised edge leaves 1 px (and 1.41 on a diagonal); the
+# pinched sides, lobes and legs of a deformed shape leave 2 px or more, where IoU alone still passes a pinched
+# square (0.86-0.93).
+MAX_DENT = 1.5
+
+
+def _templates(crop: np.ndarray) -> dict[str, np.ndarray]:
+    """Ideal circle, square and up-pointing triangle filling the crop's box, drawn as the world draws them; the
+    triangle's apex is at the middle of the crop's top row (the world's apex falls between pixels, which moves the
+    drawn tip by a pixel: centred on the box, a 16 px triangle of the world would fit only 0.89)."""
+    h, w = crop.shape
+    apex = np.nonzero(crop[0])[0].mean()
+    out = {}
+    for name in SHAPES:
+        mask = Image.new("1", (w, h), 0)
+        draw = ImageDraw.Draw(mask)
+        if name == "circle":
+            draw.ellipse([0, 0, w - 1, h - 1], fill=1)
+        elif name == "square":
+            draw.rectangle([0, 0, w - 1, h - 1], fill=1)
+        else:
+            draw.polygon([(apex, 0), (0, h - 1), (w - 1, h - 1)], fill=1)
+        out[name] = np.array(mask, dtype=bool)
+    return out
+
+
+def dent_depth(mask: np.ndarray) -> float:
+    """How far, in px, the deepest pixel of the mask's convex hull that is not on the mask lies from the mask."""
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull, Delaunay, QhullError
+
+    ys, xs = np.nonzero(mask)
+    points = np.stack([xs, ys], 1).astype(float)
+    try:
+        hull = Delaunay(points[ConvexHull(points).vertices])
+    except QhullError:  # all pixels on one line: nothing can be concave
+        return 0.0
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    gy, gx = np.mgrid[y0:y1, x0:x1]
+    inside = (hull.find_simplex(np.stack([gx.ravel(), gy.ravel()], 1)) >= 0).reshape(gy.shape)
+    crop = mask[y0:y1, x0:x1]
+    missing = inside & ~crop
+    if not missing.any():
+        return 0.0
+    return float(ndimage.distance_transform_edt(~np.pad(crop, 1))[1:-1, 1:-1][missing].max())
+
+
+def shape_fit(mask: np.ndarray) -> dict:
+    """The ideal shape that overlaps the mask best in its bounding box: {"best", "iou" (of each shape), "dent"}."""
+    ys, xs = np.nonzero(mask)
+    crop = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    ious = {name: float((crop & t).sum() / (crop | t).sum()) for name, t in _templates(crop).items()}
+    return dict(best=max(ious, key=ious.get), iou=ious, dent=dent_depth(mask))
 
 
 def classify_shape(mask: np.ndarray) -> str:
-    """The shape whose ideal template, fitted to the component's bounding box, overlaps it best (IoU): robust to
-    the soft corners of generated images, where a fill-ratio threshold reads a rounded triangle as a circle."""
-    ys, xs = np.nonzero(mask)
-    crop = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-    ious = {name: (crop & t).sum() / (crop | t).sum() for name, t in _templates(*crop.shape).items()}
-    return max(ious, key=ious.get)
+    """"circle", "square" or "triangle" where the mask is that shape as a person would read it: IoU >= FIT_IOU with
+    the ideal shape in its bounding box and no dent deeper than MAX_DENT; "unknown" otherwise (a four-lobed
+    circle, a pinched square, a Y-shaped triangle, a blob), and for an object cut by the image border, which the
+    world never draws."""
+    if mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any():
+        return "unknown"
+    fit = shape_fit(mask)
+    ok = fit["iou"][fit["best"]] >= FIT_IOU and fit["dent"] <= MAX_DENT
+    return fit["best"] if ok else "unknown"
 
 
 def _thirds(value: float) -> int:
@@ -234,6 +288,10 @@ def _thirds(value: float) -> int:
 def _position_ok(position: str, cx: float, cy: float) -> bool:
     return {"on the left": _thirds(cx) == 0, "on the right": _thirds(cx) == 2, "at the top": _thirds(cy) == 0,
             "at the bottom": _thirds(cy) == 2, "in the center": _thirds(cx) == 1 and _thirds(cy) == 1}[position]
+
+
+def _relation_ok(relation: str | None, a: dict, b: dict) -> bool:
+    return {"to the left of": a["cx"] < b["cx"], "above": a["cy"] < b["cy"], "and": True, None: False}[relation]
 
 
 def read_objects(image) -> tuple[str, list[dict]]:
@@ -268,12 +326,16 @@ def score(image, prompt: str | Spec) -> dict:
     if len(spec.objects) == 2:
         result["relation"] = False
     if found:
-        # match prompt objects to found objects, the assignment with the most colour + shape agreement
+        # match prompt objects to found objects: the assignment with the most colour + shape agreement, and among
+        # equals (two objects alike, "a red square to the left of a red square") the one that keeps the relation
         import itertools
 
-        best = max(itertools.permutations(range(len(found)), min(len(found), len(spec.objects))),
-                   key=lambda perm: sum((found[j]["colour"] == o.colour) + (found[j]["shape"] == o.shape)
-                                        for o, j in zip(spec.objects, perm)))
+        def agreement(perm):
+            matched = sum((found[j]["colour"] == o.colour) + (found[j]["shape"] == o.shape)
+                          for o, j in zip(spec.objects, perm))
+            return matched, len(perm) == 2 and _relation_ok(spec.relation, found[perm[0]], found[perm[1]])
+
+        best = max(itertools.permutations(range(len(found)), min(len(found), len(spec.objects))), key=agreement)
         pairs = [(o, found[j]) for o, j in zip(spec.objects, best)]
         complete = len(pairs) == len(spec.objects)
         result["colour"] = complete and all(f["colour"] == o.colour for o, f in pairs)
@@ -283,7 +345,6 @@ def score(image, prompt: str | Spec) -> dict:
             result["position"] = _position_ok(spec.objects[0].position, f["cx"], f["cy"])
         if result["relation"] is not None and complete:
             (_, a), (_, b) = pairs
-            result["relation"] = {"to the left of": a["cx"] < b["cx"], "above": a["cy"] < b["cy"],
-                                  "and": True}[spec.relation]
+            result["relation"] = _relation_ok(spec.relation, a, b)
     result["all"] = all(v for v in result.values() if v is not None)
     return result

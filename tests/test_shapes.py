@@ -6,8 +6,9 @@ import random
 import numpy as np
 import pytest
 
-from imagecraft.shapes import (COLOURS, HELD_OUT, MAX_SIZE, MIN_SIZE, POSITIONS, SHAPES, SIZE, Spec,
-                               parse_prompt, prompt_of, sample_scene, sample_spec, score)
+from imagecraft.shapes import (COLOURS, HELD_OUT, MAX_SIZE, MIN_SIZE, POSITIONS, SHAPES, SIZE, Obj, Placed, Spec,
+                               classify_shape, parse_prompt, prompt_of, render, sample_scene, sample_spec, score,
+                               shape_fit)
 
 
 def scenes(n, seed=0, allow_held_out=True):
@@ -110,3 +111,104 @@ def test_scorer_rejects_wrong_prompts():
 def test_prompts_outside_the_grammar_are_named():
     with pytest.raises(ValueError, match="not a prompt of the shapes grammar: 'a cat'"):
         parse_prompt("a cat")
+
+
+# --- the strict reading: a shape counts only if it fits -----------------------------------------------------
+def ideal(shape: str, size: int, image: int = SIZE) -> np.ndarray:
+    """The world's own mask of one object of `size` px in the middle of an empty image."""
+    spec = Spec([Obj("red", shape)])
+    centre = image / 2 + 0.3  # off the pixel grid, as the world places objects
+    return render_masks(spec, [Placed(spec.objects[0], centre, centre, size)], image)
+
+
+def render_masks(spec, placed, image=SIZE):
+    from imagecraft import shapes
+
+    saved = shapes.SIZE
+    shapes.SIZE = image
+    try:
+        render(spec, placed)
+    finally:
+        shapes.SIZE = saved
+    return placed[0].mask
+
+
+def warped(mask: np.ndarray, scale) -> np.ndarray:
+    """The mask morphed radially about its centre: the point at angle theta moves to scale(theta) times its
+    distance (theta measured in image coordinates, 0 pointing right, pi/2 down)."""
+    ys, xs = np.nonzero(mask)
+    cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
+    y, x = np.mgrid[0:mask.shape[0], 0:mask.shape[1]]
+    theta = np.arctan2(y - cy, x - cx)
+    g = scale(theta)
+    sy, sx = np.round(cy + (y - cy) / g).astype(int), np.round(cx + (x - cx) / g).astype(int)
+    inside = (0 <= sy) & (sy < mask.shape[0]) & (0 <= sx) & (sx < mask.shape[1])
+    out = np.zeros_like(mask)
+    out[inside] = mask[sy[inside], sx[inside]]
+    return out
+
+
+def deformations(size: int, strength: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The deformed shapes the built-in model drew (../shared/examples, 2026-11-29), built from ideal masks."""
+    phases = rng.uniform(0, 2 * np.pi, 4)
+    amplitudes = strength * rng.uniform(0.5, 1, 4) / 2
+    return {
+        # sides pulled in at their middles (theta 0, 90, 180, 270 degrees), corners kept
+        "pinched square": warped(ideal("square", size), lambda t: 1 - strength * np.cos(2 * t) ** 2),
+        # four lobes with necks between them
+        "four-lobed circle": warped(ideal("circle", size), lambda t: 1 + strength * np.cos(4 * t)),
+        # the three sides pulled in towards the middle: three legs, a Y
+        "Y-shaped triangle": warped(ideal("triangle", size), lambda t: 1 - 1.5 * strength * (1 + np.cos(3 * (t - np.pi / 2))) / 2),
+        # a circle with a random wobbly outline
+        "blob": warped(ideal("circle", size), lambda t: 1 + sum(a * np.cos((k + 2) * t + p)
+                                                                 for k, (a, p) in enumerate(zip(amplitudes, phases)))),
+    }
+
+
+def test_world_shapes_fit_their_ideal_and_have_no_dent():
+    for shape in SHAPES:
+        for size in range(MIN_SIZE, MAX_SIZE + 1):
+            fit = shape_fit(ideal(shape, size))
+            assert fit["best"] == shape and fit["iou"][shape] >= 0.94 and fit["dent"] <= 1, (shape, size, fit)
+            assert classify_shape(ideal(shape, size)) == shape
+
+
+@pytest.mark.parametrize("strength", [0.25, 0.35, 0.5])
+def test_deformed_shapes_are_read_as_unknown(strength):
+    rng = np.random.default_rng(int(strength * 100))
+    for size in (16, 20, 24):
+        for name, mask in deformations(size, strength, rng).items():
+            fit = shape_fit(mask)
+            assert classify_shape(mask) == "unknown", (name, size, strength, fit)
+
+
+def test_soft_corners_still_read_as_their_shape():
+    """A VAE round trip rounds a square's corners a little; that is still a square (no dent, IoU ~0.97)."""
+    from scipy import ndimage
+
+    for size in (16, 20, 24):
+        square = ideal("square", size)
+        y, x = np.mgrid[-3:4, -3:4]
+        rounded = ndimage.binary_opening(square, structure=x**2 + y**2 <= 9)  # corners of radius 3 px
+        assert rounded.sum() < square.sum()
+        assert classify_shape(rounded) == "square"
+
+
+def test_an_object_cut_by_the_border_is_wrong():
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[0:18, 20:38] = True  # a square cut by the top edge
+    assert classify_shape(mask) == "unknown"
+    assert classify_shape(np.roll(mask, 2, axis=0)) == "square"  # the same square one row clear of it
+    image = np.full((SIZE, SIZE, 3), 150, np.uint8)
+    image[mask] = COLOURS["red"]
+    assert not score(image, "a red square at the top")["shape"]
+    image = np.roll(image, 2, axis=0)
+    assert score(image, "a red square at the top")["all"]
+
+
+def test_alike_objects_are_matched_to_keep_the_relation():
+    spec = parse_prompt("a red square to the left of a red square")
+    rng = random.Random(5)
+    for _ in range(20):
+        _, _, image, _ = sample_scene(rng, spec=spec)
+        assert score(image, spec)["all"]

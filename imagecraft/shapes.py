@@ -348,3 +348,98 @@ def score(image, prompt: str | Spec) -> dict:
             result["relation"] = _relation_ok(spec.relation, a, b)
     result["all"] = all(v for v in result.values() if v is not None)
     return result
+
+
+# --- the autoencoder's broader world ------------------------------------------------------------------------
+# The built-in model's VAE is trained on more than the UNet's world, so that it is a general small autoencoder:
+# a fine-tune can then teach a colour or a shape the UNet never saw (pink, a star) and the decoder draws it.
+OTHER_SHAPES = ("ellipse", "rectangle", "diamond", "star", "cross", "polygon", "pentagon", "hexagon")
+
+
+def outline(kind: str, cx: float, cy: float, w: float, h: float, rng: random.Random, angle: float = 0.0):
+    """The polygon (list of (x, y)) or ellipse box of a shape of kind `kind` filling a w x h box centred at
+    (cx, cy), turned by `angle` radians (polygons only): ("polygon", points) or ("ellipse", box)."""
+    if kind in ("circle", "ellipse"):
+        return "ellipse", [cx - w / 2, cy - h / 2, cx + w / 2 - 1, cy + h / 2 - 1]
+    if kind in ("square", "rectangle"):
+        unit = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+    elif kind == "triangle":
+        unit = [(0, -1), (1, 1), (-1, 1)]
+    elif kind == "diamond":
+        unit = [(0, -1), (1, 0), (0, 1), (-1, 0)]
+    elif kind in ("pentagon", "hexagon"):
+        n = 5 if kind == "pentagon" else 6
+        unit = [(np.sin(2 * np.pi * i / n), -np.cos(2 * np.pi * i / n)) for i in range(n)]
+    elif kind == "star":
+        inner = rng.uniform(0.4, 0.55)
+        unit = [(r * np.sin(np.pi * i / 5), -r * np.cos(np.pi * i / 5)) for i in range(10)
+                for r in [1 if i % 2 == 0 else inner]]
+    elif kind == "cross":
+        a = rng.uniform(0.3, 0.4)  # half the arm's width
+        unit = [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a),
+                (-a, -a)]
+    elif kind == "polygon":  # a random convex polygon: sorted angles on an ellipse
+        n = rng.randint(3, 8)
+        angles = sorted(rng.uniform(0, 2 * np.pi) for _ in range(n))
+        unit = [(np.cos(t), np.sin(t)) for t in angles]
+    else:
+        raise ValueError(f"unknown shape kind {kind!r}; known: {', '.join(SHAPES + OTHER_SHAPES)}")
+    c, s = np.cos(angle), np.sin(angle)
+    return "polygon", [(cx + (x * c - y * s) * w / 2, cy + (x * s + y * c) * h / 2) for x, y in unit]
+
+
+def random_rgb(rng: random.Random) -> tuple[int, int, int]:
+    """Uniform over the RGB cube half the time, else one of the world's colours or gray."""
+    if rng.random() < 0.5:
+        return tuple(rng.randrange(256) for _ in range(3))
+    return rng.choice(list(COLOURS.values()) + [GRAY])
+
+
+def general_scene(rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
+    """One image of the autoencoder's broader world, (64, 64, 3) uint8, and where its objects are, (64, 64) bool:
+    a background of any colour (sometimes a gradient), one to four objects of any colour, shape (the world's
+    three and OTHER_SHAPES), size (6-40 px) and turn, some overlapping or cut by the border, and a little noise
+    on part of the images."""
+    background = random_rgb(rng)
+    pixels = np.empty((SIZE, SIZE, 3), np.float32)
+    pixels[:] = background
+    if rng.random() < 0.3:  # a soft linear gradient
+        direction = rng.uniform(0, 2 * np.pi)
+        y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE - 0.5
+        ramp = (x * np.cos(direction) + y * np.sin(direction))[..., None]
+        pixels += ramp * np.array([rng.uniform(-60, 60) for _ in range(3)], np.float32)
+    image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
+    cover = Image.new("1", (SIZE, SIZE), 0)
+    draw, cdraw = ImageDraw.Draw(image), ImageDraw.Draw(cover)
+    for _ in range(rng.choice((1, 1, 2, 2, 3, 4))):
+        kind = rng.choice(SHAPES + OTHER_SHAPES)
+        w = rng.uniform(6, 40)
+        h = w if kind in SHAPES + ("diamond", "star", "cross", "pentagon", "hexagon") else rng.uniform(6, 40)
+        angle = 0.0 if kind in SHAPES or rng.random() < 0.5 else rng.uniform(0, 2 * np.pi)
+        cx, cy = rng.uniform(-4, SIZE + 4), rng.uniform(-4, SIZE + 4)
+        form, points = outline(kind, cx, cy, w, h, rng, angle)
+        colour = random_rgb(rng)
+        for d, fill in ((draw, colour), (cdraw, 1)):
+            (d.ellipse if form == "ellipse" else d.polygon)(points, fill=fill)
+    out = np.asarray(image, np.float32)
+    if rng.random() < 0.3:  # a little texture
+        out = out + np.random.default_rng(rng.randrange(2**32)).normal(0, rng.uniform(1, 6), out.shape)
+    return np.clip(out, 0, 255).round().astype(np.uint8), np.array(cover, dtype=bool)
+
+
+def lone_object(rng: random.Random, kind: str, colour=None, background=None, size=None):
+    """One object of `kind` (any of SHAPES + OTHER_SHAPES), upright, 16-24 px, fully inside, on a flat
+    background: (image (64, 64, 3) uint8, mask (64, 64) bool). Colours random (random_rgb) unless given; the
+    object's colour is kept at least 60 apart (RGB distance) from the background's."""
+    size = size or rng.randint(MIN_SIZE, MAX_SIZE)
+    colour = colour or random_rgb(rng)
+    while background is None or np.linalg.norm(np.subtract(colour, background)) < 60:
+        background = random_rgb(rng)
+    half = size / 2
+    cx, cy = rng.uniform(half + 2, SIZE - half - 2), rng.uniform(half + 2, SIZE - half - 2)
+    image = Image.new("RGB", (SIZE, SIZE), tuple(background))
+    mask = Image.new("1", (SIZE, SIZE), 0)
+    form, points = outline(kind, cx, cy, size, size, rng)
+    for d, fill in ((ImageDraw.Draw(image), tuple(colour)), (ImageDraw.Draw(mask), 1)):
+        (d.ellipse if form == "ellipse" else d.polygon)(points, fill=fill)
+    return np.array(image), np.array(mask, dtype=bool)

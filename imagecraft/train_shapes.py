@@ -35,7 +35,6 @@ import copy
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -50,6 +49,8 @@ from tqdm import tqdm
 from . import shapes
 from .pipeline import native_bf16, vae_scale_factor
 from .porting import to_diffusers
+from .training import (as_tuples, diffusion_loss, ema_update, load_checkpoint, lr_at, noise_scheduler, noised_and_target,
+                       refuse_other_objective, save_checkpoint)
 from .schedulers import check_scheduler_name, make_scheduler
 from .unet import UNet_SD, UNetConfig
 
@@ -88,6 +89,10 @@ class Recipe:
     # position_separation). With coverage, the layout stage below learns them in ~150 steps instead of never.
     vae_coverage: float = 0.0
     vae_kl: float = 1e-6  # tiny KL, as SD's VAE: the latents stay near zero, the autoencoder near-deterministic
+    # Share of each VAE batch drawn from the broader world (shapes.general_scene: any colour, shape, size), the rest
+    # from the UNet's world. 0: the UNet's world only, whose autoencoder snaps colours outside the palette to it
+    # (pink comes back purple) and draws shapes it never saw as blobs, so no fine-tune could teach them.
+    vae_general: float = 0.0
     # latents
     num_scenes: int = 50000  # fixed training set, encoded once
     # Least space between two objects' bounding boxes in the UNet's training scenes, in px (the world's contract: 2;
@@ -249,6 +254,9 @@ def check_settings(recipe: Recipe, output: Path):
     if not shapes.GAP <= recipe.scene_gap <= 8:
         raise ValueError(f"scene_gap must be from {shapes.GAP:g} px (the world's least gap) to 8 px (at 10, one scene "
                          f"in 20,000 found no room for its relation), got {recipe.scene_gap}")
+    if not 0 <= recipe.vae_general <= 1:
+        raise ValueError(f"vae_general (share of broader-world images in a VAE batch) must be in [0, 1], got "
+                         f"{recipe.vae_general}")
     check_scheduler_name(recipe.sampler)  # names the valid samplers
     if recipe.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {recipe.precision!r}")
@@ -284,30 +292,6 @@ def check_settings(recipe: Recipe, output: Path):
         raise ValueError(f"output folder {output} is not writable: {e}") from e
 
 
-# --- checkpoints: weights and optimiser state through torch.save, read back with weights_only=True ------------
-def save_checkpoint(path: Path, state: dict):
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: an interrupted save never leaves a half-written checkpoint
-
-
-def refuse_other_objective(path: Path, state: dict, objective: dict):
-    """A checkpoint trained for another objective is not resumed: the message names both."""
-    if state.get("objective") != objective:
-        raise ValueError(f"checkpoint {path} was trained with {state.get('objective')}, this recipe has {objective}; "
-                         f"delete it or pass another --work folder")
-
-
-def load_checkpoint(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same clear message
-        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
-                         f"delete it to restart that phase") from e
-
-
 # --- data ----------------------------------------------------------------------------------------------------
 def scene_batch(rng: random.Random, n: int, gap: float = shapes.GAP) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """n training scenes as (n, 3, 64, 64) in [-1, 1], their captions (no held-out pairs), and where the objects
@@ -320,6 +304,14 @@ def scene_batch(rng: random.Random, n: int, gap: float = shapes.GAP) -> tuple[to
         coverage.append(np.any(masks, axis=0))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, prompts, torch.from_numpy(np.stack(coverage))[:, None].float() * 2 - 1
+
+
+def general_batch(rng: random.Random, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images of the autoencoder's broader world (shapes.general_scene) as (n, 3, 64, 64) in [-1, 1], and where
+    their objects are as (n, 1, 64, 64), 1 on an object and -1 elsewhere."""
+    images, covers = zip(*(shapes.general_scene(rng) for _ in range(n)))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, torch.from_numpy(np.stack(covers))[:, None].float() * 2 - 1
 
 
 def caption_corpus(seed: int, n: int = 20000) -> list[str]:
@@ -350,14 +342,6 @@ def make_vae(recipe: Recipe):
                          layers_per_block=1, norm_num_groups=recipe.vae_groups, sample_size=shapes.SIZE)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def train_vae(recipe: Recipe, work: Path):
     vae = make_vae(recipe)
     path = work / "vae.pt"
@@ -366,13 +350,15 @@ def train_vae(recipe: Recipe, work: Path):
     step, rng = 0, random.Random(recipe.seed + 1)
     objective = dict(channels=list(recipe.vae_channels), crop=recipe.vae_crop, colour=recipe.vae_colour,
                      coverage=recipe.vae_coverage)
+    if recipe.vae_general:
+        objective["general"] = recipe.vae_general
     if state and "objective" in state:  # checkpoints from before the coverage loss lack it
         refuse_other_objective(path, state, objective)
     if state:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-        rng.setstate(_tuple(state["rng"]))
+        rng.setstate(as_tuples(state["rng"]))
         torch.set_rng_state(state["torch_rng"])
     if step >= recipe.vae_steps:
         return vae.eval()
@@ -381,7 +367,11 @@ def train_vae(recipe: Recipe, work: Path):
     while step < recipe.vae_steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe.vae_steps, recipe.vae_lr, recipe.vae_warmup)
-        x, _, coverage = scene_batch(rng, recipe.vae_batch)  # the world as it is: scene_gap is for the UNet
+        general = round(recipe.vae_batch * recipe.vae_general)
+        x, _, coverage = scene_batch(rng, recipe.vae_batch - general)  # the world as it is: scene_gap is for the UNet
+        if general:
+            more, cover = general_batch(rng, general)
+            x, coverage = torch.cat([x, more]), torch.cat([coverage, cover])
         if recipe.vae_crop < shapes.SIZE:  # one crop per batch, on the latent grid so the colour target lines up
             f = recipe.latent_factor()
             top, left = (rng.randrange((shapes.SIZE - recipe.vae_crop) // f + 1) * f for _ in range(2))
@@ -472,11 +462,6 @@ def vae_report(vae, n: int = 150, seed: int = 0) -> dict:
     return report
 
 
-def _tuple(x):
-    """random.Random state comes back from torch.load with lists where it had tuples."""
-    return tuple(_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
 @torch.no_grad()
 def encode_scenes(recipe: Recipe, vae, work: Path):
     """(latents (N, 4, 64 / f, 64 / f) float32, captions, scaling factor), cached in work/latents.pt."""
@@ -540,32 +525,7 @@ def make_text_encoder(recipe: Recipe, tokenizer):
 
 
 def make_noise_scheduler(stage: Stage):
-    from diffusers import DDPMScheduler
-
-    # Stable Diffusion's training schedule, rescaled to zero terminal SNR if the recipe says so; "trailing" spacing
-    # makes sampling start at t=999, the step the model learnt to read pure noise at
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         prediction_type=stage.prediction_type, rescale_betas_zero_snr=stage.zero_terminal_snr,
-                         timestep_spacing="trailing" if stage.zero_terminal_snr else "leading",
-                         clip_sample=False, steps_offset=1)
-
-
-def noised_and_target(prediction_type: str, alphas_cumprod: torch.Tensor, x0, noise, t):
-    """SD's forward process at timesteps t, and what the UNet is asked to predict there (epsilon or v)."""
-    a = alphas_cumprod[t].view(-1, 1, 1, 1)
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    return xt, (a.sqrt() * noise - (1 - a).sqrt() * x0 if prediction_type == "v_prediction" else noise)
-
-
-def loss_weights(prediction_type: str, snr: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample weights of the MSE on the model's target. Min-SNR-gamma in x0 terms is min(snr, gamma); for
-    v-prediction it is floored at 1 as well, so the noisiest steps, where layout is decided from the text alone,
-    still count (plain Min-SNR gives t=999 weight 0 on a zero-terminal-SNR schedule)."""
-    if not gamma:
-        return torch.ones_like(snr)
-    if prediction_type == "v_prediction":  # MSE on v = (snr + 1) x MSE on x0
-        return snr.clamp(min=1, max=gamma) / (snr + 1)
-    return snr.clamp(max=gamma) / snr  # MSE on epsilon = snr x MSE on x0
+    return noise_scheduler(stage.prediction_type, stage.zero_terminal_snr)
 
 
 @torch.no_grad()
@@ -694,19 +654,14 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
         with recipe.autocast():
             context = text_encoder(ids)[0]
             pred = unet(xt, t, context)
-        loss = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        loss = (loss * loss_weights(stage.prediction_type, alphas[t] / (1 - alphas[t]), recipe.snr_gamma)).mean()
+        loss = diffusion_loss(pred, target, stage.prediction_type, alphas, t, recipe.snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        # EMA, with a short warm-up so early checkpoints are usable
-        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for live, avg in ((unet, ema["unet"]), (text_encoder, ema["text"])):
-                for p, q in zip(live.parameters(), avg.parameters()):
-                    q.lerp_(p, 1 - decay)
+        ema_update(unet, ema["unet"], step, recipe.ema_decay)
+        ema_update(text_encoder, ema["text"], step, recipe.ema_decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")

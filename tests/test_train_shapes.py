@@ -14,9 +14,9 @@ from diffusers import StableDiffusionPipeline
 from imagecraft import shapes
 from imagecraft.pipeline import ImageCraftPipeline, native_bf16
 from imagecraft.train_shapes import (Recipe, Stage, batch_indices, caption_corpus, check_settings, draw_timesteps,
-                                     encode_scenes, group_means, loss_weights, main, make_noise_scheduler,
-                                     make_text_encoder, make_vae, noised_and_target, position_of, position_separation,
-                                     scene_batch, scene_pools, train_vae)
+                                     encode_scenes, group_means, main, make_noise_scheduler, make_text_encoder,
+                                     make_vae, position_of, position_separation, scene_batch, scene_pools, train_vae)
+from imagecraft.training import loss_weights, noised_and_target
 
 
 @pytest.fixture(scope="module")

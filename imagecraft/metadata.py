@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -43,7 +44,9 @@ SETTINGS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale"
 
 def a1111_parameters(settings: dict) -> str:
     """The A1111 `parameters` text for one image's settings (see the module docstring)."""
-    lines = [settings["prompt"]]
+    lora = settings.get("lora")
+    # A1111 writes the LoRA it used into the prompt as <lora:name:scale>, and its hash as "Lora hashes"
+    lines = [settings["prompt"] + (f" <lora:{lora['name']}:{lora['scale']:g}>" if lora else "")]
     if settings.get("negative_prompt"):
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
     fields = [
@@ -54,6 +57,7 @@ def a1111_parameters(settings: dict) -> str:
         ("Size", f"{settings['width']}x{settings['height']}"),
         ("Model hash", settings.get("model_hash")),
         ("Model", settings.get("model")),
+        ("Lora hashes", json.dumps(f"{lora['name']}: {lora['hash']}") if lora else None),
     ]
     lines.append(", ".join(f"{k}: {v}" for k, v in fields if v not in (None, "")))
     return "\n".join(lines)
@@ -83,13 +87,21 @@ def _restore_a1111(text: str) -> tuple[dict, list[str]]:
     sampler, schedule = fields.get("Sampler"), fields.get("Schedule type")
     if sampler is not None and schedule not in (None, "Automatic"):
         sampler = f"{sampler} {schedule}"  # A1111 1.9+ writes "Sampler: DPM++ 2M, Schedule type: Karras"
+    prompt, loras = LORA_TAG.sub("", prompt).strip(), LORA_TAG.findall(prompt)
     raw = {"prompt": prompt, "negative_prompt": negative_prompt, "scheduler": sampler, "model": fields.get("Model"),
            "num_inference_steps": _number(fields.get("Steps"), int),
            "guidance_scale": _number(fields.get("CFG scale"), float), "seed": _number(fields.get("Seed"), int)}
     if "Size" in fields:
         width, x, height = fields["Size"].lower().partition("x")
         raw["width"], raw["height"] = (_number(width, int), _number(height, int)) if x else (fields["Size"],) * 2
-    return _checked(raw)
+    settings, notes = _checked(raw)
+    for name, scale in loras[:8]:
+        notes.append(f"the image was made with the LoRA {name!r} at scale {scale[:20]}; its <lora:...> tag is left out "
+                     f"of the prompt: load that LoRA (load_lora, --lora) to reproduce it")
+    return settings, notes
+
+
+LORA_TAG = re.compile(r"<lora:([^:<>]{1,200}):([^<>]{1,40})>")
 
 
 def _a1111_fields(line: str) -> dict[str, str]:

@@ -159,6 +159,12 @@ def denoise(unet: UNet_SD, scheduler, latents: torch.Tensor, context: torch.Tens
 
 
 
+def check_lora_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -4 <= scale <= 4:
+        raise ValueError(f"LoRA scale must be a number from -4 to 4, got {scale!r}")
+    return float(scale)
+
+
 class ImageCraftPipeline:
     """Text-to-image with UNet_SD.
 
@@ -188,6 +194,7 @@ class ImageCraftPipeline:
         self.vae_scale_factor = vae_scale_factor(vae.config.block_out_channels)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.default_size = sample_size * self.vae_scale_factor  # the model's trained image size
+        self.lora: dict | None = None  # the LoRA applied by load_lora: name, hash, scale, path
 
     # --- loading --------------------------------------------------------------------------------------------
     @classmethod
@@ -270,6 +277,45 @@ class ImageCraftPipeline:
     @cached_property
     def model_hash(self) -> str:
         return loading.file_hash(self.weight_files) if self.weight_files else ""
+
+    # --- LoRA -----------------------------------------------------------------------------------------------
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> dict:
+        """Applies a LoRA to the UNet (and the text encoder, if the file has it), replacing any earlier one.
+
+        Args:
+            path: a `.safetensors` LoRA file, or a folder holding `pytorch_lora_weights.safetensors` (what
+                `imagecraft finetune` and diffusers write); diffusers/PEFT and kohya (A1111) SD 1.x/2.x layouts.
+            scale: how much of it: 0 is the base model, 1 the LoRA as trained; from -4 to 4.
+        Returns the applied LoRA's name, hash, scale and path, which the PNG metadata records. A file for another
+        base model, or a LyCORIS file, is refused with a `lora.LoraError` that says why.
+        """
+        from . import lora
+
+        scale = check_lora_scale(scale)
+        file = lora.lora_file(path)
+        lora.apply(file, self.unet, self.text_encoder, scale)
+        name = file.parent.name if file.name == lora.WEIGHT_NAME else file.stem
+        self.lora = dict(name=name, hash=loading.file_hash([file]), scale=scale, path=str(file))
+        return dict(self.lora)
+
+    def set_lora_scale(self, scale: float):
+        """Changes the loaded LoRA's scale without reloading it."""
+        from . import lora
+
+        if self.lora is None:
+            raise ValueError("no LoRA is loaded (load_lora first)")
+        scale = check_lora_scale(scale)
+        lora.set_scale(self.unet, scale)
+        lora.set_scale(self.text_encoder, scale)
+        self.lora["scale"] = scale
+
+    def unload_lora(self):
+        """Removes the LoRA: the model is the base model again, exactly."""
+        from . import lora
+
+        lora.remove_lora(self.unet)
+        lora.remove_lora(self.text_encoder)
+        self.lora = None
 
     # --- generation -----------------------------------------------------------------------------------------
     def check_settings(self, **settings) -> dict:
@@ -407,6 +453,8 @@ class ImageCraftPipeline:
 
         from . import __version__
 
+        if self.lora:
+            settings["lora"] = {k: self.lora[k] for k in ("name", "hash", "scale")}
         return dict(settings, model=self.model_id, model_hash=self.model_hash,
                     scheduler_config=dict(sched.config), dtype=str(self.dtype).replace("torch.", ""),
                     versions={"imagecraft": __version__, "torch": torch.__version__,

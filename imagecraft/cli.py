@@ -3,12 +3,15 @@
     imagecraft generate --prompt "a red circle on the left" --seed 42 --output out.png
     imagecraft generate --model ./my-sd15-folder --prompt "a castle" --scheduler dpm++2m_karras --steps 30
     imagecraft generate --from-png out.png                # regenerate an image from its metadata
+    imagecraft generate --prompt "a pink circle" --lora my-lora/:0.8    # with a LoRA at scale 0.8
     imagecraft attention --prompt "a blue square above a green triangle" --seed 7 --output fig.png --npz maps.npz
+    imagecraft finetune --data my-images/ --output my-lora/              # see `imagecraft finetune --help`
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from contextlib import contextmanager
 
@@ -36,6 +39,9 @@ def _add_model_and_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps; detected when not given")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                         help="fp16 on CUDA, fp32 elsewhere when not given")
+    parser.add_argument("--lora", default=None, metavar="PATH[:SCALE]",
+                        help="a LoRA file or folder (ours, diffusers or kohya), optionally with its scale (1 when "
+                             "not given)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0..1")
     att.add_argument("--normalize", default="word", choices=["word", "absolute"],
                      help="scale each map to its own maximum, or all to one scale")
+
+    from .finetune import build_parser as finetune_parser
+
+    finetune_parser(commands.add_parser("finetune", help="fine-tune a model (LoRA or full) on your captioned images",
+                                        formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """"PATH" or "PATH:SCALE" (a PATH may itself hold colons; the part after the last one is the scale if it is a
+    number)."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
 
 
 FLAG_TO_SETTING = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed",
@@ -127,8 +150,19 @@ def load(args):
     """The pipeline the --model, --config, --device and --dtype flags name."""
     from .pipeline import ImageCraftPipeline
 
+    lora = parse_lora(args.lora) if args.lora else None
+    if lora:
+        from .lora import lora_file
+        from .pipeline import check_lora_scale
+
+        lora_file(lora[0])  # a missing or non-safetensors file is named before the model loads
+        check_lora_scale(lora[1])
     print(f"loading {args.model or 'the built-in model'} ...", file=sys.stderr)
-    return ImageCraftPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=args.config)
+    pipe = ImageCraftPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=args.config)
+    if lora:
+        applied = pipe.load_lora(*lora)
+        print(f"LoRA {applied['name']} ({applied['hash']}) at scale {applied['scale']:g}", file=sys.stderr)
+    return pipe
 
 
 def sample(pipe, **settings):
@@ -221,6 +255,11 @@ def attention(args) -> list:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "finetune":
+        from .finetune import run
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        return run(args)
     try:
         if args.command == "generate":
             generate(args)

@@ -5,7 +5,12 @@ many).
     imagecraft finetune --data my-images/ --output my-lora/                  # LoRA on the built-in model
     imagecraft finetune --data my-images/ --output my-model/ --method full
     imagecraft finetune --data my-images/ --output my-lora/ --model PATH --steps 1000 --rank 16
-    accelerate launch --num_processes 2 -m imagecraft.finetune --data my-images/ --output my-lora/
+    accelerate launch --multi_gpu --num_processes 2 -m imagecraft.finetune --data my-images/ --output my-lora/
+
+More than one process (DDP): `accelerate launch --multi_gpu --num_processes N` starts N processes, on GPUs where
+there are, else on CPU cores (gloo); without --multi_gpu accelerate starts one process only. Every process draws
+the same global batch from one seeded generator and trains on its slice, so N processes with --batch-size B train
+exactly as one process with --batch-size N x B.
 
 Data: a folder (subfolders too) of images, each with a same-name .txt caption beside it (kohya's layout), or a
 metadata.jsonl / metadata.csv with `file_name` and `text` (diffusers' imagefolder). Images are turned upright
@@ -398,6 +403,8 @@ def finetune(model, data, output, recipe: Recipe | None = None, progress=None, s
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_process = accelerator.is_main_process
 
+    log.info("training on %d process%s (%s), %s", world, "es" if world > 1 else "", device.type,
+             "bf16 autocast" if bf16 else "fp32")
     pipe = ImageCraftPipeline.from_pretrained(model, device=device.type, dtype="fp32")
     size = pipe.default_size
     latents = encode_images(pipe, examples, size, recipe.flip, output / "cache") if main_process else None
@@ -412,6 +419,7 @@ def finetune(model, data, output, recipe: Recipe | None = None, progress=None, s
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.gradient_checkpointing = recipe.gradient_checkpointing
+    torch.manual_seed(recipe.seed)  # LoRA's initial A: the same in every process and every run
     if recipe.method == "lora":
         lora_lib.remove_lora(unet)
         lora_lib.add_lora(unet, lora_lib.unet_targets(unet, recipe.targets), recipe.rank, recipe.lora_alpha,

@@ -130,11 +130,14 @@ def save(folder: Path, unet: UNet_SD, text_encoder: nn.Module | None = None, ada
     folder.mkdir(parents=True, exist_ok=True)
     peft_tensors, kohya_tensors, config = {}, {}, {}
     names = unet_module_map(unet)
-    parts = [("unet", "lora_unet_", lora_weights(unet, adapter), names)]
+    parts = [("unet", "lora_unet_", lora_weights(unet, adapter), names, names)]
     if text_encoder is not None:
         te = lora_weights(text_encoder, adapter)
-        parts.append(("text_encoder", "lora_te_", te, {n: n for n in te}))
-    for prefix, kohya_prefix, weights, rename in parts:
+        # kohya (A1111) names the text encoder's modules from `text_model.` (transformers' CLIPTextModel before
+        # version 5); PEFT keys use the modules' own names, as diffusers writes them
+        parts.append(("text_encoder", "lora_te_", te, {n: n for n in te},
+                      {n: n if n.startswith("text_model.") else "text_model." + n for n in te}))
+    for prefix, kohya_prefix, weights, rename, kohya_rename in parts:
         if not weights:
             continue
         ranks = {rename[n]: a.shape[0] for n, (a, _, _) in weights.items()}
@@ -148,7 +151,7 @@ def save(folder: Path, unet: UNet_SD, text_encoder: nn.Module | None = None, ada
             theirs = rename[name]
             peft_tensors[f"{prefix}.{theirs}.lora_A.weight"] = a.contiguous()
             peft_tensors[f"{prefix}.{theirs}.lora_B.weight"] = b.contiguous()
-            stem = kohya_prefix + theirs.replace(".", "_")
+            stem = kohya_prefix + kohya_rename[name].replace(".", "_")
             kohya_tensors[f"{stem}.lora_down.weight"] = a.contiguous()
             kohya_tensors[f"{stem}.lora_up.weight"] = b.contiguous()
             kohya_tensors[f"{stem}.alpha"] = torch.tensor(alpha)
@@ -246,10 +249,15 @@ def read(path: str | Path) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tens
 
 
 def _resolve(modules: dict, names: dict[str, str], kind: str, path_name: str) -> dict[str, tuple]:
-    """Maps the file's module names (diffusers, or kohya's with underscores) onto ours; refuses what names none."""
+    """Maps the file's module names (diffusers, or kohya's with underscores) onto ours; refuses what names none.
+    Text encoder modules match with or without transformers' older `text_model.` prefix."""
     by_kohya = {theirs.replace(".", "_"): ours for ours, theirs in names.items()}
     by_kohya.update({ours.replace(".", "_"): ours for ours in names})  # kohya files in LDM naming
     by_theirs = {theirs: ours for ours, theirs in names.items()}
+    if kind == "text encoder":
+        for ours in names:
+            by_kohya.setdefault(("text_model." + ours).replace(".", "_"), ours)
+            by_theirs.setdefault("text_model." + ours, ours)
     resolved, unknown = {}, []
     for module, value in modules.items():
         ours = by_kohya.get(module[len("kohya:"):]) if module.startswith("kohya:") else by_theirs.get(module)

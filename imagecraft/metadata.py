@@ -95,10 +95,13 @@ def _restore_a1111(text: str) -> tuple[dict, list[str]]:
         width, x, height = fields["Size"].lower().partition("x")
         raw["width"], raw["height"] = (_number(width, int), _number(height, int)) if x else (fields["Size"],) * 2
     settings, notes = _checked(raw)
-    for name, scale in loras[:8]:
-        notes.append(f"the image was made with the LoRA {name!r} at scale {scale[:20]}; its <lora:...> tag is left out "
-                     f"of the prompt: load that LoRA (load_lora, --lora) to reproduce it")
+    notes += [_lora_note(name, scale) for name, scale in loras[:8]]
     return settings, notes
+
+
+def _lora_note(name: str, scale: str) -> str:
+    return (f"the image was made with the LoRA {name[:200]!r} at scale {scale[:20]}: load that LoRA (load_lora, "
+            f"--lora) to reproduce it")
 
 
 LORA_TAG = re.compile(r"<lora:([^:<>]{1,200}):([^<>]{1,40})>")
@@ -230,7 +233,12 @@ def restore_settings(source) -> tuple[dict, list[str]]:
     """
     texts = _texts(source)
     if JSON_KEY in texts:
-        return _checked(_json_record(texts[JSON_KEY]))
+        record = _json_record(texts[JSON_KEY])
+        settings, notes = _checked(record)
+        used = record.get("lora")
+        if isinstance(used, dict) and isinstance(used.get("name"), str):
+            notes.append(_lora_note(used["name"], str(used.get("scale"))))
+        return settings, notes
     if "parameters" in texts:
         return _restore_a1111(texts["parameters"])
     raise ValueError("this PNG carries no generation settings (no 'imagecraft' or 'parameters' text chunk)")

@@ -13,6 +13,7 @@ import functools
 import html
 import logging
 import os
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -94,16 +95,18 @@ def _cancelled() -> bool:
 @_ui_errors
 def on_generate(prompt: str, negative_prompt: str = "", steps: int = 25, guidance: float = 5.0, seed: int = -1,
                 scheduler: str = "", width: int = 0, height: int = 0, num_images: int = 1, model: str = BUILTIN,
-                progress=gr.Progress()):
+                lora: str = "none", lora_scale: float = 1.0, progress=gr.Progress()):
     """Generates images for a prompt; returns the PNGs (with metadata) and the seed of the first one.
-    width/height 0 and scheduler "" mean the model's own."""
+    width/height 0 and scheduler "" mean the model's own; lora "none" means none (else a LoRA trained in the
+    Fine-tune tab, or any LoRA file on a server without a model allowlist)."""
     progress(0, desc="loading model")
     pipe = models.get(model)
     _prune_gradio_cache()
     progress(0, desc="sampling")
     paths, first_seed, notes = generate(
         pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, width, height, num_images,
-        progress=lambda step, total: progress((step, total), desc="sampling"), should_stop=_cancelled)
+        progress=lambda step, total: progress((step, total), desc="sampling"), should_stop=_cancelled,
+        lora=lora, lora_scale=lora_scale, trusted_paths=models.allowed is None)
     for note in notes:
         gr.Warning(note)
     return paths, first_seed
@@ -206,6 +209,106 @@ def on_pixel(explained, blocks, resolution, step_from, step_to, heads, evt: gr.S
     return service.draw_pixel(explained, x, y, _filters(explained, blocks, resolution, step_from, step_to, heads))
 
 
+# --- the Fine-tune tab ------------------------------------------------------------------------------------------
+def _ui_errors_stream(fn):
+    """`_ui_errors` for a handler that streams (a generator)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            yield from fn(*args, **kwargs)
+        except ValueError as e:
+            log.info("%s refused: %s", fn.__name__, str(e)[:300])
+            raise gr.Error(_as_text(str(e)), print_exception=False) from e
+
+    return wrapped
+
+
+def _data_view(rows, files):
+    gallery = [(f, row[1] or "missing caption") for f, row in zip(files, rows)]
+    missing = sum(1 for row in rows if not row[1])
+    note = (f"{len(files)} images" + (f"; **{missing} without a caption**: write them in the table" if missing
+                                      else ", all captioned")) if files else ""
+    return rows, gallery, files, note
+
+
+@_ui_errors
+def on_upload(files):
+    """Images with same-name .txt captions, or zips of them: the caption table (editable) and the images."""
+    rows, images = service.read_upload(files)
+    if files and not images:
+        raise ValueError("no images in the upload: add .png, .jpg or .webp files (with .txt captions), or a zip")
+    return _data_view(rows, images)
+
+
+@_ui_errors
+def on_demo_data():
+    """24 images of pink circles and squares: the built-in model does not know the word "pink"."""
+    return _data_view(*service.demo_data())
+
+
+def _status(job) -> str:
+    if job is None:
+        return ""
+    if job.state == "queued":
+        ahead = service.TRAINING.ahead(job)
+        return f"**Waiting**: {ahead} training job{'s' if ahead != 1 else ''} ahead of yours (one trains at a time)."
+    if job.state == "running":
+        return f"**Training** ({job.recipe.method}): {job.message or 'starting'}"
+    return {"done": "**Done**: ", "stopped": "**Stopped**: ", "failed": "**Failed**: "}[job.state] + \
+        _as_text(job.message)
+
+
+@_ui_errors_stream
+def on_finetune(files, table, method: str = "lora", steps: int = 400, rank: int = 8, lr: float = 0.0,
+                validation_prompt: str = "", model: str = BUILTIN, job=None, progress=gr.Progress()):
+    """Trains on the uploaded (or demo) images, one job at a time on this server; streams the status, the loss
+    curve and the latest previews, then the result files. The job belongs to this browser session."""
+    if job is not None and not job.finished:
+        raise ValueError("your previous fine-tune is still running: stop it first")
+    job = service.start_finetune(models.source(model), files or [], table, method, steps, rank, lr or None,
+                                 validation_prompt or "")
+    log.info("fine-tune job %s queued (%s, %s steps)", job.id[:8], method, steps)
+    yield _status(job), None, None, None, job
+    while not job.finished:
+        if _cancelled():  # the browser went away: stop, keeping the checkpoint
+            job.stop()
+        if job.state == "running":
+            progress((job.step, job.recipe.steps), desc="training")
+        else:
+            progress(0, desc="waiting for the job ahead")
+        yield _status(job), job.loss_plot(), job.latest_preview(), None, job
+        time.sleep(1.0)
+    yield _status(job), job.loss_plot(), job.latest_preview(), job.files() or None, job
+
+
+def on_stop(job):
+    """Stops this session's fine-tune after the current step; the checkpoint is saved."""
+    if job is None or job.finished:
+        return _status(job) or "No fine-tune of yours is running."
+    job.stop()
+    return "**Stopping** after this step; the checkpoint will be kept."
+
+
+def on_finetune_status(job=None) -> str:
+    """This session's fine-tune: waiting, training (step and loss), done, stopped or failed."""
+    return _status(job) or "No fine-tune in this session."
+
+
+@_ui_errors
+def on_use(job):
+    """Puts a finished fine-tune into the Generate tab: a LoRA into the LoRA box, a full model into the model box."""
+    if job is None or job.state != "done":
+        raise ValueError("train something first: \"Use in Generate\" takes a finished fine-tune")
+    name = f"fine-tune {job.id[:8]}"
+    if job.recipe.method == "lora":
+        return (gr.update(), gr.update(choices=[("none", "none"), (name, str(job.output))], value=str(job.output)),
+                1.0, gr.Tabs(selected="generate"))
+    path = models.allow(job.output)
+    return (gr.update(choices=[*models.choices, path], value=path), gr.update(), gr.update(),
+            gr.Tabs(selected="generate"))
+
+
 # --- layout ----------------------------------------------------------------------------------------------------
 def build_demo() -> gr.Blocks:
     default = models.get(None)  # the built-in model, loaded before the first request
@@ -214,7 +317,7 @@ def build_demo() -> gr.Blocks:
     with gr.Blocks(title="ImageCraft", delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# ImageCraft\nText to image with UNet_SD, a from-scratch Stable Diffusion UNet. "
                     "The built-in model draws circles, squares and triangles in eight colours: try the examples.")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
                     model = gr.Dropdown(models.choices, value=models.choices[0], scale=4,
@@ -242,6 +345,13 @@ def build_demo() -> gr.Blocks:
                         with gr.Row():
                             width = gr.Slider(64, 2048, value=size, step=8, label="Width")
                             height = gr.Slider(64, 2048, value=size, step=8, label="Height")
+                        with gr.Row():
+                            lora = gr.Dropdown([("none", "none")], value="none", scale=3, elem_id="lora",
+                                               allow_custom_value=models.allowed is None,
+                                               label="LoRA (train one in the Fine-tune tab"
+                                                     + (", or give a LoRA file's path)" if models.allowed is None
+                                                        else ")"))
+                            lora_scale = gr.Slider(-1, 2, value=1.0, step=0.05, label="LoRA scale", scale=2)
                         run = gr.Button("Generate", variant="primary", elem_id="generate-button")
                     with gr.Column(scale=2):
                         gallery = gr.Gallery(label="Images (download keeps the PNG metadata)", type="filepath",
@@ -296,6 +406,43 @@ def build_demo() -> gr.Blocks:
                             att_npz = gr.File(label="Maps (.npz, AttentionMaps.load)")
                             att_png = gr.File(label="Figure (PNG)")
                 att_state = gr.State(None)
+            with gr.Tab("Fine-tune", id="finetune"):
+                gr.Markdown("Teach the model new words from your own captioned images: a LoRA (small, fast) or a "
+                            "full fine-tune of the UNet. One training job runs at a time on this server; yours "
+                            "belongs to this browser tab. \"Use demo data\" teaches the built-in model the colour "
+                            "word *pink*, which it has never seen.")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        ft_upload = gr.File(label="Images with same-name .txt captions, or a .zip of them",
+                                            file_count="multiple", file_types=["image", ".txt", ".zip"],
+                                            type="filepath", elem_id="finetune-upload")
+                        ft_demo = gr.Button("Use demo data: 24 pink circles and squares")
+                        ft_note = gr.Markdown("")
+                        ft_table = gr.Dataframe(headers=["image", "caption", "note"], datatype=["str", "str", "str"],
+                                                column_count=(3, "fixed"), interactive=True, wrap=True,
+                                                label="Captions: edit them here", elem_id="finetune-table")
+                        ft_gallery = gr.Gallery(label="Training images", columns=8, height=180, elem_id="gallery")
+                        with gr.Row():
+                            ft_method = gr.Radio([("LoRA", "lora"), ("Full fine-tune", "full")], value="lora",
+                                                 label="Method")
+                            ft_steps = gr.Slider(1, 2000, value=400, step=1, label="Training steps")
+                        with gr.Row():
+                            ft_rank = gr.Slider(1, 64, value=8, step=1, label="LoRA rank")
+                            ft_lr = gr.Number(value=0, label="Learning rate (0: 1e-3 for LoRA, 5e-5 for full)")
+                        ft_prompt = gr.Textbox("", label="Validation prompt for the previews (default: the first "
+                                                         "two captions)", placeholder="a pink triangle")
+                        with gr.Row():
+                            ft_train = gr.Button("Train", variant="primary", elem_id="finetune-button")
+                            ft_stop = gr.Button("Stop (keeps a checkpoint)")
+                    with gr.Column(scale=3):
+                        ft_status = gr.Markdown("", elem_id="finetune-status")
+                        ft_loss = gr.Image(label="Loss", type="filepath", elem_id="finetune-loss")
+                        ft_preview = gr.Image(label="Previews: base model, LoRA at 0.5, LoRA at 1",
+                                              type="filepath", elem_id="finetune-preview")
+                        ft_files = gr.File(label="Results (LoRA, kohya copy, model card, loss)", file_count="multiple")
+                        ft_use = gr.Button("Use in Generate", elem_id="finetune-use")
+                ft_data = gr.State([])  # the uploaded images' paths on the server
+                ft_job = gr.State(None)
         wire(dict(model=model, load=load, status=status, prompt=prompt, negative=negative, steps=steps,
                   guidance=guidance, seed=seed, dice=dice, reuse=reuse, scheduler=scheduler, num_images=num_images,
                   width=width, height=height, run=run, gallery=gallery, last_seed=last_seed, png=png,
@@ -305,14 +452,18 @@ def build_demo() -> gr.Blocks:
                   att_resolution=att_resolution, att_heads=att_heads, att_from=att_from, att_to=att_to,
                   att_alpha=att_alpha, att_cmap=att_cmap, att_normalize=att_normalize, att_figure=att_figure,
                   att_image=att_image, att_pixel=att_pixel, att_step=att_step, att_step_figure=att_step_figure,
-                  att_npz=att_npz, att_png=att_png, att_state=att_state))
+                  att_npz=att_npz, att_png=att_png, att_state=att_state, tabs=tabs, lora=lora,
+                  lora_scale=lora_scale, ft_upload=ft_upload, ft_demo=ft_demo, ft_note=ft_note, ft_table=ft_table,
+                  ft_gallery=ft_gallery, ft_method=ft_method, ft_steps=ft_steps, ft_rank=ft_rank, ft_lr=ft_lr,
+                  ft_prompt=ft_prompt, ft_train=ft_train, ft_stop=ft_stop, ft_status=ft_status, ft_loss=ft_loss,
+                  ft_preview=ft_preview, ft_files=ft_files, ft_use=ft_use, ft_data=ft_data, ft_job=ft_job))
     return demo
 
 
 def wire(ui: dict) -> None:
     """Every event of the app, in one place."""
     inputs = [ui[k] for k in ("prompt", "negative", "steps", "guidance", "seed", "scheduler", "width", "height",
-                              "num_images", "model")]
+                              "num_images", "model", "lora", "lora_scale")]
     # after each generation the Attention tab takes its settings (with the seed used), ready to explain it
     last = [ui[k] for k in ("prompt", "negative", "steps", "guidance", "last_seed", "scheduler", "width", "height",
                             "model")]
@@ -327,7 +478,7 @@ def wire(ui: dict) -> None:
     ui["load"].click(on_load_model, [ui["model"]], [ui["status"], ui["width"], ui["height"]], api_name="load_model")
     ui["dice"].click(on_random_seed, None, ui["seed"], api_name="random_seed")
     ui["reuse"].click(lambda s: s if s is not None else -1, ui["last_seed"], ui["seed"], api_name=False)
-    ui["png"].upload(on_png, ui["png"], inputs, api_name="read_png")
+    ui["png"].upload(on_png, ui["png"], inputs[:10], api_name="read_png")
 
     # Attention: explain, then redraw from the stored maps on every control (no model call)
     ui["explain"].click(on_attention, explain_inputs,
@@ -343,6 +494,22 @@ def wire(ui: dict) -> None:
     ui["att_step"].change(on_scrub, [ui["att_state"], ui["att_words"], ui["att_step"], ui["att_blocks"],
                                      ui["att_resolution"], *looks], ui["att_step_figure"], api_name=False)
     ui["att_image"].select(on_pixel, [ui["att_state"], *filters], ui["att_pixel"], api_name=False)
+
+    # Fine-tune: data in, one queued job per session, streamed progress, then into the Generate tab
+    data_view = [ui[k] for k in ("ft_table", "ft_gallery", "ft_data", "ft_note")]
+    ui["ft_upload"].upload(on_upload, ui["ft_upload"], data_view, api_name="finetune_upload")
+    ui["ft_demo"].click(on_demo_data, None, data_view, api_name="finetune_demo_data")
+    # its own concurrency group: jobs waiting for the trainer stream their place without holding up generation
+    ui["ft_train"].click(on_finetune, [ui[k] for k in ("ft_data", "ft_table", "ft_method", "ft_steps", "ft_rank",
+                                                       "ft_lr", "ft_prompt", "model", "ft_job")],
+                         [ui[k] for k in ("ft_status", "ft_loss", "ft_preview", "ft_files", "ft_job")],
+                         api_name="finetune", concurrency_id="finetune", concurrency_limit=8)
+    ui["ft_stop"].click(on_stop, ui["ft_job"], ui["ft_status"], api_name="finetune_stop", concurrency_limit=None)
+    status = gr.Button(visible=False)  # the API's way to ask, without touching the page
+    status.click(on_finetune_status, ui["ft_job"], ui["ft_status"], api_name="finetune_status",
+                 concurrency_limit=None)
+    ui["ft_use"].click(on_use, ui["ft_job"], [ui["model"], ui["lora"], ui["lora_scale"], ui["tabs"]],
+                       api_name="finetune_use")
 
 
 def main():

@@ -120,6 +120,24 @@ class ModelCache:
     def __len__(self) -> int:
         return len(self._pipes)
 
+    def source(self, text: str | None) -> str | None:
+        """What `text` names, for a fine-tune to load its own copy from: None for the built-in model, else the
+        resolved folder or Hub id; checked against the allowlist, loading nothing."""
+        source, config, key = self._parse(text)
+        if self.allowed is not None and key not in self.allowed:
+            raise ValueError(f"this server serves only these models: {', '.join(self.choices)}")
+        if config:
+            raise ValueError("fine-tuning takes a diffusers folder or Hub id, not a single .safetensors file")
+        return None if key == "default" else key
+
+    def allow(self, folder: Path) -> str:
+        """Adds a model this server trained (a full fine-tune's folder) to the allowlist, if there is one; returns
+        the name to pick it by."""
+        name = str(Path(folder).resolve())
+        if self.allowed is not None:
+            self.allowed[self.key(name)] = name
+        return name
+
 
 def pick_seed(seed) -> int:
     """A seed from the UI: -1 or empty means a fresh random one (AUTOMATIC1111's convention); otherwise it is
@@ -163,23 +181,64 @@ def _size(pipe, value, name: str) -> int:
 def generate(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", steps: int = 25,
              guidance: float = 7.5, seed: int = -1, scheduler: str | None = None, width: int | None = None,
              height: int | None = None, num_images: int = 1, progress: Callable | None = None,
-             should_stop: Callable | None = None):
+             should_stop: Callable | None = None, lora: str | None = None, lora_scale: float = 1.0,
+             trusted_paths: bool = True):
     """Generates and writes each image as a PNG with its metadata to a fresh folder of its own.
 
     Every value is checked by `imagecraft.settings` (the same schema as the API and CLI), and the request's
     width x height x steps x images must be within `settings.max_cost`. Returns (PNG paths, the first seed,
     warnings). `progress(step, total)` is called after each sampling step; `should_stop()` too, and when it says
-    yes sampling stops there (`Cancelled`).
+    yes sampling stops there (`Cancelled`). `lora` (a file or folder; only this server's fine-tunes unless
+    `trusted_paths`) applies at `lora_scale` for this request only: the shared model is left as it was.
     """
     _check_text(prompt=prompt, negative_prompt=negative_prompt)
     w, h = _size(pipe, width, "width"), _size(pipe, height, "height")
     check_cost(w, h, check("num_inference_steps", steps), check("num_images", num_images), pipe.device)
-    result = pipe(prompt if prompt is not None else "", negative_prompt=negative_prompt or "",
-                  num_inference_steps=steps, guidance_scale=guidance, seed=pick_seed(seed),
-                  scheduler=scheduler or None, width=w, height=h, num_images=num_images,
-                  callback=_callback(progress, should_stop))
+    lora_path = check_lora_path(lora, trusted_paths)
+    with model_lock(pipe):
+        try:
+            if lora_path:
+                pipe.load_lora(lora_path, lora_scale)
+            result = pipe(prompt if prompt is not None else "", negative_prompt=negative_prompt or "",
+                          num_inference_steps=steps, guidance_scale=guidance, seed=pick_seed(seed),
+                          scheduler=scheduler or None, width=w, height=h, num_images=num_images,
+                          callback=_callback(progress, should_stop))
+        finally:
+            if pipe.lora is not None:
+                pipe.unload_lora()
     paths = result.save(new_output_folder() / "imagecraft-{seed}.png")
     return [str(p) for p in paths], result.seeds[0], result.warnings
+
+
+_model_locks: dict[int, threading.Lock] = {}
+_model_locks_guard = threading.Lock()
+
+
+def model_lock(pipe) -> threading.Lock:
+    """One lock per loaded model for generation: a request's LoRA is applied to the shared model, so no other
+    request may sample it meanwhile."""
+    with _model_locks_guard:
+        return _model_locks.setdefault(id(pipe), threading.Lock())
+
+
+def check_lora_path(lora, trusted_paths: bool) -> Path | None:
+    """The LoRA a request names, or None for none; a public server (`trusted_paths` False) takes only the
+    fine-tunes it trained itself."""
+    if lora in (None, "", "none"):
+        return None
+    if not isinstance(lora, str) or len(lora) > 1000:
+        raise ValueError(f"the LoRA must be a path, got {shown(lora)}")
+    path = Path(lora).expanduser()
+    if not trusted_paths:
+        try:
+            inside = path.resolve().is_relative_to((FINETUNE_ROOT / "jobs").resolve())
+        except (OSError, RuntimeError, ValueError):
+            inside = False
+        if not inside:
+            raise ValueError("this server applies only LoRAs trained here (the Fine-tune tab)")
+    from .lora import lora_file
+
+    return lora_file(path)
 
 
 def output_limits() -> tuple[float, float]:
@@ -326,3 +385,229 @@ def draw_pixel(explained: Explained, x: int, y: int, filters: dict) -> str:
 
     fig = plots.plot_token_distribution(explained.maps, int(x), int(y), **filters)
     return str(plots.save(fig, explained.folder / "pixel.png"))
+
+
+# --- the Fine-tune tab ------------------------------------------------------------------------------------------
+FINETUNE_ROOT = Path(tempfile.gettempdir()) / "imagecraft-finetune"
+MAX_UPLOAD_IMAGES = 200  # a Space trains on a shared CPU: a few dozen images is what a LoRA needs
+KEEP_JOBS = int(os.environ.get("IMAGECRAFT_KEEP_JOBS", "8"))  # finished jobs' folders kept, oldest dropped first
+
+
+def read_upload(paths) -> tuple[list[list[str]], list[str]]:
+    """The caption table and the image files of an upload: images, their same-name .txt captions, and zips of
+    both (unpacked safely). Rows are [file name, caption, note]; the note flags a missing caption."""
+    from .finetune import IMAGE_SUFFIXES, extract_zip
+
+    if not paths:
+        return [], []
+    files: list[Path] = []
+    for p in paths if isinstance(paths, (list, tuple)) else [paths]:
+        path = Path(p if isinstance(p, (str, Path)) else getattr(p, "name", p))
+        if path.suffix.lower() == ".zip":
+            folder = extract_zip(path, new_folder(FINETUNE_ROOT / "uploads"))
+            files += sorted(f for f in folder.rglob("*") if f.is_file())
+        else:
+            files.append(path)
+    captions = {f.stem: f for f in files if f.suffix.lower() == ".txt"}
+    images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    if len(images) > MAX_UPLOAD_IMAGES:
+        raise ValueError(f"{len(images)} images uploaded; the Fine-tune tab takes at most {MAX_UPLOAD_IMAGES}")
+    rows = []
+    for image in images:
+        caption = ""
+        if image.stem in captions:
+            try:
+                caption = captions[image.stem].read_text(encoding="utf-8").strip()[:1000]
+            except (OSError, UnicodeDecodeError):
+                caption = ""
+        rows.append([image.name, caption, "" if caption else "missing caption"])
+    return rows, [str(f) for f in images]
+
+
+def demo_data(n: int = 24, seed: int = 0) -> tuple[list[list[str]], list[str]]:
+    """The demo set: n images of pink circles and squares, a colour the built-in model does not know, captioned in
+    its grammar; written as PNGs to a fresh folder. Returns the caption table and the files."""
+    from . import shapes
+
+    folder = new_folder(FINETUNE_ROOT / "uploads")
+    rows, files = [], []
+    for i, (caption, image) in enumerate(shapes.colour_word_scenes(random.Random(seed), n, "pink")):
+        path = folder / f"pink-{i:02d}.png"
+        Image.fromarray(image).save(path)
+        rows.append([path.name, caption, ""])
+        files.append(str(path))
+    return rows, files
+
+
+def new_folder(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / uuid.uuid4().hex
+    folder.mkdir()
+    return folder
+
+
+def build_data_folder(files: list[str], rows, folder: Path) -> Path:
+    """The training folder from the uploaded files and the (edited) caption table: each image beside a .txt of its
+    caption. Every image needs a caption; the message lists those without."""
+    if not files:
+        raise ValueError("no training images: upload images (and their .txt captions, or a zip), or press "
+                         "\"Use demo data\"")
+    folder.mkdir(parents=True, exist_ok=True)
+    table = rows.values.tolist() if hasattr(rows, "values") else list(rows or [])
+    by_name = {}
+    for row in table:
+        if row and isinstance(row[0], str):
+            by_name[row[0]] = "" if len(row) < 2 or row[1] is None else str(row[1]).strip()
+    missing = [Path(f).name for f in files if not by_name.get(Path(f).name)]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(files)} images have no caption ({', '.join(missing[:5])}"
+                         f"{', ...' if len(missing) > 5 else ''}): write one in the caption table")
+    for i, f in enumerate(files):
+        source = Path(f)
+        target = folder / f"{i:04d}{source.suffix.lower()}"
+        shutil.copyfile(source, target)
+        target.with_suffix(".txt").write_text(by_name[source.name][:1000], encoding="utf-8")
+    return folder
+
+
+@dataclass
+class TrainingJob:
+    """One fine-tune requested from the app: its folder, recipe, progress and result. Jobs run one at a time."""
+    id: str
+    folder: Path
+    model: str | None
+    recipe: object
+    state: str = "queued"  # queued, running, done, stopped, failed
+    step: int = 0
+    message: str = ""
+    result: object = None
+    started: float = 0.0
+
+    def __post_init__(self):
+        self.stop_event = threading.Event()
+
+    @property
+    def output(self) -> Path:
+        return self.folder / "output"
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "stopped", "failed")
+
+    def stop(self):
+        self.stop_event.set()
+
+    def latest_preview(self) -> str | None:
+        previews = sorted((self.output / "previews").glob("step-*.png"))
+        return str(previews[-1]) if previews else None
+
+    def loss_plot(self) -> str | None:
+        path = self.output / "loss.png"
+        return str(path) if path.exists() else None
+
+    def files(self) -> list[str]:
+        if self.result is None or not self.result.files:
+            return []
+        return [str(f) for f in self.result.files if Path(f).is_file()] + \
+            [str(p) for p in (self.output / "loss.csv", self.output / "loss.png") if p.exists()]
+
+
+class TrainingQueue:
+    """Fine-tunes one job at a time, in order, each on a thread of its own; the others wait and know their place.
+    Generation never waits for training: they only share the CPU."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._waiting: list[TrainingJob] = []
+        self.running: TrainingJob | None = None
+
+    def submit(self, job: TrainingJob) -> TrainingJob:
+        with self._cond:
+            self._waiting.append(job)
+        threading.Thread(target=self._run, args=(job,), daemon=True, name=f"finetune-{job.id[:8]}").start()
+        return job
+
+    def ahead(self, job: TrainingJob) -> int:
+        """How many jobs will train before this one (0 once it trains)."""
+        with self._cond:
+            if job not in self._waiting:
+                return 0
+            return self._waiting.index(job) + (self.running is not None)
+
+    def _run(self, job: TrainingJob):
+        from .finetune import TrainingError, finetune
+
+        with self._cond:
+            while self._waiting[0] is not job or self.running is not None:
+                if job.stop_event.is_set():  # stopped while waiting
+                    self._waiting.remove(job)
+                    job.state, job.message = "stopped", "stopped before it started"
+                    self._cond.notify_all()
+                    return
+                self._cond.wait(timeout=0.5)
+            self._waiting.pop(0)
+            self.running = job
+        job.state, job.started = "running", time.time()
+        try:
+            def progress(step, steps, loss):
+                job.step, job.message = step, f"step {step} of {steps}, loss {loss:.4f}"
+
+            job.result = finetune(job.model, job.folder / "data", job.output, job.recipe, progress=progress,
+                                  should_stop=job.stop_event.is_set, show_bar=False)
+            job.state = "stopped" if job.result.stopped else "done"
+            job.message = (f"stopped at step {job.result.step}; the checkpoint is kept" if job.result.stopped
+                           else f"{job.result.step} steps in {(time.time() - job.started) / 60:.1f} min")
+        except (ValueError, TrainingError, OSError) as e:
+            job.state, job.message = "failed", str(e)
+        except Exception as e:  # noqa: BLE001 - a bug must not kill the queue: the job says so, the log has it
+            import logging
+
+            logging.getLogger("imagecraft.service").exception("fine-tune job %s failed", job.id)
+            job.state, job.message = "failed", f"failed: {type(e).__name__}: {e}"
+        finally:
+            (job.folder / "finished").touch()
+            with self._cond:
+                self.running = None
+                self._cond.notify_all()
+            _drop_old_jobs()
+
+
+TRAINING = TrainingQueue()
+
+
+def _drop_old_jobs():
+    """Keeps the newest KEEP_JOBS finished job folders under FINETUNE_ROOT / "jobs"."""
+    root = FINETUNE_ROOT / "jobs"
+    if not root.is_dir():
+        return
+    folders = sorted((p for p in root.iterdir() if (p / "finished").exists()), key=lambda p: p.stat().st_mtime)
+    for folder in folders[:-KEEP_JOBS] if KEEP_JOBS else folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def start_finetune(model: str | None, files: list[str], rows, method: str = "lora", steps: int = 400,
+                   rank: int = 8, lr: float | None = None, validation_prompt: str = "") -> TrainingJob:
+    """Checks the request, writes the training folder and queues the job. `model` is what the fine-tune loads
+    (None: the built-in model; see `ModelCache.source`). Defaults are the CLI's."""
+    from .finetune import Recipe, check_recipe
+
+    if method not in ("lora", "full"):
+        raise ValueError(f"method must be 'lora' or 'full', got {shown(method)}")
+    for name, value, low, high in (("steps", steps, 1, 5000), ("rank", rank, 1, 128)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or \
+                not low <= value <= high:
+            raise ValueError(f"{name} must be a whole number from {low} to {high}, got {shown(value)}")
+    if lr in (None, "", 0):
+        lr = None
+    elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 0.1:
+        raise ValueError(f"learning rate must be a number in (0, 0.1], got {shown(lr)}")
+    if validation_prompt:
+        _check_text(prompt=validation_prompt)
+    recipe = check_recipe(Recipe(method=method, steps=int(steps), rank=int(rank), lr=lr,
+                                 validation_prompts=(validation_prompt.strip(),) if validation_prompt else (),
+                                 checkpoint_every=max(1, min(100, int(steps) // 4)),
+                                 preview_every=max(1, int(steps) // 4)))
+    folder = new_folder(FINETUNE_ROOT / "jobs")
+    build_data_folder(files, rows, folder / "data")
+    job = TrainingJob(folder.name, folder, model, recipe)
+    return TRAINING.submit(job)

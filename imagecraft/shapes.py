@@ -169,8 +169,10 @@ def place(spec: Spec, rng: random.Random, tries: int = 200, gap: float = GAP) ->
     raise RuntimeError(f"could not place {prompt_of(spec)!r}")
 
 
-def render(spec: Spec, placed: list[Placed]) -> np.ndarray:
-    """(64, 64, 3) uint8 image; fills each Placed.mask with its object's pixels."""
+def render(spec: Spec, placed: list[Placed], palette: dict | None = None) -> np.ndarray:
+    """(64, 64, 3) uint8 image; fills each Placed.mask with its object's pixels. `palette` adds colours the world
+    lacks, by name."""
+    colours = {**COLOURS, **(palette or {})}
     image = Image.new("RGB", (SIZE, SIZE), spec.background_rgb)
     draw = ImageDraw.Draw(image)
     for p in placed:
@@ -178,7 +180,7 @@ def render(spec: Spec, placed: list[Placed]) -> np.ndarray:
         mdraw = ImageDraw.Draw(mask)
         half = p.size / 2
         box = [p.cx - half, p.cy - half, p.cx + half - 1, p.cy + half - 1]
-        for d, fill in ((draw, COLOURS[p.obj.colour]), (mdraw, 1)):
+        for d, fill in ((draw, colours[p.obj.colour]), (mdraw, 1)):
             if p.obj.shape == "circle":
                 d.ellipse(box, fill=fill)
             elif p.obj.shape == "square":
@@ -443,3 +445,22 @@ def lone_object(rng: random.Random, kind: str, colour=None, background=None, siz
     for d, fill in ((ImageDraw.Draw(image), tuple(colour)), (ImageDraw.Draw(mask), 1)):
         (d.ellipse if form == "ellipse" else d.polygon)(points, fill=fill)
     return np.array(image), np.array(mask, dtype=bool)
+
+
+# --- a new colour word, for fine-tuning demos and the fine-tune benchmark -----------------------------------------
+NEW_COLOURS = {"pink": (255, 105, 180)}
+
+
+def colour_word_scenes(rng: random.Random, n: int, word: str = "pink", rgb=None,
+                       shapes_: tuple = ("circle", "square")) -> list[tuple[str, np.ndarray]]:
+    """n (caption, image) pairs of single objects in a colour the world lacks (`word`, `rgb`), in the world's
+    grammar: "a pink circle on the left", "a pink square on a blue background". Only `shapes_` are drawn, so a
+    model taught with them can be asked for the colour on a shape it never saw in it (a pink triangle)."""
+    palette = {word: tuple(rgb or NEW_COLOURS[word])}
+    out = []
+    for i in range(n):
+        spec = sample_spec(rng, two_objects=False)
+        spec.objects[0].colour, spec.objects[0].shape = word, shapes_[i % len(shapes_)]
+        placed = place(spec, rng)
+        out.append((prompt_of(spec), render(spec, placed, palette)))
+    return out

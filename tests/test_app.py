@@ -286,3 +286,78 @@ def test_error_messages_reach_api_clients_as_plain_text(client):
         client.predict("<b>x</b>", api_name="/load_model")
     message = str(info.value)
     assert "&lt;" not in message and "<b>" not in message and "\u2039b\u203ax\u2039/b\u203a" in message
+
+
+def test_finetune_api_trains_streams_and_the_lora_generates(client, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="no training images"):
+        client.predict({"headers": ["image", "caption", "note"], "data": []}, api_name="/finetune")
+    rows, gallery, note = client.predict(api_name="/finetune_demo_data")
+    assert len(rows["data"]) == 24 and "all captioned" in note
+    assert all(r[1].startswith("a pink ") for r in rows["data"])
+    job = client.submit(rows, "lora", 8, 4, 0, "a pink triangle", BUILTIN, api_name="/finetune")
+    updates = list(job)
+    status, loss, preview, files = job.outputs()[-1][:4]
+    assert status.startswith("**Done**") and len(updates) >= 2
+    assert Image.open(loss).size[0] > 300 and Image.open(preview).size[0] > 300  # the curve and the previews
+    names = sorted(Path(f).name for f in files)
+    assert names == ["README.md", "lora_kohya.safetensors", "loss.csv", "loss.png", "pytorch_lora_weights.safetensors"]
+    assert client.predict(api_name="/finetune_status").startswith("**Done**")
+    _, lora, scale = client.predict(api_name="/finetune_use")
+    path = lora["value"]
+    base, _ = client.predict("a pink circle", seed=5, steps=10, api_name="/generate")
+    tuned, _ = client.predict("a pink circle", seed=5, steps=10, lora=path, lora_scale=1.0, api_name="/generate")
+    png = Image.open(image_path(tuned[0]))
+    assert "<lora:output:1>" in png.text["parameters"]
+    assert not np.array_equal(np.asarray(png.convert("RGB")), np.asarray(Image.open(image_path(base[0])).convert("RGB")))
+    again, _ = client.predict("a pink circle", seed=5, steps=10, api_name="/generate")  # the shared model is clean
+    assert np.array_equal(np.asarray(Image.open(image_path(again[0]))), np.asarray(Image.open(image_path(base[0]))))
+
+
+def test_finetune_captions_missing_are_named(client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    for i in range(2):
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / f"img{i}.png")
+    (tmp_path / "img0.txt").write_text("a red square")
+    rows, gallery, note = client.predict([handle_file(tmp_path / "img0.png"), handle_file(tmp_path / "img0.txt"),
+                                          handle_file(tmp_path / "img1.png")], api_name="/finetune_upload")
+    assert [r[1:] for r in rows["data"]] == [["a red square", ""], ["", "missing caption"]]
+    assert "1 without a caption" in note
+    with pytest.raises(AppError, match="1 of 2 images have no caption \\(img1.png\\)"):
+        client.predict(rows, "lora", 5, api_name="/finetune")
+    rows["data"][1][1] = "a red square too"
+    job = client.submit(rows, "lora", 2, 2, 0, "", BUILTIN, api_name="/finetune")
+    list(job)
+    assert job.outputs()[-1][0].startswith("**Done**")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_browser_uploads_trains_sees_the_loss_and_generates_with_the_lora(url, tmp_path):
+    rng = __import__("random").Random(3)
+    from imagecraft import shapes
+
+    paths = []
+    for i, (caption, image) in enumerate(shapes.colour_word_scenes(rng, 4, "pink")):
+        Image.fromarray(image).save(tmp_path / f"pink{i}.png")
+        (tmp_path / f"pink{i}.txt").write_text(caption)
+        paths += [str(tmp_path / f"pink{i}.png"), str(tmp_path / f"pink{i}.txt")]
+    with browser_page("finetune-failure.png", viewport={"width": 1400, "height": 1400}) as page:
+        page.goto(url, wait_until="load")
+        page.get_by_role("tab", name="Fine-tune").click()
+        page.locator("#finetune-upload input[type=file]").set_input_files(paths)
+        page.get_by_text("4 images, all captioned").wait_for(timeout=60_000)
+        steps = page.get_by_label("number input for Training steps")
+        steps.fill("10")
+        steps.press("Enter")
+        page.locator("#finetune-button").click()
+        page.locator("#finetune-loss img").wait_for(state="visible", timeout=240_000)
+        page.get_by_text("Done").first.wait_for(timeout=240_000)
+        page.screenshot(path=str(ARTIFACTS / "finetune-tab.png"), full_page=True)
+        page.locator("#finetune-use").click()
+        page.locator("#generate-button").wait_for(state="visible", timeout=30_000)
+        page.get_by_label("Prompt", exact=True).fill("a pink circle")
+        page.locator("#generate-button").click()
+        page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)

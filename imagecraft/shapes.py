@@ -296,31 +296,37 @@ def _relation_ok(relation: str | None, a: dict, b: dict) -> bool:
     return {"to the left of": a["cx"] < b["cx"], "above": a["cy"] < b["cy"], "and": True, None: False}[relation]
 
 
-def read_objects(image) -> tuple[str, list[dict]]:
-    """(background colour name, objects as dicts with colour, shape, cx, cy, area) found in an image."""
+def read_objects(image, palette: dict | None = None) -> tuple[str, list[dict]]:
+    """(background colour name, objects as dicts with colour, shape, cx, cy, area) found in an image. Each pixel
+    takes the nearest of the world's colours and gray, and of `palette` (extra colours by name, e.g. pink)."""
+    names, colours = list(_PALETTE_NAMES), _PALETTE
+    if palette:
+        names += list(palette)
+        colours = np.concatenate([_PALETTE, np.array(list(palette.values()), dtype=np.float32)])
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     if pixels.shape[:2] != (SIZE, SIZE):
         pixels = np.asarray(Image.fromarray(pixels.astype(np.uint8)).resize((SIZE, SIZE), Image.NEAREST),
                             dtype=np.float32)
-    distances = ((pixels[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1)  # (64, 64, 9)
+    distances = ((pixels[:, :, None, :] - colours[None, None]) ** 2).sum(-1)  # (64, 64, colours)
     classes = distances.argmin(-1)
     border = np.concatenate([classes[0], classes[-1], classes[:, 0], classes[:, -1]])
-    background = np.bincount(border, minlength=len(_PALETTE)).argmax()
+    background = np.bincount(border, minlength=len(colours)).argmax()
     objects = []
     for comp in _components(classes != background):
-        colour = np.bincount(classes[comp], minlength=len(_PALETTE)).argmax()
+        colour = np.bincount(classes[comp], minlength=len(colours)).argmax()
         ys, xs = np.nonzero(comp)
         # the centre of the bounding box, as objects are placed (a triangle's centroid sits lower)
-        objects.append(dict(colour=_PALETTE_NAMES[colour], shape=classify_shape(comp),
+        objects.append(dict(colour=names[colour], shape=classify_shape(comp),
                             cx=(xs.min() + xs.max() + 1) / 2, cy=(ys.min() + ys.max() + 1) / 2, area=int(comp.sum())))
-    return _PALETTE_NAMES[background], objects
+    return names[background], objects
 
 
-def score(image, prompt: str | Spec) -> dict:
+def score(image, prompt: str | Spec, palette: dict | None = None) -> dict:
     """Which attributes of `prompt` the image gets right: background, colour, shape, count, and position or
-    relation where the prompt has them (None where it does not). `all` is True when every one is."""
+    relation where the prompt has them (None where it does not). `all` is True when every one is. A colour the
+    world lacks (pink, taught by a fine-tune) is read with `palette` ({"pink": (255, 105, 180)}) and a Spec."""
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-    background, found = read_objects(image)
+    background, found = read_objects(image, palette)
     result = dict(background=background == (spec.background or "gray"), count=len(found) == len(spec.objects),
                   colour=False, shape=False, position=None, relation=None)
     if len(spec.objects) == 1 and spec.objects[0].position:

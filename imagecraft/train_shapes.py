@@ -93,6 +93,9 @@ class Recipe:
     # from the UNet's world. 0: the UNet's world only, whose autoencoder snaps colours outside the palette to it
     # (pink comes back purple) and draws shapes it never saw as blobs, so no fine-tune could teach them.
     vae_general: float = 0.0
+    # Latent channels: the first three are tied to the patch colour, the fourth (with vae_coverage) to where objects
+    # are; more are free for the edges' detail. The UNet's input and output follow.
+    vae_latent_channels: int = 4
     # latents
     num_scenes: int = 50000  # fixed training set, encoded once
     # Least space between two objects' bounding boxes in the UNet's training scenes, in px (the world's contract: 2;
@@ -337,7 +340,8 @@ def make_vae(recipe: Recipe):
     from diffusers import AutoencoderKL
 
     levels = len(recipe.vae_channels)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=recipe.vae_channels,
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=recipe.vae_latent_channels,
+                         block_out_channels=recipe.vae_channels,
                          down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
                          layers_per_block=1, norm_num_groups=recipe.vae_groups, sample_size=shapes.SIZE)
 
@@ -352,6 +356,8 @@ def train_vae(recipe: Recipe, work: Path):
                      coverage=recipe.vae_coverage)
     if recipe.vae_general:
         objective["general"] = recipe.vae_general
+    if recipe.vae_latent_channels != 4:
+        objective["latent_channels"] = recipe.vae_latent_channels
     if state and "objective" in state:  # checkpoints from before the coverage loss lack it
         refuse_other_objective(path, state, objective)
     if state:
@@ -394,7 +400,7 @@ def train_vae(recipe: Recipe, work: Path):
         loss = (F.l1_loss(recon.float(), x) + recipe.vae_kl * posterior.kl().mean()
                 + recipe.vae_colour * F.mse_loss(latents[:, :3], F.avg_pool2d(x, f)))
         if recipe.vae_coverage:
-            loss = loss + recipe.vae_coverage * F.mse_loss(F.avg_pool2d(latents[:, 3:], 2),
+            loss = loss + recipe.vae_coverage * F.mse_loss(F.avg_pool2d(latents[:, 3:4], 2),
                                                            F.avg_pool2d(coverage, 2 * f))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -580,7 +586,8 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
     "unet@4200") or from scratch; returns the EMA of both."""
     torch.manual_seed(recipe.seed + 3)
     text_encoder = make_text_encoder(recipe, tokenizer)
-    unet = UNet_SD(UNetConfig(context_dim=recipe.text_width, **recipe.unet))
+    unet = UNet_SD(UNetConfig(context_dim=recipe.text_width, in_channels=recipe.vae_latent_channels,
+                              out_channels=recipe.vae_latent_channels, **recipe.unet))
     if init:
         unet.load_state_dict(init[0].state_dict())
         text_encoder.load_state_dict(init[1].state_dict())

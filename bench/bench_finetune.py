@@ -1,0 +1,177 @@
+"""Fine-tuning, measured: teaching the built-in model a colour word it never saw, and time per training step
+against diffusers + peft.
+
+    python bench/bench_finetune.py                  # both parts
+    python bench/bench_finetune.py --part teach     # the colour word only
+    python bench/bench_finetune.py --part speed     # the step time only
+
+teach: a LoRA with the default recipe (what `imagecraft finetune --data D --output O` does) on 24 generated images
+  of pink (255, 105, 180) circles and squares, in the world's grammar. Then, with the LoRA at scale 1, single objects
+  "a pink {circle, square, triangle} {position}" at every position, 4 seeds each, read by the strict shapes scorer
+  with pink added to its palette: pink on circles and squares, and on triangles, never seen in pink. Targets: the
+  colour right >= 80%, pink triangles fully right >= 60%. The old colours: bench_quality's one-object prompts with
+  and without the LoRA; they may drop by 5 points at most.
+speed: one LoRA training step (forward, backward, AdamW) on the built-in model's UNet, batch 4, LoRA rank 8 on
+  to_q/to_k/to_v/to_out.0, in UNet_SD and in diffusers' UNet2DConditionModel with the same weights and peft's
+  LoRA, same dtype (bf16 autocast where the CPU runs bf16 natively, else fp32): interleaved medians. Target <= 1.0.
+"""
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bench.bench_quality import prompts_for  # noqa: E402
+from imagecraft import lora, shapes  # noqa: E402
+from imagecraft.finetune import Recipe, finetune, use_bf16  # noqa: E402
+from imagecraft.loading import DEFAULT_MODEL  # noqa: E402
+from imagecraft.pipeline import ImageCraftPipeline  # noqa: E402
+
+PINK = shapes.NEW_COLOURS["pink"]
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def teach(args):
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-finetune-"))
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for i, (caption, image) in enumerate(shapes.colour_word_scenes(random.Random(0), 24, "pink")):
+        Image.fromarray(image).save(data / f"{i:02d}.png")
+        (data / f"{i:02d}.txt").write_text(caption)
+    recipe = Recipe(seed=0)
+    started = time.perf_counter()
+    result = finetune(args.model, data, work / "lora", recipe)
+    minutes = (time.perf_counter() - started) / 60
+    print(f"trained {result.step} steps (defaults: rank {recipe.rank}, lr {recipe.peak_lr:g}, batch "
+          f"{recipe.batch_size}) in {minutes:.1f} min on {cpu_name()}; final loss {result.history[-1][1]:.4f}")
+
+    pipe = ImageCraftPipeline.from_pretrained(args.model)
+    pipe.load_lora(work / "lora")
+    palette = {"pink": PINK}
+    by_shape = {}
+    for shape in shapes.SHAPES:
+        specs = [shapes.Spec([shapes.Obj("pink", shape, position)]) for position in shapes.POSITIONS] * 4
+        images = pipe([shapes.prompt_of(s) for s in specs], seed=500, num_inference_steps=25,
+                      guidance_scale=5.0).images
+        by_shape[shape] = [shapes.score(im, s, palette) for im, s in zip(images, specs)]
+        if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            grid = Image.new("RGB", (64 * 10, 64 * 2))
+            for i, im in enumerate(images[:20]):
+                grid.paste(im, ((i % 10) * 64, (i // 10) * 64))
+            grid.save(Path(args.save) / f"pink-{shape}.png")
+    colour = [s["colour"] for scores in by_shape.values() for s in scores]
+    print("\npink, LoRA at scale 1 (20 images per shape: 5 positions x 4 seeds):")
+    for shape, scores in by_shape.items():
+        print(f"  {shape:<9} colour {sum(s['colour'] for s in scores) / len(scores):6.1%}  shape "
+              f"{sum(s['shape'] for s in scores) / len(scores):6.1%}  all {sum(s['all'] for s in scores) / len(scores):6.1%}")
+    colour_rate = sum(colour) / len(colour)
+    triangles = sum(s["all"] for s in by_shape["triangle"]) / len(by_shape["triangle"])
+    print(f"  colour right {colour_rate:.1%} (target >= 80%), pink triangles fully right {triangles:.1%} "
+          f"(target >= 60%)")
+
+    prompts = prompts_for("single", args.old_prompts, seed=1000)
+    rates = []
+    for with_lora in (False, True):
+        if with_lora:
+            pipe.load_lora(work / "lora")
+        else:
+            pipe.unload_lora()
+        images = pipe(prompts, seed=0, num_inference_steps=25, guidance_scale=5.0).images
+        scores = [shapes.score(im, p) for im, p in zip(images, prompts)]
+        rates.append((sum(s["colour"] for s in scores) / len(scores), sum(s["all"] for s in scores) / len(scores)))
+    (c0, a0), (c1, a1) = rates
+    print(f"\nold colours ({len(prompts)} one-object prompts): colour right {c0:.1%} -> {c1:.1%} with the LoRA "
+          f"({(c1 - c0) * 100:+.1f} points; target >= -5), every attribute {a0:.1%} -> {a1:.1%}")
+    print(f"\nwork folder: {work}")
+
+
+def speed(args):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from imagecraft.porting import load_pipe_into_our_UNet
+
+    threads = torch.get_num_threads()
+    bf16 = use_bf16("auto", "cpu")
+    theirs = UNet2DConditionModel.from_pretrained(Path(args.model) / "unet", torch_dtype=torch.float32)
+    pipe = ImageCraftPipeline.from_pretrained(args.model, dtype="fp32")
+    ours = pipe.unet
+    load_pipe_into_our_UNet(ours, theirs)  # the same weights, exactly
+    targets = list(lora.UNET_TARGETS["attn"])
+    torch.manual_seed(0)
+    lora.add_lora(ours, lora.unet_targets(ours), 8, 8)
+    theirs.requires_grad_(False)
+    theirs.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=targets, init_lora_weights=True))
+    batch, size = 4, ours.config.in_channels
+    latent = pipe.default_size // pipe.vae_scale_factor
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, size, latent, latent, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    ctx = torch.randn(batch, pipe.tokenizer.model_max_length, ours.config.context_dim, generator=g)
+    target = torch.randn(x.shape, generator=g)
+
+    def stepper(model, call):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        model.train()
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                pred = call(model)
+            loss = torch.nn.functional.mse_loss(pred.float(), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step, sum(p.numel() for p in params)
+
+    ours_step, n_ours = stepper(ours, lambda m: m(x, t, ctx))
+    theirs_step, n_theirs = stepper(theirs, lambda m: m(x, t, ctx).sample)
+    assert n_ours == n_theirs, (n_ours, n_theirs)
+    for _ in range(3):
+        ours_step(), theirs_step()
+    times = {"ours": [], "diffusers": []}
+    for _ in range(args.repeats):
+        for name, fn in (("ours", ours_step), ("diffusers", theirs_step)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    a, b = statistics.median(times["ours"]), statistics.median(times["diffusers"])
+    print(f"\nLoRA training step, built-in model, batch {batch}, rank 8 on {', '.join(targets)} ({n_ours:,} trainable), "
+          f"{'bf16 autocast' if bf16 else 'fp32'}, {threads} threads, {cpu_name()} "
+          f"(native bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}):")
+    print(f"  UNet_SD + peft {a * 1000:.1f} ms, diffusers UNet2DConditionModel + peft {b * 1000:.1f} ms "
+          f"(medians of {args.repeats}, interleaved): ratio {a / b:.2f} (target <= 1.0)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--part", choices=("teach", "speed", "both"), default="both")
+    parser.add_argument("--work", default=None, help="folder for the data and the LoRA (default: a temporary one)")
+    parser.add_argument("--save", default=None, help="folder for grids of the pink samples")
+    parser.add_argument("--old-prompts", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    if args.part in ("speed", "both"):
+        speed(args)
+    if args.part in ("teach", "both"):
+        teach(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -212,3 +212,34 @@ def test_alike_objects_are_matched_to_keep_the_relation():
     for _ in range(20):
         _, _, image, _ = sample_scene(rng, spec=spec)
         assert score(image, spec)["all"]
+
+
+def test_a_new_colour_word_is_drawn_and_read_with_its_palette():
+    from imagecraft.shapes import NEW_COLOURS, colour_word_scenes
+
+    pink = NEW_COLOURS["pink"]
+    scenes = colour_word_scenes(random.Random(0), 40, "pink")
+    assert {c.split()[2] for c, _ in scenes} == {"circle", "square"} and all(c.startswith("a pink ") for c, _ in scenes)
+    right = 0
+    for caption, image in scenes:
+        assert (image == pink).all(axis=-1).sum() >= 150  # the object is drawn in pink
+        words = caption.split()
+        spec = Spec([Obj("pink", words[2], caption[len(f"a pink {words[2]}"):].split(" on a")[0].strip() or None)])
+        if " on a" in caption and "background" in caption:
+            spec.background = caption.split(" on a")[-1].split()[-2]
+        right += score(image, spec, {"pink": pink})["all"]
+        assert not score(image, spec)["colour"]  # without pink in the palette it reads as another colour
+    assert right == len(scenes)
+
+
+def test_the_autoencoders_world_is_broader_and_seeded():
+    from imagecraft.shapes import general_scene
+
+    a = [general_scene(random.Random(4)) for _ in range(2)]
+    assert np.array_equal(a[0][0], a[1][0]) and np.array_equal(a[0][1], a[1][1])
+    rng = random.Random(0)
+    scenes = [general_scene(rng) for _ in range(200)]
+    colours = {tuple(image[mask][0]) for image, mask in scenes if mask.any()}
+    assert len(colours) > 100  # any colour, not the palette's nine
+    assert all(image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8 for image, _ in scenes)
+    assert np.mean([mask.mean() for _, mask in scenes]) > 0.05

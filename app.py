@@ -150,8 +150,8 @@ def on_attention(prompt: str, negative_prompt: str = "", steps: int = 25, guidan
                  scheduler: str = "", width: int = 0, height: int = 0, model: str = BUILTIN,
                  progress=gr.Progress()):
     """Generates the image again with its cross-attention (the same pixels as Generate gives for these settings)
-    and shows every word's map. Returns the overlay figure, the image (scaled up for clicking), the maps (.npz), the figure (PNG), the
-    controls filled for this prompt and the first step's maps."""
+    and shows every word's map. Returns the overlay figure, the image (scaled up for clicking), the maps (.npz),
+    the figure (PNG), the controls filled for this prompt and the first step's maps."""
     progress(0, desc="loading model")
     pipe = models.get(model)
     _prune_gradio_cache()

@@ -183,7 +183,8 @@ def find_examples(folder: str | Path) -> list[Example]:
         examples.append(Example(path, caption))
     if missing:
         names = ", ".join(str(p.relative_to(folder)) for p in missing[:5])
-        raise ValueError(f"{len(missing)} of {len(images)} images have no caption ({names}{', ...' if len(missing) > 5 else ''}):"
+        more = ", ..." if len(missing) > 5 else ""
+        raise ValueError(f"{len(missing)} of {len(images)} images have no caption ({names}{more}):"
                          f" put each caption in a same-name .txt file beside its image, or list file_name and text"
                          f" in a metadata.jsonl")
     return examples
@@ -619,8 +620,9 @@ def _heldout_batch(latents, ids_all, contexts, recipe, scheduler, device):
     t = torch.tensor([int(steps * f) for f in (0.1, 0.3, 0.5, 0.7, 0.9)] * n)
     index = torch.arange(n).repeat_interleave(5)
     noise = torch.randn((len(index), *latents.shape[1:]), generator=generator)
-    return dict(x0=latents[index.to(latents.device)], noise=noise.to(device), t=t.to(device), index=index.to(device),
-                ids=ids_all[index.to(ids_all.device)], contexts=None if contexts is None else contexts[index.to(device)])
+    index = index.to(device)
+    return dict(x0=latents[index], noise=noise.to(device), t=t.to(device), index=index, ids=ids_all[index],
+                contexts=None if contexts is None else contexts[index])
 
 
 @torch.no_grad()
@@ -776,7 +778,8 @@ def model_card(recipe: Recipe, pipe, examples, history, seconds: float) -> str:
     use = ("```python\nfrom diffusers import StableDiffusionPipeline\n"
            f"pipe = StableDiffusionPipeline.from_pretrained({pipe.model_id!r})\npipe.load_lora_weights('THIS_FOLDER')\n"
            "```\n\n```python\nfrom imagecraft import ImageCraftPipeline\n"
-           f"pipe = ImageCraftPipeline.from_pretrained({pipe.model_id!r})\npipe.load_lora('THIS_FOLDER', scale=1.0)\n```"
+           f"pipe = ImageCraftPipeline.from_pretrained({pipe.model_id!r})\n"
+           "pipe.load_lora('THIS_FOLDER', scale=1.0)\n```"
            "\n\nAUTOMATIC1111 / ComfyUI: copy `lora_kohya.safetensors` into the LoRA folder and write "
            "`<lora:lora_kohya:1>` in the prompt.") if recipe.method == "lora" else (
            "```python\nfrom diffusers import StableDiffusionPipeline\n"
@@ -788,7 +791,8 @@ def model_card(recipe: Recipe, pipe, examples, history, seconds: float) -> str:
             f"Final training loss {last[1]:.4f}"
             + (f", held-out loss {held[0]:.4f} at the first evaluation and {held[-1]:.4f} at the last" if held else "")
             + ". The curve is in `loss.png` and `loss.csv`; previews (base model, LoRA at 0.5 and 1) are in "
-              "`previews/`.\n\n## Use\n\n" + use + "\n\n## Recipe\n\n| setting | value |\n|---|---|\n" + settings + "\n")
+              "`previews/`.\n\n## Use\n\n" + use + "\n\n## Recipe\n\n| setting | value |\n|---|---|\n"
+            + settings + "\n")
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------

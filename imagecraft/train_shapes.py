@@ -49,8 +49,8 @@ from tqdm import tqdm
 from . import shapes
 from .pipeline import native_bf16, vae_scale_factor
 from .porting import to_diffusers
-from .training import (as_tuples, diffusion_loss, ema_update, load_checkpoint, lr_at, noise_scheduler, noised_and_target,
-                       refuse_other_objective, save_checkpoint)
+from .training import (as_tuples, diffusion_loss, ema_update, load_checkpoint, lr_at, noise_scheduler,
+                       noised_and_target, refuse_other_objective, save_checkpoint)
 from .schedulers import check_scheduler_name, make_scheduler
 from .unet import UNet_SD, UNetConfig
 
@@ -72,11 +72,8 @@ class Recipe:
     # VAE
     vae_channels: tuple = (64, 64, 64)  # three levels: 64x64 images -> 16x16 latents (factor 4)
     vae_groups: int = 16  # GroupNorm groups (4 channels each; one channel per group trained far slower)
-    # The autoencoder is convolutional, so it can train on random crops of the scenes (a multiple of the latent
-    # factor; 64: whole images, as the large recipe). With channels 32-64-64 on AVX2, 1,200 steps on 32x32 crops
-    # (6.9 min) gave 96% of one-object and 86% of two-object round trips fully right (read by the scorer on whole
-    # images), 500 whole-image steps (10.7 min) 72% and 43%. Factor 8 (four levels) trained far slower still: after
-    # 500 whole-image steps shapes were blurred blobs (14% of one-object round trips right).
+    # The autoencoder is convolutional, so it trains on random crops of the scenes (a multiple of the latent factor;
+    # 64: whole images): crops give more steps per minute, which the round trips need more than whole scenes.
     vae_crop: int = 64
     vae_steps: int = 1800
     vae_batch: int = 16
@@ -99,11 +96,8 @@ class Recipe:
     # latents
     num_scenes: int = 50000  # fixed training set, encoded once
     # Least space between two objects' bounding boxes in the UNet's training scenes, in px (the world's contract: 2;
-    # the VAE always trains on that). Two-object samples of session 9's fast recipe failed their count 29% of the
-    # time, mostly two objects touching (the scorer then reads one blob); 2 px is half a latent cell, and 26% of
-    # two-object scenes have their boxes under 6 px apart. A wider gap (still no overlap) shows objects kept apart.
-    # Session 10's fast recipe (gap 8, and 400 steps moved from the main stage to the shape stage) got two-object
-    # counts right 85% of the time and every attribute 71% (DPM++ 2M; session 9: 71% and 37%; Euler a: 91%, 75%).
+    # the VAE always trains on that). 2 px is half a latent cell: trained on such scenes the UNet draws two objects
+    # touching, which read as one. A wider gap (still no overlap) shows them kept apart.
     scene_gap: float = shapes.GAP
     # UNet
     unet: dict = field(default_factory=lambda: dict(
@@ -133,18 +127,14 @@ class Recipe:
     two_warmup: int = 50
     two_share: float = 0.8  # share of two-object scenes in a stage-three batch (the training set has 0.5)
     # A last stage with timesteps below shape_max_t only, where the noise leaves the shapes to draw (layout and
-    # colour are set by then). After session 8's fast recipe (2,600 main steps), whose shapes were round blobs (35%
-    # right), 400 such steps (7.5 min) raised shapes to 46% and kept positions (99%); 1,200 to 71% (over the 90
-    # minutes). From the same weights, 400 steps (60 benchmark prompts per group, shapes one / two / held-out):
-    # lr 1e-4 52% / 25% / 43%; lr 3e-4 55% / 43% / 60% (the fast recipe's); timesteps 300-800 instead, 42% / 18% /
-    # 38% with held-out colours down to 55% (the last sampling steps need training too); object cells weighted 5x
-    # in the loss, 53% / 27% / 60%. 0: no such stage (the large recipe).
+    # colour are set by then); it includes the lowest timesteps, which the last sampling steps need. 0: no such
+    # stage (the large recipe).
     shape_steps: int = 0
     shape_lr: float = 1e-4
     shape_max_t: int = 700
-    # Position words, faster (session 7 of issue #4; off in the large recipe). Position words move only a small,
-    # noisy part of each training target, so a UNet learns them last: after ~5,000 steps in the large recipe,
-    # never within the 90-minute attempts. Two aids, both for zero-terminal-SNR v-prediction:
+    # Position words, faster (off in the large recipe). Position words move only a small, noisy part of each training
+    # target, so a UNet learns them last (after ~5,000 steps in the large recipe). Two aids, both for
+    # zero-terminal-SNR v-prediction:
     # - layout_steps: a first stage where every sample is at t >= 980 (pure noise, only the words can place the
     #   object), half the batch has a position in its caption, and x0 is replaced by the mean latent of the
     #   caption's position class (5 positions, or none): the UNet learns where each position word puts an object
@@ -156,11 +146,8 @@ class Recipe:
     layout_lr: float = 4e-4
     mean_target_t: int = 0
     ema_decay: float = 0.999
-    # The sampler the model ships with (its scheduler folder; our short names, see imagecraft.schedulers). On session
-    # 9's fast model, 60 benchmark prompts per group, every attribute right (one / two objects / held-out):
-    # DPM++ 2M 83% / 40% / 72%, Euler a 82% / 57% / 67%, Euler 80% / 50% / 68%, DDIM 77% / 50% / 68%, DPM++ 2M
-    # Karras 83% / 40% / 63%: the ancestral sampler's fresh noise at every step repairs two-object scenes. On
-    # session 10's (the built-in model), 150 per group: Euler a 94.0% / 75.3% / 96.0%, DPM++ 2M 94.7% / 70.7% / 96.0%.
+    # The sampler the model ships with (its scheduler folder; our short names, see imagecraft.schedulers). The fast
+    # recipe ships Euler a: the ancestral sampler's fresh noise at every step repairs two-object scenes.
     sampler: str = "dpm++2m"
     checkpoint_every: int = 250
     log_every: int = 50
@@ -180,8 +167,7 @@ class Recipe:
         """The built-in model's recipe, sized for 90 minutes on a 2-core AVX2 CPU (fp32): a smaller VAE on 32x32
         crops with channel 3 tied to coverage, 30,000 scenes with two objects kept 8 px apart, and zero-terminal-SNR
         v-prediction from the start, after a layout stage, with caption-mean targets at high noise; a last, long
-        stage on shapes (low noise only); Euler a sampling. Session 10, end to end: 87.4 min; every attribute right
-        94.0% / 75.3% / 96.0% (targets 90 / 60 / 70)."""
+        stage on shapes (low noise only); Euler a sampling. 87.4 min end to end on that CPU."""
         return cls(vae_channels=(32, 64, 64), vae_groups=8, vae_crop=32, vae_coverage=1.0, num_scenes=30000,
                    scene_gap=8, prediction_type="v_prediction", zero_terminal_snr=True, layout_steps=300,
                    mean_target_t=900, unet_steps=1400, unet_batch=32, unet_lr=3e-4, zsnr_steps=0, two_steps=400,
@@ -341,8 +327,8 @@ def make_vae(recipe: Recipe):
 
     levels = len(recipe.vae_channels)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=recipe.vae_latent_channels,
-                         block_out_channels=recipe.vae_channels,
-                         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                         block_out_channels=recipe.vae_channels, down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels,
                          layers_per_block=1, norm_num_groups=recipe.vae_groups, sample_size=shapes.SIZE)
 
 
@@ -392,9 +378,7 @@ def train_vae(recipe: Recipe, work: Path):
         # three latent channels to be the patch-average colour of the image: the autoencoder then learns in a few
         # hundred steps instead of thousands, and the latents are image-like, which suits the diffusion model.
         # With vae_coverage the fourth channel is asked to show where the objects are, on 2x2 latent cells (8x8 px),
-        # leaving the edges' detail free: with 32-64-64 channels on 32x32 crops, one- and two-object round trips came
-        # back fully right 100% and 91% of the time after 1,800 steps (free channel: 100% and 93%); tied cell by cell,
-        # shapes survived 73% of round trips after 1,200 steps, on 2x2 cells 84% (issue #4, session 7).
+        # leaving the edges' detail free (tied cell by cell, it costs the edges).
         latents = posterior.mode().float()
         f = recipe.latent_factor()
         loss = (F.l1_loss(recon.float(), x) + recipe.vae_kl * posterior.kl().mean()
@@ -542,10 +526,9 @@ def position_separation(unet: UNet_SD, text_encoder, tokenizer, stage: Stage, la
     At t=999 the model's estimate of x0 from noise is the layout it commits to. For 8 objects named with each of
     the 5 positions, the centre of mass of |x0(prompt) - mean of x0 over the object's 5 prompts| is taken; the
     result is (right - left) in x plus (bottom - top) in y, averaged over the objects: about 0 while position
-    words are ignored (every checkpoint of the 90-minute attempts of sessions 3-6 in issue #4), 11.6 for the large
-    recipe's model (the earlier built-in one), 10.5 for the built-in model. Sampling places objects in the named
-    third only once this is well above 0, so training logs it at every checkpoint, long before the quality
-    benchmark could tell."""
+    words are ignored, 11.6 for the large recipe's model, 10.5 for the built-in model. Sampling places objects in
+    the named third only once this is well above 0, so training logs it at every checkpoint, long before the
+    quality benchmark could tell."""
     prompts = [f"a {c} {s} {p}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square")
                for p in shapes.POSITIONS]
     ids = tokenizer(prompts, padding="max_length", max_length=max_tokens, truncation=True,

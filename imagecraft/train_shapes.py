@@ -243,6 +243,9 @@ def check_settings(recipe: Recipe, output: Path):
     if not shapes.GAP <= recipe.scene_gap <= 8:
         raise ValueError(f"scene_gap must be from {shapes.GAP:g} px (the world's least gap) to 8 px (at 10, one scene "
                          f"in 20,000 found no room for its relation), got {recipe.scene_gap}")
+    if not 4 <= recipe.vae_latent_channels <= 16:
+        raise ValueError(f"vae_latent_channels must be from 4 (three tied to colour, one to coverage) to 16, got "
+                         f"{recipe.vae_latent_channels}")
     if not 0 <= recipe.vae_general <= 1:
         raise ValueError(f"vae_general (share of broader-world images in a VAE batch) must be in [0, 1], got "
                          f"{recipe.vae_general}")
@@ -722,6 +725,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-crop", type=int, default=None, help="VAE training crop (a multiple of 4, to 64)")
     parser.add_argument("--vae-coverage", type=float, default=None,
                         help="weight tying latent channel 3 to object coverage (0: free, as the large recipe)")
+    parser.add_argument("--vae-general", type=float, default=None,
+                        help="share of broader-world images (any colour and shape) in each VAE batch, 0..1")
+    parser.add_argument("--vae-latent-channels", type=int, default=None,
+                        help="latent channels (4: SD's; more keep sharper edges); the UNet follows")
     parser.add_argument("--v-from-start", action="store_true",
                         help="first UNet stage on zero-terminal-SNR v-prediction instead of SD's epsilon")
     parser.add_argument("--layout-steps", type=int, default=None, help="layout stage before the first (0: none)")
@@ -736,7 +743,8 @@ def main(argv=None) -> int:
                        ("precision", "precision"), ("batch_size", "unet_batch"), ("lr", "unet_lr"),
                        ("num_scenes", "num_scenes"), ("sampler", "sampler"), ("scene_gap", "scene_gap"),
                        ("vae_crop", "vae_crop"), ("vae_coverage", "vae_coverage"), ("layout_steps", "layout_steps"),
-                       ("mean_target_t", "mean_target_t")):
+                       ("mean_target_t", "mean_target_t"), ("vae_general", "vae_general"),
+                       ("vae_latent_channels", "vae_latent_channels")):
         if getattr(args, flag) is not None:
             setattr(recipe, name, getattr(args, flag))
     if args.v_from_start:

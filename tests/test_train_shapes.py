@@ -167,6 +167,8 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     (["--two-steps", "-2"], "two_steps must be 0 (no third stage) or positive, got -2"),
     (["--sampler", "karras_magic"], "unknown scheduler 'karras_magic'; valid names are ddim, euler, euler_a"),
     (["--scene-gap", "0"], "scene_gap must be from 2 px (the world's least gap) to 8 px"),
+    (["--vae-general", "1.5"], "vae_general (share of broader-world images in a VAE batch) must be in [0, 1]"),
+    (["--vae-latent-channels", "3"], "vae_latent_channels must be from 4"),
 ])
 def test_nonsensical_settings_are_refused(tmp_path, capsys, args, message):
     assert main(["--output", str(tmp_path / "m"), "--smoke", *args]) == 2
@@ -303,3 +305,14 @@ def test_timesteps_stay_where_each_stage_draws_them():
     assert layout.min() >= 980
     main_t = draw_timesteps(Stage("m", 1, 1e-4, 1, mean_target_t=900), 3000, rng)
     assert (main_t[::3] >= 900).all() and (main_t >= 900).float().mean().sub(1 / 3 + 2 / 3 * 0.1).abs() < 0.03
+
+
+def test_a_broader_vae_with_more_latent_channels_runs_end_to_end(tmp_path):
+    assert main(["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--vae-general", "0.5",
+                 "--vae-latent-channels", "8"]) == 0
+    theirs = StableDiffusionPipeline.from_pretrained(tmp_path / "m")
+    assert theirs.vae.config.latent_channels == 8 and theirs.unet.config.in_channels == 8
+    ours = ImageCraftPipeline.from_pretrained(tmp_path / "m")
+    assert ours("a red circle", seed=0, num_inference_steps=2).images[0].size == (64, 64)
+    state = torch.load(tmp_path / "w" / "vae.pt", weights_only=True)
+    assert state["objective"]["general"] == 0.5 and state["objective"]["latent_channels"] == 8

@@ -261,9 +261,9 @@ MAX_ZIP_BYTES = 1 << 30  # 1 GiB uncompressed
 MAX_ZIP_RATIO = 200  # uncompressed / compressed, per member: more is a zip bomb
 
 
-def extract_zip(archive: str | Path, folder: str | Path) -> Path:
+def extract_zip(archive: str | Path, folder: str | Path, max_bytes: int = MAX_ZIP_BYTES) -> Path:
     """Extracts the images and captions of a zip into `folder`, refusing path traversal, links, zip bombs and
-    archives over MAX_ZIP_BYTES uncompressed or MAX_IMAGES files."""
+    archives over `max_bytes` uncompressed or MAX_IMAGES files."""
     archive, folder = Path(archive), Path(folder)
     try:
         zf = zipfile.ZipFile(archive)
@@ -284,9 +284,9 @@ def extract_zip(archive: str | Path, folder: str | Path) -> Path:
             if m.compress_size and m.file_size / m.compress_size > MAX_ZIP_RATIO and m.file_size > 1 << 20:
                 raise ValueError(f"{archive.name}: the entry {name!r} expands {m.file_size // m.compress_size}x "
                                  f"(a zip bomb?); at most {MAX_ZIP_RATIO}x is allowed")
-        if total > MAX_ZIP_BYTES:
+        if total > max_bytes:
             raise ValueError(f"{archive.name} unpacks to {total / 2**20:.0f} MiB; at most "
-                             f"{MAX_ZIP_BYTES // 2**20} MiB are allowed")
+                             f"{max_bytes // 2**20} MiB are allowed")
         folder.mkdir(parents=True, exist_ok=True)
         for m in members:
             suffix = Path(m.filename).suffix.lower()

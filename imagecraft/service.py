@@ -390,6 +390,7 @@ def draw_pixel(explained: Explained, x: int, y: int, filters: dict) -> str:
 # --- the Fine-tune tab ------------------------------------------------------------------------------------------
 FINETUNE_ROOT = Path(tempfile.gettempdir()) / "imagecraft-finetune"
 MAX_UPLOAD_IMAGES = 200  # a Space trains on a shared CPU: a few dozen images is what a LoRA needs
+MAX_UPLOAD_ZIP_BYTES = 256 * 2**20  # what one uploaded zip may unpack to
 KEEP_JOBS = int(os.environ.get("IMAGECRAFT_KEEP_JOBS", "8"))  # finished jobs' folders kept, oldest dropped first
 
 
@@ -404,12 +405,17 @@ def read_upload(paths) -> tuple[list[list[str]], list[str]]:
     for p in paths if isinstance(paths, (list, tuple)) else [paths]:
         path = Path(p if isinstance(p, (str, Path)) else getattr(p, "name", p))
         if path.suffix.lower() == ".zip":
-            folder = extract_zip(path, new_folder(FINETUNE_ROOT / "uploads"))
+            folder = extract_zip(path, new_folder(FINETUNE_ROOT / "uploads"), max_bytes=MAX_UPLOAD_ZIP_BYTES)
             files += sorted(f for f in folder.rglob("*") if f.is_file())
         else:
             files.append(path)
     captions = {f.stem: f for f in files if f.suffix.lower() == ".txt"}
     images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    names = [f.name for f in images]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"two images are named {twice[0]!r}: the caption table matches captions by file name, so "
+                         f"rename one of them")
     if len(images) > MAX_UPLOAD_IMAGES:
         raise ValueError(f"{len(images)} images uploaded; the Fine-tune tab takes at most {MAX_UPLOAD_IMAGES}")
     rows = []
@@ -440,7 +446,11 @@ def demo_data(n: int = 24, seed: int = 0) -> tuple[list[list[str]], list[str]]:
 
 
 def new_folder(root: Path) -> Path:
+    """A fresh folder under `root`, after `prune` kept the others within the output TTL and size cap (uploads
+    are copied into their job's folder when training starts, so an hour is plenty)."""
     root.mkdir(parents=True, exist_ok=True)
+    if root.name == "uploads":
+        prune(root, keep_younger=600)  # another session may be about to train on a recent upload
     folder = root / uuid.uuid4().hex
     folder.mkdir()
     return folder

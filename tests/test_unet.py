@@ -242,3 +242,23 @@ def test_gradients_match_diffusers():
     our_grads = {names[k]: p.grad for k, p in ours.named_parameters()}
     for name, p in theirs.named_parameters():
         assert rel_err(our_grads[name], p.grad) <= 1e-4, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    unet = UNet_SD(UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(True, True), num_heads=2,
+                              context_dim=16, norm_groups=8)).train()
+    torch.manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    grads, calls = [], []
+    block = unet.input_blocks[1]
+    block.register_forward_hook(lambda *_: calls.append(1))
+    for checkpointing in (False, True):
+        unet.zero_grad()
+        calls.clear()
+        unet.gradient_checkpointing = checkpointing
+        unet(x, torch.tensor([10, 500]), ctx).square().mean().backward()
+        grads.append([p.grad.clone() for p in unet.parameters()])
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    with torch.no_grad():  # inference never recomputes
+        unet(x, 3, ctx)

@@ -52,7 +52,8 @@ def teach(args):
     for i, (caption, image) in enumerate(shapes.colour_word_scenes(random.Random(0), 24, "pink")):
         Image.fromarray(image).save(data / f"{i:02d}.png")
         (data / f"{i:02d}.txt").write_text(caption)
-    recipe = Recipe(seed=0)
+    recipe = Recipe(seed=0, **{k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("rank", args.rank))
+                               if v is not None})
     started = time.perf_counter()
     result = finetune(args.model, data, work / "lora", recipe)
     minutes = (time.perf_counter() - started) / 60
@@ -77,8 +78,9 @@ def teach(args):
     colour = [s["colour"] for scores in by_shape.values() for s in scores]
     print("\npink, LoRA at scale 1 (20 images per shape: 5 positions x 4 seeds):")
     for shape, scores in by_shape.items():
-        print(f"  {shape:<9} colour {sum(s['colour'] for s in scores) / len(scores):6.1%}  shape "
-              f"{sum(s['shape'] for s in scores) / len(scores):6.1%}  all {sum(s['all'] for s in scores) / len(scores):6.1%}")
+        rate = {k: sum(bool(s[k]) for s in scores) / len(scores) for k in ("colour", "shape", "background",
+                                                                            "position", "all")}
+        print(f"  {shape:<9} " + "  ".join(f"{k} {v:6.1%}" for k, v in rate.items()))
     colour_rate = sum(colour) / len(colour)
     triangles = sum(s["all"] for s in by_shape["triangle"]) / len(by_shape["triangle"])
     print(f"  colour right {colour_rate:.1%} (target >= 80%), pink triangles fully right {triangles:.1%} "
@@ -165,6 +167,9 @@ def main():
     parser.add_argument("--work", default=None, help="folder for the data and the LoRA (default: a temporary one)")
     parser.add_argument("--save", default=None, help="folder for grids of the pink samples")
     parser.add_argument("--old-prompts", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=None, help="override the default recipe's steps")
+    parser.add_argument("--lr", type=float, default=None, help="override the default recipe's learning rate")
+    parser.add_argument("--rank", type=int, default=None, help="override the default recipe's LoRA rank")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     if args.part in ("speed", "both"):

@@ -28,7 +28,7 @@ from .metadata import pipeline_settings, restore_settings, save_png
 from .porting import config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet
 from .schedulers import check_scheduler_name, make_scheduler, scheduler_name_of
 from .settings import MAX_PROMPTS, MAX_SEED, check_settings  # noqa: F401  (MAX_* re-exported for callers)
-from .unet import UNet_SD
+from .unet import FeatureCache, UNet_SD
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -135,7 +135,7 @@ def output_path(pattern: str | Path, i: int = 0, seed: int = 0, count: int = 1) 
 
 
 def denoise(unet: UNet_SD, scheduler, latents: torch.Tensor, context: torch.Tensor, guidance_scale: float,
-            generator=None, callback: Callable | None = None) -> torch.Tensor:
+            generator=None, callback: Callable | None = None, cache: FeatureCache | None = None) -> torch.Tensor:
     """The sampling loop: classifier-free guidance (Ho & Salimans 2022) around `scheduler.step`.
 
     `context` is (2B, tokens, dim) with the negative prompt's half first when guidance is on, else (B, ...).
@@ -148,7 +148,7 @@ def denoise(unet: UNet_SD, scheduler, latents: torch.Tensor, context: torch.Tens
     for i, t in enumerate(timesteps):
         model_input = torch.cat([latents] * 2) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        noise = unet(model_input, t, context)
+        noise = unet(model_input, t, context, cache=cache) if cache is not None else unet(model_input, t, context)
         if guided:
             uncond, cond = noise.chunk(2)
             noise = uncond + guidance_scale * (cond - uncond)
@@ -349,7 +349,8 @@ class ImageCraftPipeline:
     def __call__(self, prompt: str | list[str], negative_prompt: str | None = "", num_inference_steps: int = 25,
                  guidance_scale: float = 7.5, seed: int | None = None, width: int | None = None,
                  height: int | None = None, num_images: int = 1, scheduler: str | None = None,
-                 callback: Callable | None = None, attention: bool = False) -> GenerationResult:
+                 callback: Callable | None = None, attention: bool = False,
+                 cache_interval: int | None = None) -> GenerationResult:
         """Generates `num_images` images for `prompt`.
 
         Args:
@@ -367,9 +368,19 @@ class ImageCraftPipeline:
             callback: `callback(step, total, latents)` after each step (progress bars, previews).
             attention: also record the cross-attention maps (`result.attention`, one
                 `imagecraft.attention.AttentionMaps` per image); the images are the same bit for bit.
+            cache_interval: DeepCache (`unet.FeatureCache`): the whole UNet runs every `cache_interval`-th step,
+                the steps between reuse its deep features and run only the shallow blocks. None or 1: off, the
+                images exactly as without it.
         Returns a GenerationResult with `images`, `seeds`, per-image `records` and `warnings`.
         """
         check_callback(callback)
+        cache = None
+        if cache_interval is not None:
+            cache = FeatureCache(cache_interval)  # checks it
+            if attention and cache_interval > 1:
+                raise ValueError("attention maps need every layer at every step: use cache_interval=None (or 1) "
+                                 "with attention=True")
+            cache = cache if cache_interval > 1 else None
         s = self.check_settings(prompt=prompt, negative_prompt=negative_prompt or "",
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                 width=self.default_size if width is None else width,
@@ -413,12 +424,13 @@ class ImageCraftPipeline:
                 latents = denoise(self.unet, sched, latents, context, guidance_scale, generators, callback)
         else:
             attention_maps = None
-            latents = denoise(self.unet, sched, latents, context, guidance_scale, generators, callback)
+            latents = denoise(self.unet, sched, latents, context, guidance_scale, generators, callback, cache)
 
         images = self.decode(latents)
         record = self.record(negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, width=width, height=height,
-                             scheduler=scheduler_name, sched=sched)
+                             scheduler=scheduler_name, sched=sched,
+                             **({"cache_interval": cache.interval} if cache else {}))
         records = [dict(record, prompt=p, seed=s) for p, s in zip(prompts, seeds)]
         return GenerationResult(images, seeds, records, notes, attention_maps)
 

@@ -354,6 +354,28 @@ class TimeModulatedSequential(nn.Sequential):
         return x
 
 
+class FeatureCache:
+    """DeepCache's schedule and store for one sampling run: every `interval`-th call runs the whole UNet and keeps
+    the feature entering the up path's last `depth` output blocks; the calls in between reuse it and recompute
+    only the shallowest `depth` input and output blocks. interval 1 is the whole UNet every step."""
+
+    def __init__(self, interval: int, depth: int = 2):
+        if isinstance(interval, bool) or not isinstance(interval, int) or not 1 <= interval <= 1000:
+            raise ValueError(f"cache_interval must be a whole number of 1 or more (1: no caching), got {interval!r}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"cache depth must be a whole number of at least 1, got {depth!r}")
+        self.interval, self.depth = interval, depth
+        self.calls = 0
+        self.feature: torch.Tensor | None = None
+
+    def partial_step(self, x: torch.Tensor) -> bool:
+        """Whether this call may reuse the stored feature (and counts the call)."""
+        partial = (self.calls % self.interval != 0 and self.feature is not None
+                   and self.feature.shape[0] == x.shape[0])
+        self.calls += 1
+        return partial
+
+
 class UNet_SD(nn.Module):
     """The Stable Diffusion UNet: predicts the noise (or v) in latents `x` at timestep `t` given text `context`.
 
@@ -458,19 +480,38 @@ class UNet_SD(nn.Module):
             raise ValueError(f"t must be an int, a 0-d tensor or a ({batch},) tensor, got shape {tuple(t.shape)}")
         return t.reshape(-1).expand(batch)
 
-    def forward(self, x: torch.Tensor, t: int | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: int | torch.Tensor, context: torch.Tensor,
+                cache: "FeatureCache | None" = None) -> torch.Tensor:
+        """The noise (or v) prediction for latents x at timestep t, given the text context.
+
+        With a `FeatureCache` (DeepCache, Ma et al. 2024, arXiv:2312.00858), a step the cache marks as partial runs
+        only the shallowest `cache.depth` input blocks and the output blocks that take their skips, and starts the
+        rest of the up path from the deep feature the last full step stored: the deep features change slowly from
+        one sampling step to the next, while the shallow ones carry the detail. Without a cache, every block runs.
+        """
         t = self._check_inputs(x, t, context)
         if context.shape[0] != x.shape[0]:
             context = context.expand(x.shape[0], -1, -1)
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # (B, 4 * ch)
 
+        if cache is not None and not 1 <= cache.depth < len(self.input_blocks):
+            raise ValueError(f"cache depth must be from 1 to {len(self.input_blocks) - 1} for this UNet "
+                             f"({len(self.input_blocks)} input blocks), got {cache.depth}")
+        partial = cache is not None and cache.partial_step(x)
+        depth = cache.depth if partial else len(self.input_blocks)
         skips = []
         h = x.contiguous(memory_format=layout_for(x.dtype))
-        for block in self.input_blocks:
+        for block in self.input_blocks[:depth]:
             h = self._run(block, h, emb, context)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context)
-        for block in self.output_blocks:
+        first = len(self.output_blocks) - depth  # the first output block to run
+        if partial:
+            h = cache.feature
+        else:
+            h = self._run(self.middle_block, h, emb, context)
+        for j, block in enumerate(self.output_blocks[first:], first):
+            if cache is not None and not partial and j == len(self.output_blocks) - cache.depth:
+                cache.feature = h  # the deep part's output, for the partial steps until the next full one
             skip = skips.pop()
             # upsample to the size of the next skip, so odd sizes line up as in diffusers
             h = self._run(block, torch.cat([h, skip], dim=1), emb, context, skips[-1].shape[-2:] if skips else None)

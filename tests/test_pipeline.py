@@ -314,3 +314,27 @@ def test_odd_arguments_get_sentences(pipe, tmp_path):
     assert output_path("out-{seed}-{i}.png", 2, 7, 3) == "out-7-2.png" and output_path("a.png", 1, 0, 2) == "a-1.png"
     with pytest.raises(ValueError, match="is a folder, not a PNG file"):
         pipe.reproduce(tmp_path)
+
+
+def test_deepcache_is_exact_when_off_and_keeps_the_layout_when_on(builtin_pipe, tmp_path):
+    from imagecraft import shapes
+
+    prompts = ["a red circle on the left", "a blue square at the top", "a green triangle on the right",
+               "a yellow circle at the bottom"]
+    plain = builtin_pipe(prompts, seed=11, num_inference_steps=20, guidance_scale=5.0)
+    for off in (None, 1):
+        same = builtin_pipe(prompts, seed=11, num_inference_steps=20, guidance_scale=5.0, cache_interval=off)
+        assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(plain.images, same.images))
+        assert "cache_interval" not in same.records[0]
+    cached = builtin_pipe(prompts, seed=11, num_inference_steps=20, guidance_scale=5.0, cache_interval=2)
+    diff = np.mean([np.abs(pixels(a) - pixels(b)).mean() for a, b in zip(plain.images, cached.images)])
+    assert 0 < diff < 10  # of 255: the same pictures, not the same pixels
+    for image, prompt in zip(cached.images, prompts):
+        result = shapes.score(image, prompt)
+        assert result["colour"] and result["position"] and result["background"]
+    paths = cached.save(tmp_path / "c.png")
+    assert json.loads(Image.open(paths[0]).text["imagecraft"])["cache_interval"] == 2
+    with pytest.raises(ValueError, match="attention maps need every layer at every step"):
+        builtin_pipe("a red circle", cache_interval=3, attention=True)
+    with pytest.raises(ValueError, match="cache_interval must be a whole number of 1 or more"):
+        builtin_pipe("a red circle", cache_interval=0)

@@ -268,3 +268,42 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
     with torch.no_grad():  # inference never recomputes
         unet(x, 3, ctx)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_feature_cache_reuses_the_deep_part_exactly(depth):
+    """Two calls with the same input: the second, partial one (shallow blocks only, the deep feature from the
+    first) must give the full UNet's output, whatever the depth; a middle block that does not run proves it was
+    skipped."""
+    from imagecraft.unet import FeatureCache
+
+    torch.manual_seed(0)
+    unet = UNet_SD.from_diffusers(random_diffusers_unet(**SD1_STYLE)).eval()
+    x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    calls = []
+    unet.middle_block.register_forward_hook(lambda *_: calls.append(1))
+    cache = FeatureCache(interval=3, depth=depth)
+    with torch.no_grad():
+        full = unet(x, 500, ctx)
+        outs = [unet(x, 500, ctx, cache=cache) for _ in range(4)]
+    assert len(calls) == 1 + 2  # without the cache, then calls 0 and 3 of the cache's schedule
+    for out in outs:
+        torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(1)
+    other = torch.randn_like(x)
+    with torch.no_grad():  # a partial step on new input differs from the full UNet there, but not by much
+        cache = FeatureCache(interval=2, depth=depth)
+        unet(x, 500, ctx, cache=cache)
+        partial, exact = unet(x + 0.05 * other, 480, ctx, cache=cache), unet(x + 0.05 * other, 480, ctx)
+    assert 0 < (partial - exact).abs().max() < 0.5 * exact.abs().max()
+
+
+def test_feature_cache_settings_are_checked():
+    from imagecraft.unet import FeatureCache
+
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="cache_interval must be a whole number of 1 or more"):
+            FeatureCache(bad)
+    unet = UNet_SD.from_diffusers(random_diffusers_unet(**SD1_STYLE))
+    with pytest.raises(ValueError, match="cache depth must be from 1 to"):
+        unet(torch.randn(1, 4, 8, 8), 1, torch.randn(1, 3, 32), cache=FeatureCache(2, depth=99))

@@ -428,7 +428,7 @@ def build_demo() -> gr.Blocks:
                             ft_steps = gr.Slider(1, 2000, value=400, step=1, label="Training steps")
                         with gr.Row():
                             ft_rank = gr.Slider(1, 64, value=8, step=1, label="LoRA rank")
-                            ft_lr = gr.Number(value=0, label="Learning rate (0: 1e-3 for LoRA, 5e-5 for full)")
+                            ft_lr = gr.Number(value=0, label="Learning rate (0: 1e-4 for LoRA, 5e-5 for full)")
                         ft_prompt = gr.Textbox("", label="Validation prompt for the previews (default: the first "
                                                          "two captions)", placeholder="a pink triangle")
                         with gr.Row():

@@ -37,8 +37,9 @@ def _add_model_and_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=None,
                         help="multiple of 8, 64..2048; the model's size when not given")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps; detected when not given")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                        help="fp16 on CUDA, fp32 elsewhere when not given")
+    parser.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                        help="auto when not given: fp16 on CUDA, bf16 on a CPU with native bf16 (AMX, AVX-512 bf16), "
+                             "else fp32; fp32 matches diffusers' fp32 pipeline exactly")
     parser.add_argument("--lora", default=None, metavar="PATH[:SCALE]",
                         help="a LoRA file or folder (ours, diffusers or kohya), optionally with its scale (1 when "
                              "not given)")

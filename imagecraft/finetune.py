@@ -69,7 +69,7 @@ class Recipe:
     steps: int = 400
     batch_size: int = 4  # per process; the global batch is batch_size x processes x grad_accum
     grad_accum: int = 1
-    lr: float | None = None  # None: 1e-3 for LoRA, 5e-5 for full
+    lr: float | None = None  # None: 1e-4 for LoRA, 5e-5 for full (see bench_finetune.py)
     lr_schedule: str = "constant"  # or "cosine" (to 10% of the peak)
     warmup: int = 20
     rank: int = 8
@@ -96,7 +96,7 @@ class Recipe:
 
     @property
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else (1e-3 if self.method == "lora" else 5e-5)
+        return self.lr if self.lr is not None else (1e-4 if self.method == "lora" else 5e-5)
 
     @property
     def lora_alpha(self) -> float:
@@ -807,7 +807,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--steps", type=int, default=d.steps)
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
     parser.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (LoRA 1e-3, full 5e-5)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (LoRA 1e-4, full 5e-5)")
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d.lr_schedule)
     parser.add_argument("--warmup", type=int, default=d.warmup)
     parser.add_argument("--rank", type=int, default=d.rank)

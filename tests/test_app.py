@@ -296,7 +296,7 @@ def test_finetune_api_trains_streams_and_the_lora_generates(client, tmp_path):
     rows, gallery, note = client.predict(api_name="/finetune_demo_data")
     assert len(rows["data"]) == 24 and "all captioned" in note
     assert all(r[1].startswith("a pink ") for r in rows["data"])
-    job = client.submit(rows, "lora", 8, 4, 0, "a pink triangle", BUILTIN, api_name="/finetune")
+    job = client.submit(rows, "lora", 8, 4, 0.01, "a pink triangle", BUILTIN, api_name="/finetune")
     updates = list(job)
     status, loss, preview, files = job.outputs()[-1][:4]
     assert status.startswith("**Done**") and len(updates) >= 2

@@ -70,7 +70,7 @@ def diffusers_images(pipe, prompt="a red circle on the left"):
 def test_our_lora_file_gives_plain_diffusers_the_same_images(model, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    ours = ImageCraftPipeline.from_pretrained(model)
+    ours = ImageCraftPipeline.from_pretrained(model, dtype="fp32")
     base = images(ours)
     random_lora(ours, rank=4, alpha=8.0)  # alpha != rank: diffusers must read alpha from the metadata
     with_lora = images(ours)
@@ -83,7 +83,7 @@ def test_our_lora_file_gives_plain_diffusers_the_same_images(model, tmp_path):
     assert effect > 0.02  # the LoRA changes the image a lot
     assert np.abs(diffusers_images(theirs) - with_lora).mean() < effect / 50
     # loading our file, and the kohya copy, into a fresh pipeline gives the same image again; unloading, the base
-    fresh = ImageCraftPipeline.from_pretrained(model)
+    fresh = ImageCraftPipeline.from_pretrained(model, dtype="fp32")
     info = fresh.load_lora(tmp_path)
     assert info["scale"] == 1.0 and info["name"] == tmp_path.name and len(info["hash"]) == 10
     assert np.abs(images(fresh) - with_lora).max() < 1e-6
@@ -253,8 +253,8 @@ def test_full_finetune_writes_a_model_plain_diffusers_loads(model, data, tmp_pat
     assert result.step == 3
     theirs = StableDiffusionPipeline.from_pretrained(tmp_path)
     theirs.set_progress_bar_config(disable=True)
-    ours = ImageCraftPipeline.from_pretrained(tmp_path)
-    base = ImageCraftPipeline.from_pretrained(model)
+    ours = ImageCraftPipeline.from_pretrained(tmp_path, dtype="fp32")
+    base = ImageCraftPipeline.from_pretrained(model, dtype="fp32")
     tuned = images(ours)
     assert np.abs(tuned - images(base)).mean() > 1e-4  # the UNet changed
     assert np.abs(diffusers_images(theirs) - tuned).mean() < 2e-3

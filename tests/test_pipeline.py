@@ -22,7 +22,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(folder):
-    return ImageCraftPipeline.from_pretrained(folder)
+    return ImageCraftPipeline.from_pretrained(folder, dtype="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def v_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def v_pipe(v_folder):
-    return ImageCraftPipeline.from_pretrained(v_folder)
+    return ImageCraftPipeline.from_pretrained(v_folder, dtype="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_v_prediction_zero_snr_model_matches_diffusers(v_pipe, v_reference, sche
 
 @pytest.fixture(scope="module")
 def builtin_pipe():
-    return ImageCraftPipeline.from_pretrained()  # an Euler a config: no skip_prk_steps, v-prediction, zero SNR
+    return ImageCraftPipeline.from_pretrained(dtype="fp32")  # an Euler a config: no skip_prk_steps, v-prediction, zero SNR
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3])
@@ -248,7 +248,7 @@ def test_single_file_checkpoint_matches_the_folder(folder, pipe, tmp_path):
     checkpoint["alphas_cumprod"] = torch.linspace(1, 0, 1000)
     save_file(checkpoint, tmp_path / "tiny.safetensors")
 
-    single = ImageCraftPipeline.from_pretrained(tmp_path / "tiny.safetensors", config=folder)
+    single = ImageCraftPipeline.from_pretrained(tmp_path / "tiny.safetensors", config=folder, dtype="fp32")
     a = single("a blue circle", seed=3, num_inference_steps=4, scheduler="ddim")
     b = pipe("a blue circle", seed=3, num_inference_steps=4, scheduler="ddim")
     assert np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
@@ -266,14 +266,18 @@ def test_single_file_checkpoint_matches_the_folder(folder, pipe, tmp_path):
 def test_dtype_names_and_a_warning_for_emulated_bf16():
     import warnings
 
-    assert resolve_dtype(None, "cpu") == torch.float32 and resolve_dtype(None, "cuda:0") == torch.float16
+    native = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    assert resolve_dtype(None, "cpu") == resolve_dtype("auto", "cpu") == native  # bf16 only where it is native
+    assert resolve_dtype(None, "cuda:0") == torch.float16 and resolve_dtype("auto", "mps") == torch.float32
     with warnings.catch_warnings(record=True) as caught:
+        resolve_dtype("auto", "cpu")
+        assert not caught  # auto never picks emulated bf16
         warnings.simplefilter("always")
         assert resolve_dtype("bf16", "cpu") == torch.bfloat16
         assert resolve_dtype("fp32", "cpu") == torch.float32
     emulated = [w for w in caught if "bf16 on this CPU is emulated" in str(w.message)]
     assert len(emulated) == (0 if native_bf16() else 1)  # warned exactly when the CPU lacks AMX / AVX-512 bf16
-    with pytest.raises(ValueError, match="unknown dtype 'fp8'; use one of fp32, bf16, fp16"):
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'; use one of auto, fp32, bf16, fp16"):
         resolve_dtype("fp8", "cpu")
 
 
@@ -338,3 +342,17 @@ def test_deepcache_is_exact_when_off_and_keeps_the_layout_when_on(builtin_pipe, 
         builtin_pipe("a red circle", cache_interval=3, attention=True)
     with pytest.raises(ValueError, match="cache_interval must be a whole number of 1 or more"):
         builtin_pipe("a red circle", cache_interval=0)
+
+
+def test_auto_dtype_is_the_default_with_the_vae_in_fp32(builtin_pipe, tmp_path):
+    auto = ImageCraftPipeline.from_pretrained()
+    expected = torch.bfloat16 if native_bf16() else torch.float32
+    assert auto.dtype == expected and next(auto.unet.parameters()).dtype == expected
+    assert next(auto.text_encoder.parameters()).dtype == expected
+    assert next(auto.vae.parameters()).dtype == torch.float32
+    prompts = ["a red circle on the left", "a blue square above a green triangle"]
+    a = auto(prompts, seed=2, num_inference_steps=15, guidance_scale=5.0)
+    b = builtin_pipe(prompts, seed=2, num_inference_steps=15, guidance_scale=5.0)  # fp32
+    assert np.mean([np.abs(pixels(x) - pixels(y)).mean() for x, y in zip(a.images, b.images)]) < 3  # of 255
+    path = a.save(tmp_path / "a.png")[0]
+    assert json.loads(Image.open(path).text["imagecraft"])["dtype"] == str(expected).replace("torch.", "")

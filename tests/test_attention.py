@@ -22,14 +22,15 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return ImageCraftPipeline.from_pretrained(make_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny-attn")))
+def pipe(tmp_path_factory):  # fp32: the maps are compared with naive fp32 computations
+    return ImageCraftPipeline.from_pretrained(make_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny-attn")),
+                                              dtype="fp32")
 
 
 @pytest.fixture(scope="module")
 def pipe2(tmp_path_factory):  # attention at two resolutions, different head counts per level
     folder = make_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny-attn-sd2"), unet=SD2_STYLE)
-    return ImageCraftPipeline.from_pretrained(folder)
+    return ImageCraftPipeline.from_pretrained(folder, dtype="fp32")
 
 
 class NaiveProbs:

@@ -93,7 +93,9 @@ def teach(args):
             pipe.load_lora(work / "lora")
         else:
             pipe.unload_lora()
-        images = pipe(prompts, seed=0, num_inference_steps=25, guidance_scale=5.0).images
+        images = [im for start in range(0, len(prompts), 50)
+                  for im in pipe(prompts[start:start + 50], seed=start, num_inference_steps=25,
+                                 guidance_scale=5.0).images]
         scores = [shapes.score(im, p) for im, p in zip(images, prompts)]
         rates.append((sum(s["colour"] for s in scores) / len(scores), sum(s["all"] for s in scores) / len(scores)))
     (c0, a0), (c1, a1) = rates

@@ -1,6 +1,6 @@
 """Trains the built-in model from scratch on the shapes world, on a CPU, and writes it in diffusers layout.
 
-    python -m imagecraft.train_shapes --output assets/shapes-sd             # the built-in model, 87 min, 2-core CPU
+    python -m imagecraft.train_shapes --output assets/shapes-sd             # the built-in model's recipe
     python -m imagecraft.train_shapes --output /tmp/smoke --smoke           # a few steps, for CI
     python -m imagecraft.train_shapes --output /tmp/large --recipe large    # the earlier built-in model (~109 min AMX)
 
@@ -164,14 +164,14 @@ class Recipe:
 
     @classmethod
     def fast(cls) -> "Recipe":
-        """The built-in model's recipe, sized for 90 minutes on a 2-core AVX2 CPU (fp32): a smaller VAE on 32x32
-        crops with channel 3 tied to coverage, 30,000 scenes with two objects kept 8 px apart, and zero-terminal-SNR
-        v-prediction from the start, after a layout stage, with caption-mean targets at high noise; a last, long
-        stage on shapes (low noise only); Euler a sampling. 87.4 min end to end on that CPU."""
-        return cls(vae_channels=(32, 64, 64), vae_groups=8, vae_crop=32, vae_coverage=1.0, num_scenes=30000,
-                   scene_gap=8, prediction_type="v_prediction", zero_terminal_snr=True, layout_steps=300,
-                   mean_target_t=900, unet_steps=1400, unet_batch=32, unet_lr=3e-4, zsnr_steps=0, two_steps=400,
-                   shape_steps=1600, shape_lr=3e-4, sampler="euler_a")
+        """The built-in model's recipe: a small VAE trained on 32x32 crops of the world and of a broader one (any
+        colour and shape, so that fine-tunes can teach new ones), channel 3 tied to coverage; 30,000 scenes with two
+        objects kept 8 px apart; zero-terminal-SNR v-prediction from the start, after a layout stage, with
+        caption-mean targets at high noise; a last, long stage on shapes (low noise only); Euler a sampling."""
+        return cls(vae_channels=(32, 64, 64), vae_groups=8, vae_crop=32, vae_coverage=1.0, vae_general=0.5,
+                   vae_steps=16000, num_scenes=30000, scene_gap=8, prediction_type="v_prediction",
+                   zero_terminal_snr=True, layout_steps=300, mean_target_t=900, unet_steps=1400, unet_batch=32,
+                   unet_lr=3e-4, zsnr_steps=0, two_steps=400, shape_steps=1600, shape_lr=3e-4, sampler="euler_a")
 
     def stages(self) -> list["Stage"]:
         out = [Stage("unet-layout", self.layout_steps, self.layout_lr, min(100, self.layout_steps), "v_prediction",
@@ -703,7 +703,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None,
                         help="folder for checkpoints and cached latents (default: runs/<output name>)")
     parser.add_argument("--recipe", choices=("fast", "large", "smoke"), default="fast",
-                        help="fast (default): the built-in model's recipe, 87 minutes on a 2-core CPU; large: the "
+                        help="fast (default): the built-in model's recipe (see its model card); large: the "
                              "earlier built-in model's (~109 min with AMX, ~5 h on AVX2); smoke: a few steps at toy "
                              "sizes (CI); the flags below override it")
     parser.add_argument("--smoke", action="store_true", help="same as --recipe smoke")

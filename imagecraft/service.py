@@ -326,9 +326,10 @@ def explain(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", st
         raise ValueError("type a prompt first: attention maps show where each word of the prompt went")
     w, h = _size(pipe, width, "width"), _size(pipe, height, "height")
     check_cost(w, h, check("num_inference_steps", steps), 1, pipe.device)
-    result = pipe(prompt, negative_prompt=negative_prompt or "", num_inference_steps=steps, guidance_scale=guidance,
-                  seed=pick_seed(seed), scheduler=scheduler or None, width=w, height=h,
-                  callback=_callback(progress, should_stop), attention=True)
+    with model_lock(pipe):  # never while another request's LoRA is applied to the shared model
+        result = pipe(prompt, negative_prompt=negative_prompt or "", num_inference_steps=steps,
+                      guidance_scale=guidance, seed=pick_seed(seed), scheduler=scheduler or None, width=w, height=h,
+                      callback=_callback(progress, should_stop), attention=True)
     folder = new_output_folder()
     image_path = result.save(folder / "imagecraft-{seed}.png")[0]
     maps = result.attention[0]

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -195,7 +196,8 @@ def generate(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", s
     w, h = _size(pipe, width, "width"), _size(pipe, height, "height")
     check_cost(w, h, check("num_inference_steps", steps), check("num_images", num_images), pipe.device)
     lora_path = check_lora_path(lora, trusted_paths)
-    with model_lock(pipe):
+    lock = model_lock(pipe)
+    with lock.exclusive() if lora_path else lock.shared():
         try:
             if lora_path:
                 pipe.load_lora(lora_path, lora_scale)
@@ -204,21 +206,57 @@ def generate(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", s
                           scheduler=scheduler or None, width=w, height=h, num_images=num_images,
                           callback=_callback(progress, should_stop))
         finally:
-            if pipe.lora is not None:
+            if lora_path:
                 pipe.unload_lora()
     paths = result.save(new_output_folder() / "imagecraft-{seed}.png")
     return [str(p) for p in paths], result.seeds[0], result.warnings
 
 
-_model_locks: dict[int, threading.Lock] = {}
+class ModelLock:
+    """Requests on one shared model: plain ones run together (`shared()`), one that applies a LoRA to it runs alone
+    (`exclusive()`), so no request ever samples with another request's LoRA."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers, self._writer, self._waiting_writers = 0, False, 0
+
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+_model_locks: dict[int, ModelLock] = {}
 _model_locks_guard = threading.Lock()
 
 
-def model_lock(pipe) -> threading.Lock:
-    """One lock per loaded model for generation: a request's LoRA is applied to the shared model, so no other
-    request may sample it meanwhile."""
+def model_lock(pipe) -> ModelLock:
+    """The lock of one loaded model (see ModelLock)."""
     with _model_locks_guard:
-        return _model_locks.setdefault(id(pipe), threading.Lock())
+        return _model_locks.setdefault(id(pipe), ModelLock())
 
 
 def check_lora_path(lora, trusted_paths: bool) -> Path | None:
@@ -326,7 +364,7 @@ def explain(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", st
         raise ValueError("type a prompt first: attention maps show where each word of the prompt went")
     w, h = _size(pipe, width, "width"), _size(pipe, height, "height")
     check_cost(w, h, check("num_inference_steps", steps), 1, pipe.device)
-    with model_lock(pipe):  # never while another request's LoRA is applied to the shared model
+    with model_lock(pipe).shared():  # never while another request's LoRA is applied to the shared model
         result = pipe(prompt, negative_prompt=negative_prompt or "", num_inference_steps=steps,
                       guidance_scale=guidance, seed=pick_seed(seed), scheduler=scheduler or None, width=w, height=h,
                       callback=_callback(progress, should_stop), attention=True)

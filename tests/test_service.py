@@ -174,3 +174,27 @@ def test_prune_sweeps_a_folder_at_most_every_few_seconds(monkeypatch, tmp_path):
     (tmp_path / "b").mkdir()
     service.prune(tmp_path)  # within PRUNE_EVERY of the last sweep: left for the next one
     assert (tmp_path / "b").exists() and service.PRUNE_EVERY >= 1
+
+
+def test_model_lock_lets_plain_requests_share_and_a_lora_request_run_alone():
+    import threading
+    import time
+
+    from imagecraft.service import ModelLock
+
+    lock, events = ModelLock(), []
+    with lock.shared():
+        with lock.shared():  # two plain requests at once
+            events.append("two readers")
+
+        def lora_request():
+            with lock.exclusive():
+                events.append("writer")
+
+        writer = threading.Thread(target=lora_request)
+        writer.start()
+        time.sleep(0.2)
+        assert events == ["two readers"]  # the LoRA request waits for the plain one
+        events.append("reader leaves")
+    writer.join(timeout=5)
+    assert events == ["two readers", "reader leaves", "writer"]

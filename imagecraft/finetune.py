@@ -406,7 +406,9 @@ def finetune(model, data, output, recipe: Recipe | None = None, progress=None, s
 
     log.info("training on %d process%s (%s), %s", world, "es" if world > 1 else "", device.type,
              "bf16 autocast" if bf16 else "fp32")
-    pipe = ImageCraftPipeline.from_pretrained(model, device=device.type, dtype="fp32")
+    # this process's own device (cuda:N under DDP); weights in fp32, the forward passes in accelerate's autocast
+    pipe = ImageCraftPipeline.from_pretrained(model, device=str(device) if device.type == "cuda" else device.type,
+                                              dtype="fp32")
     size = pipe.default_size
     latents = encode_images(pipe, examples, size, recipe.flip, output / "cache") if main_process else None
     accelerator.wait_for_everyone()

@@ -441,8 +441,10 @@ def lone_object(rng: random.Random, kind: str, colour=None, background=None, siz
     object's colour is kept at least 60 apart (RGB distance) from the background's."""
     size = size or rng.randint(MIN_SIZE, MAX_SIZE)
     colour = colour or random_rgb(rng)
-    while background is None or np.linalg.norm(np.subtract(colour, background)) < 60:
+    if background is None:  # a random one, at least 60 apart from the object's colour
         background = random_rgb(rng)
+        while np.linalg.norm(np.subtract(colour, background)) < 60:
+            background = random_rgb(rng)
     half = size / 2
     cx, cy = rng.uniform(half + 2, SIZE - half - 2), rng.uniform(half + 2, SIZE - half - 2)
     image = Image.new("RGB", (SIZE, SIZE), tuple(background))

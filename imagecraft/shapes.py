@@ -437,8 +437,8 @@ def general_scene(rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
 
 def lone_object(rng: random.Random, kind: str, colour=None, background=None, size=None):
     """One object of `kind` (any of SHAPES + OTHER_SHAPES), upright, 16-24 px, fully inside, on a flat
-    background: (image (64, 64, 3) uint8, mask (64, 64) bool). Colours random (random_rgb) unless given; the
-    object's colour is kept at least 60 apart (RGB distance) from the background's."""
+    background: (image (64, 64, 3) uint8, mask (64, 64) bool). Colours random (random_rgb) unless given; a random
+    background is drawn at least 60 apart (RGB distance) from the object's colour."""
     size = size or rng.randint(MIN_SIZE, MAX_SIZE)
     colour = colour or random_rgb(rng)
     if background is None:  # a random one, at least 60 apart from the object's colour

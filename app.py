@@ -56,13 +56,18 @@ def _ui_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as e:
-            log.info("%s refused: %s", fn.__name__, str(e)[:300])
-            raise gr.Error(_as_text(str(e)), print_exception=False) from e
+            raise _refused(fn, e) from e
         except service.Cancelled as e:
             log.info("%s: %s", fn.__name__, e)
             raise gr.Error(str(e), print_exception=False) from e
 
     return wrapped
+
+
+def _refused(fn, error: Exception) -> gr.Error:
+    """One log line, and the sentence as the UI's message (through `_as_text`)."""
+    log.info("%s refused: %s", fn.__name__, str(error)[:300])
+    return gr.Error(_as_text(str(error)), print_exception=False)
 
 
 def _prune_gradio_cache():
@@ -217,9 +222,8 @@ def _ui_errors_stream(fn):
     def wrapped(*args, **kwargs):
         try:
             yield from fn(*args, **kwargs)
-        except ValueError as e:
-            log.info("%s refused: %s", fn.__name__, str(e)[:300])
-            raise gr.Error(_as_text(str(e)), print_exception=False) from e
+        except (ValueError, FileNotFoundError) as e:
+            raise _refused(fn, e) from e
 
     return wrapped
 

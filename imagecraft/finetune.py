@@ -37,7 +37,6 @@ import io
 import json
 import logging
 import math
-import random
 import sys
 import time
 import zipfile
@@ -50,7 +49,7 @@ from PIL import Image, ImageOps
 
 from . import lora as lora_lib
 from .files import atomic_write
-from .training import (diffusion_loss, ema_update, load_checkpoint, lr_at, noise_scheduler, noised_and_target,
+from .training import (check_output_folder, diffusion_loss, ema_update, load_checkpoint, lr_at, noise_scheduler, noised_and_target,
                        refuse_other_objective, save_checkpoint)
 
 log = logging.getLogger("imagecraft.finetune")
@@ -304,12 +303,17 @@ def extract_zip(archive: str | Path, folder: str | Path, max_bytes: int = MAX_ZI
     return folder
 
 
-def data_key(examples: list[Example], size: int, flip: bool, model_key: str) -> str:
-    """What the cached latents depend on: every image's bytes, the size, flips and the VAE's weights."""
-    digest = hashlib.sha256(f"{size}|{flip}|{model_key}".encode())
+def images_digest(examples: list[Example]) -> str:
+    """One hash of every image's bytes, in order (read once per run)."""
+    digest = hashlib.sha256()
     for ex in examples:
         digest.update(hashlib.sha256(ex.path.read_bytes()).digest())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
+
+
+def data_key(images: str, size: int, flip: bool, model_key: str) -> str:
+    """What the cached latents depend on: the images (`images_digest`), the size, flips and the VAE's weights."""
+    return hashlib.sha256(f"{images}|{size}|{flip}|{model_key}".encode()).hexdigest()[:16]
 
 
 def vae_key(vae) -> str:
@@ -321,10 +325,11 @@ def vae_key(vae) -> str:
 
 
 @torch.no_grad()
-def encode_images(pipe, examples: list[Example], size: int, flip: bool, cache: Path) -> torch.Tensor:
+def encode_images(pipe, examples: list[Example], size: int, flip: bool, cache: Path,
+                  digest: str | None = None) -> torch.Tensor:
     """Latents (N or 2N with flips, 4, size / f, size / f), scaled as the UNet sees them; cached under `cache`
-    keyed on the images, the size, flips and the VAE."""
-    key = data_key(examples, size, flip, vae_key(pipe.vae))
+    keyed on the images (`digest`: their `images_digest`, computed when not given), the size, flips and the VAE."""
+    key = data_key(digest or images_digest(examples), size, flip, vae_key(pipe.vae))
     path = cache / f"latents-{key}.pt"
     state = load_checkpoint(path)
     if state is not None and state.get("key") == key:
@@ -371,18 +376,6 @@ def use_bf16(precision: str, device: str) -> bool:
     return precision == "bf16"
 
 
-def check_output(output: Path):
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"output {output} exists and is a file; give a folder")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / f".write-test-{random.randrange(1 << 30)}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"output folder {output} is not writable: {e}") from e
-
-
 def finetune(model, data, output, recipe: Recipe | None = None, progress=None, should_stop=None,
              show_bar: bool = True) -> FinetuneResult:
     """Fine-tunes `model` (anything ImageCraftPipeline.from_pretrained loads) on the captioned images in `data`,
@@ -395,7 +388,7 @@ def finetune(model, data, output, recipe: Recipe | None = None, progress=None, s
 
     recipe = check_recipe(recipe or Recipe())
     output = Path(output)
-    check_output(output)
+    check_output_folder(output)
     examples = find_examples(data)
     cuda = torch.cuda.is_available()
     bf16 = use_bf16(recipe.precision, "cuda" if cuda else "cpu")
@@ -410,10 +403,11 @@ def finetune(model, data, output, recipe: Recipe | None = None, progress=None, s
     pipe = ImageCraftPipeline.from_pretrained(model, device=str(device) if device.type == "cuda" else device.type,
                                               dtype="fp32")
     size = pipe.default_size
-    latents = encode_images(pipe, examples, size, recipe.flip, output / "cache") if main_process else None
+    digest = images_digest(examples)
+    latents = encode_images(pipe, examples, size, recipe.flip, output / "cache", digest) if main_process else None
     accelerator.wait_for_everyone()
     if latents is None:
-        latents = encode_images(pipe, examples, size, recipe.flip, output / "cache")  # now a cache hit
+        latents = encode_images(pipe, examples, size, recipe.flip, output / "cache", digest)  # now a cache hit
     latents = latents.to(device)
     captions = [ex.caption for ex in examples]
     prompts = list(recipe.validation_prompts) or captions[:2]
@@ -458,7 +452,7 @@ def finetune(model, data, output, recipe: Recipe | None = None, progress=None, s
 
     objective = dict(method=recipe.method, rank=recipe.rank, alpha=recipe.lora_alpha, targets=list(recipe.targets),
                      text_encoder_lora=recipe.text_encoder_lora, model=pipe.model_id, model_hash=pipe.model_hash,
-                     data=data_key(examples, size, recipe.flip, "")[:12], batch=recipe.batch_size * world,
+                     data=data_key(digest, size, recipe.flip, "")[:12], batch=recipe.batch_size * world,
                      grad_accum=recipe.grad_accum, seed=recipe.seed)
     checkpoint_path = output / "checkpoints" / "last.pt"
     state = load_checkpoint(checkpoint_path)

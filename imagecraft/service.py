@@ -319,10 +319,18 @@ def prune(root: Path, keep_younger: float = 0.0) -> None:
 
 def new_output_folder() -> Path:
     """A fresh folder under OUTPUT_ROOT, after `prune` kept the others within the output TTL and size cap."""
-    OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
-    prune(OUTPUT_ROOT)
-    folder = OUTPUT_ROOT / uuid.uuid4().hex
-    folder.mkdir(parents=True)
+    return new_folder(OUTPUT_ROOT, keep_younger=0.0)
+
+
+def new_folder(root: Path, keep_younger: float | None = None) -> Path:
+    """A fresh folder under `root`; with `keep_younger`, after `prune` kept the others within the output TTL and
+    size cap, sparing those younger than that many seconds (None: no pruning, as for training jobs, which
+    _drop_old_jobs keeps instead)."""
+    root.mkdir(parents=True, exist_ok=True)
+    if keep_younger is not None:
+        prune(root, keep_younger=keep_younger)
+    folder = root / uuid.uuid4().hex
+    folder.mkdir()
     return folder
 
 
@@ -444,7 +452,7 @@ def read_upload(paths) -> tuple[list[list[str]], list[str]]:
     for p in paths if isinstance(paths, (list, tuple)) else [paths]:
         path = Path(p if isinstance(p, (str, Path)) else getattr(p, "name", p))
         if path.suffix.lower() == ".zip":
-            folder = extract_zip(path, new_folder(FINETUNE_ROOT / "uploads"), max_bytes=MAX_UPLOAD_ZIP_BYTES)
+            folder = extract_zip(path, new_upload_folder(), max_bytes=MAX_UPLOAD_ZIP_BYTES)
             files += sorted(f for f in folder.rglob("*") if f.is_file())
         else:
             files.append(path)
@@ -474,7 +482,7 @@ def demo_data(n: int = 24, seed: int = 0) -> tuple[list[list[str]], list[str]]:
     its grammar; written as PNGs to a fresh folder. Returns the caption table and the files."""
     from . import shapes
 
-    folder = new_folder(FINETUNE_ROOT / "uploads")
+    folder = new_upload_folder()
     rows, files = [], []
     for i, (caption, image) in enumerate(shapes.colour_word_scenes(random.Random(seed), n, "pink")):
         path = folder / f"pink-{i:02d}.png"
@@ -484,15 +492,10 @@ def demo_data(n: int = 24, seed: int = 0) -> tuple[list[list[str]], list[str]]:
     return rows, files
 
 
-def new_folder(root: Path) -> Path:
-    """A fresh folder under `root`, after `prune` kept the others within the output TTL and size cap (uploads
-    are copied into their job's folder when training starts, so an hour is plenty)."""
-    root.mkdir(parents=True, exist_ok=True)
-    if root.name == "uploads":
-        prune(root, keep_younger=600)  # another session may be about to train on a recent upload
-    folder = root / uuid.uuid4().hex
-    folder.mkdir()
-    return folder
+def new_upload_folder() -> Path:
+    """A fresh folder for an upload. Uploads are copied into their job's folder when training starts, so the
+    output TTL is plenty; those under ten minutes old stay (another session may be about to train on them)."""
+    return new_folder(FINETUNE_ROOT / "uploads", keep_younger=600)
 
 
 def build_data_folder(files: list[str], rows, folder: Path) -> Path:

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from . import shapes
 from .pipeline import native_bf16, vae_scale_factor
 from .porting import to_diffusers
-from .training import (as_tuples, diffusion_loss, ema_update, load_checkpoint, lr_at, noise_scheduler,
+from .training import (as_tuples, check_output_folder, diffusion_loss, ema_update, load_checkpoint, lr_at, noise_scheduler,
                        noised_and_target, refuse_other_objective, save_checkpoint)
 from .schedulers import check_scheduler_name, make_scheduler
 from .unet import UNet_SD, UNetConfig
@@ -273,15 +273,7 @@ def check_settings(recipe: Recipe, output: Path):
                          "so epsilon is the input itself and the loss weight is undefined")
     if not 0 <= recipe.uncond_prob < 1:
         raise ValueError(f"uncond_prob must be in [0, 1), got {recipe.uncond_prob}")
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"output {output} exists and is not a folder")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"output folder {output} is not writable: {e}") from e
+    check_output_folder(output)
 
 
 # --- data ----------------------------------------------------------------------------------------------------

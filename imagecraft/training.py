@@ -42,6 +42,21 @@ def refuse_other_objective(path: Path, state: dict, objective: dict):
                          f"delete it or pass another --work folder")
 
 
+def check_output_folder(output: Path):
+    """Creates `output` if needed and makes sure a file can be written in it, before any work starts; a sentence
+    naming the folder otherwise."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output {output} exists and is not a folder; give a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output folder {output} is not writable: {e}") from e
+
+
 def as_tuples(x):
     """random.Random state comes back from torch.load with lists where it had tuples."""
     return tuple(as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

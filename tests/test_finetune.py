@@ -368,7 +368,7 @@ def test_bad_settings_and_outputs_are_named(model, data, tmp_path):
         with pytest.raises(ValueError, match=message):
             check_recipe(Recipe(**settings))
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ValueError, match="exists and is a file"):
+    with pytest.raises(ValueError, match="exists and is not a folder"):
         finetune(model, data, tmp_path / "file", Recipe(**QUICK), show_bar=False)
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro").chmod(0o500)

@@ -2,6 +2,7 @@
 
     python bench/bench_attention.py                                   # everything below, defaults
     python bench/bench_attention.py --only pointing --single 10 --two 10
+    python bench/bench_attention.py --only pointing --model runs/shapes-sd  # another shapes model
     python bench/bench_attention.py --only time --reps 7
     python bench/bench_attention.py --only sd15 memory --sd-steps 4 --sd-reps 3
 
@@ -80,7 +81,8 @@ def word_targets(spec: shapes.Spec, found: list[dict]) -> dict | None:
 def pointing(pipe, args):
     groups = {"single": prompts_for("single", args.single, seed=1000), "two": prompts_for("two", args.two, seed=1001)}
     hits, ious = {}, {}  # (group, kind) -> list of bools / floats
-    print(f"\npointing and mIoU: built-in model, 25 steps, guidance 5, {args.single} + {args.two} prompts")
+    print(f"\npointing and mIoU: {args.model or 'built-in model'}, 25 steps, guidance 5, {args.single} + {args.two} "
+          "prompts")
     for g, (group, prompts) in enumerate(groups.items()):
         kept = 0
         for start in range(0, len(prompts), args.batch):
@@ -191,6 +193,7 @@ def environment() -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="sections to run")
+    parser.add_argument("--model", default=None, help="a shapes model folder (default: the built-in model)")
     parser.add_argument("--single", type=int, default=150, help="one-object prompts for pointing")
     parser.add_argument("--two", type=int, default=100, help="two-object prompts for pointing")
     parser.add_argument("--batch", type=int, default=50)
@@ -202,7 +205,7 @@ def main():
         parser.error(f"--sd-steps must be 2 or more (steps are timed between callbacks), got {args.sd_steps}")
 
     print(environment())
-    pipe = ImageCraftPipeline.from_pretrained(device="cpu", dtype="fp32")
+    pipe = ImageCraftPipeline.from_pretrained(args.model, device="cpu", dtype="fp32")
     if "pointing" in args.only:
         pointing(pipe, args)
     if "time" in args.only:

@@ -93,6 +93,13 @@ class Recipe:
     # Latent channels: the first three are tied to the patch colour, the fourth (with vae_coverage) to where objects
     # are; more are free for the edges' detail. The UNet's input and output follow.
     vae_latent_channels: int = 4
+    # A last autoencoder stage that trains the decoder alone, the encoder frozen (so the UNet's latents do not
+    # change), on latents with Gaussian noise added: the UNet's samples are near the latents of real scenes but not
+    # on them, and a decoder that only ever saw exact latents turns the difference into lobes and legs. The noise's
+    # std is drawn per image from 0 to decoder_noise, in units of the latents' own std (what the UNet sees).
+    decoder_steps: int = 0
+    decoder_lr: float = 5e-4
+    decoder_noise: float = 0.2
     # latents
     num_scenes: int = 50000  # fixed training set, encoded once
     # Least space between two objects' bounding boxes in the UNet's training scenes, in px (the world's contract: 2;
@@ -146,6 +153,12 @@ class Recipe:
     layout_lr: float = 4e-4
     mean_target_t: int = 0
     ema_decay: float = 0.999
+    # Weight of the grounding loss (0: off): each object's colour and shape tokens should draw their cross-attention
+    # from the latent cells the object covers, as in TokenCompose (Wang et al. 2024, arXiv:2312.03626). The text
+    # encoder is trained from scratch and causal, so the shape token already knows the colour; without this term
+    # the UNet may read the colour from it and leave the colour word's map spread over the image, which the
+    # attention tab would then show.
+    ground_weight: float = 0.0
     # The sampler the model ships with (its scheduler folder; our short names, see imagecraft.schedulers). The fast
     # recipe ships Euler a: the ancestral sampler's fresh noise at every step repairs two-object scenes.
     sampler: str = "dpm++2m"
@@ -227,6 +240,12 @@ def check_settings(recipe: Recipe, output: Path):
         raise ValueError(f"zsnr_steps must be 0 (no second stage) or positive, got {recipe.zsnr_steps}")
     if recipe.shape_steps < 0:
         raise ValueError(f"shape_steps must be 0 (no shape stage) or positive, got {recipe.shape_steps}")
+    if recipe.decoder_steps < 0:
+        raise ValueError(f"decoder_steps must be 0 (no decoder stage) or positive, got {recipe.decoder_steps}")
+    if not 0 <= recipe.decoder_noise <= 2:
+        raise ValueError(f"decoder_noise must be from 0 to 2 latent stds, got {recipe.decoder_noise}")
+    if not 0 <= recipe.ground_weight <= 10:
+        raise ValueError(f"ground_weight must be from 0 (off) to 10, got {recipe.ground_weight}")
     if not 100 <= recipe.shape_max_t <= 1000:
         raise ValueError(f"shape_max_t must be a timestep from 100 to 1000, got {recipe.shape_max_t}")
     if recipe.two_steps < 0:
@@ -397,6 +416,71 @@ def train_vae(recipe: Recipe, work: Path):
     return vae.eval()
 
 
+def train_decoder(recipe: Recipe, vae, scaling_factor: float, work: Path):
+    """Recipe.decoder_steps of the decoder alone on noised latents of the VAE's own training mix (its crops, its
+    share of the broader world); the encoder is left as it is. Returns the VAE with that decoder; checkpointed in
+    work/decoder.pt, resumed on a rerun."""
+    if not recipe.decoder_steps:
+        return vae
+    vae = copy.deepcopy(vae)
+    vae.requires_grad_(False)
+    decoder = [vae.post_quant_conv, vae.decoder]
+    params = [q for m in decoder for q in m.parameters()]
+    for q in params:
+        q.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=recipe.decoder_lr, weight_decay=0.0)
+    path = work / "decoder.pt"
+    state = load_checkpoint(path)
+    objective = dict(noise=recipe.decoder_noise, general=recipe.vae_general, crop=recipe.vae_crop,
+                     vae_steps=recipe.vae_steps)
+    step, rng, generator = 0, random.Random(recipe.seed + 5), torch.Generator().manual_seed(recipe.seed + 5)
+    if state:
+        refuse_other_objective(path, state, objective)
+        for m, weights in zip(decoder, state["decoder"]):
+            m.load_state_dict(weights)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        rng.setstate(as_tuples(state["rng"]))
+        generator.set_state(state["generator"])
+    if step >= recipe.decoder_steps:
+        return vae.eval()
+    vae.eval()  # no dropout or batch statistics in this VAE; eval keeps the frozen encoder as it is
+    bar = tqdm(total=recipe.decoder_steps, initial=step, desc="vae-decoder", unit="step")
+    while step < recipe.decoder_steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe.decoder_steps, recipe.decoder_lr, min(100, recipe.decoder_steps))
+        general = round(recipe.vae_batch * recipe.vae_general)
+        x, _, _ = scene_batch(rng, recipe.vae_batch - general)
+        if general:
+            x = torch.cat([x, general_batch(rng, general)[0]])
+        if recipe.vae_crop < shapes.SIZE:
+            f = recipe.latent_factor()
+            top, left = (rng.randrange((shapes.SIZE - recipe.vae_crop) // f + 1) * f for _ in range(2))
+            x = x[:, :, top:top + recipe.vae_crop, left:left + recipe.vae_crop]
+        with torch.no_grad(), recipe.autocast():
+            latents = vae.encode(x).latent_dist.mode().float()
+        std = torch.rand(len(x), 1, 1, 1, generator=generator) * recipe.decoder_noise / scaling_factor
+        noisy = latents + std * torch.randn(latents.shape, generator=generator)
+        with recipe.autocast():
+            recon = vae.decode(noisy).sample
+        loss = F.l1_loss(recon.float(), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % recipe.log_every == 0:
+            log.info("vae-decoder step %d/%d loss %.4f", step, recipe.decoder_steps, loss.item())
+        if step % recipe.checkpoint_every == 0 or step == recipe.decoder_steps:
+            save_checkpoint(path, dict(decoder=[m.state_dict() for m in decoder], optimizer=opt.state_dict(),
+                                       step=step, rng=rng.getstate(), generator=generator.get_state(),
+                                       objective=objective))
+    bar.close()
+    return vae.eval()
+
+
 @torch.no_grad()
 def round_trip(vae, images: np.ndarray, batch: int = 100) -> np.ndarray:
     """Images (N, 64, 64, 3) uint8 through the autoencoder (the latent mean, as the UNet's latents are), uint8."""
@@ -499,6 +583,95 @@ def batch_indices(pools, two_share: float | None, n: int, generator: torch.Gener
     return torch.where(pick, twos, ones)
 
 
+def word_objects(tokenizer, captions: list[str], max_tokens: int) -> torch.Tensor:
+    """(N, max_tokens) int8: for each caption's tokens, the object (0 or 1, in the caption's order) whose colour or
+    shape word the token belongs to, -1 for every other token (articles, positions, relations, the background, the
+    start, end and padding)."""
+    out = torch.full((len(captions), max_tokens), -1, dtype=torch.int8)
+    rows = {}
+    for i, caption in enumerate(captions):
+        if caption not in rows:
+            tokens = tokenizer.convert_ids_to_tokens(tokenizer(caption, max_length=max_tokens,
+                                                               truncation=True).input_ids)
+            words, current = [], []
+            for j, token in enumerate(tokens[1:-1], start=1):  # the start and end tokens name no word
+                current.append(j)
+                if token.endswith("</w>"):
+                    words.append(current)
+                    current = []
+            text = caption.split()
+            assert len(words) == len(text), (caption, tokens)
+            row, k = torch.full((max_tokens,), -1, dtype=torch.int8), 0
+            for w in range(len(text) - 1):
+                if text[w] in shapes.COLOURS and text[w + 1] in shapes.SHAPES:  # "red circle", not "red background"
+                    row[words[w] + words[w + 1]] = k
+                    k += 1
+            rows[caption] = row
+        out[i] = rows[caption]
+    return out
+
+
+def object_masks(recipe: Recipe, n: int, latent_size: int, work: Path) -> torch.Tensor:
+    """(n, 2, latent_size, latent_size) bool: the latent cells each object of the encoded scenes touches (the second
+    all False for one-object scenes), cached in work/masks.pt. The scenes are drawn again from encode_scenes' seed,
+    so they are the same scenes in the same order."""
+    path = work / "masks.pt"
+    state = load_checkpoint(path)
+    key = dict(seed=recipe.seed, num_scenes=n, scene_gap=recipe.scene_gap, latent_size=latent_size)
+    if state and state["key"] == key:
+        return state["masks"]
+    rng = random.Random(recipe.seed + 2)  # as encode_scenes: scene_batch draws each scene with sample_scene
+    masks = torch.zeros(n, 2, shapes.SIZE, shapes.SIZE)
+    for i in tqdm(range(n), desc="masks", unit="scene"):
+        _, _, _, objects = shapes.sample_scene(rng, gap=recipe.scene_gap)
+        for k, m in enumerate(objects):
+            masks[i, k] = torch.from_numpy(m)
+    cells = F.adaptive_max_pool2d(masks, latent_size) > 0
+    save_checkpoint(path, dict(masks=cells, key=key))
+    return cells
+
+
+class KeepingProcessor:
+    """Cross-attention that keeps its probabilities, averaged over heads as the attention tab shows them
+    ((B, pixels, tokens), with their gradients), in a list; the maths of the default processor otherwise."""
+
+    def __init__(self, kept: list):
+        self.kept = kept
+
+    def __call__(self, attn, x, context=None):
+        q, k, v = attn.qkv(x, context)
+        probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        self.kept.append(probs.mean(dim=1))
+        return attn.out((probs @ v).to(v.dtype))
+
+
+def keep_cross_attention(unet: UNet_SD) -> list:
+    """Installs KeepingProcessor on every cross-attention layer of `unet`; returns the list it fills per forward."""
+    from .attention import cross_attention_layers
+
+    kept = []
+    for layer in cross_attention_layers(unet).values():
+        layer.processor = KeepingProcessor(kept)
+    return kept
+
+
+def inside_share(maps: list[torch.Tensor], words: torch.Tensor, masks: torch.Tensor) -> torch.Tensor | None:
+    """For each grounded token of the batch (words: (B, T) object index or -1), the share of its attention that
+    falls on cells of its object (masks: (B, 2, H, W) bool, pooled to each layer's size), averaged over the
+    layers; None when the batch has no such token."""
+    valid = words >= 0
+    if not valid.any():
+        return None
+    shares = []
+    for probs in maps:  # (B, N, T)
+        side = math.isqrt(probs.shape[1])
+        cells = F.adaptive_max_pool2d(masks.float(), side).flatten(2)  # (B, 2, N)
+        target = cells.gather(1, words.clamp(min=0)[:, :, None].expand(-1, -1, cells.shape[2]))  # (B, T, N)
+        attention = probs.float().transpose(1, 2)  # (B, T, N)
+        shares.append((attention * target).sum(-1) / attention.sum(-1).clamp(min=1e-8))
+    return torch.stack(shares).mean(dim=0)[valid]
+
+
 def make_text_encoder(recipe: Recipe, tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -587,6 +760,8 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
         objective["mean_target_t"] = stage.mean_target_t
     if stage.max_t < 1000:
         objective["max_t"] = stage.max_t
+    if recipe.ground_weight:
+        objective["ground_weight"] = recipe.ground_weight
     if state:
         refuse_other_objective(path, state, objective)
     stage_number = [s.name for s in recipe.stages()].index(stage.name)
@@ -616,9 +791,13 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
         targets = group_means(latents, positions)
     elif stage.mean_target_t:
         targets = group_means(latents, captions)
+    if recipe.ground_weight:
+        objects = word_objects(tokenizer, captions, recipe.max_tokens)
+        masks = object_masks(recipe, len(captions), latents.shape[-1], work)
+        maps = keep_cross_attention(unet)
     unet.train(), text_encoder.train()
     bar = tqdm(total=stage.steps, initial=step, desc=stage.name, unit="step")
-    running, started = None, time.time()
+    running, inside, started = None, None, time.time()
     while step < stage.steps:
         lr = lr_at(step, stage.steps, stage.lr, stage.warmup)
         for group in opt.param_groups:
@@ -640,6 +819,15 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
             context = text_encoder(ids)[0]
             pred = unet(xt, t, context)
         loss = diffusion_loss(pred, target, stage.prediction_type, alphas, t, recipe.snr_gamma)
+        if recipe.ground_weight:
+            words = objects[index].long()
+            words[drop] = -1  # no caption, no words to ground
+            grounded = inside_share(maps, words, masks[index])
+            maps.clear()
+            if grounded is not None:
+                loss = loss + recipe.ground_weight * ((1 - grounded) ** 2).mean()
+                now = grounded.mean().item()
+                inside = now if inside is None else 0.98 * inside + 0.02 * now
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -651,8 +839,9 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
         if step % recipe.log_every == 0:
-            log.info("%s step %d/%d loss %.4f lr %.2e (%.1f min)", stage.name, step, stage.steps, running, lr,
-                     (time.time() - started) / 60)
+            log.info("%s step %d/%d loss %.4f lr %.2e (%.1f min)%s", stage.name, step, stage.steps, running, lr,
+                     (time.time() - started) / 60,
+                     "" if inside is None else f"; colour and shape words' attention inside their object {inside:.0%}")
         if step % recipe.checkpoint_every == 0 or step == stage.steps:
             log.info("%s step %d: position separation at t=999 %.1f px (0: position words ignored; large recipe 11.6)",
                      stage.name, step, position_separation(ema["unet"].eval(), ema["text"].eval(), tokenizer, stage,
@@ -709,6 +898,10 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
                         help="auto (default): bf16 autocast where the CPU runs bf16 natively, else fp32")
     parser.add_argument("--vae-steps", type=int, default=None)
+    parser.add_argument("--decoder-steps", type=int, default=None,
+                        help="decoder-only steps on noised latents after the VAE (0: none)")
+    parser.add_argument("--decoder-noise", type=float, default=None,
+                        help="largest std of the noise added to the latents in the decoder stage, in latent stds")
     parser.add_argument("--batch-size", type=int, default=None, help="UNet batch size")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of the first UNet stage")
     parser.add_argument("--num-scenes", type=int, default=None, help="training scenes encoded once")
@@ -724,6 +917,8 @@ def main(argv=None) -> int:
     parser.add_argument("--v-from-start", action="store_true",
                         help="first UNet stage on zero-terminal-SNR v-prediction instead of SD's epsilon")
     parser.add_argument("--layout-steps", type=int, default=None, help="layout stage before the first (0: none)")
+    parser.add_argument("--ground-weight", type=float, default=None,
+                        help="weight of the loss that keeps colour and shape words' attention on their object (0: off)")
     parser.add_argument("--mean-target-t", type=int, default=None,
                         help="caption-mean x0 targets from this timestep up, zero-SNR stages (0: off)")
     args = parser.parse_args(argv)
@@ -736,7 +931,8 @@ def main(argv=None) -> int:
                        ("num_scenes", "num_scenes"), ("sampler", "sampler"), ("scene_gap", "scene_gap"),
                        ("vae_crop", "vae_crop"), ("vae_coverage", "vae_coverage"), ("layout_steps", "layout_steps"),
                        ("mean_target_t", "mean_target_t"), ("vae_general", "vae_general"),
-                       ("vae_latent_channels", "vae_latent_channels")):
+                       ("vae_latent_channels", "vae_latent_channels"), ("ground_weight", "ground_weight"),
+                       ("decoder_steps", "decoder_steps"), ("decoder_noise", "decoder_noise")):
         if getattr(args, flag) is not None:
             setattr(recipe, name, getattr(args, flag))
     if args.v_from_start:
@@ -761,6 +957,7 @@ def main(argv=None) -> int:
         tokenizer = train_tokenizer(recipe, work)
         vae = train_vae(recipe, work)
         latents, captions, scaling_factor = encode_scenes(recipe, vae, work)
+        vae = train_decoder(recipe, vae, scaling_factor, work)
         models, previous = None, None
         for stage in recipe.stages():
             models = train_unet(recipe, stage, work, tokenizer, latents, captions, scaling_factor, init=models,

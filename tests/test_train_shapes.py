@@ -15,8 +15,11 @@ from imagecraft import shapes
 from imagecraft.pipeline import ImageCraftPipeline, native_bf16
 from imagecraft.train_shapes import (Recipe, Stage, batch_indices, caption_corpus, check_settings, draw_timesteps,
                                      encode_scenes, group_means, main, make_noise_scheduler, make_text_encoder,
-                                     make_vae, position_of, position_separation, scene_batch, scene_pools, train_vae)
+                                     inside_share, keep_cross_attention, make_vae, object_masks, position_of,
+                                     position_separation, scene_batch, scene_pools, train_vae, word_objects)
 from imagecraft.training import loss_weights, noised_and_target
+from imagecraft.loading import DEFAULT_MODEL
+from imagecraft.unet import UNet_SD, UNetConfig
 
 
 @pytest.fixture(scope="module")
@@ -316,3 +319,101 @@ def test_a_broader_vae_with_more_latent_channels_runs_end_to_end(tmp_path):
     assert ours("a red circle", seed=0, num_inference_steps=2).images[0].size == (64, 64)
     state = torch.load(tmp_path / "w" / "vae.pt", weights_only=True)
     assert state["objective"]["general"] == 0.5 and state["objective"]["latent_channels"] == 8
+
+
+def test_grounded_tokens_are_each_objects_colour_and_shape_words():
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(DEFAULT_MODEL / "tokenizer")
+    captions = ["a red circle on the left", "an orange square above a blue triangle",
+                "a purple triangle and a green circle on a red background", "a red circle on the left"]
+    rows = word_objects(tokenizer, captions, 32)
+    assert rows.shape == (4, 32) and torch.equal(rows[0], rows[3])
+    for row, caption in zip(rows, captions):
+        tokens = tokenizer.convert_ids_to_tokens(tokenizer(caption).input_ids)
+        named = {k: "".join(tokens[j] for j in range(len(tokens)) if row[j] == k).replace("</w>", " ").strip()
+                 for k in (0, 1)}
+        spec = shapes.parse_prompt(caption)
+        assert [named[k] for k in range(len(spec.objects))] == [f"{o.colour} {o.shape}" for o in spec.objects]
+        assert (row[len(tokens):] == -1).all()  # padding is never grounded
+    assert (rows[2] >= 0).sum() == 4  # "red background" is not grounded
+
+
+def test_object_masks_are_the_encoded_scenes_objects(tmp_path):
+    recipe = dataclasses.replace(Recipe.smoke(), num_scenes=40, scene_gap=8)
+    _, captions, _ = encode_scenes(recipe, make_vae(recipe).eval(), tmp_path)
+    masks = object_masks(recipe, 40, 16, tmp_path)
+    assert masks.shape == (40, 2, 16, 16) and masks.dtype == torch.bool
+    _, again, coverage = scene_batch(random.Random(recipe.seed + 2), 40, recipe.scene_gap)
+    assert again == captions
+    union = torch.nn.functional.max_pool2d((coverage == 1).float(), 4)[:, 0] > 0
+    assert torch.equal(masks.any(dim=1), union)
+    two = torch.tensor([len(shapes.parse_prompt(c).objects) == 2 for c in captions])
+    assert masks[:, 1].flatten(1).any(1).eq(two).all() and masks[:, 0].flatten(1).any(1).all()
+    assert not (masks[:, 0] & masks[:, 1]).any()  # 8 px apart: no cell holds both
+    assert torch.equal(object_masks(recipe, 40, 16, tmp_path), masks)  # cached
+
+
+def test_inside_share_reads_where_each_token_looks():
+    masks = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
+    masks[0, 0, :2, :2] = True  # object 0: top-left quarter
+    masks[0, 1, 2:, 2:] = True
+    probs = torch.full((1, 16, 3), 1 / 3)  # every pixel spreads over 3 tokens
+    probs[0, :, 1] = masks[0, 1].flatten().float() * 2 / 3  # token 1: object 1's cells only
+    probs[0, :, 0] = 2 / 3 - probs[0, :, 1]  # token 0: the 12 other cells alike, 4 of them object 0's
+    share = inside_share([probs], torch.tensor([[0, 1, -1]]), masks)
+    torch.testing.assert_close(share, torch.tensor([1 / 3, 1.0]))  # token 2 is not grounded
+    assert inside_share([probs], torch.tensor([[-1, -1, -1]]), masks) is None
+
+
+def test_grounding_loss_moves_the_words_attention_onto_their_object():
+    torch.manual_seed(0)
+    unet = UNet_SD(UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2),
+                              attention_levels=(False, True), num_res_blocks=1, num_heads=2, norm_groups=8,
+                              context_dim=16))
+    x, context = torch.randn(4, 4, 16, 16), torch.randn(4, 6, 16)
+    masks = torch.zeros(4, 2, 16, 16, dtype=torch.bool)
+    for b in range(4):
+        masks[b, 0, 2 * b:2 * b + 5, 1:6] = True
+        masks[b, 1, 9:14, 3 * b:3 * b + 5] = True
+    words = torch.tensor([[-1, 0, 0, -1, 1, 1]] * 4)
+    plain = unet(x, 10, context)
+    kept = keep_cross_attention(unet)
+    torch.testing.assert_close(unet(x, 10, context), plain)  # the same maths, probabilities kept
+    assert len(kept) == 4 and all(p.shape == (4, 64, 6) for p in kept)  # down, mid, up x2; 8x8 pixels
+    opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
+    shares = []
+    for _ in range(30):
+        kept.clear()
+        unet(x, 10, context)
+        share = inside_share(kept, words, masks)
+        shares.append(share.mean().item())
+        opt.zero_grad()
+        ((1 - share) ** 2).mean().backward()
+        opt.step()
+    assert shares[-1] > shares[0] + 0.3, shares
+
+
+def test_grounded_training_runs_and_is_part_of_the_objective(tmp_path):
+    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--ground-weight", "0.01"]
+    assert main(args) == 0
+    state = torch.load(tmp_path / "w" / "unet-two.pt", weights_only=True)
+    assert state["objective"]["ground_weight"] == 0.01
+    assert ImageCraftPipeline.from_pretrained(tmp_path / "m")("a red circle", seed=0,
+                                                               num_inference_steps=2).images[0].size == (64, 64)
+
+
+def test_decoder_stage_trains_the_decoder_alone_and_resumes(tmp_path):
+    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--decoder-steps", "3"]
+    assert main(args) == 0
+    state = torch.load(tmp_path / "w" / "decoder.pt", weights_only=True)
+    assert state["step"] == 3 and state["objective"]["noise"] == Recipe.decoder_noise
+    before = torch.load(tmp_path / "w" / "vae.pt", weights_only=True)["model"]
+    after = StableDiffusionPipeline.from_pretrained(tmp_path / "m").vae.state_dict()
+    for name, weights in before.items():
+        same = torch.equal(after[name], weights)
+        assert same == (not name.startswith(("decoder.", "post_quant_conv."))), name  # the UNet's latents stay
+    with pytest.raises(ValueError, match="decoder_noise must be from 0 to 2"):
+        check_settings(Recipe(decoder_noise=3), tmp_path)
+    assert main(args[:-1] + ["5"]) == 0  # more steps asked: resumed from step 3
+    assert torch.load(tmp_path / "w" / "decoder.pt", weights_only=True)["step"] == 5

@@ -100,10 +100,10 @@ def _cancelled() -> bool:
 @_ui_errors
 def on_generate(prompt: str, negative_prompt: str = "", steps: int = 25, guidance: float = 5.0, seed: int = -1,
                 scheduler: str = "", width: int = 0, height: int = 0, num_images: int = 1, model: str = BUILTIN,
-                lora: str = "none", lora_scale: float = 1.0, progress=gr.Progress()):
+                lora: str = "none", lora_scale: float = 1.0, cache_interval: int = 1, progress=gr.Progress()):
     """Generates images for a prompt; returns the PNGs (with metadata) and the seed of the first one.
     width/height 0 and scheduler "" mean the model's own; lora "none" means none (else a LoRA trained in the
-    Fine-tune tab, or any LoRA file on a server without a model allowlist)."""
+    Fine-tune tab, or any LoRA file on a server without a model allowlist); cache_interval 1 means no DeepCache."""
     progress(0, desc="loading model")
     pipe = models.get(model)
     _prune_gradio_cache()
@@ -111,7 +111,7 @@ def on_generate(prompt: str, negative_prompt: str = "", steps: int = 25, guidanc
     paths, first_seed, notes = generate(
         pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, width, height, num_images,
         progress=lambda step, total: progress((step, total), desc="sampling"), should_stop=_cancelled,
-        lora=lora, lora_scale=lora_scale, trusted_paths=models.allowed is None)
+        lora=lora, lora_scale=lora_scale, trusted_paths=models.allowed is None, cache_interval=cache_interval)
     for note in notes:
         gr.Warning(note)
     return paths, first_seed
@@ -135,13 +135,14 @@ def on_png(file):
     the others keep their value and a warning says why. The number of images and the model box are never set:
     a PNG can name any model, and a warning names it for the user to load."""
     if file is None:
-        return [gr.update()] * 10
+        return [gr.update()] * 11
     settings, notes = settings_from_png(file)
     for note in notes:
         gr.Warning(_as_text(note))  # rendered as HTML, and it quotes the PNG's text
     names = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "scheduler", "width",
              "height")
-    return [settings[name] if name in settings else gr.update() for name in names] + [gr.update(), gr.update()]
+    return ([settings[name] if name in settings else gr.update() for name in names] + [gr.update(), gr.update()]
+            + [settings.get("cache_interval", 1)])  # absent: made without caching
 
 
 def on_random_seed():
@@ -346,6 +347,8 @@ def build_demo() -> gr.Blocks:
                             scheduler = gr.Dropdown(SCHEDULER_CHOICES, value=default.default_scheduler,
                                                     label="Sampler")
                             num_images = gr.Slider(1, 16, value=1, step=1, label="Images")
+                            cache = gr.Slider(1, 10, value=1, step=1, label="DeepCache: whole UNet every N steps "
+                                                                           "(1: off, exact; 2-3: faster)")
                         with gr.Row():
                             width = gr.Slider(64, 2048, value=size, step=8, label="Width")
                             height = gr.Slider(64, 2048, value=size, step=8, label="Height")
@@ -449,6 +452,7 @@ def build_demo() -> gr.Blocks:
                 ft_job = gr.State(None)
         wire(dict(model=model, load=load, status=status, prompt=prompt, negative=negative, steps=steps,
                   guidance=guidance, seed=seed, dice=dice, reuse=reuse, scheduler=scheduler, num_images=num_images,
+                  cache=cache,
                   width=width, height=height, run=run, gallery=gallery, last_seed=last_seed, png=png,
                   att_prompt=att_prompt, att_negative=att_negative, att_steps=att_steps, att_guidance=att_guidance,
                   att_seed=att_seed, att_scheduler=att_scheduler, att_width=att_width, att_height=att_height,
@@ -467,7 +471,7 @@ def build_demo() -> gr.Blocks:
 def wire(ui: dict) -> None:
     """Every event of the app, in one place."""
     inputs = [ui[k] for k in ("prompt", "negative", "steps", "guidance", "seed", "scheduler", "width", "height",
-                              "num_images", "model", "lora", "lora_scale")]
+                              "num_images", "model", "lora", "lora_scale", "cache")]
     # after each generation the Attention tab takes its settings (with the seed used), ready to explain it
     last = [ui[k] for k in ("prompt", "negative", "steps", "guidance", "last_seed", "scheduler", "width", "height",
                             "model")]
@@ -482,7 +486,7 @@ def wire(ui: dict) -> None:
     ui["load"].click(on_load_model, [ui["model"]], [ui["status"], ui["width"], ui["height"]], api_name="load_model")
     ui["dice"].click(on_random_seed, None, ui["seed"], api_name="random_seed")
     ui["reuse"].click(lambda s: s if s is not None else -1, ui["last_seed"], ui["seed"], api_name=False)
-    ui["png"].upload(on_png, ui["png"], inputs[:10], api_name="read_png")
+    ui["png"].upload(on_png, ui["png"], inputs[:10] + [ui["cache"]], api_name="read_png")
 
     # Attention: explain, then redraw from the stored maps on every control (no model call)
     ui["explain"].click(on_attention, explain_inputs,

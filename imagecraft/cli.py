@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=None, help="images in the batch, 1..16 (1 when not given)")
     gen.add_argument("--output", default="imagecraft-{seed}.png",
                      help="PNG path; {seed} and {i} are filled in, and -i is added for batches")
+    gen.add_argument("--cache-interval", type=int, default=None,
+                     help="DeepCache: the whole UNet every N steps, the steps between reuse its deep features "
+                          "(1: off, exact)")
     gen.add_argument("--from-png", default=None,
                      help="take every setting from this PNG's metadata (flags given here override)")
 
@@ -103,7 +106,7 @@ def parse_lora(text: str) -> tuple[str, float]:
 
 FLAG_TO_SETTING = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed",
                    "steps": "num_inference_steps", "guidance": "guidance_scale", "scheduler": "scheduler",
-                   "width": "width", "height": "height", "num_images": "num_images"}
+                   "width": "width", "height": "height", "num_images": "num_images", "cache_interval": "cache_interval"}
 
 
 @contextmanager

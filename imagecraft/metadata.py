@@ -39,7 +39,7 @@ LABELS = {"prompt": "prompt", "negative_prompt": "negative prompt", "num_inferen
           "guidance_scale": "CFG scale", "seed": "seed", "width": "size", "scheduler": "sampler"}
 # Settings that `ImageCraftPipeline.__call__` takes and a PNG restores.
 SETTINGS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "width", "height",
-            "scheduler")
+            "scheduler", "cache_interval")
 
 
 def a1111_parameters(settings: dict) -> str:
@@ -58,6 +58,7 @@ def a1111_parameters(settings: dict) -> str:
         ("Model hash", settings.get("model_hash")),
         ("Model", settings.get("model")),
         ("Lora hashes", json.dumps(f"{lora['name']}: {lora['hash']}") if lora else None),
+        ("Cache interval", settings.get("cache_interval")),  # DeepCache; A1111 has none, absent means none
     ]
     lines.append(", ".join(f"{k}: {v}" for k, v in fields if v not in (None, "")))
     return "\n".join(lines)
@@ -90,7 +91,8 @@ def _restore_a1111(text: str) -> tuple[dict, list[str]]:
     prompt, loras = LORA_TAG.sub("", prompt).strip(), LORA_TAG.findall(prompt)
     raw = {"prompt": prompt, "negative_prompt": negative_prompt, "scheduler": sampler, "model": fields.get("Model"),
            "num_inference_steps": _number(fields.get("Steps"), int),
-           "guidance_scale": _number(fields.get("CFG scale"), float), "seed": _number(fields.get("Seed"), int)}
+           "guidance_scale": _number(fields.get("CFG scale"), float), "seed": _number(fields.get("Seed"), int),
+           "cache_interval": _number(fields.get("Cache interval"), int)}
     if "Size" in fields:
         width, x, height = fields["Size"].lower().partition("x")
         raw["width"], raw["height"] = (_number(width, int), _number(height, int)) if x else (fields["Size"],) * 2
@@ -167,6 +169,11 @@ def _checked(raw: dict) -> tuple[dict, list[str]]:
     if missing:
         listed = " or ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
         notes.append(f"the PNG gives no {listed}; the current or default value is used")
+    if raw.get("cache_interval") is not None:  # absent: made without caching (see pipeline_settings)
+        try:
+            settings["cache_interval"] = _check_restored("cache_interval", raw["cache_interval"])
+        except ValueError as e:
+            notes.append(f"left out the PNG's cache interval: {e}")
     if isinstance(raw.get("model"), str) and raw["model"].strip():
         settings["model"] = raw["model"]
     return settings, notes
@@ -188,8 +195,10 @@ def _check_restored(name: str, value):
 
 
 def pipeline_settings(record: dict) -> dict:
-    """The part of a stored record (or parsed A1111 text) that `ImageCraftPipeline.__call__` takes."""
-    return {k: record[k] for k in SETTINGS if k in record}
+    """The part of a stored record (or parsed A1111 text) that `ImageCraftPipeline.__call__` takes. A record without
+    a cache interval was made without caching (A1111 has none; ours records it only when on), so it gets 1: the
+    image is made again as it was, whatever the caller's default."""
+    return dict({"cache_interval": 1}, **{k: record[k] for k in SETTINGS if k in record})
 
 
 def png_info(record: dict) -> PngImagePlugin.PngInfo:

@@ -380,18 +380,15 @@ class ImageCraftPipeline:
         Returns a GenerationResult with `images`, `seeds`, per-image `records` and `warnings`.
         """
         check_callback(callback)
-        cache = None
-        if cache_interval is not None:
-            cache = FeatureCache(cache_interval)  # checks it
-            if attention and cache_interval > 1:
-                raise ValueError("attention maps need every layer at every step: use cache_interval=None (or 1) "
-                                 "with attention=True")
-            cache = cache if cache_interval > 1 else None
         s = self.check_settings(prompt=prompt, negative_prompt=negative_prompt or "",
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                 width=self.default_size if width is None else width,
                                 height=self.default_size if height is None else height, num_images=num_images,
-                                scheduler=scheduler or None, seed=seed)
+                                scheduler=scheduler or None, seed=seed, cache_interval=cache_interval)
+        cache = FeatureCache(s["cache_interval"]) if (s["cache_interval"] or 1) > 1 else None
+        if attention and cache:
+            raise ValueError("attention maps need every layer at every step: use cache_interval=None (or 1) "
+                             "with attention=True")
         prompt, negative_prompt, num_inference_steps, guidance_scale = (
             s["prompt"], s["negative_prompt"], s["num_inference_steps"], s["guidance_scale"])
         width, height, num_images, scheduler_name, seed = (s["width"], s["height"], s["num_images"], s["scheduler"],

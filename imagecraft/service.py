@@ -183,7 +183,7 @@ def generate(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", s
              guidance: float = 7.5, seed: int = -1, scheduler: str | None = None, width: int | None = None,
              height: int | None = None, num_images: int = 1, progress: Callable | None = None,
              should_stop: Callable | None = None, lora: str | None = None, lora_scale: float = 1.0,
-             trusted_paths: bool = True):
+             trusted_paths: bool = True, cache_interval: int | None = None):
     """Generates and writes each image as a PNG with its metadata to a fresh folder of its own.
 
     Every value is checked by `imagecraft.settings` (the same schema as the API and CLI), and the request's
@@ -204,7 +204,7 @@ def generate(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", s
             result = pipe(prompt if prompt is not None else "", negative_prompt=negative_prompt or "",
                           num_inference_steps=steps, guidance_scale=guidance, seed=pick_seed(seed),
                           scheduler=scheduler or None, width=w, height=h, num_images=num_images,
-                          callback=_callback(progress, should_stop))
+                          callback=_callback(progress, should_stop), cache_interval=cache_interval)
         finally:
             if lora_path:
                 pipe.unload_lora()

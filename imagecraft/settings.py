@@ -67,6 +67,8 @@ FIELDS = {f.name: f for f in (
     Field("num_images", "number of images", "int", 1, MAX_IMAGES, f"from 1 to {MAX_IMAGES}"),
     Field("seed", "seed", "int", 0, MAX_SEED, f"an integer from 0 to {MAX_SEED}, or None for a random one"),
     Field("scheduler", "scheduler", "scheduler", allowed="a sampler's name (a string)"),
+    Field("cache_interval", "cache_interval", "int", 1, 150,
+          "a whole number from 1 (no caching) to 150 (DeepCache: the whole UNet every that many steps)"),
 )}
 
 
@@ -95,10 +97,10 @@ def _check_unicode(label: str, text: str) -> None:
 
 
 def check(name: str, value):
-    """One setting, normalised; None passes for the optional ones (seed, width, height, scheduler)."""
+    """One setting, normalised; None passes for the optional ones (seed, width, height, scheduler, cache_interval)."""
     if name == "prompt":
         return check_prompt(value)
-    if value is None and name in ("seed", "width", "height", "scheduler"):
+    if value is None and name in ("seed", "width", "height", "scheduler", "cache_interval"):
         return None
     if name in ("width", "height"):
         clean = FIELDS[name].check(value)

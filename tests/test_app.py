@@ -113,12 +113,12 @@ def test_bad_input_gets_a_message_and_the_app_keeps_serving(client, kwargs, mess
 
 def test_read_png_restores_every_field(client):
     gallery, seed = client.predict("a yellow square at the top", negative_prompt="red", steps=12, guidance=3.5,
-                                   seed=99, scheduler="euler_a", api_name="/generate")
+                                   seed=99, scheduler="euler_a", cache_interval=2, api_name="/generate")
     from gradio_client import handle_file
 
     fields = client.predict(handle_file(image_path(gallery[0])), api_name="/read_png")
     assert list(fields[:8]) == ["a yellow square at the top", "red", 12, 3.5, 99, "euler_a", 64, 64]
-    assert list(fields[8:]) == [UNCHANGED, UNCHANGED]  # the number of images and the model box
+    assert list(fields[8:]) == [UNCHANGED, UNCHANGED, 2]  # the number of images and the model box; DeepCache
 
 
 def test_read_png_leaves_bad_fields_and_the_model_unchanged(client, tmp_path):
@@ -133,7 +133,7 @@ def test_read_png_leaves_bad_fields_and_the_model_unchanged(client, tmp_path):
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
     fields = client.predict(handle_file(str(path)), api_name="/read_png")
     assert list(fields) == ["a castle", "fog", UNCHANGED, 7, 3, UNCHANGED, UNCHANGED, UNCHANGED, UNCHANGED,
-                            UNCHANGED]
+                            UNCHANGED, 1]
     _, notes = settings_from_png(path)  # what the warnings say
     assert notes == ["left out the PNG's steps: steps must be an integer from 1 to 150, got 9999",
                      "left out the PNG's sampler: ImageCraft has no sampler 'DPM++ SDE Karras'",

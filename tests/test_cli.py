@@ -52,10 +52,24 @@ def test_generate_writes_pngs_equal_to_the_pipeline(folder, tmp_path, capsys):
     assert "Seed: 7," in Image.open(tmp_path / "other.png").text["parameters"]
 
 
+def test_cache_interval_flag_caches_and_its_png_reproduces(folder, tmp_path):
+    cached = tmp_path / "cached.png"
+    assert main(["generate", "--model", str(folder), "--prompt", "a red circle", "--seed", "5", "--steps", "6",
+                 "--cache-interval", "3", "--output", str(cached)]) == 0
+    expected = ImageCraftPipeline.from_pretrained(folder)("a red circle", seed=5, num_inference_steps=6,
+                                                          cache_interval=3).images[0]
+    assert np.array_equal(np.asarray(Image.open(cached).convert("RGB")), np.asarray(expected))
+    assert "Cache interval: 3" in Image.open(cached).text["parameters"]
+    again = tmp_path / "again.png"
+    assert main(["generate", "--model", str(folder), "--from-png", str(cached), "--output", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), np.asarray(expected))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--width", "100"], "width must be a multiple of 8 between 64 and 2048, got 100"),
     (["--steps", "500"], "steps must be an integer from 1 to 150, got 500"),
     (["--guidance", "nan"], "guidance scale must be a number from 0 to 30, got nan"),
+    (["--cache-interval", "0"], "cache_interval must be a whole number from 1 (no caching) to 150"),
 ])
 def test_bad_input_exits_with_a_message(folder, tmp_path, capsys, args, message):
     assert main(["generate", "--model", str(folder), "--prompt", "x", "--output", str(tmp_path / "x.png"),

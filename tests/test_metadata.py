@@ -20,7 +20,7 @@ from imagecraft.metadata import (MAX_TEXT, SETTINGS, a1111_parameters, parse_a11
 from imagecraft.settings import check
 
 RECORD = dict(prompt="a red circle", negative_prompt="blue", num_inference_steps=12, guidance_scale=3.5, seed=99,
-              width=64, height=72, scheduler="euler_a", model="shapes-sd", model_hash="0123456789",
+              width=64, height=72, scheduler="euler_a", cache_interval=3, model="shapes-sd", model_hash="0123456789",
               scheduler_config={"_class_name": "EulerAncestralDiscreteScheduler"}, dtype="float32",
               versions={"torch": "2.0"})
 RESTORED = {k: RECORD[k] for k in (*SETTINGS, "model")}
@@ -126,7 +126,8 @@ def test_bad_values_are_left_out_with_the_check_sentence(tmp_path, field, droppe
 
 
 def test_json_record_values_are_checked(tmp_path):
-    record = dict(RECORD, prompt=["a", "b"], num_inference_steps=9999, width="64", scheduler={"x": 1}, seed=True)
+    record = dict(RECORD, prompt=["a", "b"], num_inference_steps=9999, width="64", scheduler={"x": 1}, seed=True,
+                  cache_interval=0)
     path = tmp_path / "bad.png"
     path.write_bytes(png_bytes(chunk(b"tEXt", b"imagecraft\0" + json.dumps(record).encode())))
     settings, notes = restore_settings(path)
@@ -136,7 +137,9 @@ def test_json_record_values_are_checked(tmp_path):
                      "left out the PNG's seed: seed must be an integer from 0 to 4294967295, or None for a random "
                      "one, got True",
                      "left out the PNG's size: width must be a multiple of 8 between 64 and 2048, got '64'",
-                     "left out the PNG's sampler: scheduler must be a single value, got {'x': 1}"]
+                     "left out the PNG's sampler: scheduler must be a single value, got {'x': 1}",
+                     "left out the PNG's cache interval: cache_interval must be a whole number from 1 (no caching) to "
+                     "150 (DeepCache: the whole UNet every that many steps), got 0"]
 
 
 @pytest.mark.parametrize("text, match", [
@@ -302,3 +305,16 @@ def test_random_bytes_as_a_png_only_raise_value_error(data):
         assert_valid(settings)
         assert all(isinstance(note, str) for note in notes)
 
+
+
+def test_a_png_without_a_cache_interval_is_made_again_without_caching(tmp_path):
+    from imagecraft.metadata import pipeline_settings
+
+    record = {k: v for k, v in RECORD.items() if k != "cache_interval"}  # ours records it only when caching was on
+    ours = save_png(Image.new("RGB", (8, 8)), tmp_path / "ours.png", record)
+    theirs = a1111_png(tmp_path, "a castle\nSteps: 30, Sampler: Euler, CFG scale: 6.5, Seed: 7, Size: 64x64")
+    for path in (ours, theirs):
+        settings, _ = restore_settings(path)
+        assert "cache_interval" not in settings and pipeline_settings(settings)["cache_interval"] == 1
+    assert "Cache interval: 3" in a1111_parameters(RECORD)
+    assert pipeline_settings(restore_settings(a1111_png(tmp_path, a1111_parameters(RECORD)))[0])["cache_interval"] == 3

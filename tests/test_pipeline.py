@@ -338,10 +338,14 @@ def test_deepcache_is_exact_when_off_and_keeps_the_layout_when_on(builtin_pipe, 
         assert result["colour"] and result["position"] and result["background"]
     paths = cached.save(tmp_path / "c.png")
     assert json.loads(Image.open(paths[0]).text["imagecraft"])["cache_interval"] == 2
+    one = builtin_pipe(prompts[0], seed=11, num_inference_steps=20, guidance_scale=5.0, cache_interval=2)
+    again = builtin_pipe.reproduce(one.save(tmp_path / "one.png")[0])  # the PNG restores the caching: exact
+    assert np.array_equal(pixels(again.images[0]), pixels(one.images[0]))
     with pytest.raises(ValueError, match="attention maps need every layer at every step"):
         builtin_pipe("a red circle", cache_interval=3, attention=True)
-    with pytest.raises(ValueError, match="cache_interval must be a whole number of 1 or more"):
-        builtin_pipe("a red circle", cache_interval=0)
+    for bad in (0, 2.5, "3", True, 151):
+        with pytest.raises(ValueError, match="cache_interval must be a whole number from 1 \\(no caching\\) to 150"):
+            builtin_pipe("a red circle", cache_interval=bad)
 
 
 def test_auto_dtype_is_the_default_with_the_vae_in_fp32(builtin_pipe, tmp_path):

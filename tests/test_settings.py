@@ -29,7 +29,7 @@ def test_every_value_is_normalised_or_refused_by_name(name, value):
         assert message.startswith(label) or message.startswith("unknown scheduler")
         return
     if clean is None:
-        assert value is None and name in ("seed", "width", "height", "scheduler")
+        assert value is None and name in ("seed", "width", "height", "scheduler", "cache_interval")
         return
     assert not isinstance(value, bool)  # True is never a number, a prompt or a name
     assert check(name, clean) == clean  # normalised values pass again, unchanged

@@ -52,7 +52,9 @@ def teach(args):
     for i, (caption, image) in enumerate(shapes.colour_word_scenes(random.Random(0), 24, "pink")):
         Image.fromarray(image).save(data / f"{i:02d}.png")
         (data / f"{i:02d}.txt").write_text(caption)
-    recipe = Recipe(seed=0, **{k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("rank", args.rank))
+    recipe = Recipe(seed=0, **{k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("rank", args.rank),
+                                                   ("targets", args.targets and tuple(args.targets.split(","))),
+                                                   ("text_encoder_lora", args.text_encoder_lora or None))
                                if v is not None})
     started = time.perf_counter()
     result = finetune(args.model, data, work / "lora", recipe)
@@ -172,6 +174,8 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="override the default recipe's steps")
     parser.add_argument("--lr", type=float, default=None, help="override the default recipe's learning rate")
     parser.add_argument("--rank", type=int, default=None, help="override the default recipe's LoRA rank")
+    parser.add_argument("--targets", default=None, help="override the default recipe's LoRA targets (attn, ff, proj)")
+    parser.add_argument("--text-encoder-lora", action="store_true", help="a LoRA on the text encoder too")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     if args.part in ("speed", "both"):

@@ -93,10 +93,10 @@ class Recipe:
     # Latent channels: the first three are tied to the patch colour, the fourth (with vae_coverage) to where objects
     # are; more are free for the edges' detail. The UNet's input and output follow.
     vae_latent_channels: int = 4
-    # A last autoencoder stage that trains the decoder alone, the encoder frozen (so the UNet's latents do not
-    # change), on latents with Gaussian noise added: the UNet's samples are near the latents of real scenes but not
-    # on them, and a decoder that only ever saw exact latents turns the difference into lobes and legs. The noise's
-    # std is drawn per image from 0 to decoder_noise, in units of the latents' own std (what the UNet sees).
+    # An optional autoencoder stage that trains the decoder alone, the encoder frozen (so the UNet's latents do not
+    # change), on latents with Gaussian noise added, meant to make the decoder snap slightly-off latents (the UNet's
+    # samples) to clean shapes. The noise's std is drawn per image from 0 to decoder_noise, in units of the latents'
+    # own std. Off: on the built-in model it blurred edges instead (docs/built-in-model.md, 2026-11-30).
     decoder_steps: int = 0
     decoder_lr: float = 5e-4
     decoder_noise: float = 0.2
@@ -180,11 +180,13 @@ class Recipe:
         """The built-in model's recipe: a small VAE trained on 32x32 crops of the world and of a broader one (any
         colour and shape, so that fine-tunes can teach new ones), channel 3 tied to coverage; 30,000 scenes with two
         objects kept 8 px apart; zero-terminal-SNR v-prediction from the start, after a layout stage, with
-        caption-mean targets at high noise; a last, long stage on shapes (low noise only); Euler a sampling."""
+        caption-mean targets at high noise; a last, long stage on shapes (low noise only); the grounding loss
+        throughout; Euler a sampling."""
         return cls(vae_channels=(32, 64, 64), vae_groups=8, vae_crop=32, vae_coverage=1.0, vae_general=0.5,
                    vae_steps=16000, num_scenes=30000, scene_gap=8, prediction_type="v_prediction",
-                   zero_terminal_snr=True, layout_steps=300, mean_target_t=900, unet_steps=1400, unet_batch=32,
-                   unet_lr=3e-4, zsnr_steps=0, two_steps=400, shape_steps=1600, shape_lr=3e-4, sampler="euler_a")
+                   zero_terminal_snr=True, layout_steps=300, mean_target_t=900, unet_steps=3500, unet_batch=32,
+                   unet_lr=3e-4, zsnr_steps=0, two_steps=1200, shape_steps=10000, shape_lr=3e-4, ground_weight=0.01,
+                   sampler="euler_a")
 
     def stages(self) -> list["Stage"]:
         out = [Stage("unet-layout", self.layout_steps, self.layout_lr, min(100, self.layout_steps), "v_prediction",
@@ -336,6 +338,22 @@ def train_tokenizer(recipe: Recipe, work: Path):
     return CLIPTokenizer.from_pretrained(folder)
 
 
+def vae_batch(recipe: Recipe, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """One autoencoder batch (images, coverage), cropped to recipe.vae_crop: scenes of the world as it is
+    (scene_gap is for the UNet) and a recipe.vae_general share of the broader world."""
+    general = round(recipe.vae_batch * recipe.vae_general)
+    x, _, coverage = scene_batch(rng, recipe.vae_batch - general)
+    if general:
+        more, cover = general_batch(rng, general)
+        x, coverage = torch.cat([x, more]), torch.cat([coverage, cover])
+    if recipe.vae_crop < shapes.SIZE:  # one crop per batch, on the latent grid so the colour target lines up
+        f = recipe.latent_factor()
+        top, left = (rng.randrange((shapes.SIZE - recipe.vae_crop) // f + 1) * f for _ in range(2))
+        x = x[:, :, top:top + recipe.vae_crop, left:left + recipe.vae_crop]
+        coverage = coverage[:, :, top:top + recipe.vae_crop, left:left + recipe.vae_crop]
+    return x, coverage
+
+
 def make_vae(recipe: Recipe):
     from diffusers import AutoencoderKL
 
@@ -344,6 +362,17 @@ def make_vae(recipe: Recipe):
                          block_out_channels=recipe.vae_channels, down_block_types=("DownEncoderBlock2D",) * levels,
                          up_block_types=("UpDecoderBlock2D",) * levels,
                          layers_per_block=1, norm_num_groups=recipe.vae_groups, sample_size=shapes.SIZE)
+
+
+def descend(opt, loss: torch.Tensor, params: list, bar) -> int:
+    """One optimiser step on `loss` with gradients clipped to norm 1, shown on the tqdm bar; returns 1 (a step)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss.item():.4f}")
+    return 1
 
 
 def train_vae(recipe: Recipe, work: Path):
@@ -373,16 +402,7 @@ def train_vae(recipe: Recipe, work: Path):
     while step < recipe.vae_steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe.vae_steps, recipe.vae_lr, recipe.vae_warmup)
-        general = round(recipe.vae_batch * recipe.vae_general)
-        x, _, coverage = scene_batch(rng, recipe.vae_batch - general)  # the world as it is: scene_gap is for the UNet
-        if general:
-            more, cover = general_batch(rng, general)
-            x, coverage = torch.cat([x, more]), torch.cat([coverage, cover])
-        if recipe.vae_crop < shapes.SIZE:  # one crop per batch, on the latent grid so the colour target lines up
-            f = recipe.latent_factor()
-            top, left = (rng.randrange((shapes.SIZE - recipe.vae_crop) // f + 1) * f for _ in range(2))
-            x = x[:, :, top:top + recipe.vae_crop, left:left + recipe.vae_crop]
-            coverage = coverage[:, :, top:top + recipe.vae_crop, left:left + recipe.vae_crop]
+        x, coverage = vae_batch(recipe, rng)
         with recipe.autocast():
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.mode()).sample
@@ -400,13 +420,7 @@ def train_vae(recipe: Recipe, work: Path):
         if recipe.vae_coverage:
             loss = loss + recipe.vae_coverage * F.mse_loss(F.avg_pool2d(latents[:, 3:4], 2),
                                                            F.avg_pool2d(coverage, 2 * f))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        step += descend(opt, loss, list(vae.parameters()), bar)
         if step % recipe.log_every == 0:
             log.info("vae step %d/%d loss %.4f", step, recipe.vae_steps, loss.item())
         if step % recipe.checkpoint_every == 0 or step == recipe.vae_steps:
@@ -449,14 +463,7 @@ def train_decoder(recipe: Recipe, vae, scaling_factor: float, work: Path):
     while step < recipe.decoder_steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe.decoder_steps, recipe.decoder_lr, min(100, recipe.decoder_steps))
-        general = round(recipe.vae_batch * recipe.vae_general)
-        x, _, _ = scene_batch(rng, recipe.vae_batch - general)
-        if general:
-            x = torch.cat([x, general_batch(rng, general)[0]])
-        if recipe.vae_crop < shapes.SIZE:
-            f = recipe.latent_factor()
-            top, left = (rng.randrange((shapes.SIZE - recipe.vae_crop) // f + 1) * f for _ in range(2))
-            x = x[:, :, top:top + recipe.vae_crop, left:left + recipe.vae_crop]
+        x, _ = vae_batch(recipe, rng)
         with torch.no_grad(), recipe.autocast():
             latents = vae.encode(x).latent_dist.mode().float()
         std = torch.rand(len(x), 1, 1, 1, generator=generator) * recipe.decoder_noise / scaling_factor
@@ -464,13 +471,7 @@ def train_decoder(recipe: Recipe, vae, scaling_factor: float, work: Path):
         with recipe.autocast():
             recon = vae.decode(noisy).sample
         loss = F.l1_loss(recon.float(), x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        step += descend(opt, loss, params, bar)
         if step % recipe.log_every == 0:
             log.info("vae-decoder step %d/%d loss %.4f", step, recipe.decoder_steps, loss.item())
         if step % recipe.checkpoint_every == 0 or step == recipe.decoder_steps:

@@ -281,6 +281,7 @@ def test_fast_recipe_is_the_layout_recipe_at_full_size(tmp_path):
     assert [s.mean_target_t for s in stages] == [980, 900, 900, 0] and stages[0].layout and stages[2].two_share == 0.8
     assert [s.max_t for s in stages] == [1000, 1000, 1000, 700]
     assert recipe.vae_coverage > 0 and recipe.vae_crop % (2 * recipe.latent_factor()) == 0
+    assert recipe.ground_weight > 0 and recipe.decoder_steps == 0
 
 
 def test_shape_stage_runs_last_from_the_previous_stage(tmp_path):

@@ -347,8 +347,8 @@ def build_demo() -> gr.Blocks:
                             scheduler = gr.Dropdown(SCHEDULER_CHOICES, value=default.default_scheduler,
                                                     label="Sampler")
                             num_images = gr.Slider(1, 16, value=1, step=1, label="Images")
-                            cache = gr.Slider(1, 10, value=1, step=1, label="DeepCache: whole UNet every N steps "
-                                                                           "(1: off, exact; 2-3: faster)")
+                            cache = gr.Slider(1, 10, value=1, step=1, label="DeepCache interval",
+                                              info="the whole UNet every N steps; 1: off, exact; 2-3: faster")
                         with gr.Row():
                             width = gr.Slider(64, 2048, value=size, step=8, label="Width")
                             height = gr.Slider(64, 2048, value=size, step=8, label="Height")

@@ -622,12 +622,11 @@ def object_masks(recipe: Recipe, n: int, latent_size: int, work: Path) -> torch.
     if state and state["key"] == key:
         return state["masks"]
     rng = random.Random(recipe.seed + 2)  # as encode_scenes: scene_batch draws each scene with sample_scene
-    masks = torch.zeros(n, 2, shapes.SIZE, shapes.SIZE)
+    cells = torch.zeros(n, 2, latent_size, latent_size, dtype=torch.bool)
     for i in tqdm(range(n), desc="masks", unit="scene"):
         _, _, _, objects = shapes.sample_scene(rng, gap=recipe.scene_gap)
-        for k, m in enumerate(objects):
-            masks[i, k] = torch.from_numpy(m)
-    cells = F.adaptive_max_pool2d(masks, latent_size) > 0
+        pixels = torch.from_numpy(np.stack(objects)).float()  # (objects, 64, 64)
+        cells[i, :len(objects)] = F.adaptive_max_pool2d(pixels, latent_size) > 0
     save_checkpoint(path, dict(masks=cells, key=key))
     return cells
 

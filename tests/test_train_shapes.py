@@ -13,10 +13,11 @@ from diffusers import StableDiffusionPipeline
 
 from imagecraft import shapes
 from imagecraft.pipeline import ImageCraftPipeline, native_bf16
-from imagecraft.train_shapes import (Recipe, Stage, batch_indices, caption_corpus, check_settings, draw_timesteps,
-                                     encode_scenes, group_means, main, make_noise_scheduler, make_text_encoder,
-                                     inside_share, keep_cross_attention, make_vae, object_masks, position_of,
-                                     position_separation, scene_batch, scene_pools, train_vae, word_objects)
+from imagecraft.train_shapes import (GRAMMAR_WORDS, Recipe, Stage, batch_indices, caption_corpus, check_settings,
+                                     draw_timesteps, encode_scenes, group_means, inside_share, keep_cross_attention,
+                                     made_up_colour, main, make_noise_scheduler, make_text_encoder, make_vae,
+                                     object_masks, position_of, position_separation, scene_batch, scene_pools,
+                                     train_vae, word_objects)
 from imagecraft.training import loss_weights, noised_and_target
 from imagecraft.loading import DEFAULT_MODEL
 from imagecraft.unet import UNet_SD, UNetConfig
@@ -418,3 +419,36 @@ def test_decoder_stage_trains_the_decoder_alone_and_resumes(tmp_path):
         check_settings(Recipe(decoder_noise=3), tmp_path)
     assert main(args[:-1] + ["5"]) == 0  # more steps asked: resumed from step 3
     assert torch.load(tmp_path / "w" / "decoder.pt", weights_only=True)["step"] == 5
+
+
+def test_made_up_colour_words_move_the_shape_word_and_keep_the_objects_apart():
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(DEFAULT_MODEL / "tokenizer")
+    generator = torch.Generator().manual_seed(0)
+    caption = "a red circle above a blue square"
+    seen = set()
+    for _ in range(20):
+        changed = made_up_colour(caption, generator)
+        words, before = changed.split(), caption.split()
+        differs = [i for i, (a, b) in enumerate(zip(words, before)) if a != b]
+        assert len(words) == len(before) and len(differs) == 1 and before[differs[0]] in ("red", "blue")
+        assert words[differs[0]] not in GRAMMAR_WORDS and 3 <= len(words[differs[0]]) <= 6
+        seen.add(differs[0])
+        tokens = tokenizer.convert_ids_to_tokens(tokenizer(changed).input_ids)
+        row = word_objects(tokenizer, [changed], 32)[0]
+        named = {k: [tokens[j] for j in range(len(tokens)) if row[j] == k] for k in (0, 1)}
+        # the shape words are still grounded, each on its own object; the made-up word is not grounded
+        assert named[0][-1] == "circle</w>" and named[1][-1] == "square</w>"
+        assert sum(len(v) for v in named.values()) == 3
+        assert tokens.index("circle</w>") > 3 or differs[0] == 5  # "circle" moved: the made-up word is in pieces
+    assert seen == {1, 5}  # either object's colour
+
+
+def test_made_up_words_train_and_are_part_of_the_objective(tmp_path):
+    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--ground-weight", "0.01",
+            "--made-up-words", "0.5"]
+    assert main(args) == 0
+    assert torch.load(tmp_path / "w" / "unet-two.pt", weights_only=True)["objective"]["made_up_words"] == 0.5
+    with pytest.raises(ValueError, match=r"made_up_words must be a share in \[0, 1\), got 1"):
+        check_settings(Recipe(made_up_words=1), tmp_path)

@@ -142,7 +142,7 @@ def on_png(file):
     names = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "scheduler", "width",
              "height")
     return ([settings[name] if name in settings else gr.update() for name in names] + [gr.update(), gr.update()]
-            + [settings.get("cache_interval", 1)])  # absent: made without caching
+            + [settings["cache_interval"]])  # always given: 1 for a PNG made without caching (pipeline_settings)
 
 
 def on_random_seed():

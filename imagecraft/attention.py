@@ -121,6 +121,12 @@ def swapped(unet: UNet_SD, make: dict):
 
 
 # --- recording ---------------------------------------------------------------------------------------------------
+def probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities softmax(q k^T / sqrt(dim_head)) of projected queries and keys (B, heads, N or M,
+    dim_head): (B, heads, N, M), each query's distribution over the keys."""
+    return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+
+
 class RecordingProcessor(OwnedProcessor):
     def __init__(self, inner, recorder: "Recorder", index: int):
         super().__init__(inner)
@@ -164,7 +170,7 @@ class Recorder:
 
     def record(self, index: int, q: torch.Tensor, k: torch.Tensor):
         h, w = self.by_hw[q.shape[2]]
-        probs = (q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)  # (N, heads, HW, M)
+        probs = probabilities(q.float(), k.float())  # (N, heads, HW, M)
         probs = rearrange(probs, "n heads (h w) m -> n heads m h w", h=h, w=w)
         batch = len(self.keep)
         cond = probs[batch:] if self.guided else probs  # the context is [negative prompts, prompts] under CFG

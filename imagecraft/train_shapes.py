@@ -667,8 +667,10 @@ class KeepingProcessor:
         self.kept = kept
 
     def __call__(self, attn, x, context=None):
+        from .attention import probabilities
+
         q, k, v = attn.qkv(x, context)
-        probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        probs = probabilities(q, k)  # (B, heads, pixels, tokens)
         self.kept.append(probs.mean(dim=1))
         return attn.out((probs @ v).to(v.dtype))
 
@@ -690,11 +692,13 @@ def inside_share(maps: list[torch.Tensor], words: torch.Tensor, masks: torch.Ten
     valid = words >= 0
     if not valid.any():
         return None
-    shares = []
+    shares, targets = [], {}
     for probs in maps:  # (B, N, T)
         side = math.isqrt(probs.shape[1])
-        cells = F.adaptive_max_pool2d(masks.float(), side).flatten(2)  # (B, 2, N)
-        target = cells.gather(1, words.clamp(min=0)[:, :, None].expand(-1, -1, cells.shape[2]))  # (B, T, N)
+        if side not in targets:  # layers at one resolution share their target
+            cells = F.adaptive_max_pool2d(masks.float(), side).flatten(2)  # (B, 2, N)
+            targets[side] = cells.gather(1, words.clamp(min=0)[:, :, None].expand(-1, -1, cells.shape[2]))  # (B, T, N)
+        target = targets[side]
         attention = probs.float().transpose(1, 2)  # (B, T, N)
         shares.append((attention * target).sum(-1) / attention.sum(-1).clamp(min=1e-8))
     return torch.stack(shares).mean(dim=0)[valid]

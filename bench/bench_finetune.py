@@ -10,7 +10,8 @@ teach: a LoRA with the default recipe (what `imagecraft finetune --data D --outp
   "a pink {circle, square, triangle} {position}" at every position, 4 seeds each, read by the strict shapes scorer
   with pink added to its palette: pink on circles and squares, and on triangles, never seen in pink. Targets: the
   colour right >= 80%, pink triangles fully right >= 60%. The old colours: bench_quality's one-object prompts with
-  and without the LoRA; they may drop by 5 points at most.
+  and without the LoRA; they may drop by 5 points at most. --prior N adds prior preservation (finetune's
+  class_prompts) on N base-model images of other one-object prompts.
 speed: one LoRA training step (forward, backward, AdamW) on the built-in model's UNet, batch 4, LoRA rank 8 on
   to_q/to_k/to_v/to_out.0, in UNet_SD and in diffusers' UNet2DConditionModel with the same weights and peft's
   LoRA, same dtype (bf16 autocast where the CPU runs bf16 natively, else fp32): interleaved medians. Target <= 1.0.
@@ -56,11 +57,14 @@ def teach(args):
                                                    ("targets", args.targets and tuple(args.targets.split(","))),
                                                    ("text_encoder_lora", args.text_encoder_lora or None))
                                if v is not None})
+    if args.prior:  # prior preservation on one-object prompts of the old colours (not the scored ones below)
+        recipe.class_prompts, recipe.class_images = tuple(prompts_for("single", args.prior, seed=77)), args.prior
     started = time.perf_counter()
     result = finetune(args.model, data, work / "lora", recipe)
     minutes = (time.perf_counter() - started) / 60
-    print(f"trained {result.step} steps (defaults: rank {recipe.rank}, lr {recipe.peak_lr:g}, batch "
-          f"{recipe.batch_size}) in {minutes:.1f} min on {cpu_name()}; final loss {result.history[-1][1]:.4f}")
+    print(f"trained {result.step} steps (rank {recipe.rank}, lr {recipe.peak_lr:g}, batch {recipe.batch_size}"
+          + (f", prior preservation on {recipe.class_images} images" if recipe.class_prompts else "")
+          + f") in {minutes:.1f} min on {cpu_name()}; final loss {result.history[-1][1]:.4f}")
 
     pipe = ImageCraftPipeline.from_pretrained(args.model)
     pipe.load_lora(work / "lora")
@@ -176,6 +180,9 @@ def main():
     parser.add_argument("--rank", type=int, default=None, help="override the default recipe's LoRA rank")
     parser.add_argument("--targets", default=None, help="override the default recipe's LoRA targets (attn, ff, proj)")
     parser.add_argument("--text-encoder-lora", action="store_true", help="a LoRA on the text encoder too")
+    parser.add_argument("--prior", type=int, default=0,
+                        help="prior preservation: this many base-model images of one-object prompts in the old "
+                             "colours trained on beside the pink data (default: off, as the default recipe)")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     if args.part in ("speed", "both"):

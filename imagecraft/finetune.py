@@ -17,6 +17,10 @@ metadata.jsonl / metadata.csv with `file_name` and `text` (diffusers' imagefolde
 (EXIF), made RGB (transparency onto white, 16-bit scaled to 8), resized and centre-cropped to the model's size.
 Horizontal flips are off unless asked: they swap "left" and "right". Latents are encoded once and cached.
 
+Prior preservation (DreamBooth's, kohya's regularisation images): `--class-prompt P` (repeatable) has the base model
+draw --class-images images for those prompts before training, and every step trains on as many of them as data
+images, so that what the data does not show (the other colours, when the data teaches a new one) stays as it was.
+
 The output folder gets:
   pytorch_lora_weights.safetensors   LoRA, diffusers/PEFT layout: `pipe.load_lora_weights(folder)` in diffusers
   lora_kohya.safetensors             the same LoRA in kohya layout, for AUTOMATIC1111 and ComfyUI
@@ -25,6 +29,7 @@ The output folder gets:
   previews/step-NNNNNN.png           fixed-seed samples: the base model, LoRA at scale 0.5, at scale 1
   README.md                          a model card: base, recipe, data, loss, previews
   checkpoints/last.pt, cache/        written atomically; rerun the same command to resume, Ctrl-C saves first
+  cache/class-images/                the prior-preservation images and their captions, to look at
 """
 
 from __future__ import annotations
@@ -92,6 +97,12 @@ class Recipe:
     preview_guidance: float = 5.0
     validation_prompts: tuple = ()  # default: the data's first two captions
     heldout_images: int = 4
+    # Prior preservation (DreamBooth, Ruiz et al. 2022; kohya's regularisation images): the base model's own images
+    # for these prompts, made once before training, are trained on beside the data with weight prior_weight, so
+    # what the data does not show stays as the base model drew it. Off when empty; each step then costs twice.
+    class_prompts: tuple = ()
+    class_images: int = 100  # how many, the prompts taken in turn
+    prior_weight: float = 1.0
 
     @property
     def peak_lr(self) -> float:
@@ -136,6 +147,14 @@ def check_recipe(recipe: Recipe) -> Recipe:
         raise ValueError(f"ema_decay must be in (0, 1), got {recipe.ema_decay!r}")
     if recipe.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {recipe.precision!r}")
+    if not (isinstance(recipe.class_images, int) and 1 <= recipe.class_images <= MAX_IMAGES):
+        raise ValueError(f"class_images must be a whole number from 1 to {MAX_IMAGES}, got {recipe.class_images!r}")
+    if not (isinstance(recipe.prior_weight, (int, float)) and 0 < recipe.prior_weight <= 100
+            and math.isfinite(recipe.prior_weight)):
+        raise ValueError(f"prior_weight must be a number in (0, 100], got {recipe.prior_weight!r}")
+    empty = [p for p in recipe.class_prompts if not isinstance(p, str) or not p.strip()]
+    if empty:
+        raise ValueError(f"class prompts must be non-empty text, got {empty[0]!r}")
     if recipe.method == "full" and recipe.text_encoder_lora:
         raise ValueError("text_encoder_lora goes with method 'lora'; a full fine-tune trains the UNet only")
     return recipe
@@ -351,6 +370,37 @@ def encode_images(pipe, examples: list[Example], size: int, flip: bool, cache: P
     return latents
 
 
+CLASS_SEED = 5000
+
+
+def class_examples(pipe, recipe: Recipe, folder: Path) -> list[Example]:
+    """Prior preservation's images: the base model's own for recipe.class_prompts (taken in turn; image i with seed
+    CLASS_SEED + i, the previews' steps and guidance), written once to `folder` as captioned PNGs (kohya's layout,
+    so they can be looked at) and reused while the base model, the prompts and the settings are the same."""
+    prompts = [recipe.class_prompts[i % len(recipe.class_prompts)] for i in range(recipe.class_images)]
+    key = hashlib.sha256(json.dumps([pipe.model_id, pipe.model_hash, pipe.default_size, prompts, CLASS_SEED,
+                                     recipe.preview_steps, recipe.preview_guidance]).encode()).hexdigest()[:16]
+    stamp = folder / "key.txt"
+    if stamp.is_file() and stamp.read_text().strip() == key:
+        return find_examples(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*"):  # another base or other prompts: none of it is kept
+        if old.is_file():
+            old.unlink()
+    log.info("making %d prior-preservation images with the base model", len(prompts))
+    for start in range(0, len(prompts), 8):
+        images = pipe(prompts[start:start + 8], seed=CLASS_SEED + start, num_inference_steps=recipe.preview_steps,
+                      guidance_scale=recipe.preview_guidance).images
+        for i, image in enumerate(images, start):
+            with atomic_write(folder / f"{i:04d}.png") as f:
+                image.save(f, format="PNG")
+            with atomic_write(folder / f"{i:04d}.txt") as f:
+                f.write(prompts[i].encode())
+    with atomic_write(stamp) as f:
+        f.write(key.encode())
+    return find_examples(folder)
+
+
 # --- training ------------------------------------------------------------------------------------------------
 class TrainingError(RuntimeError):
     """Training stopped for a reason the user must act on (NaN loss); the last good checkpoint is kept."""
@@ -411,6 +461,14 @@ def finetune(model, data, output, recipe: Recipe | None = None, progress=None, s
     latents = latents.to(device)
     captions = [ex.caption for ex in examples]
     prompts = list(recipe.validation_prompts) or captions[:2]
+    prior_latents = prior_captions = None
+    if recipe.class_prompts:  # made by the base model, before any LoRA is added
+        folder = output / "cache" / "class-images"
+        prior_examples = class_examples(pipe, recipe, folder) if main_process else None
+        accelerator.wait_for_everyone()
+        prior_examples = prior_examples or class_examples(pipe, recipe, folder)  # now read back
+        prior_latents = encode_images(pipe, prior_examples, size, False, output / "cache").to(device)
+        prior_captions = [ex.caption for ex in prior_examples]
 
     unet, text_encoder = pipe.unet, pipe.text_encoder
     unet.requires_grad_(False)
@@ -439,10 +497,16 @@ def finetune(model, data, output, recipe: Recipe | None = None, progress=None, s
 
     ids_all = pipe.tokenizer(captions + [""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(device)
-    contexts = None
+    prior_ids = prior_contexts = contexts = None
+    if prior_captions:
+        prior_ids = pipe.tokenizer(prior_captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                   truncation=True, return_tensors="pt").input_ids.to(device)
     if not recipe.text_encoder_lora:
         with torch.no_grad():
             contexts = torch.cat([text_encoder(ids_all[i:i + 64])[0] for i in range(0, len(ids_all), 64)])
+            if prior_ids is not None:
+                prior_contexts = torch.cat([text_encoder(prior_ids[i:i + 64])[0]
+                                            for i in range(0, len(prior_ids), 64)])
 
     scheduler = noise_scheduler(config=pipe.scheduler_config)
     alphas = scheduler.alphas_cumprod.to(device)
@@ -454,6 +518,9 @@ def finetune(model, data, output, recipe: Recipe | None = None, progress=None, s
                      text_encoder_lora=recipe.text_encoder_lora, model=pipe.model_id, model_hash=pipe.model_hash,
                      data=data_key(digest, size, recipe.flip, "")[:12], batch=recipe.batch_size * world,
                      grad_accum=recipe.grad_accum, seed=recipe.seed)
+    if prior_captions:
+        objective["prior"] = dict(prompts=list(recipe.class_prompts), images=recipe.class_images,
+                                  weight=recipe.prior_weight)
     checkpoint_path = output / "checkpoints" / "last.pt"
     state = load_checkpoint(checkpoint_path)
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -477,16 +544,26 @@ def finetune(model, data, output, recipe: Recipe | None = None, progress=None, s
     n_data = len(captions)
     global_batch = recipe.batch_size * world
 
-    def compute_loss(index, noise, t, drop, flipped, offset):
+    def compute_loss(index, noise, t, drop, flipped, offset, *prior):
         x0 = latents[index]
         if recipe.flip:
             x0 = torch.where(flipped.view(-1, 1, 1, 1), latents[index + n_data], x0)
+        row = torch.where(drop, torch.full_like(index, n_data), index)
+        ids, context = ids_all[row], None if contexts is None else contexts[row]
+        if prior:  # the prior-preservation images in the same forward pass, after the data's
+            p_index, p_noise, p_t, p_offset = prior
+            x0, noise, t = torch.cat([x0, prior_latents[p_index]]), torch.cat([noise, p_noise]), torch.cat([t, p_t])
+            offset, ids = torch.cat([offset, p_offset]), torch.cat([ids, prior_ids[p_index]])
+            context = None if context is None else torch.cat([context, prior_contexts[p_index]])
         noise = noise + recipe.noise_offset * offset  # offset noise: one value per sample and channel
         xt, target = noised_and_target(prediction_type, alphas, x0, noise, t)
-        row = torch.where(drop, torch.full_like(index, n_data), index)
-        context = contexts[row] if contexts is not None else text_encoder(ids_all[row])[0]
-        pred = unet(xt, t, context)
-        return diffusion_loss(pred, target, prediction_type, alphas, t, recipe.snr_gamma)
+        pred = unet(xt, t, context if context is not None else text_encoder(ids)[0])
+        n = len(index)
+        loss = diffusion_loss(pred[:n], target[:n], prediction_type, alphas, t[:n], recipe.snr_gamma)
+        if prior:
+            loss = loss + recipe.prior_weight * diffusion_loss(pred[n:], target[n:], prediction_type, alphas, t[n:],
+                                                               recipe.snr_gamma)
+        return loss
 
     base_images = None
     if main_process:
@@ -515,8 +592,15 @@ def finetune(model, data, output, recipe: Recipe | None = None, progress=None, s
                 drop = torch.rand(global_batch, generator=generator) < recipe.caption_dropout
                 flipped = torch.rand(global_batch, generator=generator) < 0.5
                 offset = torch.randn((global_batch, latents.shape[1], 1, 1), generator=generator)
+                draws = [index, noise, t, drop, flipped, offset]
+                if prior_latents is not None:  # as many prior images as data images
+                    draws += [torch.randint(0, len(prior_latents), (global_batch,), generator=generator),
+                              torch.randn((global_batch, *latents.shape[1:]), generator=generator),
+                              torch.randint(0, scheduler.config.num_train_timesteps, (global_batch,),
+                                            generator=generator),
+                              torch.randn((global_batch, latents.shape[1], 1, 1), generator=generator)]
                 mine = slice(rank * recipe.batch_size, (rank + 1) * recipe.batch_size)
-                batch = [v[mine].to(device) for v in (index, noise, t, drop, flipped, offset)]
+                batch = [v[mine].to(device) for v in draws]
                 with accelerator.accumulate(unet):
                     loss = compute_loss(*batch)
                     if not torch.isfinite(loss):
@@ -824,6 +908,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--preview-every", type=int, default=d.preview_every, help="0: at the end only")
     parser.add_argument("--validation-prompt", action="append", default=None,
                         help="a preview prompt (repeat for more; default: the data's first two captions)")
+    parser.add_argument("--class-prompt", action="append", default=None,
+                        help="prior preservation: the base model's images for this prompt are trained on beside the "
+                             "data, so that what the data does not show stays (repeat for more; default: off)")
+    parser.add_argument("--class-images", type=int, default=d.class_images,
+                        help="how many prior-preservation images to make, the class prompts in turn")
+    parser.add_argument("--prior-weight", type=float, default=d.prior_weight,
+                        help="weight of the prior-preservation loss")
     return parser
 
 
@@ -835,7 +926,9 @@ def recipe_from_args(args) -> Recipe:
                   max_grad_norm=args.max_grad_norm, precision=args.precision,
                   gradient_checkpointing=args.gradient_checkpointing, caption_dropout=args.caption_dropout,
                   flip=args.flip, seed=args.seed, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
-                  preview_every=args.preview_every, validation_prompts=tuple(args.validation_prompt or ()))
+                  preview_every=args.preview_every, validation_prompts=tuple(args.validation_prompt or ()),
+                  class_prompts=tuple(args.class_prompt or ()), class_images=args.class_images,
+                  prior_weight=args.prior_weight)
 
 
 def run(args) -> int:

@@ -18,8 +18,8 @@ from PIL import Image
 
 from helpers import make_tiny_pipeline_folder
 from imagecraft import lora, shapes
-from imagecraft.finetune import (Recipe, TrainingError, check_recipe, extract_zip, find_examples, finetune,
-                                 load_image)
+from imagecraft.finetune import (CLASS_SEED, Recipe, TrainingError, check_recipe, extract_zip, find_examples,
+                                 finetune, load_image)
 from imagecraft.pipeline import ImageCraftPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,12 +359,43 @@ def test_zip_upload_is_unpacked_safely(tmp_path):
         extract_zip(bomb, tmp_path / "z")
 
 
+def test_prior_preservation_trains_on_the_base_models_own_images(model, data, tmp_path):
+    prior = dict(QUICK, class_prompts=("a blue square", "a green triangle on the left"), class_images=3)
+    out = tmp_path / "out"
+    result = finetune(model, data, out, Recipe(**prior), show_bar=False)
+    folder = out / "cache" / "class-images"
+    made = find_examples(folder)
+    assert [ex.caption for ex in made] == ["a blue square", "a green triangle on the left", "a blue square"]
+    base = ImageCraftPipeline.from_pretrained(model, dtype="fp32")  # image i: the base model with seed CLASS_SEED + i
+    for i, ex in enumerate(made):
+        expected = base(ex.caption, seed=CLASS_SEED + i, num_inference_steps=QUICK["preview_steps"],
+                        guidance_scale=5.0).images[0]
+        assert np.array_equal(np.asarray(Image.open(ex.path)), np.asarray(expected)), ex.path
+    plain = finetune(model, data, tmp_path / "plain", Recipe(**QUICK), show_bar=False)
+    assert [h[1] for h in result.history] != [h[1] for h in plain.history]  # they are trained on
+    # a stopped run resumes with the same images (not made again) and ends as the straight run did
+    stopped = tmp_path / "stopped"
+    calls = []
+    finetune(model, data, stopped, Recipe(**dict(prior, checkpoint_every=100)), should_stop=lambda: len(calls) >= 2,
+             progress=lambda *a: calls.append(a), show_bar=False)
+    made_at = (stopped / "cache" / "class-images" / "0000.png").stat().st_mtime_ns
+    rest = finetune(model, data, stopped, Recipe(**dict(prior, checkpoint_every=100)), show_bar=False)
+    assert (stopped / "cache" / "class-images" / "0000.png").stat().st_mtime_ns == made_at
+    assert [h[1] for h in rest.history] == pytest.approx([h[1] for h in result.history], rel=1e-5)
+    # other class prompts are another objective: the checkpoint is not resumed with them
+    with pytest.raises(ValueError, match="was trained with"):
+        finetune(model, data, out, Recipe(**dict(prior, class_prompts=("a red circle",), steps=9)), show_bar=False)
+
+
 def test_bad_settings_and_outputs_are_named(model, data, tmp_path):
     for settings, message in [(dict(method="dreambooth"), "method must be 'lora' or 'full'"),
                               (dict(steps=0), "steps must be a whole number of at least 1"),
                               (dict(lr=float("nan")), "lr must be a number in \\(0, 1\\]"),
                               (dict(rank=0), "rank must be"), (dict(targets=("mlp",)), "targets must be some of"),
-                              (dict(method="full", text_encoder_lora=True), "goes with method 'lora'")]:
+                              (dict(method="full", text_encoder_lora=True), "goes with method 'lora'"),
+                              (dict(class_images=0), "class_images must be a whole number from 1"),
+                              (dict(prior_weight=0), "prior_weight must be a number in \\(0, 100\\]"),
+                              (dict(class_prompts=(" ",)), "class prompts must be non-empty text")]:
         with pytest.raises(ValueError, match=message):
             check_recipe(Recipe(**settings))
     (tmp_path / "file").write_text("x")

@@ -248,8 +248,9 @@ def on_upload(files):
 
 @_ui_errors
 def on_demo_data():
-    """24 images of pink circles and squares: the built-in model does not know the word "pink"."""
-    return _data_view(*service.demo_data())
+    """24 images of pink circles and squares: the built-in model does not know the word "pink". The prior-
+    preservation prompts are filled in with the colours it knows, which the LoRA should leave as they are."""
+    return (*_data_view(*service.demo_data()), "\n".join(service.demo_class_prompts()))
 
 
 def _status(job) -> str:
@@ -266,13 +267,14 @@ def _status(job) -> str:
 
 @_ui_errors_stream
 def on_finetune(files, table, method: str = "lora", steps: int = 400, rank: int = 8, lr: float = 0.0,
-                validation_prompt: str = "", model: str = BUILTIN, job=None, progress=gr.Progress()):
+                validation_prompt: str = "", model: str = BUILTIN, class_prompts: str = "", job=None,
+                progress=gr.Progress()):
     """Trains on the uploaded (or demo) images, one job at a time on this server; streams the status, the loss
     curve and the latest previews, then the result files. The job belongs to this browser session."""
     if job is not None and not job.finished:
         raise ValueError("your previous fine-tune is still running: stop it first")
     job = service.start_finetune(models.source(model), files or [], table, method, steps, rank, lr or None,
-                                 validation_prompt or "")
+                                 validation_prompt or "", class_prompts or "")
     log.info("fine-tune job %s queued (%s, %s steps)", job.id[:8], method, steps)
     yield _status(job), None, None, None, job
     while not job.finished:
@@ -438,6 +440,10 @@ def build_demo() -> gr.Blocks:
                             ft_lr = gr.Number(value=0, label="Learning rate (0: 1e-4 for LoRA, 5e-5 for full)")
                         ft_prompt = gr.Textbox("", label="Validation prompt for the previews (default: the first "
                                                          "two captions)", placeholder="a pink triangle")
+                        ft_class = gr.Textbox("", lines=3, max_lines=8, elem_id="finetune-class",
+                                              label="Keep what the base model draws for these prompts (prior "
+                                                    "preservation; one per line, empty: off; each step costs twice)",
+                                              placeholder="a red circle\na blue square")
                         with gr.Row():
                             ft_train = gr.Button("Train", variant="primary", elem_id="finetune-button")
                             ft_stop = gr.Button("Stop (keeps a checkpoint)")
@@ -463,8 +469,8 @@ def build_demo() -> gr.Blocks:
                   att_npz=att_npz, att_png=att_png, att_state=att_state, tabs=tabs, lora=lora,
                   lora_scale=lora_scale, ft_upload=ft_upload, ft_demo=ft_demo, ft_note=ft_note, ft_table=ft_table,
                   ft_gallery=ft_gallery, ft_method=ft_method, ft_steps=ft_steps, ft_rank=ft_rank, ft_lr=ft_lr,
-                  ft_prompt=ft_prompt, ft_train=ft_train, ft_stop=ft_stop, ft_status=ft_status, ft_loss=ft_loss,
-                  ft_preview=ft_preview, ft_files=ft_files, ft_use=ft_use, ft_data=ft_data, ft_job=ft_job))
+                  ft_prompt=ft_prompt, ft_class=ft_class, ft_train=ft_train, ft_stop=ft_stop, ft_status=ft_status,
+                  ft_loss=ft_loss, ft_preview=ft_preview, ft_files=ft_files, ft_use=ft_use, ft_data=ft_data, ft_job=ft_job))
     return demo
 
 
@@ -506,10 +512,10 @@ def wire(ui: dict) -> None:
     # Fine-tune: data in, one queued job per session, streamed progress, then into the Generate tab
     data_view = [ui[k] for k in ("ft_table", "ft_gallery", "ft_data", "ft_note")]
     ui["ft_upload"].upload(on_upload, ui["ft_upload"], data_view, api_name="finetune_upload")
-    ui["ft_demo"].click(on_demo_data, None, data_view, api_name="finetune_demo_data")
+    ui["ft_demo"].click(on_demo_data, None, data_view + [ui["ft_class"]], api_name="finetune_demo_data")
     # its own concurrency group: jobs waiting for the trainer stream their place without holding up generation
     ui["ft_train"].click(on_finetune, [ui[k] for k in ("ft_data", "ft_table", "ft_method", "ft_steps", "ft_rank",
-                                                       "ft_lr", "ft_prompt", "model", "ft_job")],
+                                                       "ft_lr", "ft_prompt", "model", "ft_class", "ft_job")],
                          [ui[k] for k in ("ft_status", "ft_loss", "ft_preview", "ft_files", "ft_job")],
                          api_name="finetune", concurrency_id="finetune", concurrency_limit=8)
     ui["ft_stop"].click(on_stop, ui["ft_job"], ui["ft_status"], api_name="finetune_stop", concurrency_limit=None)

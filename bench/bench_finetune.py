@@ -11,7 +11,7 @@ teach: a LoRA with the default recipe (what `imagecraft finetune --data D --outp
   with pink added to its palette: pink on circles and squares, and on triangles, never seen in pink. Targets: the
   colour right >= 80%, pink triangles fully right >= 60%. The old colours: bench_quality's one-object prompts with
   and without the LoRA; they may drop by 5 points at most. --prior N adds prior preservation (finetune's
-  class_prompts) on N base-model images of other one-object prompts.
+  class_prompts) on N base-model images of the app demo's prompts (every old colour and shape).
 speed: one LoRA training step (forward, backward, AdamW) on the built-in model's UNet, batch 4, LoRA rank 8 on
   to_q/to_k/to_v/to_out.0, in UNet_SD and in diffusers' UNet2DConditionModel with the same weights and peft's
   LoRA, same dtype (bf16 autocast where the CPU runs bf16 natively, else fp32): interleaved medians. Target <= 1.0.
@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.bench_quality import prompts_for  # noqa: E402
-from imagecraft import lora, shapes  # noqa: E402
+from imagecraft import lora, service, shapes  # noqa: E402
 from imagecraft.finetune import Recipe, finetune, use_bf16  # noqa: E402
 from imagecraft.loading import DEFAULT_MODEL  # noqa: E402
 from imagecraft.pipeline import ImageCraftPipeline  # noqa: E402
@@ -57,8 +57,8 @@ def teach(args):
                                                    ("targets", args.targets and tuple(args.targets.split(","))),
                                                    ("text_encoder_lora", args.text_encoder_lora or None))
                                if v is not None})
-    if args.prior:  # prior preservation on one-object prompts of the old colours (not the scored ones below)
-        recipe.class_prompts, recipe.class_images = tuple(prompts_for("single", args.prior, seed=77)), args.prior
+    if args.prior:  # prior preservation on the app demo's prompts: every old colour and shape, one object each
+        recipe.class_prompts, recipe.class_images = tuple(service.demo_class_prompts()), args.prior
     started = time.perf_counter()
     result = finetune(args.model, data, work / "lora", recipe)
     minutes = (time.perf_counter() - started) / 60
@@ -181,8 +181,8 @@ def main():
     parser.add_argument("--targets", default=None, help="override the default recipe's LoRA targets (attn, ff, proj)")
     parser.add_argument("--text-encoder-lora", action="store_true", help="a LoRA on the text encoder too")
     parser.add_argument("--prior", type=int, default=0,
-                        help="prior preservation: this many base-model images of one-object prompts in the old "
-                             "colours trained on beside the pink data (default: off, as the default recipe)")
+                        help="prior preservation: this many base-model images of the old colours and shapes "
+                             "trained on beside the pink data, as the app's demo (default: off, as the CLI)")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     if args.part in ("speed", "both"):

@@ -492,6 +492,30 @@ def demo_data(n: int = 24, seed: int = 0) -> tuple[list[list[str]], list[str]]:
     return rows, files
 
 
+def demo_class_prompts() -> list[str]:
+    """The demo's prior-preservation prompts: every colour and shape the built-in model knows, one object each, so
+    that learning "pink" does not repaint them (bench_finetune.py --prior measures it)."""
+    from . import shapes
+
+    return [shapes.prompt_of(shapes.Spec([shapes.Obj(colour, shape)])) for colour in shapes.COLOURS
+            for shape in shapes.SHAPES if (colour, shape) not in shapes.HELD_OUT]
+
+
+MAX_CLASS_PROMPTS = 100
+
+
+def class_prompts_of(text: str) -> tuple[str, ...]:
+    """The prior-preservation prompts typed in the Fine-tune tab, one per line; blank lines are skipped."""
+    if not isinstance(text, str):
+        raise ValueError(f"class prompts must be text, one prompt per line, got {shown(text)}")
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if len(prompts) > MAX_CLASS_PROMPTS:
+        raise ValueError(f"at most {MAX_CLASS_PROMPTS} prior-preservation prompts are allowed, got {len(prompts)}")
+    for prompt in prompts:
+        _check_text(prompt=prompt)
+    return prompts
+
+
 def new_upload_folder() -> Path:
     """A fresh folder for an upload. Uploads are copied into their job's folder when training starts, so the
     output TTL is plenty; those under ten minutes old stay (another session may be about to train on them)."""
@@ -638,9 +662,11 @@ def _drop_old_jobs():
 
 
 def start_finetune(model: str | None, files: list[str], rows, method: str = "lora", steps: int = 400,
-                   rank: int = 8, lr: float | None = None, validation_prompt: str = "") -> TrainingJob:
+                   rank: int = 8, lr: float | None = None, validation_prompt: str = "",
+                   class_prompts: str = "") -> TrainingJob:
     """Checks the request, writes the training folder and queues the job. `model` is what the fine-tune loads
-    (None: the built-in model; see `ModelCache.source`). Defaults are the CLI's."""
+    (None: the built-in model; see `ModelCache.source`). `class_prompts`: prior preservation's prompts, one per
+    line (none: off). Defaults are the CLI's."""
     from .finetune import Recipe, check_recipe
 
     if method not in ("lora", "full"):
@@ -657,6 +683,7 @@ def start_finetune(model: str | None, files: list[str], rows, method: str = "lor
         _check_text(prompt=validation_prompt)
     recipe = check_recipe(Recipe(method=method, steps=int(steps), rank=int(rank), lr=lr,
                                  validation_prompts=(validation_prompt.strip(),) if validation_prompt else (),
+                                 class_prompts=class_prompts_of(class_prompts or ""),
                                  checkpoint_every=max(1, min(100, int(steps) // 4)),
                                  preview_every=max(1, int(steps) // 4)))
     folder = new_folder(FINETUNE_ROOT / "jobs")

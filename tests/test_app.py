@@ -293,13 +293,18 @@ def test_finetune_api_trains_streams_and_the_lora_generates(client, tmp_path):
 
     with pytest.raises(AppError, match="no training images"):
         client.predict({"headers": ["image", "caption", "note"], "data": []}, api_name="/finetune")
-    rows, gallery, note = client.predict(api_name="/finetune_demo_data")
+    rows, gallery, note, class_prompts = client.predict(api_name="/finetune_demo_data")
     assert len(rows["data"]) == 24 and "all captioned" in note
     assert all(r[1].startswith("a pink ") for r in rows["data"])
-    job = client.submit(rows, "lora", 8, 4, 0.01, "a pink triangle", BUILTIN, api_name="/finetune")
+    # prior preservation's prompts: the colours the model knows, pink not among them
+    assert "a red circle" in class_prompts.splitlines() and "pink" not in class_prompts
+    job = client.submit(rows, "lora", 8, 4, 0.01, "a pink triangle", BUILTIN, "a red circle\na blue square",
+                        api_name="/finetune")
     updates = list(job)
     status, loss, preview, files = job.outputs()[-1][:4]
     assert status.startswith("**Done**") and len(updates) >= 2
+    card = Path(next(f for f in files if f.endswith("README.md"))).read_text()
+    assert "| class_prompts | ('a red circle', 'a blue square') |" in card
     assert Image.open(loss).size[0] > 300 and Image.open(preview).size[0] > 300  # the curve and the previews
     names = sorted(Path(f).name for f in files)
     assert names == ["README.md", "lora_kohya.safetensors", "loss.csv", "loss.png", "pytorch_lora_weights.safetensors"]

@@ -198,3 +198,16 @@ def test_model_lock_lets_plain_requests_share_and_a_lora_request_run_alone():
         events.append("reader leaves")
     writer.join(timeout=5)
     assert events == ["two readers", "reader leaves", "writer"]
+
+
+def test_prior_preservation_prompts_are_checked_line_by_line():
+    assert service.class_prompts_of("a red circle\n\n  a blue square  \n") == ("a red circle", "a blue square")
+    assert service.class_prompts_of("") == ()
+    with pytest.raises(ValueError, match="at most 100 prior-preservation prompts"):
+        service.class_prompts_of("\n".join(["a red circle"] * 101))
+    with pytest.raises(ValueError, match="must be text"):
+        service.class_prompts_of(["a red circle"])
+    from imagecraft import shapes
+
+    demo = service.demo_class_prompts()  # every colour and shape but the held-out pairs, which it never learnt
+    assert len(demo) == len(shapes.COLOURS) * len(shapes.SHAPES) - len(shapes.HELD_OUT) and "an orange circle" in demo

@@ -12,7 +12,7 @@ import inspect
 import torch
 
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
+                       EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
 # short name -> (AUTOMATIC1111 name, diffusers class, config overrides)
 SCHEDULERS = {
@@ -26,6 +26,8 @@ SCHEDULERS = {
     # model ships Euler a) would otherwise get it, since skip_prk_steps defaults to False.
     "pndm": ("PLMS", PNDMScheduler, {"skip_prk_steps": True}),
     "lms": ("LMS", LMSDiscreteScheduler, {"use_karras_sigmas": False}),
+    # UniPC (Zhao et al. 2023): a predictor-corrector multistep sampler meant for few steps (A1111's "UniPC")
+    "unipc": ("UniPC", UniPCMultistepScheduler, {"use_karras_sigmas": False}),
 }
 A1111_NAMES = {display: short for short, (display, _, _) in SCHEDULERS.items()}
 
@@ -61,7 +63,7 @@ def zero_terminal_snr_betas(config: dict) -> list[float]:
 
 def scheduler_name_of(config: dict) -> str:
     """Our short name for the scheduler a model ships with (its config's `_class_name`); "euler" for one we
-    have no name for (UniPC, Heun, ...)."""
+    have no name for (Heun, DPM++ SDE, ...)."""
     cls_name = config.get("_class_name")
     karras = bool(config.get("use_karras_sigmas", False))
     for short, (_, cls, overrides) in SCHEDULERS.items():

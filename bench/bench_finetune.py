@@ -103,10 +103,16 @@ def teach(args):
                   for im in pipe(prompts[start:start + 50], seed=start, num_inference_steps=25,
                                  guidance_scale=5.0).images]
         scores = [shapes.score(im, p) for im, p in zip(images, prompts)]
-        rates.append((sum(s["colour"] for s in scores) / len(scores), sum(s["all"] for s in scores) / len(scores)))
-    (c0, a0), (c1, a1) = rates
+        by = {shape: [s["all"] for s, p in zip(scores, prompts) if shapes.parse_prompt(p).objects[0].shape == shape]
+              for shape in shapes.SHAPES}
+        rates.append((sum(s["colour"] for s in scores) / len(scores), sum(s["all"] for s in scores) / len(scores),
+                      {shape: sum(v) / len(v) for shape, v in by.items() if v}))
+    (c0, a0, s0), (c1, a1, s1) = rates
     print(f"\nold colours ({len(prompts)} one-object prompts): colour right {c0:.1%} -> {c1:.1%} with the LoRA "
           f"({(c1 - c0) * 100:+.1f} points; target >= -5), every attribute {a0:.1%} -> {a1:.1%}")
+    # the base model's own rate per shape is what a taught colour can reach on that shape
+    print("  every attribute by shape, without -> with the LoRA: "
+          + ", ".join(f"{shape} {s0[shape]:.0%} -> {s1[shape]:.0%}" for shape in s0))
     print(f"\nwork folder: {work}")
 
 

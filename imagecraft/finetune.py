@@ -99,7 +99,8 @@ class Recipe:
     heldout_images: int = 4
     # Prior preservation (DreamBooth, Ruiz et al. 2022; kohya's regularisation images): the base model's own images
     # for these prompts, made once before training, are trained on beside the data with weight prior_weight, so
-    # what the data does not show stays as the base model drew it. Off when empty; each step then costs twice.
+    # what the data does not show stays as the base model drew it. Off when empty; each step then costs twice, and
+    # the loss logged is the data's plus prior_weight times the prior images'.
     class_prompts: tuple = ()
     class_images: int = 100  # how many, the prompts taken in turn
     prior_weight: float = 1.0
@@ -152,9 +153,14 @@ def check_recipe(recipe: Recipe) -> Recipe:
     if not (isinstance(recipe.prior_weight, (int, float)) and 0 < recipe.prior_weight <= 100
             and math.isfinite(recipe.prior_weight)):
         raise ValueError(f"prior_weight must be a number in (0, 100], got {recipe.prior_weight!r}")
+    if not isinstance(recipe.class_prompts, (tuple, list)):
+        raise ValueError(f"class_prompts must be a list of prompts, got {recipe.class_prompts!r}")
     empty = [p for p in recipe.class_prompts if not isinstance(p, str) or not p.strip()]
     if empty:
         raise ValueError(f"class prompts must be non-empty text, got {empty[0]!r}")
+    if recipe.class_prompts and recipe.class_images < len(recipe.class_prompts):
+        raise ValueError(f"class_images ({recipe.class_images}) is fewer than the class prompts "
+                         f"({len(recipe.class_prompts)}): each prompt needs at least one image")
     if recipe.method == "full" and recipe.text_encoder_lora:
         raise ValueError("text_encoder_lora goes with method 'lora'; a full fine-tune trains the UNet only")
     return recipe
@@ -373,10 +379,13 @@ def encode_images(pipe, examples: list[Example], size: int, flip: bool, cache: P
 CLASS_SEED = 5000
 
 
-def class_examples(pipe, recipe: Recipe, folder: Path) -> list[Example]:
+def class_examples(pipe, recipe: Recipe, folder: Path, rank: int = 0, world: int = 1, wait=lambda: None,
+                   should_stop=None) -> list[Example] | None:
     """Prior preservation's images: the base model's own for recipe.class_prompts (taken in turn; image i with seed
     CLASS_SEED + i, the previews' steps and guidance), written once to `folder` as captioned PNGs (kohya's layout,
-    so they can be looked at) and reused while the base model, the prompts and the settings are the same."""
+    so they can be looked at) and reused while the base model, the prompts and the settings are the same. With
+    several processes each draws its share, a contiguous run of images (`wait` is their barrier). None when
+    `should_stop()` turned True between batches."""
     prompts = [recipe.class_prompts[i % len(recipe.class_prompts)] for i in range(recipe.class_images)]
     key = hashlib.sha256(json.dumps([pipe.model_id, pipe.model_hash, pipe.default_size, prompts, CLASS_SEED,
                                      recipe.preview_steps, recipe.preview_guidance]).encode()).hexdigest()[:16]
@@ -384,20 +393,30 @@ def class_examples(pipe, recipe: Recipe, folder: Path) -> list[Example]:
     if stamp.is_file() and stamp.read_text().strip() == key:
         return find_examples(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*"):  # another base or other prompts: none of it is kept
-        if old.is_file():
-            old.unlink()
+    if rank == 0:  # the set of another base or other prompts; only the files this function writes
+        stamp.unlink(missing_ok=True)
+        for old in folder.glob("[0-9][0-9][0-9][0-9].*"):
+            if old.suffix in (".png", ".txt") and old.stem.isdigit() and int(old.stem) >= len(prompts):
+                old.unlink()
+    wait()
     log.info("making %d prior-preservation images with the base model", len(prompts))
-    for start in range(0, len(prompts), 8):
-        images = pipe(prompts[start:start + 8], seed=CLASS_SEED + start, num_inference_steps=recipe.preview_steps,
-                      guidance_scale=recipe.preview_guidance).images
+    first, last = len(prompts) * rank // world, len(prompts) * (rank + 1) // world  # this process's share
+    for start in range(first, last, 8):
+        if should_stop is not None and should_stop():
+            return None
+        batch = prompts[start:min(start + 8, last)]
+        images = pipe(batch, seed=CLASS_SEED + start, num_inference_steps=recipe.preview_steps,
+                      guidance_scale=recipe.preview_guidance).images  # image i: seed CLASS_SEED + i
         for i, image in enumerate(images, start):
             with atomic_write(folder / f"{i:04d}.png") as f:
                 image.save(f, format="PNG")
             with atomic_write(folder / f"{i:04d}.txt") as f:
                 f.write(prompts[i].encode())
-    with atomic_write(stamp) as f:
-        f.write(key.encode())
+    wait()
+    if rank == 0:
+        with atomic_write(stamp) as f:
+            f.write(key.encode())
+    wait()
     return find_examples(folder)
 
 
@@ -461,13 +480,32 @@ def finetune(model, data, output, recipe: Recipe | None = None, progress=None, s
     latents = latents.to(device)
     captions = [ex.caption for ex in examples]
     prompts = list(recipe.validation_prompts) or captions[:2]
+
+    objective = dict(method=recipe.method, rank=recipe.rank, alpha=recipe.lora_alpha, targets=list(recipe.targets),
+                     text_encoder_lora=recipe.text_encoder_lora, model=pipe.model_id, model_hash=pipe.model_hash,
+                     data=data_key(digest, size, recipe.flip, "")[:12], batch=recipe.batch_size * world,
+                     grad_accum=recipe.grad_accum, seed=recipe.seed)
+    if recipe.class_prompts:
+        objective["prior"] = dict(prompts=list(recipe.class_prompts), images=recipe.class_images,
+                                  weight=recipe.prior_weight)
+    checkpoint_path = output / "checkpoints" / "last.pt"
+    state = load_checkpoint(checkpoint_path)
+    if state:  # before anything is made for this recipe
+        refuse_other_objective(checkpoint_path, state, objective)
+
     prior_latents = prior_captions = None
     if recipe.class_prompts:  # made by the base model, before any LoRA is added
-        folder = output / "cache" / "class-images"
-        prior_examples = class_examples(pipe, recipe, folder) if main_process else None
+        prior_examples = class_examples(pipe, recipe, output / "cache" / "class-images", rank, world,
+                                        accelerator.wait_for_everyone, should_stop)
+        if prior_examples is None:
+            log.info("stopped while making the prior-preservation images; rerun to go on")
+            return FinetuneResult(output, recipe.method, state["step"] if state else 0, recipe.steps, True,
+                                  [list(h) for h in state["history"]] if state else [])
+        prior_latents = encode_images(pipe, prior_examples, size, False, output / "cache") if main_process else None
         accelerator.wait_for_everyone()
-        prior_examples = prior_examples or class_examples(pipe, recipe, folder)  # now read back
-        prior_latents = encode_images(pipe, prior_examples, size, False, output / "cache").to(device)
+        if prior_latents is None:
+            prior_latents = encode_images(pipe, prior_examples, size, False, output / "cache")  # now a cache hit
+        prior_latents = prior_latents.to(device)
         prior_captions = [ex.caption for ex in prior_examples]
 
     unet, text_encoder = pipe.unet, pipe.text_encoder
@@ -514,19 +552,9 @@ def finetune(model, data, output, recipe: Recipe | None = None, progress=None, s
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"the model predicts {prediction_type!r}; fine-tuning knows epsilon and v_prediction")
 
-    objective = dict(method=recipe.method, rank=recipe.rank, alpha=recipe.lora_alpha, targets=list(recipe.targets),
-                     text_encoder_lora=recipe.text_encoder_lora, model=pipe.model_id, model_hash=pipe.model_hash,
-                     data=data_key(digest, size, recipe.flip, "")[:12], batch=recipe.batch_size * world,
-                     grad_accum=recipe.grad_accum, seed=recipe.seed)
-    if prior_captions:
-        objective["prior"] = dict(prompts=list(recipe.class_prompts), images=recipe.class_images,
-                                  weight=recipe.prior_weight)
-    checkpoint_path = output / "checkpoints" / "last.pt"
-    state = load_checkpoint(checkpoint_path)
     generator = torch.Generator().manual_seed(recipe.seed)
     step, history = 0, []
     if state:
-        refuse_other_objective(checkpoint_path, state, objective)
         _load_trainable(unet, text_encoder, state, recipe)
         if ema is not None:
             ema.load_state_dict(state["ema"])
@@ -864,7 +892,7 @@ def model_card(recipe: Recipe, pipe, examples, history, seconds: float) -> str:
            "`<lora:lora_kohya:1>` in the prompt.") if recipe.method == "lora" else (
            "```python\nfrom diffusers import StableDiffusionPipeline\n"
            "pipe = StableDiffusionPipeline.from_pretrained('THIS_FOLDER')\n```")
-    settings = "\n".join(f"| {k} | {v} |" for k, v in asdict(recipe).items())
+    settings = "\n".join(f"| {k} | {str(v).replace('|', '&#124;')} |" for k, v in asdict(recipe).items())
     return (f"# {'LoRA' if recipe.method == 'lora' else 'Fine-tuned model'} trained with ImageCraft\n\n"
             f"Base model: `{pipe.model_id}` (UNet hash {pipe.model_hash or 'n/a'}). {len(examples)} training images "
             f"at {pipe.default_size} px, {last[0]} steps in {seconds / 60:.1f} min.\n\n"

@@ -264,7 +264,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch(model, data, tmp_
     from safetensors.torch import load_file
 
     common = ["--model", str(model), "--data", str(data), "--steps", "4", "--precision", "fp32",
-              "--preview-every", "0", "--checkpoint-every", "100"]
+              "--preview-every", "0", "--checkpoint-every", "100",  # with prior preservation, its images split
+              "--class-prompt", "a blue square", "--class-prompt", "a green triangle", "--class-images", "5"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "imagecraft.finetune", *common, "--output", str(tmp_path / "one"),
                           "--batch-size", "4"], capture_output=True, text=True, env=env, timeout=300)
@@ -276,6 +277,10 @@ def test_two_processes_train_as_one_with_the_same_global_batch(model, data, tmp_
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     assert "training on 2 processes" in two.stderr
+    for i in range(5):  # process 0 drew images 0-1, process 1 images 2-4: the same as one process drew
+        name = f"cache/class-images/{i:04d}.png"
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / name)),
+                              np.asarray(Image.open(tmp_path / "two" / name))), name
     a, b = load_file(tmp_path / "one" / lora.WEIGHT_NAME), load_file(tmp_path / "two" / lora.WEIGHT_NAME)
     moved = max((a[k] - b[k]).abs().max().item() for k in a if "lora_B" in k)
     size = max(a[k].abs().max().item() for k in a if "lora_B" in k)
@@ -382,9 +387,18 @@ def test_prior_preservation_trains_on_the_base_models_own_images(model, data, tm
     rest = finetune(model, data, stopped, Recipe(**dict(prior, checkpoint_every=100)), show_bar=False)
     assert (stopped / "cache" / "class-images" / "0000.png").stat().st_mtime_ns == made_at
     assert [h[1] for h in rest.history] == pytest.approx([h[1] for h in result.history], rel=1e-5)
-    # other class prompts are another objective: the checkpoint is not resumed with them
+    # other class prompts are another objective: refused before anything is made, the images kept
+    made_at = (folder / "0000.png").stat().st_mtime_ns
     with pytest.raises(ValueError, match="was trained with"):
         finetune(model, data, out, Recipe(**dict(prior, class_prompts=("a red circle",), steps=9)), show_bar=False)
+    assert (folder / "0000.png").stat().st_mtime_ns == made_at and (folder / "key.txt").is_file()
+    # Stop while the images are being made: nothing trained, and the rerun makes them and trains
+    halted = finetune(model, data, tmp_path / "halted", Recipe(**dict(prior, class_images=9)),
+                      should_stop=lambda: True, show_bar=False)
+    halted_folder = tmp_path / "halted" / "cache" / "class-images"
+    assert halted.stopped and halted.step == 0 and not (halted_folder / "key.txt").exists()
+    done = finetune(model, data, tmp_path / "halted", Recipe(**dict(prior, class_images=9)), show_bar=False)
+    assert done.step == 6 and len(find_examples(halted_folder)) == 9
 
 
 def test_bad_settings_and_outputs_are_named(model, data, tmp_path):
@@ -395,7 +409,9 @@ def test_bad_settings_and_outputs_are_named(model, data, tmp_path):
                               (dict(method="full", text_encoder_lora=True), "goes with method 'lora'"),
                               (dict(class_images=0), "class_images must be a whole number from 1"),
                               (dict(prior_weight=0), "prior_weight must be a number in \\(0, 100\\]"),
-                              (dict(class_prompts=(" ",)), "class prompts must be non-empty text")]:
+                              (dict(class_prompts=(" ",)), "class prompts must be non-empty text"),
+                              (dict(class_prompts="a red circle"), "class_prompts must be a list of prompts"),
+                              (dict(class_prompts=("a", "b"), class_images=1), "fewer than the class prompts")]:
         with pytest.raises(ValueError, match=message):
             check_recipe(Recipe(**settings))
     (tmp_path / "file").write_text("x")

@@ -187,12 +187,12 @@ class Recipe:
         colour and shape, so that fine-tunes can teach new ones), channel 3 tied to coverage; 30,000 scenes with two
         objects kept 8 px apart; zero-terminal-SNR v-prediction from the start, after a layout stage, with
         caption-mean targets at high noise; a last, long stage on shapes (low noise only); the grounding loss
-        throughout; Euler a sampling."""
+        throughout; a tenth of the captions with a made-up colour word; Euler a sampling."""
         return cls(vae_channels=(32, 64, 64), vae_groups=8, vae_crop=32, vae_coverage=1.0, vae_general=0.5,
-                   vae_steps=16000, num_scenes=30000, scene_gap=8, prediction_type="v_prediction",
+                   vae_steps=32000, num_scenes=30000, scene_gap=8, prediction_type="v_prediction",
                    zero_terminal_snr=True, layout_steps=300, mean_target_t=900, unet_steps=3500, unet_batch=32,
                    unet_lr=3e-4, zsnr_steps=0, two_steps=1200, shape_steps=10000, shape_lr=3e-4, ground_weight=0.01,
-                   sampler="euler_a")
+                   made_up_words=0.1, sampler="euler_a")
 
     def stages(self) -> list["Stage"]:
         out = [Stage("unet-layout", self.layout_steps, self.layout_lr, min(100, self.layout_steps), "v_prediction",

@@ -7,7 +7,7 @@ against diffusers + peft.
 
 teach: a LoRA with the default recipe (what `imagecraft finetune --data D --output O` does) on 24 generated images
   of pink (255, 105, 180) circles and squares, in the world's grammar. Then, with the LoRA at scale 1, single objects
-  "a pink {circle, square, triangle} {position}" at every position, 4 seeds each, read by the strict shapes scorer
+  "a pink {circle, square, triangle} {position}" at every position, 4 seeds each (--seeds), read by the strict shapes scorer
   with pink added to its palette: pink on circles and squares, and on triangles, never seen in pink. Targets: the
   colour right >= 80%, pink triangles fully right >= 60%. The old colours: bench_quality's one-object prompts with
   and without the LoRA; they may drop by 5 points at most. --prior N adds prior preservation (finetune's
@@ -71,7 +71,7 @@ def teach(args):
     palette = {"pink": PINK}
     by_shape = {}
     for shape in shapes.SHAPES:
-        specs = [shapes.Spec([shapes.Obj("pink", shape, position)]) for position in shapes.POSITIONS] * 4
+        specs = [shapes.Spec([shapes.Obj("pink", shape, position)]) for position in shapes.POSITIONS] * args.seeds
         images = pipe([shapes.prompt_of(s) for s in specs], seed=500, num_inference_steps=25,
                       guidance_scale=5.0).images
         by_shape[shape] = [shapes.score(im, s, palette) for im, s in zip(images, specs)]
@@ -82,7 +82,7 @@ def teach(args):
                 grid.paste(im, ((i % 10) * 64, (i // 10) * 64))
             grid.save(Path(args.save) / f"pink-{shape}.png")
     colour = [s["colour"] for scores in by_shape.values() for s in scores]
-    print("\npink, LoRA at scale 1 (20 images per shape: 5 positions x 4 seeds):")
+    print(f"\npink, LoRA at scale 1 ({5 * args.seeds} images per shape: 5 positions x {args.seeds} seeds):")
     for shape, scores in by_shape.items():
         rate = {k: sum(bool(s[k]) for s in scores) / len(scores) for k in ("colour", "shape", "background",
                                                                             "position", "all")}
@@ -189,6 +189,7 @@ def main():
     parser.add_argument("--prior", type=int, default=0,
                         help="prior preservation: this many base-model images of the old colours and shapes "
                              "trained on beside the pink data, as the app's demo (default: off, as the CLI)")
+    parser.add_argument("--seeds", type=int, default=4, help="pink images per shape and position")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     if args.part in ("speed", "both"):

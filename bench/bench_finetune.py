@@ -10,8 +10,9 @@ teach: a LoRA with the default recipe (what `imagecraft finetune --data D --outp
   "a pink {circle, square, triangle} {position}" at every position, 4 seeds each (--seeds), read by the strict
   shapes scorer with pink added to its palette: pink on circles and squares, and on triangles, never seen in
   pink. Targets: the colour right >= 80%, pink triangles fully right >= 60%. The old colours: bench_quality's
-  one-object prompts with and without the LoRA; they may drop by 5 points at most. --prior N adds prior preservation (finetune's
-  class_prompts) on N base-model images of the app demo's prompts (every old colour and shape).
+  one-object prompts with and without the LoRA; they may drop by 5 points at most. --prior N adds prior
+  preservation (finetune's class_prompts) on N base-model images of the app demo's prompts (every old colour and
+  shape).
 speed: one LoRA training step (forward, backward, AdamW) on the built-in model's UNet, batch 4, LoRA rank 8 on
   to_q/to_k/to_v/to_out.0, in UNet_SD and in diffusers' UNet2DConditionModel with the same weights and peft's
   LoRA, same dtype (bf16 autocast where the CPU runs bf16 natively, else fp32): interleaved medians. Target <= 1.0.

@@ -442,7 +442,7 @@ def build_demo() -> gr.Blocks:
                                                          "two captions)", placeholder="a pink triangle")
                         ft_class = gr.Textbox("", lines=3, max_lines=8, elem_id="finetune-class",
                                               label="Keep what the base model draws for these prompts (prior "
-                                                    "preservation; one per line, empty: off; each step costs twice)",
+                                                    "preservation; one per line, empty: off; each step then costs twice as much)",
                                               placeholder="a red circle\na blue square")
                         with gr.Row():
                             ft_train = gr.Button("Train", variant="primary", elem_id="finetune-button")

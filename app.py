@@ -442,7 +442,8 @@ def build_demo() -> gr.Blocks:
                                                          "two captions)", placeholder="a pink triangle")
                         ft_class = gr.Textbox("", lines=3, max_lines=8, elem_id="finetune-class",
                                               label="Keep what the base model draws for these prompts (prior "
-                                                    "preservation; one per line, empty: off; each step then costs twice as much)",
+                                                    "preservation; one per line, empty: off; each step then costs "
+                                                    "twice as much)",
                                               placeholder="a red circle\na blue square")
                         with gr.Row():
                             ft_train = gr.Button("Train", variant="primary", elem_id="finetune-button")
@@ -470,7 +471,8 @@ def build_demo() -> gr.Blocks:
                   lora_scale=lora_scale, ft_upload=ft_upload, ft_demo=ft_demo, ft_note=ft_note, ft_table=ft_table,
                   ft_gallery=ft_gallery, ft_method=ft_method, ft_steps=ft_steps, ft_rank=ft_rank, ft_lr=ft_lr,
                   ft_prompt=ft_prompt, ft_class=ft_class, ft_train=ft_train, ft_stop=ft_stop, ft_status=ft_status,
-                  ft_loss=ft_loss, ft_preview=ft_preview, ft_files=ft_files, ft_use=ft_use, ft_data=ft_data, ft_job=ft_job))
+                  ft_loss=ft_loss, ft_preview=ft_preview, ft_files=ft_files, ft_use=ft_use, ft_data=ft_data,
+                  ft_job=ft_job))
     return demo
 
 

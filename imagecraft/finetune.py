@@ -527,24 +527,22 @@ def finetune(model, data, output, recipe: Recipe | None = None, progress=None, s
     trainable = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=recipe.peak_lr, weight_decay=recipe.weight_decay)
 
-    # contexts of every caption (and of "" for caption dropout), once, when the text encoder does not train
-    def encode(texts):
-        ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(device)
-        return text_encoder(ids)[0]
+    def tokenize(texts):
+        return pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(device)
 
-    ids_all = pipe.tokenizer(captions + [""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(device)
-    prior_ids = prior_contexts = contexts = None
-    if prior_captions:
-        prior_ids = pipe.tokenizer(prior_captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                   truncation=True, return_tensors="pt").input_ids.to(device)
+    @torch.no_grad()
+    def embed(ids):
+        return torch.cat([text_encoder(ids[i:i + 64])[0] for i in range(0, len(ids), 64)])
+
+    # token ids of every caption (and of "" for caption dropout) and of the prior images' captions; their contexts
+    # once, when the text encoder does not train
+    ids_all = tokenize(captions + [""])
+    prior_ids = tokenize(prior_captions) if prior_captions else None
+    contexts = prior_contexts = None
     if not recipe.text_encoder_lora:
-        with torch.no_grad():
-            contexts = torch.cat([text_encoder(ids_all[i:i + 64])[0] for i in range(0, len(ids_all), 64)])
-            if prior_ids is not None:
-                prior_contexts = torch.cat([text_encoder(prior_ids[i:i + 64])[0]
-                                            for i in range(0, len(prior_ids), 64)])
+        contexts = embed(ids_all)
+        prior_contexts = embed(prior_ids) if prior_ids is not None else None
 
     scheduler = noise_scheduler(config=pipe.scheduler_config)
     alphas = scheduler.alphas_cumprod.to(device)

@@ -10,7 +10,9 @@ guidance 5.0, the model's shipped scheduler:
   single    one object with a position AND a background ("a red circle on the left on a blue background")
   two       two objects with a relation (to the left of / above / and), background as the grammar samples it
   held_out  one object of a held-out colour-shape pair, position and background as the grammar samples them
-Prints per-group, per-attribute tables, the fraction with every attribute right, and images per second.
+Prints per-group, per-attribute tables, why shapes were not read (per shape asked for: touching the border, a poor
+fit to the outline, a dent, another shape, missing), the fraction with every attribute right, and images per
+second.
 """
 
 import argparse
@@ -91,6 +93,7 @@ def main():
             values = [s[attribute] for s in scores if s[attribute] is not None]
             if values:
                 print(f"  {attribute:<11} {sum(values) / len(values):6.1%}  ({sum(values)}/{len(values)})")
+        print("  shape errors  " + shape_errors(images, prompts))
         summary[group] = sum(s["all"] for s in scores) / len(scores)
         shape_summary[group] = sum(s["shape"] for s in scores) / len(scores)
         if args.save:
@@ -105,6 +108,29 @@ def main():
         print(f"  {group:<9} {value:6.1%}   {'meets' if value >= SHAPE_TARGET else 'MISSES'}")
     print(f"\n{total_images} images in {seconds:.1f} s: {total_images / seconds:.2f} images/s "
           f"(batches of {args.batch}, {args.steps} steps, guidance on)")
+
+
+def shape_errors(images, prompts) -> str:
+    """Why the objects of each shape asked for were not read as that shape, with the scorer's own pairing of asked
+    and found objects (so the counts add up to its shape errors): "border" (touching it), "fit" (IoU with the ideal
+    outline under 0.80), "dent", "other" (read as another shape) or "missing" (no object left to pair with)."""
+    import collections
+
+    asked, errors = collections.Counter(), {shape: collections.Counter() for shape in shapes.SHAPES}
+    for image, prompt in zip(images, prompts):
+        spec = shapes.parse_prompt(prompt)
+        _, found = shapes.read_objects(image)
+        pairs = shapes.match(spec, found) if found else []
+        for obj in spec.objects:
+            asked[obj.shape] += 1
+        for obj in spec.objects[len(pairs):]:
+            errors[obj.shape]["missing"] += 1
+        for obj, drawn in pairs:
+            if drawn["shape"] != obj.shape:
+                errors[obj.shape][drawn["fault"] or "other"] += 1
+    return "; ".join(f"{shape} {sum(why.values())}/{asked[shape]}"
+                     + "".join(f", {reason} {n}" for reason, n in why.most_common())
+                     for shape, why in errors.items() if asked[shape])
 
 
 def _imagecraft_sampler(pipe, args):

@@ -38,6 +38,7 @@ POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in t
 RELATIONS = ("to the left of", "above", "and")
 HELD_OUT = {("purple", "triangle"), ("orange", "square"), ("yellow", "circle")}
 GAP = 2.0  # least px between two objects' bounding boxes; a generator may ask for more
+MARGIN = 1.0  # least px of background between an object's box and the image border; a generator may ask for more
 MIN_SIZE, MAX_SIZE = 16, 24
 
 
@@ -107,9 +108,9 @@ def parse_prompt(prompt: str) -> Spec:
 
 
 # --- sampling -----------------------------------------------------------------------------------------------
-def _third_range(position: str | None, axis: str, half: float) -> tuple[float, float]:
-    """Centre range along an axis for a position, kept inside the image and clear of the third boundaries."""
-    lo, hi = half + 1, SIZE - half - 1  # a pixel of background all round
+def _third_range(position: str | None, axis: str, half: float, margin: float = MARGIN) -> tuple[float, float]:
+    """Centre range along an axis for a position, `margin` px inside the image and clear of the third boundaries."""
+    lo, hi = half + margin, SIZE - half - margin
     third = SIZE / 3
     if position is None:
         return lo, hi
@@ -145,16 +146,16 @@ def sample_spec(rng: random.Random, allow_held_out: bool = False, two_objects: b
     return Spec(objects, relation, background)
 
 
-def place(spec: Spec, rng: random.Random, tries: int = 200, gap: float = GAP) -> list[Placed]:
+def place(spec: Spec, rng: random.Random, tries: int = 2000, gap: float = GAP, margin: float = MARGIN) -> list[Placed]:
     """Centres and sizes that satisfy the spec: positions in their thirds, relations with a clear margin, no
-    overlap (bounding boxes at least `gap` px apart along x or y), each object fully inside."""
+    overlap (bounding boxes at least `gap` px apart along x or y), each object `margin` px inside the image."""
     for _ in range(tries):
         placed = []
         for o in spec.objects:
             size = rng.randint(MIN_SIZE, MAX_SIZE)
             half = size / 2
-            cx = rng.uniform(*_third_range(o.position, "x", half))
-            cy = rng.uniform(*_third_range(o.position, "y", half))
+            cx = rng.uniform(*_third_range(o.position, "x", half, margin))
+            cy = rng.uniform(*_third_range(o.position, "y", half, margin))
             placed.append(Placed(o, cx, cy, size))
         if len(placed) == 2:
             a, b = placed
@@ -191,11 +192,12 @@ def render(spec: Spec, placed: list[Placed], palette: dict | None = None) -> np.
     return np.array(image)
 
 
-def sample_scene(rng: random.Random, allow_held_out: bool = False, spec: Spec | None = None, gap: float = GAP):
+def sample_scene(rng: random.Random, allow_held_out: bool = False, spec: Spec | None = None, gap: float = GAP,
+                 margin: float = MARGIN):
     """(spec, prompt, image (64, 64, 3) uint8, masks: one (64, 64) bool array per object); two objects' boxes
-    `gap` px apart at least."""
+    `gap` px apart at least, each box `margin` px from the border at least."""
     spec = spec or sample_spec(rng, allow_held_out)
-    placed = place(spec, rng, gap=gap)
+    placed = place(spec, rng, gap=gap, margin=margin)
     image = render(spec, placed)
     return spec, prompt_of(spec), image, [p.mask for p in placed]
 
@@ -271,16 +273,26 @@ def shape_fit(mask: np.ndarray) -> dict:
     return dict(best=max(ious, key=ious.get), iou=ious, dent=dent_depth(mask))
 
 
+def read_shape(mask: np.ndarray) -> tuple[str, str | None]:
+    """(shape, fault): the shape as classify_shape reads it, and why it is "unknown": "border" (the object touches
+    the image border), "fit" (IoU with the best ideal shape under FIT_IOU) or "dent" (a dent deeper than MAX_DENT);
+    None when the shape is read."""
+    if mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any():
+        return "unknown", "border"
+    fit = shape_fit(mask)
+    if fit["iou"][fit["best"]] < FIT_IOU:
+        return "unknown", "fit"
+    if fit["dent"] > MAX_DENT:
+        return "unknown", "dent"
+    return fit["best"], None
+
+
 def classify_shape(mask: np.ndarray) -> str:
     """"circle", "square" or "triangle" where the mask is that shape as a person would read it: IoU >= FIT_IOU with
     the ideal shape in its bounding box and no dent deeper than MAX_DENT; "unknown" otherwise (a four-lobed
     circle, a pinched square, a Y-shaped triangle, a blob), and for an object cut by the image border, which the
     world never draws."""
-    if mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any():
-        return "unknown"
-    fit = shape_fit(mask)
-    ok = fit["iou"][fit["best"]] >= FIT_IOU and fit["dent"] <= MAX_DENT
-    return fit["best"] if ok else "unknown"
+    return read_shape(mask)[0]
 
 
 def _thirds(value: float) -> int:
@@ -297,8 +309,9 @@ def _relation_ok(relation: str | None, a: dict, b: dict) -> bool:
 
 
 def read_objects(image, palette: dict | None = None) -> tuple[str, list[dict]]:
-    """(background colour name, objects as dicts with colour, shape, cx, cy, area) found in an image. Each pixel
-    takes the nearest of the world's colours and gray, and of `palette` (extra colours by name, e.g. pink)."""
+    """(background colour name, objects as dicts with colour, shape, fault (read_shape's), cx, cy, area) found in an
+    image. Each pixel takes the nearest of the world's colours and gray, and of `palette` (extra colours by name,
+    e.g. pink)."""
     names, colours = list(_PALETTE_NAMES), _PALETTE
     if palette:
         names += list(palette)
@@ -316,9 +329,25 @@ def read_objects(image, palette: dict | None = None) -> tuple[str, list[dict]]:
         colour = np.bincount(classes[comp], minlength=len(colours)).argmax()
         ys, xs = np.nonzero(comp)
         # the centre of the bounding box, as objects are placed (a triangle's centroid sits lower)
-        objects.append(dict(colour=names[colour], shape=classify_shape(comp),
+        shape, fault = read_shape(comp)
+        objects.append(dict(colour=names[colour], shape=shape, fault=fault,
                             cx=(xs.min() + xs.max() + 1) / 2, cy=(ys.min() + ys.max() + 1) / 2, area=int(comp.sum())))
     return names[background], objects
+
+
+def match(spec: Spec, found: list[dict]) -> list[tuple[Obj, dict]]:
+    """The prompt's objects paired with found objects (read_objects'), one to one: the assignment with the most
+    colour + shape agreement, and among equals (two objects alike, "a red square to the left of a red square") the
+    one that keeps the relation. Fewer pairs than prompt objects when fewer objects were found."""
+    import itertools
+
+    def agreement(perm):
+        matched = sum((found[j]["colour"] == o.colour) + (found[j]["shape"] == o.shape)
+                      for o, j in zip(spec.objects, perm))
+        return matched, len(perm) == 2 and _relation_ok(spec.relation, found[perm[0]], found[perm[1]])
+
+    best = max(itertools.permutations(range(len(found)), min(len(found), len(spec.objects))), key=agreement)
+    return [(o, found[j]) for o, j in zip(spec.objects, best)]
 
 
 def score(image, prompt: str | Spec, palette: dict | None = None) -> dict:
@@ -334,17 +363,7 @@ def score(image, prompt: str | Spec, palette: dict | None = None) -> dict:
     if len(spec.objects) == 2:
         result["relation"] = False
     if found:
-        # match prompt objects to found objects: the assignment with the most colour + shape agreement, and among
-        # equals (two objects alike, "a red square to the left of a red square") the one that keeps the relation
-        import itertools
-
-        def agreement(perm):
-            matched = sum((found[j]["colour"] == o.colour) + (found[j]["shape"] == o.shape)
-                          for o, j in zip(spec.objects, perm))
-            return matched, len(perm) == 2 and _relation_ok(spec.relation, found[perm[0]], found[perm[1]])
-
-        best = max(itertools.permutations(range(len(found)), min(len(found), len(spec.objects))), key=agreement)
-        pairs = [(o, found[j]) for o, j in zip(spec.objects, best)]
+        pairs = match(spec, found)
         complete = len(pairs) == len(spec.objects)
         result["colour"] = complete and all(f["colour"] == o.colour for o, f in pairs)
         result["shape"] = complete and all(f["shape"] == o.shape for o, f in pairs)

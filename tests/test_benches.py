@@ -25,3 +25,29 @@ def test_bench_quality_says_when_a_folder_is_not_a_shapes_model(tmp_path):
     result = run_quality(model)
     assert result.returncode != 0
     assert "is not a shapes model: it makes 128 px images, the shapes world is 64x64" in result.stderr
+
+
+def test_bench_quality_says_why_shapes_were_not_read():
+    """The breakdown pairs asked and found objects as the scorer does: one square cannot stand for two, a circle of
+    the wrong colour is still a circle, and an object's own fault is named, not its neighbour's."""
+    import numpy as np
+
+    from imagecraft.shapes import COLOURS, SIZE
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_quality import shape_errors
+
+    def image(*objects):
+        pixels = np.full((SIZE, SIZE, 3), 150, np.uint8)
+        for colour, (y0, y1, x0, x1) in objects:
+            pixels[y0:y1, x0:x1] = COLOURS[colour]
+        return pixels
+
+    square = (20, 40, 8, 28)
+    assert shape_errors([image(("red", square))], ["a red square and a red square"]) == "square 1/2, missing 1"
+    assert shape_errors([image(("blue", square))], ["a blue square"]) == "square 0/1"
+    assert shape_errors([image(("red", (0, 20, 8, 28)))], ["a red square"]) == "square 1/1, border 1"
+    # a good red square, and a red plus sign where a circle was asked for: a poor fit; a bar reads as a square
+    plus = image(("red", square), ("red", (44, 50, 38, 56)), ("red", (38, 56, 44, 50)))
+    assert shape_errors([plus], ["a red square and a red circle"]) == "circle 1/1, fit 1; square 0/1"
+    bar = image(("red", square), ("red", (44, 52, 34, 58)))
+    assert shape_errors([bar], ["a red square and a red circle"]) == "circle 1/1, other 1; square 0/1"

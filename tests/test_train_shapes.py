@@ -154,6 +154,11 @@ def test_checkpoint_of_another_objective_is_not_resumed(tmp_path, capsys):
     torch.save(state, tmp_path / "w" / "unet.pt")
     assert main(args[:-1] + ["4"]) == 2
     assert "unet.pt was trained with {'prediction_type': 'v_prediction'" in capsys.readouterr().err
+    # nor one trained on other scenes: another margin re-encodes the latents, and the UNet is not resumed on them
+    state["objective"]["prediction_type"] = "epsilon"
+    torch.save(state, tmp_path / "w" / "unet.pt")
+    assert main(args[:-1] + ["4", "--scene-margin", "3"]) == 2
+    assert "'scenes': {'gap': 2.0, 'margin': 3.0}" in capsys.readouterr().err
 
 
 def test_corrupt_checkpoint_is_named(tmp_path, capsys):
@@ -171,6 +176,9 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     (["--two-steps", "-2"], "two_steps must be 0 (no third stage) or positive, got -2"),
     (["--sampler", "karras_magic"], "unknown scheduler 'karras_magic'; valid names are ddim, euler, euler_a"),
     (["--scene-gap", "0"], "scene_gap must be from 2 px (the world's least gap) to 8 px"),
+    (["--scene-margin", "6"], "scene_margin must be a whole number of px from 1 (the world's) to 4"),
+    (["--scene-margin", "2.5"], "scene_margin must be a whole number of px from 1 (the world's) to 4"),
+    (["--scene-margin", "0"], "scene_margin must be a whole number of px from 1 (the world's) to 4"),
     (["--vae-general", "1.5"], "vae_general (share of broader-world images in a VAE batch) must be in [0, 1]"),
     (["--vae-latent-channels", "3"], "vae_latent_channels must be from 4"),
 ])
@@ -208,6 +216,20 @@ def test_scene_gap_is_checked_and_keys_the_cached_latents(tmp_path, caplog):
         encode_scenes(dataclasses.replace(recipe, scene_gap=8), vae, tmp_path)
     assert "encoded 40 scenes" in caplog.text  # another gap is another training set: encoded again
     assert torch.load(tmp_path / "latents.pt", weights_only=True)["scene_gap"] == 8
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="imagecraft.train_shapes"):
+        encode_scenes(dataclasses.replace(recipe, scene_gap=8, scene_margin=4), vae, tmp_path)
+    assert "encoded 40 scenes" in caplog.text  # so is another margin
+    assert torch.load(tmp_path / "latents.pt", weights_only=True)["scene_margin"] == 4
+    # latents cached before the margin existed were drawn with the world's 1 px, and are reused for it
+    encode_scenes(recipe, vae, tmp_path)
+    state = torch.load(tmp_path / "latents.pt", weights_only=True)
+    del state["scene_margin"]
+    torch.save(state, tmp_path / "latents.pt")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="imagecraft.train_shapes"):
+        encode_scenes(recipe, vae, tmp_path)
+    assert "encoded" not in caplog.text
 
 
 def test_scene_coverage_is_where_the_objects_are():
@@ -341,12 +363,13 @@ def test_grounded_tokens_are_each_objects_colour_and_shape_words():
     assert (rows[2] >= 0).sum() == 4  # "red background" is not grounded
 
 
-def test_object_masks_are_the_encoded_scenes_objects(tmp_path):
-    recipe = dataclasses.replace(Recipe.smoke(), num_scenes=40, scene_gap=8)
+@pytest.mark.parametrize("margin", [1, 4])
+def test_object_masks_are_the_encoded_scenes_objects(tmp_path, margin):
+    recipe = dataclasses.replace(Recipe.smoke(), num_scenes=40, scene_gap=8, scene_margin=margin)
     _, captions, _ = encode_scenes(recipe, make_vae(recipe).eval(), tmp_path)
     masks = object_masks(recipe, 40, 16, tmp_path)
     assert masks.shape == (40, 2, 16, 16) and masks.dtype == torch.bool
-    _, again, coverage = scene_batch(random.Random(recipe.seed + 2), 40, recipe.scene_gap)
+    _, again, coverage = scene_batch(random.Random(recipe.seed + 2), 40, recipe.scene_gap, margin)
     assert again == captions
     union = torch.nn.functional.max_pool2d((coverage == 1).float(), 4)[:, 0] > 0
     assert torch.equal(masks.any(dim=1), union)

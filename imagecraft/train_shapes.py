@@ -24,7 +24,7 @@ Phases, each checkpointed so an interrupted run resumes where it stopped (run th
   4d. unet-shape (only with --shape-steps; the fast recipe has it): the same objective at timesteps below 700 only,
      where the noise leaves the shapes to draw;
   5. export: tokenizer, text_encoder, vae, unet (diffusers layout, safetensors), scheduler (the recipe's sampler:
-     Euler a for the fast recipe, DPM++ 2M for the large one), model_index.json.
+     DPM++ 2M), model_index.json.
 Held-out colour-shape pairs (shapes.HELD_OUT) never appear in a caption.
 """
 
@@ -170,8 +170,9 @@ class Recipe:
     # trained on pink circles and squares then cannot draw a pink triangle. Made-up words teach the shape words at
     # those positions, after a word the model does not know.
     made_up_words: float = 0.0
-    # The sampler the model ships with (its scheduler folder; our short names, see imagecraft.schedulers). The fast
-    # recipe ships Euler a: the ancestral sampler's fresh noise at every step repairs two-object scenes.
+    # The sampler the model ships with (its scheduler folder; our short names, see imagecraft.schedulers). DPM++ 2M:
+    # on the fast recipe's model (bench_quality, 150 prompts per group) every attribute is right 91.3% / 87.3% / 90.0%
+    # of the time with it and 90.0% / 82.0% / 88.0% with Euler a, which led on earlier, less certain models.
     sampler: str = "dpm++2m"
     checkpoint_every: int = 250
     log_every: int = 50
@@ -192,12 +193,12 @@ class Recipe:
         colour and shape, so that fine-tunes can teach new ones), channel 3 tied to coverage; 30,000 scenes with two
         objects kept 8 px apart and every object 4 px from the border; zero-terminal-SNR v-prediction from the
         start, after a layout stage, with caption-mean targets at high noise; a last, long stage on shapes (low noise
-        only); the grounding loss throughout; a tenth of the captions with a made-up colour word; Euler a sampling."""
+        only); the grounding loss throughout; a tenth of the captions with a made-up colour word; DPM++ 2M sampling."""
         return cls(vae_channels=(32, 64, 64), vae_groups=8, vae_crop=32, vae_coverage=1.0, vae_general=0.5,
                    vae_steps=32000, num_scenes=30000, scene_gap=8, scene_margin=4, prediction_type="v_prediction",
                    zero_terminal_snr=True, layout_steps=300, mean_target_t=900, unet_steps=3500, unet_batch=32,
                    unet_lr=3e-4, zsnr_steps=0, two_steps=1200, shape_steps=14000, shape_lr=3e-4, ground_weight=0.01,
-                   made_up_words=0.1, sampler="euler_a")
+                   made_up_words=0.1, sampler="dpm++2m")
 
     def stages(self) -> list["Stage"]:
         out = [Stage("unet-layout", self.layout_steps, self.layout_lr, min(100, self.layout_steps), "v_prediction",
@@ -963,7 +964,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="UNet batch size")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of the first UNet stage")
     parser.add_argument("--num-scenes", type=int, default=None, help="training scenes encoded once")
-    parser.add_argument("--sampler", default=None, help="the scheduler the model ships with (fast recipe: euler_a)")
+    parser.add_argument("--sampler", default=None, help="the scheduler the model ships with (fast recipe: dpm++2m)")
     parser.add_argument("--scene-gap", type=float, default=None, help="least px between two objects in training scenes")
     parser.add_argument("--scene-margin", type=float, default=None,
                         help="least px between an object and the border in the UNet's training scenes (1 to 4)")

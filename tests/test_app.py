@@ -296,8 +296,7 @@ def test_finetune_api_trains_streams_and_the_lora_generates(client, tmp_path):
     rows, gallery, note, class_prompts = client.predict(api_name="/finetune_demo_data")
     assert len(rows["data"]) == 24 and "all captioned" in note
     assert all(r[1].startswith("a pink ") for r in rows["data"])
-    # prior preservation's prompts: the colours the model knows, pink not among them
-    assert "a red circle" in class_prompts.splitlines() and "pink" not in class_prompts
+    assert class_prompts == ""  # the demo leaves prior preservation off (it stops pink reaching triangles)
     job = client.submit(rows, "lora", 8, 4, 0.01, "a pink triangle", BUILTIN, "a red circle\na blue square",
                         api_name="/finetune")
     updates = list(job)

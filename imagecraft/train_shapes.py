@@ -108,8 +108,8 @@ class Recipe:
     scene_gap: float = shapes.GAP
     # Least px of background between an object and the image border in the UNet's training scenes (the world's
     # contract: 1; the VAE always trains on that). Trained on objects 1 px from the border, the UNet's small errors of
-    # size and place make objects touch it, which the world never does and the scorer rejects: 54 of the 143 objects
-    # whose shape the 2026-11-30 model got wrong in bench_quality (squares most). A wider margin leaves room for them.
+    # size and place make objects touch it, which the world never does and the scorer rejects: 54 of the 143 shapes
+    # a model trained so got wrong in bench_quality, squares most (docs/built-in-model.md). A 4 px margin removed them.
     scene_margin: float = shapes.MARGIN
     # UNet
     unet: dict = field(default_factory=lambda: dict(
@@ -172,7 +172,7 @@ class Recipe:
     made_up_words: float = 0.0
     # The sampler the model ships with (its scheduler folder; our short names, see imagecraft.schedulers). DPM++ 2M:
     # on the fast recipe's model (bench_quality, 150 prompts per group) every attribute is right 91.3% / 87.3% / 90.0%
-    # of the time with it and 90.0% / 82.0% / 88.0% with Euler a, which led on earlier, less certain models.
+    # of the time with it and 90.0% / 82.0% / 88.0% with Euler a, which led on earlier models (docs/built-in-model.md).
     sampler: str = "dpm++2m"
     checkpoint_every: int = 250
     log_every: int = 50

@@ -279,8 +279,8 @@ def check_settings(recipe: Recipe, output: Path):
         raise ValueError(f"scene_gap must be from {shapes.GAP:g} px (the world's least gap) to 8 px (at 10, one scene "
                          f"in 20,000 found no room for its relation), got {recipe.scene_gap}")
     if not (shapes.MARGIN <= recipe.scene_margin <= 4 and float(recipe.scene_margin).is_integer()):
-        raise ValueError(f"scene_margin must be a whole number of px from {shapes.MARGIN:g} (the world's) to 4 (beyond, "
-                         f"two large objects in a relation rarely fit), got {recipe.scene_margin}")
+        raise ValueError(f"scene_margin must be a whole number of px from {shapes.MARGIN:g} (the world's) to 4 "
+                         f"(beyond, two large objects in a relation rarely fit), got {recipe.scene_margin}")
     if not 4 <= recipe.vae_latent_channels <= 16:
         raise ValueError(f"vae_latent_channels must be from 4 (three tied to colour, one to coverage) to 16, got "
                          f"{recipe.vae_latent_channels}")

@@ -917,6 +917,7 @@ def export(output: Path, recipe: Recipe, tokenizer, text_encoder, vae, unet: UNe
     """Writes the model as a plain diffusers StableDiffusionPipeline folder (safetensors)."""
     from diffusers import StableDiffusionPipeline
 
+    vae = pin_posterior(copy.deepcopy(vae).float())
     vae.register_to_config(scaling_factor=scaling_factor)
     # the UNet is stored in fp16 to keep the model under 30 MB; diffusers and ImageCraft load it back into fp32
     diffusers_unet = to_diffusers(unet.float()).half()
@@ -927,6 +928,17 @@ def export(output: Path, recipe: Recipe, tokenizer, text_encoder, vae, unet: UNe
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(output, safe_serialization=True)
     _write_legacy_tokenizer_files(tokenizer, output / "tokenizer")
+
+
+@torch.no_grad()
+def pin_posterior(vae):
+    """The VAE with its posterior's log-variance pinned to diffusers' floor (-30: std 3e-7), the mean untouched.
+    Training reads only the mean, so the tiny KL term leaves the variance at 1 (std 1, against latents of std ~0.6),
+    and a reader that samples the posterior, as diffusers' img2img does, would drown the image in noise."""
+    c = vae.config.latent_channels
+    vae.quant_conv.weight[c:] = 0
+    vae.quant_conv.bias[c:] = -30.0
+    return vae
 
 
 def _write_legacy_tokenizer_files(tokenizer, folder: Path):

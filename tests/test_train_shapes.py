@@ -46,6 +46,14 @@ def test_smoke_run_writes_a_plain_diffusers_model(trained):
     assert np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() <= 1.0
     vae_config = json.loads((model / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 0.18215  # measured
+    # the posterior is pinned to its mean, which is the trained VAE's: sampling it (img2img does) adds no noise
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    trained_vae = make_vae(Recipe.smoke())
+    trained_vae.load_state_dict(torch.load(trained / "work" / "vae.pt", weights_only=True)["model"])
+    with torch.no_grad():
+        posterior = theirs.vae.encode(x).latent_dist
+        torch.testing.assert_close(posterior.mean, trained_vae.encode(x).latent_dist.mean, rtol=1e-4, atol=1e-5)
+    assert posterior.std.max() < 1e-6 and trained_vae.encode(x).latent_dist.std.min() > 0.5
     # three VAE levels: 16x16 latents, which the UNet's config states, so pipelines default to 64x64 images
     assert json.loads((model / "unet" / "config.json").read_text())["sample_size"] == 16
     assert len(vae_config["block_out_channels"]) == 3 and a.size == (64, 64)

@@ -741,7 +741,7 @@ def position_separation(unet: UNet_SD, text_encoder, tokenizer, stage: Stage, la
     At t=999 the model's estimate of x0 from noise is the layout it commits to. For 8 objects named with each of
     the 5 positions, the centre of mass of |x0(prompt) - mean of x0 over the object's 5 prompts| is taken; the
     result is (right - left) in x plus (bottom - top) in y, averaged over the objects: about 0 while position
-    words are ignored, 11.6 for the large recipe's model, 10.2 for the built-in model. Sampling places objects in
+    words are ignored, 11.6 for the large recipe's model, 10.3 for the built-in model. Sampling places objects in
     the named third only once this is well above 0, so training logs it at every checkpoint, long before the
     quality benchmark could tell."""
     prompts = [f"a {c} {s} {p}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square")

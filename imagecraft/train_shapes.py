@@ -12,6 +12,8 @@ Phases, each checkpointed so an interrupted run resumes where it stopped (run th
      three latent channels tied to the 4x4-average colour (with --vae-coverage, the fourth to where objects are);
   3. latents: a fixed set of scenes encoded once (the fast recipe keeps two objects 8 px apart, --scene-gap, and
      every object 4 px from the border, --scene-margin), and the latent scaling factor (1 / std);
+  3b. vae-decoder (only with --decoder-steps; the fast recipe has it): the decoder trained on alone, the encoder
+     and so the latents left as they are;
   4-. unet-layout (only with --layout-steps, for a recipe on v-prediction from the start, --v-from-start; the fast
      recipe has it): where each position word puts an object, learnt from pure noise against the mean latent of
      each position class;
@@ -23,6 +25,8 @@ Phases, each checkpointed so an interrupted run resumes where it stopped (run th
   4c. unet-two: the same objective, with batches drawn mostly from two-object scenes (fewer lost or doubled objects);
   4d. unet-shape (only with --shape-steps; the fast recipe has it): the same objective at timesteps below 700 only,
      where the noise leaves the shapes to draw;
+  4e. unet-detail (only with --detail-steps; the fast recipe has it): the lowest timesteps only, with a Min-SNR
+     gamma that lets their x0 errors weigh more (the last sampling steps, which set edges and corners);
   5. export: tokenizer, text_encoder, vae, unet (diffusers layout, safetensors), scheduler (the recipe's sampler:
      DPM++ 2M), model_index.json.
 Held-out colour-shape pairs (shapes.HELD_OUT) never appear in a caption.
@@ -93,10 +97,11 @@ class Recipe:
     # Latent channels: the first three are tied to the patch colour, the fourth (with vae_coverage) to where objects
     # are; more are free for the edges' detail. The UNet's input and output follow.
     vae_latent_channels: int = 4
-    # An optional autoencoder stage that trains the decoder alone, the encoder frozen (so the UNet's latents do not
-    # change), on latents with Gaussian noise added, meant to make the decoder snap slightly-off latents (the UNet's
-    # samples) to clean shapes. The noise's std is drawn per image from 0 to decoder_noise, in units of the latents'
-    # own std. Off: on the built-in model it blurred edges instead (docs/built-in-model.md, 2026-11-30).
+    # An autoencoder stage that trains the decoder alone, the encoder frozen (so the UNet's latents do not change),
+    # optionally on latents with Gaussian noise added (std drawn per image from 0 to decoder_noise, in latent stds).
+    # The fast recipe runs it without noise: the decoder keeps learning after the encoder is fixed (the world's
+    # round trips 97% -> 98% fully right). With noise it was meant to snap the UNet's slightly-off latents to clean
+    # shapes, but it taught the decoder to round edges where unsure (docs/built-in-model.md). 0: no such stage.
     decoder_steps: int = 0
     decoder_lr: float = 5e-4
     decoder_noise: float = 0.2
@@ -144,6 +149,15 @@ class Recipe:
     shape_steps: int = 0
     shape_lr: float = 1e-4
     shape_max_t: int = 700
+    # A stage after it on the lower timesteps only (below detail_max_t), optionally with its own Min-SNR gamma: the
+    # last sampling steps are where a clean triangle's sides bow (bench/bench_shape_loss.py), and in the shape stage
+    # they are a small share of the batches. More share mattered, more weight did not: 3,000 steps below t=400 or
+    # 250 took the triangles the strict scorer rejects in bench_quality from 43 of 221 to 23 or 16 (below 150: 24;
+    # below 250 with gamma 100: 21, with more objects miscounted; docs/built-in-model.md). 0: no such stage.
+    detail_steps: int = 0
+    detail_lr: float = 1e-4
+    detail_max_t: int = 400
+    detail_snr_gamma: float = 5.0
     # Position words, faster (off in the large recipe). Position words move only a small, noisy part of each training
     # target, so a UNet learns them last (after ~5,000 steps in the large recipe). Two aids, both for
     # zero-terminal-SNR v-prediction:
@@ -192,13 +206,14 @@ class Recipe:
         """The built-in model's recipe: a small VAE trained on 32x32 crops of the world and of a broader one (any
         colour and shape, so that fine-tunes can teach new ones), channel 3 tied to coverage; 30,000 scenes with two
         objects kept 8 px apart and every object 4 px from the border; zero-terminal-SNR v-prediction from the
-        start, after a layout stage, with caption-mean targets at high noise; a last, long stage on shapes (low noise
-        only); the grounding loss throughout; a tenth of the captions with a made-up colour word; DPM++ 2M sampling."""
+        start, after a layout stage, with caption-mean targets at high noise; a long stage on shapes (t < 700) and a
+        last one on their detail (t < 400); the grounding loss throughout; a tenth of the captions with a made-up
+        colour word; the decoder trained on alone after the scenes are encoded; DPM++ 2M sampling."""
         return cls(vae_channels=(32, 64, 64), vae_groups=8, vae_crop=32, vae_coverage=1.0, vae_general=0.5,
                    vae_steps=32000, num_scenes=30000, scene_gap=8, scene_margin=4, prediction_type="v_prediction",
                    zero_terminal_snr=True, layout_steps=300, mean_target_t=900, unet_steps=3500, unet_batch=32,
-                   unet_lr=3e-4, zsnr_steps=0, two_steps=1200, shape_steps=14000, shape_lr=3e-4, ground_weight=0.01,
-                   made_up_words=0.1, sampler="dpm++2m")
+                   unet_lr=3e-4, zsnr_steps=0, two_steps=1200, shape_steps=14000, shape_lr=3e-4, detail_steps=3000,
+                   ground_weight=0.01, made_up_words=0.1, decoder_steps=8000, decoder_noise=0.0, sampler="dpm++2m")
 
     def stages(self) -> list["Stage"]:
         out = [Stage("unet-layout", self.layout_steps, self.layout_lr, min(100, self.layout_steps), "v_prediction",
@@ -214,6 +229,10 @@ class Recipe:
         if self.shape_steps:
             out.append(Stage("unet-shape", self.shape_steps, self.shape_lr, min(50, self.shape_steps),
                              out[-1].prediction_type, out[-1].zero_terminal_snr, max_t=self.shape_max_t))
+        if self.detail_steps:
+            out.append(Stage("unet-detail", self.detail_steps, self.detail_lr, min(50, self.detail_steps),
+                             out[-1].prediction_type, out[-1].zero_terminal_snr, max_t=self.detail_max_t,
+                             snr_gamma=self.detail_snr_gamma))
         return out
 
     def latent_factor(self) -> int:
@@ -240,6 +259,7 @@ class Stage:
     layout: bool = False  # the layout stage: every t >= mean_target_t, position-class means (Recipe.layout_steps)
     mean_target_t: int = 0  # group-mean x0 targets from this timestep up (Recipe.mean_target_t); 0: off
     max_t: int = 1000  # timesteps drawn below this (a shape stage: where the noise leaves shapes to draw)
+    snr_gamma: float | None = None  # Min-SNR gamma of this stage; None: the recipe's
 
 
 def check_settings(recipe: Recipe, output: Path):
@@ -262,6 +282,12 @@ def check_settings(recipe: Recipe, output: Path):
         raise ValueError(f"made_up_words must be a share in [0, 1), got {recipe.made_up_words}")
     if not 0 <= recipe.ground_weight <= 10:
         raise ValueError(f"ground_weight must be from 0 (off) to 10, got {recipe.ground_weight}")
+    if recipe.detail_steps < 0:
+        raise ValueError(f"detail_steps must be 0 (no detail stage) or positive, got {recipe.detail_steps}")
+    if not 20 <= recipe.detail_max_t <= 1000:
+        raise ValueError(f"detail_max_t must be a timestep from 20 to 1000, got {recipe.detail_max_t}")
+    if not 0 <= recipe.detail_snr_gamma <= 10000:
+        raise ValueError(f"detail_snr_gamma must be 0 (plain MSE) to 10000, got {recipe.detail_snr_gamma}")
     if not 100 <= recipe.shape_max_t <= 1000:
         raise ValueError(f"shape_max_t must be a timestep from 100 to 1000, got {recipe.shape_max_t}")
     if recipe.two_steps < 0:
@@ -450,9 +476,9 @@ def train_vae(recipe: Recipe, work: Path):
 
 
 def train_decoder(recipe: Recipe, vae, scaling_factor: float, work: Path):
-    """Recipe.decoder_steps of the decoder alone on noised latents of the VAE's own training mix (its crops, its
-    share of the broader world); the encoder is left as it is. Returns the VAE with that decoder; checkpointed in
-    work/decoder.pt, resumed on a rerun."""
+    """Recipe.decoder_steps of the decoder alone on latents (noised up to decoder_noise) of the VAE's own training
+    mix (its crops, its share of the broader world); the encoder is left as it is. Returns the VAE with that
+    decoder; checkpointed in work/decoder.pt, resumed on a rerun."""
     if not recipe.decoder_steps:
         return vae
     vae = copy.deepcopy(vae)
@@ -741,7 +767,7 @@ def position_separation(unet: UNet_SD, text_encoder, tokenizer, stage: Stage, la
     At t=999 the model's estimate of x0 from noise is the layout it commits to. For 8 objects named with each of
     the 5 positions, the centre of mass of |x0(prompt) - mean of x0 over the object's 5 prompts| is taken; the
     result is (right - left) in x plus (bottom - top) in y, averaged over the objects: about 0 while position
-    words are ignored, 11.6 for the large recipe's model, 10.3 for the built-in model. Sampling places objects in
+    words are ignored, 11.6 for the large recipe's model, 8.7 for the built-in model. Sampling places objects in
     the named third only once this is well above 0, so training logs it at every checkpoint, long before the
     quality benchmark could tell."""
     prompts = [f"a {c} {s} {p}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square")
@@ -807,6 +833,9 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
         objective["mean_target_t"] = stage.mean_target_t
     if stage.max_t < 1000:
         objective["max_t"] = stage.max_t
+    snr_gamma = recipe.snr_gamma if stage.snr_gamma is None else stage.snr_gamma
+    if stage.snr_gamma is not None:
+        objective["snr_gamma"] = snr_gamma
     if recipe.ground_weight:
         objective["ground_weight"] = recipe.ground_weight
     if recipe.made_up_words:
@@ -875,7 +904,7 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
         with recipe.autocast():
             context = text_encoder(ids)[0]
             pred = unet(xt, t, context)
-        loss = diffusion_loss(pred, target, stage.prediction_type, alphas, t, recipe.snr_gamma)
+        loss = diffusion_loss(pred, target, stage.prediction_type, alphas, t, snr_gamma)
         if recipe.ground_weight:
             words = objects[index].long()
             words[drop] = -1  # no caption, no words to ground
@@ -966,6 +995,11 @@ def main(argv=None) -> int:
     parser.add_argument("--shape-steps", type=int, default=None,
                         help=f"last UNet stage, timesteps below {Recipe.shape_max_t} only (0: none; the fast recipe "
                              f"has {Recipe.fast().shape_steps})")
+    parser.add_argument("--detail-steps", type=int, default=None,
+                        help="a stage after the shape stage on the lowest timesteps only (0: none)")
+    parser.add_argument("--detail-max-t", type=int, default=None, help="the detail stage's timesteps are below this")
+    parser.add_argument("--detail-snr-gamma", type=float, default=None,
+                        help="the detail stage's Min-SNR gamma (0: plain MSE on the target)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
                         help="auto (default): bf16 autocast where the CPU runs bf16 natively, else fp32")
     parser.add_argument("--vae-steps", type=int, default=None)
@@ -1009,7 +1043,8 @@ def main(argv=None) -> int:
                        ("mean_target_t", "mean_target_t"), ("vae_general", "vae_general"),
                        ("vae_latent_channels", "vae_latent_channels"), ("ground_weight", "ground_weight"),
                        ("decoder_steps", "decoder_steps"), ("decoder_noise", "decoder_noise"),
-                       ("made_up_words", "made_up_words")):
+                       ("made_up_words", "made_up_words"), ("detail_steps", "detail_steps"),
+                       ("detail_max_t", "detail_max_t"), ("detail_snr_gamma", "detail_snr_gamma")):
         if getattr(args, flag) is not None:
             setattr(recipe, name, getattr(args, flag))
     if args.v_from_start:

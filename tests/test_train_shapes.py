@@ -183,6 +183,9 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     (["--zsnr-steps", "-1"], "zsnr_steps must be 0 (no second stage) or positive, got -1"),
     (["--two-steps", "-2"], "two_steps must be 0 (no third stage) or positive, got -2"),
     (["--sampler", "karras_magic"], "unknown scheduler 'karras_magic'; valid names are ddim, euler, euler_a"),
+    (["--detail-steps", "-1"], "detail_steps must be 0 (no detail stage) or positive, got -1"),
+    (["--detail-max-t", "5"], "detail_max_t must be a timestep from 20 to 1000, got 5"),
+    (["--detail-snr-gamma", "-1"], "detail_snr_gamma must be 0 (plain MSE) to 10000, got -1.0"),
     (["--scene-gap", "0"], "scene_gap must be from 2 px (the world's least gap) to 8 px"),
     (["--scene-margin", "6"], "scene_margin must be a whole number of px from 1 (the world's) to 4"),
     (["--scene-margin", "2.5"], "scene_margin must be a whole number of px from 1 (the world's) to 4"),
@@ -307,12 +310,14 @@ def test_fast_recipe_is_the_layout_recipe_at_full_size(tmp_path):
     recipe = Recipe.fast()
     check_settings(recipe, tmp_path / "out")
     stages = recipe.stages()
-    assert [s.name for s in stages] == ["unet-layout", "unet", "unet-two", "unet-shape"]
+    assert [s.name for s in stages] == ["unet-layout", "unet", "unet-two", "unet-shape", "unet-detail"]
     assert all(s.prediction_type == "v_prediction" and s.zero_terminal_snr for s in stages)
-    assert [s.mean_target_t for s in stages] == [980, 900, 900, 0] and stages[0].layout and stages[2].two_share == 0.8
-    assert [s.max_t for s in stages] == [1000, 1000, 1000, 700]
+    assert [s.mean_target_t for s in stages] == [980, 900, 900, 0, 0] and stages[0].layout
+    assert stages[2].two_share == 0.8
+    assert [s.max_t for s in stages] == [1000, 1000, 1000, 700, 400]
+    assert [s.snr_gamma for s in stages] == [None, None, None, None, recipe.snr_gamma]
     assert recipe.vae_coverage > 0 and recipe.vae_crop % (2 * recipe.latent_factor()) == 0
-    assert recipe.ground_weight > 0 and recipe.decoder_steps == 0
+    assert recipe.ground_weight > 0 and recipe.decoder_steps > 0 and recipe.decoder_noise == 0
 
 
 def test_shape_stage_runs_last_from_the_previous_stage(tmp_path):
@@ -330,6 +335,25 @@ def test_shape_stage_runs_last_from_the_previous_stage(tmp_path):
     scheduler = json.loads((tmp_path / "m" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "EulerAncestralDiscreteScheduler" and scheduler["rescale_betas_zero_snr"]
     assert ImageCraftPipeline.from_pretrained(tmp_path / "m").default_scheduler == "euler_a"
+
+
+def test_detail_stage_runs_after_the_shape_stage_on_low_timesteps_with_its_own_weighting(tmp_path, capsys):
+    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--shape-steps", "2",
+            "--detail-steps", "2", "--detail-max-t", "200", "--detail-snr-gamma", "50"]
+    assert main(args) == 0
+    detail = torch.load(tmp_path / "w" / "unet-detail.pt", weights_only=True)
+    assert detail["step"] == 2 and detail["objective"]["init"] == "unet-shape@2"
+    assert detail["objective"]["max_t"] == 200 and detail["objective"]["snr_gamma"] == 50
+    before = torch.load(tmp_path / "w" / "unet-shape.pt", weights_only=True)["ema_unet"]["input_blocks.0.0.weight"]
+    exported = StableDiffusionPipeline.from_pretrained(tmp_path / "m").unet.state_dict()["conv_in.weight"]
+    torch.testing.assert_close(exported, detail["ema_unet"]["input_blocks.0.0.weight"].half().float())
+    assert not torch.equal(detail["ema_unet"]["input_blocks.0.0.weight"], before)
+    # the same stage with another weighting is a different objective: its checkpoint is not resumed
+    assert main(args[:-1] + ["5"]) == 2
+    assert "unet-detail.pt" in capsys.readouterr().err
+    stage = Recipe(shape_steps=1, detail_steps=1, detail_max_t=200).stages()[-1]
+    t = draw_timesteps(stage, 2000, torch.Generator().manual_seed(0))
+    assert t.max() < 200 and t.min() == 0
 
 
 def test_timesteps_stay_where_each_stage_draws_them():

@@ -25,8 +25,8 @@ Phases, each checkpointed so an interrupted run resumes where it stopped (run th
   4c. unet-two: the same objective, with batches drawn mostly from two-object scenes (fewer lost or doubled objects);
   4d. unet-shape (only with --shape-steps; the fast recipe has it): the same objective at timesteps below 700 only,
      where the noise leaves the shapes to draw;
-  4e. unet-detail (only with --detail-steps; the fast recipe has it): the lowest timesteps only, with a Min-SNR
-     gamma that lets their x0 errors weigh more (the last sampling steps, which set edges and corners);
+  4e. unet-detail (only with --detail-steps; the fast recipe has it): the same objective at timesteps below 400
+     only, where the last sampling steps set edges and corners (optionally with its own Min-SNR gamma);
   5. export: tokenizer, text_encoder, vae, unet (diffusers layout, safetensors), scheduler (the recipe's sampler:
      DPM++ 2M), model_index.json.
 Held-out colour-shape pairs (shapes.HELD_OUT) never appear in a caption.
@@ -993,11 +993,13 @@ def main(argv=None) -> int:
     parser.add_argument("--zsnr-steps", type=int, default=None, help="second UNet stage (0: none)")
     parser.add_argument("--two-steps", type=int, default=None, help="third UNet stage (0: none)")
     parser.add_argument("--shape-steps", type=int, default=None,
-                        help=f"last UNet stage, timesteps below {Recipe.shape_max_t} only (0: none; the fast recipe "
-                             f"has {Recipe.fast().shape_steps})")
+                        help=f"UNet stage after the two-object one, timesteps below {Recipe.shape_max_t} only (0: "
+                             f"none; the fast recipe has {Recipe.fast().shape_steps})")
     parser.add_argument("--detail-steps", type=int, default=None,
-                        help="a stage after the shape stage on the lowest timesteps only (0: none)")
-    parser.add_argument("--detail-max-t", type=int, default=None, help="the detail stage's timesteps are below this")
+                        help=f"last UNet stage, after the shape stage, timesteps below --detail-max-t only (0: none; "
+                             f"the fast recipe has {Recipe.fast().detail_steps})")
+    parser.add_argument("--detail-max-t", type=int, default=None,
+                        help=f"the detail stage's timesteps are below this (default {Recipe.detail_max_t})")
     parser.add_argument("--detail-snr-gamma", type=float, default=None,
                         help="the detail stage's Min-SNR gamma (0: plain MSE on the target)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,

@@ -249,8 +249,8 @@ def on_upload(files):
 @_ui_errors
 def on_demo_data():
     """24 images of pink circles and squares: the built-in model does not know the word "pink". Prior preservation
-    is left off (its prompts cleared): on the built-in model the plain LoRA keeps the old colours (100% -> 99% right)
-    and draws pink triangles, which prior preservation prevents (README, Measured figures)."""
+    is left off (its prompts cleared): on the built-in model the plain LoRA keeps the old colours (100% -> 97% right)
+    and draws pink triangles, which prior preservation prevents (docs/figures.md, fine-tuning)."""
     return (*_data_view(*service.demo_data()), "")
 
 

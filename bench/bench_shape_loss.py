@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from imagecraft import shapes  # noqa: E402
 from imagecraft.loading import DEFAULT_MODEL  # noqa: E402
+from imagecraft.train_shapes import round_trip  # noqa: E402
 
 
 def main():
@@ -43,11 +44,11 @@ def main():
                 spec.objects[0].colour = "red"
             _, prompt, image, _ = shapes.sample_scene(rng, spec=spec)
             scenes.append((shape, prompt, image))
-    x = torch.from_numpy(np.stack([image for _, _, image in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    images = np.stack([image for _, _, image in scenes])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():  # the posterior means, as the model was trained on
         latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
-        round_trips = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    round_trips = ((round_trips.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    round_trips = round_trip(pipe.vae, images)
     print(f"{args.model}: {args.per_shape} one-object scenes per shape, {args.steps} steps, guidance {args.guidance}, "
           f"{type(pipe.scheduler).__name__}; shapes read right (circle / square / triangle)")
     rows = {"VAE round trip": [shapes.score(im, p)["shape"] for (_, p, _), im in zip(scenes, round_trips)]}

@@ -496,7 +496,7 @@ def demo_class_prompts() -> list[str]:
     """Prior-preservation prompts for the demo's data: every colour and shape the built-in model knows, one object
     each, so that learning "pink" does not repaint them (bench_finetune.py --prior). The app's demo leaves prior
     preservation off: on the built-in model it keeps the old colours as well as the plain LoRA does, and stops pink
-    reaching triangles (see README, Measured figures)."""
+    reaching triangles (docs/figures.md, fine-tuning)."""
     from . import shapes
 
     return [shapes.prompt_of(shapes.Spec([shapes.Obj(colour, shape)])) for colour in shapes.COLOURS

@@ -870,7 +870,6 @@ def save_full_model(pipe, unet, output: Path) -> list[Path]:
     from .schedulers import make_scheduler
 
     theirs = to_diffusers(copy.deepcopy(unet).float().cpu())
-    theirs.register_to_config(sample_size=pipe.default_size // pipe.vae_scale_factor)
     sd = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=theirs,
                                  scheduler=make_scheduler(pipe.default_scheduler, pipe.scheduler_config),
                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)

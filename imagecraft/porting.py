@@ -133,7 +133,15 @@ def config_from_diffusers(cfg: Mapping) -> UNetConfig:
         upcast_attention=bool(cfg.get("upcast_attention", False)),
         norm_groups=cfg["norm_num_groups"],
         dropout=cfg.get("dropout", 0.0),
+        sample_size=_sample_size(cfg.get("sample_size")),
     )
+
+
+def _sample_size(value) -> int:
+    """diffusers' `sample_size` (an int, or (height, width)) as one latent size; SD1.5's 64 when unset."""
+    if isinstance(value, (list, tuple)) and value:
+        value = min(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 64
 
 
 def diffusers_config(config: UNetConfig) -> dict:
@@ -154,6 +162,7 @@ def diffusers_config(config: UNetConfig) -> dict:
         upcast_attention=config.upcast_attention,
         norm_num_groups=config.norm_groups,
         dropout=config.dropout,
+        sample_size=config.sample_size,
     )
 
 
@@ -233,7 +242,7 @@ def load_pipe_into_our_UNet(our_unet: UNet_SD, pipe_unet) -> UNet_SD:
     """
     if hasattr(pipe_unet, "config"):
         theirs, ours = diffusers_config(config_from_diffusers(pipe_unet.config)), diffusers_config(our_unet.config)
-        diff = {k: (theirs[k], ours[k]) for k in ours if k != "dropout" and theirs[k] != ours[k]}
+        diff = {k: (theirs[k], ours[k]) for k in ours if k not in ("dropout", "sample_size") and theirs[k] != ours[k]}
         if diff:
             raise PortingError(f"the diffusers UNet and ours differ in architecture, as (theirs, ours): {diff}")
     source = pipe_unet.state_dict() if isinstance(pipe_unet, nn.Module) else pipe_unet

@@ -812,7 +812,8 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
     torch.manual_seed(recipe.seed + 3)
     text_encoder = make_text_encoder(recipe, tokenizer)
     unet = UNet_SD(UNetConfig(context_dim=recipe.text_width, in_channels=recipe.vae_latent_channels,
-                              out_channels=recipe.vae_latent_channels, **recipe.unet))
+                              out_channels=recipe.vae_latent_channels, sample_size=shapes.SIZE // recipe.latent_factor(),
+                              **recipe.unet))
     if init:
         unet.load_state_dict(init[0].state_dict())
         text_encoder.load_state_dict(init[1].state_dict())
@@ -951,7 +952,6 @@ def export(output: Path, recipe: Recipe, tokenizer, text_encoder, vae, unet: UNe
     vae.register_to_config(scaling_factor=scaling_factor)
     # the UNet is stored in fp16 to keep the model under 30 MB; diffusers and ImageCraft load it back into fp32
     diffusers_unet = to_diffusers(unet.float()).half()
-    diffusers_unet.register_to_config(sample_size=shapes.SIZE // recipe.latent_factor())
     scheduler = make_scheduler(recipe.sampler, make_noise_scheduler(recipe.stages()[-1]).config)
     pipe = StableDiffusionPipeline(vae=vae.float(), text_encoder=text_encoder.float(), tokenizer=tokenizer,
                                    unet=diffusers_unet, scheduler=scheduler, safety_checker=None,

@@ -35,6 +35,34 @@ def test_sizes_not_multiple_of_downsampling_match_diffusers(size):
         assert rel_err(ours(x, 500, context), theirs(x, 500, context).sample) <= 1e-5
 
 
+@pytest.mark.parametrize("sample_size, channels_last", [(64, True), (32, True), (16, False), (8, False)])
+def test_half_precision_layout_follows_the_latent_size(sample_size, channels_last):
+    """bf16 runs channels-last on latents of 32x32 and more, in the standard layout below (where PyTorch's
+    channels-last GroupNorm is slow on CPU); fp32 always in the standard layout. Both layouts compute the same
+    function: bf16 stays within bf16's rounding of diffusers' fp32 output, and the size survives porting."""
+    from imagecraft import to_diffusers
+
+    theirs = random_diffusers_unet(**dict(SD1_STYLE, sample_size=sample_size))
+    ours = UNet_SD.from_diffusers(theirs).eval()
+    assert ours.config.sample_size == sample_size
+    assert to_diffusers(ours).config.sample_size == sample_size
+    convs = [m.weight for m in ours.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert all(w.is_contiguous() for w in convs)  # fp32
+    ours.to(torch.bfloat16)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) == channels_last for w in convs)
+    assert all(w.is_contiguous() != channels_last for w in convs)
+    torch.manual_seed(1)
+    x, context, t = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32), torch.tensor([17, 901])
+    seen = []
+    ours.middle_block.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():
+        expected = theirs(x, t, context).sample
+        got = ours(x.bfloat16(), t, context.bfloat16())
+    assert seen[0].is_contiguous() != channels_last  # the features inside run in that layout too
+    assert got.dtype == torch.bfloat16 and got.is_contiguous()
+    assert rel_err(got.float(), expected) <= 0.02  # measured 0.011-0.012
+
+
 def test_timestep_forms_agree():
     ours = UNet_SD(UNetConfig.tiny()).eval()
     x = torch.randn(2, 4, 8, 8)
@@ -102,6 +130,7 @@ def test_config_validation():
     (dict(use_linear_projection=1), "use_linear_projection must be True or False, got 1"),
     (dict(dropout=1.0), "dropout must be a number in [0, 1), got 1.0"),
     (dict(dropout=float("nan")), "dropout must be a number in [0, 1), got nan"),
+    (dict(sample_size=0), "sample_size must be an int >= 1, got 0"),
 ])
 def test_config_fields_are_checked_with_a_sentence(fields, message):
     with pytest.raises(ValueError) as error:

@@ -20,6 +20,7 @@ import gradio as gr
 
 from imagecraft import service
 from imagecraft.schedulers import SCHEDULERS
+from imagecraft.settings import DEFAULT_STEPS
 from imagecraft.service import BUILTIN, ModelCache, generate, pick_seed, settings_from_png
 
 EXAMPLES = [
@@ -98,9 +99,10 @@ def _cancelled() -> bool:
 
 @gpu
 @_ui_errors
-def on_generate(prompt: str, negative_prompt: str = "", steps: int = 25, guidance: float = 5.0, seed: int = -1,
-                scheduler: str = "", width: int = 0, height: int = 0, num_images: int = 1, model: str = BUILTIN,
-                lora: str = "none", lora_scale: float = 1.0, cache_interval: int = 1, progress=gr.Progress()):
+def on_generate(prompt: str, negative_prompt: str = "", steps: int = DEFAULT_STEPS, guidance: float = 5.0,
+                seed: int = -1, scheduler: str = "", width: int = 0, height: int = 0, num_images: int = 1,
+                model: str = BUILTIN, lora: str = "none", lora_scale: float = 1.0, cache_interval: int = 1,
+                progress=gr.Progress()):
     """Generates images for a prompt; returns the PNGs (with metadata) and the seed of the first one.
     width/height 0 and scheduler "" mean the model's own; lora "none" means none (else a LoRA trained in the
     Fine-tune tab, or any LoRA file on a server without a model allowlist); cache_interval 1 means no DeepCache."""
@@ -152,8 +154,8 @@ def on_random_seed():
 # --- the Attention tab ------------------------------------------------------------------------------------------
 @gpu
 @_ui_errors
-def on_attention(prompt: str, negative_prompt: str = "", steps: int = 25, guidance: float = 5.0, seed: int = -1,
-                 scheduler: str = "", width: int = 0, height: int = 0, model: str = BUILTIN,
+def on_attention(prompt: str, negative_prompt: str = "", steps: int = DEFAULT_STEPS, guidance: float = 5.0,
+                 seed: int = -1, scheduler: str = "", width: int = 0, height: int = 0, model: str = BUILTIN,
                  progress=gr.Progress()):
     """Generates the image again with its cross-attention (the same pixels as Generate gives for these settings)
     and shows every word's map. Returns the overlay figure, the image (scaled up for clicking), the maps (.npz),
@@ -340,7 +342,7 @@ def build_demo() -> gr.Blocks:
                         negative = gr.Textbox("", label="Negative prompt", lines=1)
                         gr.Examples(EXAMPLES, inputs=[prompt], label="Examples for the built-in model")
                         with gr.Row():
-                            steps = gr.Slider(1, 150, value=25, step=1, label="Sampling steps")
+                            steps = gr.Slider(1, 150, value=DEFAULT_STEPS, step=1, label="Sampling steps")
                             guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="CFG scale")
                         with gr.Row():
                             seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", scale=3)
@@ -380,7 +382,7 @@ def build_demo() -> gr.Blocks:
                         att_negative = gr.Textbox("", label="Negative prompt", lines=1)
                         with gr.Row():
                             att_seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
-                            att_steps = gr.Slider(1, 150, value=25, step=1, label="Sampling steps")
+                            att_steps = gr.Slider(1, 150, value=DEFAULT_STEPS, step=1, label="Sampling steps")
                         with gr.Row():
                             att_guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="CFG scale")
                             att_scheduler = gr.Dropdown(SCHEDULER_CHOICES, value=default.default_scheduler,
@@ -396,8 +398,9 @@ def build_demo() -> gr.Blocks:
                             att_resolution = gr.Dropdown(["all"], value="all", label="Resolution")
                             att_heads = gr.Dropdown(["all"], value="all", label="Heads")
                         with gr.Row():
-                            att_from = gr.Slider(0, 24, value=0, step=1, label="From step")
-                            att_to = gr.Slider(1, 25, value=25, step=1, label="To step (exclusive)")
+                            att_from = gr.Slider(0, DEFAULT_STEPS - 1, value=0, step=1, label="From step")
+                            att_to = gr.Slider(1, DEFAULT_STEPS, value=DEFAULT_STEPS, step=1,
+                                               label="To step (exclusive)")
                         with gr.Row():
                             att_alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
                             att_cmap = gr.Dropdown(COLORMAPS, value="jet", label="Colormap")

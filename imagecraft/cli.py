@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 from .files import check_writable
 from .schedulers import SCHEDULERS
+from .settings import DEFAULT_STEPS
 
 
 def _add_model_and_sampling(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +28,8 @@ def _add_model_and_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=None, help="what to draw; empty means unconditional")
     parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
     parser.add_argument("--seed", type=int, default=None, help="image i uses seed + i; random when not given")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps, 1..150 (25 when not given)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"sampling steps, 1..150 ({DEFAULT_STEPS} when not given)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (7.5 when not given)")
     parser.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),

@@ -27,7 +27,7 @@ from . import loading
 from .metadata import pipeline_settings, restore_settings, save_png
 from .porting import config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet
 from .schedulers import check_scheduler_name, make_scheduler, scheduler_name_of
-from .settings import MAX_PROMPTS, MAX_SEED, check_settings  # noqa: F401  (MAX_* re-exported for callers)
+from .settings import DEFAULT_STEPS, MAX_PROMPTS, MAX_SEED, check_settings  # noqa: F401  (MAX_* re-exported)
 from .unet import FeatureCache, UNet_SD
 
 
@@ -352,9 +352,9 @@ class ImageCraftPipeline:
         return self.text_encoder(ids.to(self.device))[0].to(self.dtype), notes
 
     @torch.inference_mode()
-    def __call__(self, prompt: str | list[str], negative_prompt: str | None = "", num_inference_steps: int = 25,
-                 guidance_scale: float = 7.5, seed: int | None = None, width: int | None = None,
-                 height: int | None = None, num_images: int = 1, scheduler: str | None = None,
+    def __call__(self, prompt: str | list[str], negative_prompt: str | None = "",
+                 num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = 7.5, seed: int | None = None,
+                 width: int | None = None, height: int | None = None, num_images: int = 1, scheduler: str | None = None,
                  callback: Callable | None = None, attention: bool = False,
                  cache_interval: int | None = None) -> GenerationResult:
         """Generates `num_images` images for `prompt`.

@@ -26,7 +26,7 @@ from .attention import DEFAULT_BLOCKS, AttentionMaps
 from .loading import DEFAULT_MODEL
 from .metadata import pipeline_settings, restore_settings
 from .pipeline import MAX_SEED, ImageCraftPipeline
-from .settings import check, check_cost, shown
+from .settings import DEFAULT_STEPS, check, check_cost, shown
 
 BUILTIN = "built-in shapes model"
 OUTPUT_ROOT = Path(tempfile.gettempdir()) / "imagecraft-outputs"
@@ -179,7 +179,7 @@ def _size(pipe, value, name: str) -> int:
     return pipe.default_size if value is None or (value == 0 and not isinstance(value, bool)) else check(name, value)
 
 
-def generate(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", steps: int = 25,
+def generate(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
              guidance: float = 7.5, seed: int = -1, scheduler: str | None = None, width: int | None = None,
              height: int | None = None, num_images: int = 1, progress: Callable | None = None,
              should_stop: Callable | None = None, lora: str | None = None, lora_scale: float = 1.0,
@@ -362,8 +362,9 @@ class Explained:
         return int(x) // self.view_scale, int(y) // self.view_scale
 
 
-def explain(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", steps: int = 25, guidance: float = 7.5,
-            seed: int = -1, scheduler: str | None = None, width: int | None = None, height: int | None = None,
+def explain(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
+            guidance: float = 7.5, seed: int = -1, scheduler: str | None = None, width: int | None = None,
+            height: int | None = None,
             progress: Callable | None = None, should_stop: Callable | None = None) -> Explained:
     """Generates one image with its cross-attention, as `generate` would draw it (same seed, same pixels), and
     writes the PNG and the maps (`attention.npz`) to a fresh folder."""

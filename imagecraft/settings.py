@@ -22,6 +22,10 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPTS = 64  # prompts in one list-of-prompts call
 MAX_PROMPT_CHARS = 4000  # CLIP reads 77 tokens (about 300 characters); more is truncated anyway
 MAX_IMAGES = 16
+# Sampling steps when none are given (pipeline, CLI, app). The fastest setting within 2 points of the best accuracy
+# on the built-in model's speed/quality frontier (bench/bench_speed_quality.py, docs/figures.md); also
+# AUTOMATIC1111's default.
+DEFAULT_STEPS = 20
 
 
 @dataclass(frozen=True)

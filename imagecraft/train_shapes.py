@@ -812,8 +812,8 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
     torch.manual_seed(recipe.seed + 3)
     text_encoder = make_text_encoder(recipe, tokenizer)
     unet = UNet_SD(UNetConfig(context_dim=recipe.text_width, in_channels=recipe.vae_latent_channels,
-                              out_channels=recipe.vae_latent_channels, sample_size=shapes.SIZE // recipe.latent_factor(),
-                              **recipe.unet))
+                              out_channels=recipe.vae_latent_channels,
+                              sample_size=shapes.SIZE // recipe.latent_factor(), **recipe.unet))
     if init:
         unet.load_state_dict(init[0].state_dict())
         text_encoder.load_state_dict(init[1].state_dict())

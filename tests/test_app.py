@@ -13,6 +13,7 @@ from PIL import Image, PngImagePlugin
 
 import app
 from imagecraft.service import BUILTIN
+from imagecraft.settings import DEFAULT_STEPS
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 UNCHANGED = {"__type__": "update"}  # what gradio_client gives for a gr.update() that leaves a field as it is
@@ -54,10 +55,10 @@ def test_generate_api_with_defaults(client):
     assert png.size == (64, 64)
     assert png.text["parameters"].startswith("a red circle on the left\n")  # served with its metadata
     record = json.loads(png.text["imagecraft"])
-    assert record["seed"] == 1234 and record["num_inference_steps"] == 25
+    assert record["seed"] == 1234 and record["num_inference_steps"] == DEFAULT_STEPS
 
     direct = app.models.get(None)("a red circle on the left", seed=1234, guidance_scale=5.0,
-                                  num_inference_steps=25).images[0]
+                                  num_inference_steps=DEFAULT_STEPS).images[0]
     assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(direct))
 
 

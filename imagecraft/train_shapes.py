@@ -421,6 +421,28 @@ def descend(opt, loss: torch.Tensor, params: list, bar) -> int:
     return 1
 
 
+def unfused_attention(recipe: Recipe, vae=None, text_encoder=None):
+    """Switches `vae` and `text_encoder` to plain matmul-softmax-matmul attention for bf16 training on CPU, where
+    PyTorch's fused attention backward is slower at these sizes (a text encoder step 22 -> 14 ms, a VAE step 79 ->
+    74 ms; UNet_SD does the same by itself). Returns a function that switches them back (fp32: nothing to do)."""
+    if not recipe.uses_bf16():
+        return lambda: None
+    from diffusers.models.attention_processor import AttnProcessor
+
+    processors = vae.attn_processors if vae is not None else None
+    if vae is not None:
+        vae.set_attn_processor(AttnProcessor())
+    if text_encoder is not None:
+        text_encoder.set_attn_implementation("eager")
+
+    def restore():
+        if vae is not None:
+            vae.set_attn_processor(processors)
+        if text_encoder is not None:
+            text_encoder.set_attn_implementation("sdpa")
+    return restore
+
+
 def train_vae(recipe: Recipe, work: Path):
     vae = make_vae(recipe)
     path = work / "vae.pt"
@@ -444,6 +466,7 @@ def train_vae(recipe: Recipe, work: Path):
     if step >= recipe.vae_steps:
         return vae.eval()
     vae.train()
+    restore_attention = unfused_attention(recipe, vae)
     bar = tqdm(total=recipe.vae_steps, initial=step, desc="vae", unit="step")
     while step < recipe.vae_steps:
         for group in opt.param_groups:
@@ -473,6 +496,7 @@ def train_vae(recipe: Recipe, work: Path):
             save_checkpoint(path, dict(model=vae.state_dict(), optimizer=opt.state_dict(), step=step,
                                        rng=rng.getstate(), torch_rng=torch.get_rng_state(), objective=objective))
     bar.close()
+    restore_attention()
     return vae.eval()
 
 
@@ -505,6 +529,7 @@ def train_decoder(recipe: Recipe, vae, scaling_factor: float, work: Path):
     if step >= recipe.decoder_steps:
         return vae.eval()
     vae.eval()  # no dropout or batch statistics in this VAE; eval keeps the frozen encoder as it is
+    restore_attention = unfused_attention(recipe, vae)
     bar = tqdm(total=recipe.decoder_steps, initial=step, desc="vae-decoder", unit="step")
     while step < recipe.decoder_steps:
         for group in opt.param_groups:
@@ -525,6 +550,7 @@ def train_decoder(recipe: Recipe, vae, scaling_factor: float, work: Path):
                                        step=step, rng=rng.getstate(), generator=generator.get_state(),
                                        objective=objective))
     bar.close()
+    restore_attention()
     return vae.eval()
 
 
@@ -878,6 +904,7 @@ def train_unet(recipe: Recipe, stage: Stage, work: Path, tokenizer, latents, cap
         masks = object_masks(recipe, len(captions), latents.shape[-1], work)
         maps = keep_cross_attention(unet)
     unet.train(), text_encoder.train()
+    unfused_attention(recipe, text_encoder=text_encoder)  # the training copy only: the EMA, exported, keeps sdpa
     bar = tqdm(total=stage.steps, initial=step, desc=stage.name, unit="step")
     running, inside, started = None, None, time.time()
     while step < stage.steps:

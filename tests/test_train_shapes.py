@@ -17,6 +17,7 @@ from imagecraft.train_shapes import (GRAMMAR_WORDS, Recipe, Stage, batch_indices
                                      draw_timesteps, encode_scenes, group_means, inside_share, keep_cross_attention,
                                      made_up_colour, main, make_noise_scheduler, make_text_encoder, make_vae,
                                      object_masks, position_of, position_separation, scene_batch, scene_pools,
+                                     unfused_attention,
                                      train_vae, word_objects)
 from imagecraft.training import loss_weights, noised_and_target
 from imagecraft.loading import DEFAULT_MODEL
@@ -477,6 +478,34 @@ def test_decoder_stage_trains_the_decoder_alone_and_resumes(tmp_path):
         check_settings(Recipe(decoder_noise=3), tmp_path)
     assert main(args[:-1] + ["5"]) == 0  # more steps asked: resumed from step 3
     assert torch.load(tmp_path / "w" / "decoder.pt", weights_only=True)["step"] == 5
+
+
+def test_bf16_training_switches_attention_kernels_and_back():
+    """bf16 training runs the VAE's and text encoder's attention without the fused kernel (its CPU backward is slow
+    at these sizes), with the same outputs; the models go back to the fused one for export. fp32: untouched."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    recipe = Recipe.smoke()
+    vae = make_vae(recipe).eval()
+    from transformers import CLIPTokenizer
+
+    text_encoder = make_text_encoder(recipe, CLIPTokenizer.from_pretrained(DEFAULT_MODEL / "tokenizer")).eval()
+    fused = {name: type(p) for name, p in vae.attn_processors.items()}
+    x, ids = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randint(0, 300, (2, recipe.max_tokens))
+    with torch.no_grad():
+        before = vae.decode(vae.encode(x).latent_dist.mode()).sample, text_encoder(ids)[0]
+    assert unfused_attention(Recipe(precision="fp32"), vae, text_encoder)() is None
+    assert {name: type(p) for name, p in vae.attn_processors.items()} == fused
+    restore = unfused_attention(dataclasses.replace(recipe, precision="bf16"), vae, text_encoder)
+    assert all(isinstance(p, AttnProcessor) for p in vae.attn_processors.values())
+    assert text_encoder.config._attn_implementation == "eager"
+    with torch.no_grad():
+        during = vae.decode(vae.encode(x).latent_dist.mode()).sample, text_encoder(ids)[0]
+    restore()
+    assert {name: type(p) for name, p in vae.attn_processors.items()} == fused
+    assert text_encoder.config._attn_implementation == "sdpa"
+    for a, b in zip(before, during):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_made_up_colour_words_move_the_shape_word_and_keep_the_objects_apart():

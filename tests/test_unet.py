@@ -63,6 +63,38 @@ def test_half_precision_layout_follows_the_latent_size(sample_size, channels_las
     assert rel_err(got.float(), expected) <= 0.02  # measured 0.011-0.012
 
 
+def test_bf16_training_attention_without_the_fused_kernel_gives_the_same_gradients(monkeypatch):
+    """bf16 training on CPU attends with matmul-softmax-matmul on small score matrices (PyTorch's fused backward
+    is slow there): the loss and gradients stay those of the fused kernel, within bf16's rounding."""
+    import imagecraft.unet as unet_module
+
+    unet = UNet_SD.from_diffusers(random_diffusers_unet(**SD1_STYLE)).to(torch.bfloat16).train()
+    torch.manual_seed(1)
+    x, context = torch.randn(2, 4, 16, 16, dtype=torch.bfloat16), torch.randn(2, 7, 32, dtype=torch.bfloat16)
+    sdpa_calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(unet_module.F, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa_calls.append(1) or real_sdpa(*a, **k))
+
+    def loss_and_grads(small):
+        monkeypatch.setattr(unet_module, "SMALL_ATTENTION", small)
+        sdpa_calls.clear()
+        unet.zero_grad()
+        loss = unet(x, torch.tensor([17, 901]), context).float().square().mean()
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.float().flatten() for p in unet.parameters()]), len(sdpa_calls)
+
+    fused_loss, fused, fused_calls = loss_and_grads(0)
+    plain_loss, plain, plain_calls = loss_and_grads(256 * 256)
+    assert fused_calls > 0 and plain_calls == 0  # 16x16 latents: every score matrix is small
+    assert abs(plain_loss - fused_loss) <= 0.003 * fused_loss  # measured 3e-4
+    assert (plain - fused).norm() <= 0.02 * fused.norm()  # measured 3e-3
+    with torch.no_grad():  # inference keeps the fused kernel
+        sdpa_calls.clear()
+        unet(x, 500, context)
+        assert sdpa_calls
+
+
 def test_timestep_forms_agree():
     ours = UNet_SD(UNetConfig.tiny()).eval()
     x = torch.randn(2, 4, 8, 8)

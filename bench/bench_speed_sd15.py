@@ -1,8 +1,10 @@
 """Seconds per image at the SD1.5 shape on this machine: diffusers' default pipeline against ImageCraft in fp32,
-with dtype="auto" (bf16 where the CPU runs it natively) and with auto plus DeepCache.
+with dtype="auto" (bf16 where the CPU runs it natively), with auto plus DeepCache, and with fp32 plus DeepCache
+(what auto plus DeepCache is on a CPU without native bf16).
 
     python bench/bench_speed_sd15.py                     # 512x512, 25 steps, CFG 7.5, batch 1, cache interval 3
     python bench/bench_speed_sd15.py --size 256 --steps 10 --reps 3
+    python bench/bench_speed_sd15.py --variants diffusers fp32 fp32+cache
 
 Random weights in SD1.5's architecture (UNet 860M, CLIP ViT-L text encoder, SD's VAE; nothing downloaded), saved
 once to a temporary folder that both pipelines load. Each variant makes whole images (text encoding, sampling,
@@ -20,6 +22,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from bench.common import interleaved  # noqa: E402
+
+
+VARIANTS = ("diffusers", "fp32", "auto", "auto+cache", "fp32+cache")
 
 
 def sd15_folder(folder: Path) -> Path:
@@ -54,6 +59,8 @@ def main():
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--cache-interval", type=int, default=3)
     parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="which to run (diffusers always runs: the speed-ups are over it)")
     args = parser.parse_args()
 
     from diffusers import StableDiffusionPipeline
@@ -68,14 +75,18 @@ def main():
     auto = ImageCraftPipeline.from_pretrained(folder)  # dtype="auto"
     prompt, common = "a red circle on the left", dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
     size = dict(width=args.size, height=args.size)
-    fns = {
-        "diffusers": lambda: theirs(prompt, generator=torch.Generator().manual_seed(0), height=args.size,
-                                    width=args.size, **common),
-        "ours fp32": lambda: fp32(prompt, seed=0, **size, **common),
-        f"ours {str(auto.dtype).replace('torch.', '')} (auto)": lambda: auto(prompt, seed=0, **size, **common),
-        f"ours auto + cache {args.cache_interval}": lambda: auto(prompt, seed=0, cache_interval=args.cache_interval,
-                                                                 **size, **common),
+    every = {
+        "diffusers": ("diffusers", lambda: theirs(prompt, generator=torch.Generator().manual_seed(0),
+                                                  height=args.size, width=args.size, **common)),
+        "fp32": ("ours fp32", lambda: fp32(prompt, seed=0, **size, **common)),
+        "auto": (f"ours {str(auto.dtype).replace('torch.', '')} (auto)",
+                 lambda: auto(prompt, seed=0, **size, **common)),
+        "auto+cache": (f"ours auto + cache {args.cache_interval}",
+                       lambda: auto(prompt, seed=0, cache_interval=args.cache_interval, **size, **common)),
+        "fp32+cache": (f"ours fp32 + cache {args.cache_interval}",
+                       lambda: fp32(prompt, seed=0, cache_interval=args.cache_interval, **size, **common)),
     }
+    fns = {every[v][0]: every[v][1] for v in VARIANTS if v in args.variants or v == "diffusers"}
     print(f"SD1.5 shape (random weights), {args.size}x{args.size}, {args.steps} steps, CFG {args.guidance}, batch 1; "
           f"{cpu_name()}, native bf16 {native_bf16()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     results = interleaved(fns, reps=args.reps, warmup=0)

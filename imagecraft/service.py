@@ -364,8 +364,8 @@ class Explained:
 
 def explain(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
             guidance: float = 7.5, seed: int = -1, scheduler: str | None = None, width: int | None = None,
-            height: int | None = None,
-            progress: Callable | None = None, should_stop: Callable | None = None) -> Explained:
+            height: int | None = None, progress: Callable | None = None,
+            should_stop: Callable | None = None) -> Explained:
     """Generates one image with its cross-attention, as `generate` would draw it (same seed, same pixels), and
     writes the PNG and the maps (`attention.npz`) to a fresh folder."""
     _check_text(prompt=prompt, negative_prompt=negative_prompt)

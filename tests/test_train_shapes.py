@@ -17,8 +17,7 @@ from imagecraft.train_shapes import (GRAMMAR_WORDS, Recipe, Stage, batch_indices
                                      draw_timesteps, encode_scenes, group_means, inside_share, keep_cross_attention,
                                      made_up_colour, main, make_noise_scheduler, make_text_encoder, make_vae,
                                      object_masks, position_of, position_separation, scene_batch, scene_pools,
-                                     unfused_attention,
-                                     train_vae, word_objects)
+                                     train_vae, unfused_attention, word_objects)
 from imagecraft.training import loss_weights, noised_and_target
 from imagecraft.loading import DEFAULT_MODEL
 from imagecraft.unet import UNet_SD, UNetConfig
@@ -484,11 +483,10 @@ def test_bf16_training_switches_attention_kernels_and_back():
     """bf16 training runs the VAE's and text encoder's attention without the fused kernel (its CPU backward is slow
     at these sizes), with the same outputs; the models go back to the fused one for export. fp32: untouched."""
     from diffusers.models.attention_processor import AttnProcessor
+    from transformers import CLIPTokenizer
 
     recipe = Recipe.smoke()
     vae = make_vae(recipe).eval()
-    from transformers import CLIPTokenizer
-
     text_encoder = make_text_encoder(recipe, CLIPTokenizer.from_pretrained(DEFAULT_MODEL / "tokenizer")).eval()
     fused = {name: type(p) for name, p in vae.attn_processors.items()}
     x, ids = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randint(0, 300, (2, recipe.max_tokens))

@@ -89,6 +89,9 @@ class Recipe:
     # position classes differ by 0.17% of their variance, and position words are learnt last (see
     # position_separation). With coverage, the layout stage below learns them in ~150 steps instead of never.
     vae_coverage: float = 0.0
+    # Weight of an extra L1 term on the pixels within 1 px of an object's outline (their mean): the outline is a
+    # small share of the pixels, and what the strict scorer and the round trips of thin shapes (a star's points) need.
+    vae_edge: float = 0.0
     vae_kl: float = 1e-6  # tiny KL, as SD's VAE: the latents stay near zero, the autoencoder near-deterministic
     # Share of each VAE batch drawn from the broader world (shapes.general_scene: any colour, shape, size), the rest
     # from the UNet's world. 0: the UNet's world only, whose autoencoder snaps colours outside the palette to it
@@ -443,6 +446,11 @@ def unfused_attention(recipe: Recipe, vae=None, text_encoder=None):
     return restore
 
 
+def outline_pixels(coverage: torch.Tensor) -> torch.Tensor:
+    """(n, 1, h, w) coverage (1 on objects, -1 elsewhere) -> 1.0 on pixels within 1 px of an outline, else 0."""
+    return (F.max_pool2d(coverage, 3, 1, 1) != -F.max_pool2d(-coverage, 3, 1, 1)).float()
+
+
 def train_vae(recipe: Recipe, work: Path):
     vae = make_vae(recipe)
     path = work / "vae.pt"
@@ -455,6 +463,8 @@ def train_vae(recipe: Recipe, work: Path):
         objective["general"] = recipe.vae_general
     if recipe.vae_latent_channels != 4:
         objective["latent_channels"] = recipe.vae_latent_channels
+    if recipe.vae_edge:
+        objective["edge"] = recipe.vae_edge
     if state and "objective" in state:  # checkpoints from before the coverage loss lack it
         refuse_other_objective(path, state, objective)
     if state:
@@ -489,6 +499,9 @@ def train_vae(recipe: Recipe, work: Path):
         if recipe.vae_coverage:
             loss = loss + recipe.vae_coverage * F.mse_loss(F.avg_pool2d(latents[:, 3:4], 2),
                                                            F.avg_pool2d(coverage, 2 * f))
+        if recipe.vae_edge:
+            edge = outline_pixels(coverage)
+            loss = loss + recipe.vae_edge * ((recon.float() - x).abs() * edge).sum() / (3 * edge.sum()).clamp(min=1)
         step += descend(opt, loss, list(vae.parameters()), bar)
         if step % recipe.log_every == 0:
             log.info("vae step %d/%d loss %.4f", step, recipe.vae_steps, loss.item())
@@ -1049,6 +1062,8 @@ def main(argv=None) -> int:
                         help="weight tying latent channel 3 to object coverage (0: free, as the large recipe)")
     parser.add_argument("--vae-general", type=float, default=None,
                         help="share of broader-world images (any colour and shape) in each VAE batch, 0..1")
+    parser.add_argument("--vae-edge", type=float, default=None,
+                        help="weight of the VAE's extra L1 term on pixels along object outlines (0: none)")
     parser.add_argument("--vae-latent-channels", type=int, default=None,
                         help="latent channels (4: SD's; more keep sharper edges); the UNet follows")
     parser.add_argument("--v-from-start", action="store_true",
@@ -1070,7 +1085,7 @@ def main(argv=None) -> int:
                        ("num_scenes", "num_scenes"), ("sampler", "sampler"), ("scene_gap", "scene_gap"),
                        ("scene_margin", "scene_margin"), ("vae_crop", "vae_crop"), ("vae_coverage", "vae_coverage"),
                        ("layout_steps", "layout_steps"),
-                       ("mean_target_t", "mean_target_t"), ("vae_general", "vae_general"),
+                       ("mean_target_t", "mean_target_t"), ("vae_general", "vae_general"), ("vae_edge", "vae_edge"),
                        ("vae_latent_channels", "vae_latent_channels"), ("ground_weight", "ground_weight"),
                        ("decoder_steps", "decoder_steps"), ("decoder_noise", "decoder_noise"),
                        ("made_up_words", "made_up_words"), ("detail_steps", "detail_steps"),

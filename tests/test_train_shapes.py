@@ -16,8 +16,8 @@ from imagecraft.pipeline import ImageCraftPipeline, native_bf16
 from imagecraft.train_shapes import (GRAMMAR_WORDS, Recipe, Stage, batch_indices, caption_corpus, check_settings,
                                      draw_timesteps, encode_scenes, group_means, inside_share, keep_cross_attention,
                                      made_up_colour, main, make_noise_scheduler, make_text_encoder, make_vae,
-                                     object_masks, position_of, position_separation, scene_batch, scene_pools,
-                                     train_vae, unfused_attention, word_objects)
+                                     object_masks, outline_pixels, position_of, position_separation, scene_batch,
+                                     scene_pools, train_vae, unfused_attention, word_objects)
 from imagecraft.training import loss_weights, noised_and_target
 from imagecraft.loading import DEFAULT_MODEL
 from imagecraft.unet import UNet_SD, UNetConfig
@@ -267,6 +267,25 @@ def test_coverage_loss_ties_latent_channel_3_to_the_objects(tmp_path):
     # the checkpoint remembers the objective: another coverage weight does not resume it
     with pytest.raises(ValueError, match="vae.pt was trained with .*'coverage': 1.0.*'coverage': 0.0"):
         train_vae(dataclasses.replace(recipe, vae_coverage=0.0), tmp_path)
+
+
+def test_outline_pixels_are_the_ring_either_side_of_each_outline():
+    coverage = -torch.ones(1, 1, 20, 20)
+    coverage[..., 5:15, 5:15] = 1  # a 10x10 square
+    ring = outline_pixels(coverage)[0, 0]
+    expected = torch.zeros(20, 20)
+    expected[4:16, 4:16] = 1
+    expected[6:14, 6:14] = 0  # one pixel in, one pixel out
+    assert torch.equal(ring, expected)
+    assert outline_pixels(-torch.ones(1, 1, 8, 8)).sum() == 0  # no object, no outline
+
+
+def test_edge_loss_trains_and_is_part_of_the_objective(tmp_path):
+    recipe = dataclasses.replace(Recipe.smoke(), vae_steps=3, vae_edge=1.0, checkpoint_every=3)
+    train_vae(recipe, tmp_path)
+    assert torch.load(tmp_path / "vae.pt", weights_only=True)["objective"]["edge"] == 1.0
+    with pytest.raises(ValueError, match="vae.pt was trained with .*'edge': 1.0"):
+        train_vae(dataclasses.replace(recipe, vae_edge=0.0), tmp_path)
 
 
 def test_layout_and_mean_targets_are_the_group_means():

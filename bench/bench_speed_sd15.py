@@ -71,15 +71,17 @@ def main():
     folder = sd15_folder(Path(tempfile.mkdtemp(prefix="sd15-random-")))
     theirs = StableDiffusionPipeline.from_pretrained(folder)  # its defaults: fp32, the folder's PNDM
     theirs.set_progress_bar_config(disable=True)
-    fp32 = ImageCraftPipeline.from_pretrained(folder, dtype="fp32")
-    auto = ImageCraftPipeline.from_pretrained(folder)  # dtype="auto"
+    wanted = set(args.variants)  # only the pipelines asked for are loaded (each holds SD1.5's weights)
+    fp32 = ImageCraftPipeline.from_pretrained(folder, dtype="fp32") if wanted & {"fp32", "fp32+cache"} else None
+    auto = ImageCraftPipeline.from_pretrained(folder) if wanted & {"auto", "auto+cache"} else None  # dtype="auto"
+    auto_dtype = str(auto.dtype).replace("torch.", "") if auto else "auto"
     prompt, common = "a red circle on the left", dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
     size = dict(width=args.size, height=args.size)
     every = {
         "diffusers": ("diffusers", lambda: theirs(prompt, generator=torch.Generator().manual_seed(0),
                                                   height=args.size, width=args.size, **common)),
         "fp32": ("ours fp32", lambda: fp32(prompt, seed=0, **size, **common)),
-        "auto": (f"ours {str(auto.dtype).replace('torch.', '')} (auto)",
+        "auto": (f"ours {auto_dtype} (auto)",
                  lambda: auto(prompt, seed=0, **size, **common)),
         "auto+cache": (f"ours auto + cache {args.cache_interval}",
                        lambda: auto(prompt, seed=0, cache_interval=args.cache_interval, **size, **common)),

@@ -320,9 +320,10 @@ def check_settings(recipe: Recipe, output: Path):
     check_scheduler_name(recipe.sampler)  # names the valid samplers
     if recipe.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {recipe.precision!r}")
-    for name in ("vae_colour", "vae_coverage"):
-        if not getattr(recipe, name) >= 0:
-            raise ValueError(f"{name} (an auxiliary loss weight) must be 0 or positive, got {getattr(recipe, name)}")
+    for name in ("vae_colour", "vae_coverage", "vae_edge"):
+        value = getattr(recipe, name)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{name} (an auxiliary loss weight) must be 0 or a positive number, got {value}")
     for name in ("vae_lr", "unet_lr", "zsnr_lr", "two_lr", "layout_lr", "shape_lr"):
         value = getattr(recipe, name)
         if not (value > 0 and math.isfinite(value)):

@@ -192,6 +192,8 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     (["--scene-margin", "0"], "scene_margin must be a whole number of px from 1 (the world's) to 4"),
     (["--vae-general", "1.5"], "vae_general (share of broader-world images in a VAE batch) must be in [0, 1]"),
     (["--vae-latent-channels", "3"], "vae_latent_channels must be from 4"),
+    (["--vae-edge", "-1"], "vae_edge (an auxiliary loss weight) must be 0 or a positive number, got -1.0"),
+    (["--vae-edge", "inf"], "vae_edge (an auxiliary loss weight) must be 0 or a positive number, got inf"),
 ])
 def test_nonsensical_settings_are_refused(tmp_path, capsys, args, message):
     assert main(["--output", str(tmp_path / "m"), "--smoke", *args]) == 2
@@ -317,7 +319,7 @@ def test_layout_recipe_runs_its_stages_in_order(tmp_path, caplog):
 @pytest.mark.parametrize("settings, message", [
     (dict(layout_steps=100), "layout_steps needs the first stage on v_prediction with zero_terminal_snr"),
     (dict(mean_target_t=200), "mean_target_t must be 0 \\(off\\) or a timestep from 500 to 990, got 200"),
-    (dict(vae_coverage=-1.0), "vae_coverage \\(an auxiliary loss weight\\) must be 0 or positive, got -1.0"),
+    (dict(vae_coverage=-1.0), "vae_coverage \\(an auxiliary loss weight\\) must be 0 or a positive number, got -1.0"),
     (dict(layout_steps=-3), "layout_steps must be 0 \\(no layout stage\\) or positive, got -3"),
 ])
 def test_layout_settings_are_checked(tmp_path, settings, message):

@@ -12,8 +12,8 @@ Phases, each checkpointed so an interrupted run resumes where it stopped (run th
      three latent channels tied to the 4x4-average colour (with --vae-coverage, the fourth to where objects are);
   3. latents: a fixed set of scenes encoded once (the fast recipe keeps two objects 8 px apart, --scene-gap, and
      every object 4 px from the border, --scene-margin), and the latent scaling factor (1 / std);
-  3b. vae-decoder (only with --decoder-steps; the fast recipe has it): the decoder trained on alone, the encoder
-     and so the latents left as they are;
+  3b. vae-decoder (only with --decoder-steps): the decoder trained on alone, the encoder and so the latents left
+     as they are;
   4-. unet-layout (only with --layout-steps, for a recipe on v-prediction from the start, --v-from-start; the fast
      recipe has it): where each position word puts an object, learnt from pure noise against the mean latent of
      each position class;
@@ -102,9 +102,9 @@ class Recipe:
     vae_latent_channels: int = 4
     # An autoencoder stage that trains the decoder alone, the encoder frozen (so the UNet's latents do not change),
     # optionally on latents with Gaussian noise added (std drawn per image from 0 to decoder_noise, in latent stds).
-    # The fast recipe runs it without noise: the decoder keeps learning after the encoder is fixed (the world's
-    # round trips 97% -> 98% fully right). With noise it was meant to snap the UNet's slightly-off latents to clean
-    # shapes, but it taught the decoder to round edges where unsure (docs/built-in-model.md). 0: no such stage.
+    # The fast recipe has none: with vae_edge the VAE alone round-trips the world 99.7% right, and 8,000 decoder
+    # steps change neither that nor the UNet's samples (docs/built-in-model.md). With noise, the decoder learns to
+    # round edges where unsure. 0: no such stage.
     decoder_steps: int = 0
     decoder_lr: float = 5e-4
     decoder_noise: float = 0.2
@@ -212,12 +212,12 @@ class Recipe:
         objects kept 8 px apart and every object 4 px from the border; zero-terminal-SNR v-prediction from the
         start, after a layout stage, with caption-mean targets at high noise; a long stage on shapes (t < 700) and a
         last one on their detail (t < 400); the grounding loss throughout; a tenth of the captions with a made-up
-        colour word; the decoder trained on alone after the scenes are encoded; DPM++ 2M sampling."""
+        colour word; the VAE's loss weighting object outlines; DPM++ 2M sampling."""
         return cls(vae_channels=(32, 64, 64), vae_groups=8, vae_crop=32, vae_coverage=1.0, vae_general=0.5,
-                   vae_steps=32000, num_scenes=30000, scene_gap=8, scene_margin=4, prediction_type="v_prediction",
+                   vae_edge=1.0, vae_steps=32000, num_scenes=30000, scene_gap=8, scene_margin=4, prediction_type="v_prediction",
                    zero_terminal_snr=True, layout_steps=300, mean_target_t=900, unet_steps=3500, unet_batch=32,
                    unet_lr=3e-4, zsnr_steps=0, two_steps=1200, shape_steps=14000, shape_lr=3e-4, detail_steps=3000,
-                   ground_weight=0.01, made_up_words=0.1, decoder_steps=8000, decoder_noise=0.0, sampler="dpm++2m")
+                   ground_weight=0.01, made_up_words=0.1, sampler="dpm++2m")
 
     def stages(self) -> list["Stage"]:
         out = [Stage("unet-layout", self.layout_steps, self.layout_lr, min(100, self.layout_steps), "v_prediction",

@@ -338,7 +338,7 @@ def test_fast_recipe_is_the_layout_recipe_at_full_size(tmp_path):
     assert [s.max_t for s in stages] == [1000, 1000, 1000, 700, 400]
     assert [s.snr_gamma for s in stages] == [None, None, None, None, recipe.snr_gamma]
     assert recipe.vae_coverage > 0 and recipe.vae_crop % (2 * recipe.latent_factor()) == 0
-    assert recipe.ground_weight > 0 and recipe.decoder_steps > 0 and recipe.decoder_noise == 0
+    assert recipe.ground_weight > 0 and recipe.vae_edge > 0 and recipe.decoder_steps == 0
 
 
 def test_shape_stage_runs_last_from_the_previous_stage(tmp_path):

@@ -214,10 +214,10 @@ class Recipe:
         last one on their detail (t < 400); the grounding loss throughout; a tenth of the captions with a made-up
         colour word; the VAE's loss weighting object outlines; DPM++ 2M sampling."""
         return cls(vae_channels=(32, 64, 64), vae_groups=8, vae_crop=32, vae_coverage=1.0, vae_general=0.5,
-                   vae_edge=1.0, vae_steps=32000, num_scenes=30000, scene_gap=8, scene_margin=4, prediction_type="v_prediction",
-                   zero_terminal_snr=True, layout_steps=300, mean_target_t=900, unet_steps=3500, unet_batch=32,
-                   unet_lr=3e-4, zsnr_steps=0, two_steps=1200, shape_steps=14000, shape_lr=3e-4, detail_steps=3000,
-                   ground_weight=0.01, made_up_words=0.1, sampler="dpm++2m")
+                   vae_edge=1.0, vae_steps=32000, num_scenes=30000, scene_gap=8, scene_margin=4,
+                   prediction_type="v_prediction", zero_terminal_snr=True, layout_steps=300, mean_target_t=900,
+                   unet_steps=3500, unet_batch=32, unet_lr=3e-4, zsnr_steps=0, two_steps=1200, shape_steps=14000,
+                   shape_lr=3e-4, detail_steps=3000, ground_weight=0.01, made_up_words=0.1, sampler="dpm++2m")
 
     def stages(self) -> list["Stage"]:
         out = [Stage("unet-layout", self.layout_steps, self.layout_lr, min(100, self.layout_steps), "v_prediction",

@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench_quality import prompts_for  # noqa: E402
 from bench.common import interleaved  # noqa: E402
-from imagecraft import attention, loading, shapes  # noqa: E402
+from imagecraft import loading, shapes
+from imagecraft.explain import maps as attention  # noqa: E402
 from imagecraft.pipeline import ImageCraftPipeline  # noqa: E402
 from imagecraft.unet import UNet_SD, UNetConfig  # noqa: E402
 

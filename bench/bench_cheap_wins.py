@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from bench.bench_finetune import cpu_name  # noqa: E402
 from bench.common import interleaved, measure  # noqa: E402
-from imagecraft.pipeline import ImageCraftPipeline, native_bf16  # noqa: E402
+from imagecraft.pipeline import ImageCraftPipeline  # noqa: E402
+from imagecraft.runtime import native_bf16  # noqa: E402
 
 PARTS = ("threads", "text", "dtype", "tiling")
 

@@ -33,7 +33,9 @@ from PIL import Image  # noqa: E402
 
 from bench.bench_quality import prompts_for  # noqa: E402
 from imagecraft import lora, service, shapes  # noqa: E402
-from imagecraft.finetune import Recipe, finetune, use_bf16  # noqa: E402
+from imagecraft.runtime import training_bf16  # noqa: E402
+from imagecraft.train.finetune import finetune  # noqa: E402
+from imagecraft.train.recipe import FinetuneRecipe as Recipe  # noqa: E402
 from imagecraft.loading import DEFAULT_MODEL  # noqa: E402
 from imagecraft.pipeline import ImageCraftPipeline  # noqa: E402
 
@@ -121,10 +123,10 @@ def speed(args):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from imagecraft.porting import load_pipe_into_our_UNet
+    from imagecraft.port import load_pipe_into_our_UNet
 
     threads = torch.get_num_threads()
-    bf16 = use_bf16("auto", "cpu")
+    bf16 = training_bf16("auto", "cpu")
     theirs = UNet2DConditionModel.from_pretrained(Path(args.model) / "unet", torch_dtype=torch.float32)
     pipe = ImageCraftPipeline.from_pretrained(args.model, dtype="fp32")
     ours = pipe.unet

@@ -66,7 +66,8 @@ def main():
     from diffusers import StableDiffusionPipeline
 
     from bench.bench_finetune import cpu_name
-    from imagecraft.pipeline import ImageCraftPipeline, native_bf16
+    from imagecraft.pipeline import ImageCraftPipeline
+    from imagecraft.runtime import native_bf16
 
     folder = sd15_folder(Path(tempfile.mkdtemp(prefix="sd15-random-")))
     theirs = StableDiffusionPipeline.from_pretrained(folder)  # its defaults: fp32, the folder's PNDM

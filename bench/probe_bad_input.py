@@ -944,7 +944,7 @@ def python_cases(f: SimpleNamespace) -> list[Case]:
 
 
 def python_targets(f: SimpleNamespace) -> dict[str, Callable]:
-    from imagecraft.attention import AttentionMaps
+    from imagecraft.explain.maps import AttentionMaps
     from imagecraft.pipeline import ImageCraftPipeline
     from imagecraft.service import ModelCache
     from imagecraft.unet import UNetConfig

@@ -1,6 +1,6 @@
 """ImageCraft: text-to-image with a from-scratch Stable Diffusion UNet (UNet_SD) into which SD weights port exactly."""
 
-from .porting import (PortingError, config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet, to_diffusers,
+from .port import (PortingError, config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet, to_diffusers,
                       to_diffusers_state_dict)
 from .unet import (CrossAttention, DownSample, ResBlock, SDPAProcessor, SpatialTransformer, TimeModulatedSequential,
                    TransformerBlock, UNet_SD, UNetConfig, UpSample)

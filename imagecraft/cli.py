@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--normalize", default="word", choices=["word", "absolute"],
                      help="scale each map to its own maximum, or all to one scale")
 
-    from .finetune import build_parser as finetune_parser
+    from .train.finetune import build_parser as finetune_parser
 
     finetune_parser(commands.add_parser("finetune", help="fine-tune a model (LoRA or full) on your captioned images",
                                         formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -123,7 +123,7 @@ def writing(what: str):
 
 def generate(args) -> list:
     from .loading import DEFAULT_MODEL
-    from .metadata import check_png_path, pipeline_settings, restore_settings
+    from .png import check_png_path, pipeline_settings, restore_settings
     from .pipeline import output_path
 
     settings = {}
@@ -202,8 +202,8 @@ def parse_steps(text: str | None):
 
 def attention(args) -> list:
     """Generates one image with its cross-attention and writes the image, the figure and optionally the maps."""
-    from . import plots
-    from .metadata import check_png_path
+    from .explain import plots
+    from .png import check_png_path
     from .pipeline import output_path
 
     if not args.prompt or not args.prompt.strip():
@@ -222,7 +222,7 @@ def attention(args) -> list:
 
     pipe = load(args)
     if args.words and not args.negative:  # a word not in the prompt fails before sampling, not after
-        from .attention import word_indices
+        from .explain.maps import word_indices
 
         tokens, dropped = pipe.tokens(args.prompt)
         for word in args.words:
@@ -262,7 +262,7 @@ def attention(args) -> list:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "finetune":
-        from .finetune import run
+        from .train.finetune import run
 
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
         return run(args)

@@ -39,7 +39,7 @@ def resolve(source: str | Path | None) -> tuple[str, Path, str]:
     if source is None or str(source) == "default":
         if not (DEFAULT_MODEL / "model_index.json").exists():
             raise ModelLoadError(f"the built-in model is missing from {DEFAULT_MODEL}; "
-                                 f"train it with `python -m imagecraft.train_shapes` or pass a model folder")
+                                 f"train it with `python -m imagecraft.shapes.train` or pass a model folder")
         return "folder", DEFAULT_MODEL, DEFAULT_MODEL.name
     if not isinstance(source, (str, Path)):
         raise ModelLoadError(f"a model source must be a folder, a file or a Hub id (a string), got {source!r:.80}")

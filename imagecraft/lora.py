@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .porting import diffusers_key_map
+from .port import diffusers_key_map
 from .unet import UNet_SD
 
 ADAPTER = "lora"

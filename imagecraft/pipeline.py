@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import inspect
 import random
-import re
 import warnings
 from dataclasses import dataclass, field
-from functools import cache, cached_property
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -24,78 +23,17 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import loading
-from .metadata import pipeline_settings, restore_settings, save_png
-from .porting import config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet
+from .png import pipeline_settings, restore_settings, save_png
+from .port import config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet
 from .schedulers import check_scheduler_name, make_scheduler, scheduler_name_of
 from .settings import DEFAULT_STEPS, MAX_PROMPTS, MAX_SEED, check_settings  # noqa: F401  (MAX_* re-exported)
+from .runtime import check_device, resolve_dtype
 from .unet import FeatureCache, UNet_SD
-
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def check_device(device) -> str:
-    """The device to run on: `device` ("cpu", "cuda", "cuda:N", "mps" or a torch.device) once checked to exist
-    here, or the detected one for None or "". Checked before loading, so a typo fails in a sentence, not in `.to()`."""
-    if device is None or device == "":
-        return default_device()
-    name = str(device) if isinstance(device, torch.device) else device
-    if not isinstance(name, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-        raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
-    if name.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if not count:
-            raise ValueError(f"device {name!r} needs CUDA, which is not available on this machine; use cpu")
-        if int(name.partition(":")[2] or 0) >= count:
-            raise ValueError(f"device {name!r} does not exist: this machine has {count} CUDA device(s), "
-                             f"cuda:0 to cuda:{count - 1}")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' needs Apple's Metal (MPS), which is not available on this machine; use cpu")
-    return name
 
 
 def vae_scale_factor(block_out_channels) -> int:
     """How many image pixels one latent pixel covers, per side: each AutoencoderKL level after the first halves it."""
     return 2 ** (len(block_out_channels) - 1)
-
-
-@cache
-def native_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 bf16 or AMX); without them bf16 is emulated, slowly.
-    Asked once: training asks at every step."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_dtype(dtype, device: str) -> torch.dtype:
-    """The UNet's and text encoder's dtype. "auto" (and None): fp16 on CUDA; on a CPU bf16 where it runs bf16
-    natively (AMX or AVX-512 bf16), else fp32; fp32 elsewhere. Or as asked: "fp32", "bf16", "fp16" or a torch
-    dtype. fp32 gives exactly diffusers' fp32 pipeline."""
-    if dtype is None or dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.float16
-        return torch.bfloat16 if device == "cpu" and native_bf16() else torch.float32
-    if not isinstance(dtype, torch.dtype):
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of auto, fp32, bf16, fp16")
-        dtype = DTYPES[dtype]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, fp32, bf16, fp16")
-    if dtype == torch.bfloat16 and device == "cpu" and not native_bf16():
-        warnings.warn("bf16 on this CPU is emulated (it has neither AMX nor AVX-512 bf16) and runs about 5x slower "
-                      "than fp32; use dtype='fp32'", stacklevel=3)
-    return dtype
 
 
 @dataclass
@@ -104,7 +42,7 @@ class GenerationResult:
     seeds: list[int]
     records: list[dict]  # per image: every setting plus model and environment, as stored in its PNG
     warnings: list[str] = field(default_factory=list)
-    attention: list | None = None  # per image an `imagecraft.attention.AttentionMaps`, when asked for
+    attention: list | None = None  # per image an `imagecraft.explain.maps.AttentionMaps`, when asked for
 
     def save(self, path_pattern: str | Path) -> list[Path]:
         """Saves each image as a PNG with its metadata; `{i}` and `{seed}` in the pattern are filled in."""
@@ -373,7 +311,7 @@ class ImageCraftPipeline:
                 model's own when None.
             callback: `callback(step, total, latents)` after each step (progress bars, previews).
             attention: also record the cross-attention maps (`result.attention`, one
-                `imagecraft.attention.AttentionMaps` per image); the images are the same bit for bit.
+                `imagecraft.explain.maps.AttentionMaps` per image); the images are the same bit for bit.
             cache_interval: DeepCache (`unet.FeatureCache`): the whole UNet runs every `cache_interval`-th step,
                 the steps between reuse its deep features and run only the shallow blocks. None or 1: off, the
                 images exactly as without it.
@@ -446,7 +384,7 @@ class ImageCraftPipeline:
         return self.tokenizer.convert_ids_to_tokens(ids), max(0, len(full) - limit)
 
     def _attention_capture(self, prompts, negative_prompt, guided, steps, shape, image_size):
-        from . import attention
+        from .explain import maps as attention
 
         if any(not p.strip() for p in prompts):
             raise ValueError("attention maps need a prompt with words; the prompt is empty")

@@ -22,9 +22,9 @@ from typing import Callable
 
 from PIL import Image
 
-from .attention import DEFAULT_BLOCKS, AttentionMaps
+from .explain.maps import DEFAULT_BLOCKS, AttentionMaps
 from .loading import DEFAULT_MODEL
-from .metadata import pipeline_settings, restore_settings
+from .png import pipeline_settings, restore_settings
 from .pipeline import MAX_SEED, ImageCraftPipeline
 from .settings import DEFAULT_STEPS, check, check_cost, shown
 
@@ -410,7 +410,7 @@ def attention_filters(maps: AttentionMaps, blocks=None, resolution: str = "all",
 def draw_attention(explained: Explained, words: list[str], filters: dict, alpha: float = 0.5, cmap: str = "jet",
                    normalize: str = "word", name: str = "attention.png") -> str:
     """The overlay figure of the ticked words, written next to the image; returns its path."""
-    from . import plots
+    from .explain import plots
 
     if not words:
         raise ValueError("tick at least one word to show its map")
@@ -429,7 +429,7 @@ def draw_step(explained: Explained, words: list[str], step: int, filters: dict, 
 
 def draw_pixel(explained: Explained, x: int, y: int, filters: dict) -> str:
     """The bar chart of how the attention at one pixel splits over the prompt's tokens."""
-    from . import plots
+    from .explain import plots
 
     fig = plots.plot_token_distribution(explained.maps, int(x), int(y), **filters)
     return str(plots.save(fig, explained.folder / "pixel.png"))
@@ -445,7 +445,7 @@ KEEP_JOBS = int(os.environ.get("IMAGECRAFT_KEEP_JOBS", "8"))  # finished jobs' f
 def read_upload(paths) -> tuple[list[list[str]], list[str]]:
     """The caption table and the image files of an upload: images, their same-name .txt captions, and zips of
     both (unpacked safely). Rows are [file name, caption, note]; the note flags a missing caption."""
-    from .finetune import IMAGE_SUFFIXES, extract_zip
+    from .train.data import IMAGE_SUFFIXES, extract_zip
 
     if not paths:
         return [], []
@@ -614,7 +614,7 @@ class TrainingQueue:
             return self._waiting.index(job) + (self.running is not None)
 
     def _run(self, job: TrainingJob):
-        from .finetune import TrainingError, finetune
+        from .train.finetune import TrainingError, finetune
 
         with self._cond:
             while self._waiting[0] is not job or self.running is not None:
@@ -670,7 +670,7 @@ def start_finetune(model: str | None, files: list[str], rows, method: str = "lor
     """Checks the request, writes the training folder and queues the job. `model` is what the fine-tune loads
     (None: the built-in model; see `ModelCache.source`). `class_prompts`: prior preservation's prompts, one per
     line (none: off). Defaults are the CLI's."""
-    from .finetune import Recipe, check_recipe
+    from .train.recipe import FinetuneRecipe as Recipe, check_recipe
 
     if method not in ("lora", "full"):
         raise ValueError(f"method must be 'lora' or 'full', got {shown(method)}")

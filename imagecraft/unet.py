@@ -3,11 +3,11 @@
 The architecture is the one of the latent diffusion paper (Rombach et al. 2022, https://arxiv.org/abs/2112.10752)
 as released in CompVis/stable-diffusion and Stability-AI/stablediffusion. Modules are laid out and named like
 that original code (`input_blocks`, `middle_block`, `output_blocks`, `in_layers`, `attn1.to_q`, ...), so a
-single-file SD checkpoint copies in key for key; `imagecraft.porting` maps diffusers' layout onto it.
+single-file SD checkpoint copies in key for key; `imagecraft.port` maps diffusers' layout onto it.
 
 Every attention layer computes through a swappable processor (`CrossAttention.processor`), addressable by
 module name via `UNet_SD.attn_processors` / `UNet_SD.set_attn_processor`. The default one is a single call to
-`torch.nn.functional.scaled_dot_product_attention`; `imagecraft.attention` swaps in one that also records
+`torch.nn.functional.scaled_dot_product_attention`; `imagecraft.explain.maps` swaps in one that also records
 the cross-attention probabilities.
 """
 
@@ -23,20 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-HALF = (torch.float16, torch.bfloat16)
-SMALL_ATTENTION = 256 * 256  # queries x keys up to which bf16 training on CPU attends without the fused kernel
-
-
-def layout_for(dtype: torch.dtype, sample_size: int = 64) -> torch.memory_format:
-    """The memory layout UNet_SD runs in, for its dtype and the latent size it is made for (`sample_size`).
-
-    Channels-last in half precision on latents of 32x32 and more: oneDNN and cuDNN run bf16/fp16 convs faster in
-    NHWC (3-15% on the SD1.5 UNet on CPU). The standard layout in fp32, where NHWC measured slower, and on smaller
-    latents, where PyTorch's channels-last GroupNorm on CPU runs 10-35x slower than in the standard layout on
-    feature maps of 16x16 and less (the built-in model's 16x16 latents make its bf16 images 1.5x slower in NHWC).
-    """
-    return torch.channels_last if dtype in HALF and sample_size >= 32 else torch.contiguous_format
-
+from .runtime import layout_for, unfused_attention
 
 def _layout_of(x: torch.Tensor) -> torch.memory_format:
     """The layout `x` (B, C, H, W) is stored in: channels-last or the standard one."""
@@ -242,10 +229,7 @@ class SDPAProcessor:
         dtype = q.dtype
         if attn.upcast and dtype == torch.float16:
             q, k, v = q.float(), k.float(), v.float()
-        if (q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled()
-                and q.shape[-2] * k.shape[-2] <= SMALL_ATTENTION):
-            # Training in bf16 on CPU: PyTorch's fused attention backward is 1.5-7.5x slower than these three ops
-            # (fp32 softmax) on score matrices up to 256x256; from 1024x1024 up it is 2x faster, so it stays there
+        if unfused_attention(q, k):  # three plain ops, fp32 softmax: faster in bf16 training on CPU (runtime)
             scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
             if mask is not None:
                 scores = scores + mask
@@ -553,7 +537,7 @@ class UNet_SD(nn.Module):
     @classmethod
     def from_diffusers(cls, unet) -> "UNet_SD":
         """A UNet_SD with the config and weights of a diffusers `UNet2DConditionModel` (e.g. `pipe.unet`)."""
-        from .porting import config_from_diffusers, load_pipe_into_our_UNet
+        from .port import config_from_diffusers, load_pipe_into_our_UNet
 
         ours = cls(config_from_diffusers(unet.config))
         param = next(unet.parameters())

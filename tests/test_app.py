@@ -193,7 +193,7 @@ def test_browser_types_a_prompt_and_gets_an_image(url):
 def test_attention_api_explains_the_generated_image(client):
     from gradio_client.exceptions import AppError
 
-    from imagecraft.attention import AttentionMaps
+    from imagecraft.explain.maps import AttentionMaps
 
     prompt = "a blue square above a green triangle"
     gallery, _ = client.predict(prompt, seed=4321, steps=10, api_name="/generate")

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from helpers import SD2_STYLE, make_tiny_pipeline_folder
 
-from imagecraft import plots
-from imagecraft.attention import AttentionMaps, ablation, block_of
+from imagecraft.explain import plots
+from imagecraft.explain.maps import AttentionMaps, ablation, block_of
 from imagecraft.pipeline import ImageCraftPipeline
 from imagecraft.unet import SDPAProcessor
 

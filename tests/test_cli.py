@@ -264,7 +264,7 @@ def test_console_script(folder, tmp_path):
 
 
 def test_attention_writes_the_image_the_figure_and_the_maps(folder, tmp_path, capsys):
-    from imagecraft.attention import AttentionMaps
+    from imagecraft.explain.maps import AttentionMaps
 
     fig, image, npz = tmp_path / "fig.png", tmp_path / "img.png", tmp_path / "maps.npz"
     assert main(["attention", "--model", str(folder), "--prompt", "a red circle on the left", "--seed", "3",

@@ -18,8 +18,9 @@ from PIL import Image
 
 from helpers import make_tiny_pipeline_folder
 from imagecraft import lora, shapes
-from imagecraft.finetune import (CLASS_SEED, Recipe, TrainingError, check_recipe, extract_zip, find_examples,
-                                 finetune, load_image)
+from imagecraft.train.data import CLASS_SEED, extract_zip, find_examples, load_image
+from imagecraft.train.finetune import TrainingError, finetune
+from imagecraft.train.recipe import FinetuneRecipe as Recipe, check_recipe
 from imagecraft.pipeline import ImageCraftPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +199,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model, data, tmp_path
             for layer in lora.lora_layers(pipe_unet).values():
                 layer.lora_B["lora"].weight.data.fill_(float("nan"))
 
-    import imagecraft.finetune as ft
+    import imagecraft.train.finetune as ft
 
     original = ft.lora_lib.add_lora
 
@@ -267,12 +268,12 @@ def test_two_processes_train_as_one_with_the_same_global_batch(model, data, tmp_
               "--preview-every", "0", "--checkpoint-every", "100",  # with prior preservation, its images split
               "--class-prompt", "a blue square", "--class-prompt", "a green triangle", "--class-images", "5"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, "-m", "imagecraft.finetune", *common, "--output", str(tmp_path / "one"),
+    one = subprocess.run([sys.executable, "-m", "imagecraft.train.finetune", *common, "--output", str(tmp_path / "one"),
                           "--batch-size", "4"], capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "imagecraft.finetune",
+                          "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "imagecraft.train.finetune",
                           *common, "--output", str(tmp_path / "two"), "--batch-size", "2"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
@@ -429,7 +430,7 @@ def test_bad_settings_and_outputs_are_named(model, data, tmp_path):
 
 def test_cli_generate_with_lora_records_it_in_the_png(model, tmp_path):
     from imagecraft.cli import main
-    from imagecraft.metadata import restore_settings
+    from imagecraft.png import restore_settings
 
     pipe = ImageCraftPipeline.from_pretrained(model)
     random_lora(pipe)

@@ -15,7 +15,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
-from imagecraft.metadata import (MAX_TEXT, SETTINGS, a1111_parameters, parse_a1111_parameters, read_png_settings,
+from imagecraft.png import (MAX_TEXT, SETTINGS, a1111_parameters, parse_a1111_parameters, read_png_settings,
                                  restore_settings, save_png)
 from imagecraft.settings import check
 
@@ -308,7 +308,7 @@ def test_random_bytes_as_a_png_only_raise_value_error(data):
 
 
 def test_a_png_without_a_cache_interval_is_made_again_without_caching(tmp_path):
-    from imagecraft.metadata import pipeline_settings
+    from imagecraft.png import pipeline_settings
 
     record = {k: v for k, v in RECORD.items() if k != "cache_interval"}  # ours records it only when caching was on
     ours = save_png(Image.new("RGB", (8, 8)), tmp_path / "ours.png", record)

@@ -10,8 +10,9 @@ from helpers import make_tiny_pipeline_folder
 from PIL import Image
 
 from imagecraft.loading import ModelLoadError
-from imagecraft.metadata import parse_a1111_parameters, read_png_settings
-from imagecraft.pipeline import ImageCraftPipeline, check_device, default_device, native_bf16, resolve_dtype
+from imagecraft.png import parse_a1111_parameters, read_png_settings
+from imagecraft.pipeline import ImageCraftPipeline
+from imagecraft.runtime import check_device, default_device, native_bf16, resolve_dtype
 from imagecraft.schedulers import SCHEDULERS, make_scheduler
 
 

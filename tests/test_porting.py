@@ -8,7 +8,7 @@ from helpers import DEEP, SD1_STYLE, SD2_STYLE, random_diffusers_unet, rel_err
 
 from imagecraft import (PortingError, UNet_SD, UNetConfig, config_from_diffusers, load_ldm_unet,
                         load_pipe_into_our_UNet, to_diffusers, to_diffusers_state_dict)
-from imagecraft.porting import diffusers_config
+from imagecraft.port import diffusers_config
 
 
 @pytest.mark.parametrize("config", [SD1_STYLE, SD2_STYLE, DEEP], ids=["sd1", "sd2", "depth2"])

@@ -12,13 +12,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from imagecraft import shapes
-from imagecraft.pipeline import ImageCraftPipeline, native_bf16
-from imagecraft.train_shapes import (GRAMMAR_WORDS, Recipe, Stage, batch_indices, caption_corpus, check_settings,
+from imagecraft.pipeline import ImageCraftPipeline
+from imagecraft.runtime import native_bf16
+from imagecraft.shapes.train import (GRAMMAR_WORDS, Recipe, Stage, batch_indices, caption_corpus, check_settings,
                                      draw_timesteps, encode_scenes, group_means, inside_share, keep_cross_attention,
                                      made_up_colour, main, make_noise_scheduler, make_text_encoder, make_vae,
                                      object_masks, outline_pixels, position_of, position_separation, scene_batch,
                                      scene_pools, train_vae, unfused_attention, word_objects)
-from imagecraft.training import loss_weights, noised_and_target
+from imagecraft.train.core import loss_weights, noised_and_target
 from imagecraft.loading import DEFAULT_MODEL
 from imagecraft.unet import UNet_SD, UNetConfig
 
@@ -142,7 +143,7 @@ def test_precision_follows_the_cpu_unless_asked(tmp_path):
 
 def test_resume_continues_from_the_checkpoint(tmp_path, capsys, caplog):
     args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke"]
-    with caplog.at_level(logging.INFO, logger="imagecraft.train_shapes"):
+    with caplog.at_level(logging.INFO, logger="imagecraft.shapes.train"):
         assert main(args + ["--unet-steps", "3"]) == 0
     # each checkpoint says whether position words are being learnt yet
     assert re.search(r"unet step 3: position separation at t=999 -?\d+\.\d px", caplog.text)
@@ -225,12 +226,12 @@ def test_scene_gap_is_checked_and_keys_the_cached_latents(tmp_path, caplog):
     vae = make_vae(recipe).eval()
     encode_scenes(recipe, vae, tmp_path)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="imagecraft.train_shapes"):
+    with caplog.at_level(logging.INFO, logger="imagecraft.shapes.train"):
         encode_scenes(dataclasses.replace(recipe, scene_gap=8), vae, tmp_path)
     assert "encoded 40 scenes" in caplog.text  # another gap is another training set: encoded again
     assert torch.load(tmp_path / "latents.pt", weights_only=True)["scene_gap"] == 8
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="imagecraft.train_shapes"):
+    with caplog.at_level(logging.INFO, logger="imagecraft.shapes.train"):
         encode_scenes(dataclasses.replace(recipe, scene_gap=8, scene_margin=4), vae, tmp_path)
     assert "encoded 40 scenes" in caplog.text  # so is another margin
     assert torch.load(tmp_path / "latents.pt", weights_only=True)["scene_margin"] == 4
@@ -240,7 +241,7 @@ def test_scene_gap_is_checked_and_keys_the_cached_latents(tmp_path, caplog):
     del state["scene_margin"]
     torch.save(state, tmp_path / "latents.pt")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="imagecraft.train_shapes"):
+    with caplog.at_level(logging.INFO, logger="imagecraft.shapes.train"):
         encode_scenes(recipe, vae, tmp_path)
     assert "encoded" not in caplog.text
 
@@ -305,7 +306,7 @@ def test_layout_and_mean_targets_are_the_group_means():
 def test_layout_recipe_runs_its_stages_in_order(tmp_path, caplog):
     args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--vae-coverage", "1",
             "--v-from-start", "--layout-steps", "2", "--mean-target-t", "900", "--zsnr-steps", "0"]
-    with caplog.at_level(logging.INFO, logger="imagecraft.train_shapes"):
+    with caplog.at_level(logging.INFO, logger="imagecraft.shapes.train"):
         assert main(args) == 0
     layout = torch.load(tmp_path / "w" / "unet-layout.pt", weights_only=True)
     assert layout["step"] == 2 and layout["objective"]["layout"] and "init" not in layout["objective"]

@@ -297,7 +297,7 @@ def test_gradients_match_diffusers():
     x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
     theirs(x, 300, context).sample.square().mean().backward()
     ours(x, 300, context).square().mean().backward()
-    from imagecraft.porting import diffusers_key_map
+    from imagecraft.port import diffusers_key_map
 
     names = diffusers_key_map(ours.config, [k for k, _ in ours.named_parameters()])
     our_grads = {names[k]: p.grad for k, p in ours.named_parameters()}

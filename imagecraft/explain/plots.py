@@ -15,8 +15,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .attention import AttentionMaps, pearson, spatial_entropy
-from .files import atomic_write
+from .maps import AttentionMaps, pearson, spatial_entropy
+from ..files import atomic_write
 
 PANEL = 2.3  # inches per panel
 NORMALIZE = ("word", "absolute")

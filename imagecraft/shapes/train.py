@@ -1,8 +1,8 @@
 """Trains the built-in model from scratch on the shapes world, on a CPU, and writes it in diffusers layout.
 
-    python -m imagecraft.train_shapes --output assets/shapes-sd             # the built-in model's recipe
-    python -m imagecraft.train_shapes --output /tmp/smoke --smoke           # a few steps, for CI
-    python -m imagecraft.train_shapes --output /tmp/large --recipe large    # the earlier built-in model (~109 min AMX)
+    python -m imagecraft.shapes.train --output assets/shapes-sd             # the built-in model's recipe
+    python -m imagecraft.shapes.train --output /tmp/smoke --smoke           # a few steps, for CI
+    python -m imagecraft.shapes.train --output /tmp/large --recipe large    # the earlier built-in model (~109 min AMX)
 
 Checkpoints and cached latents go to runs/<output name>/ (or --work).
 
@@ -50,15 +50,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import shapes
-from .pipeline import native_bf16, vae_scale_factor
-from .porting import to_diffusers
-from .training import (as_tuples, check_output_folder, diffusion_loss, ema_update, load_checkpoint, lr_at, noise_scheduler,
+from . import world as shapes
+from ..pipeline import vae_scale_factor
+from ..runtime import autocast, training_bf16, unfused_library_attention
+from ..port import to_diffusers
+from ..train.core import (as_tuples, check_output_folder, diffusion_loss, ema_update, load_checkpoint, lr_at, noise_scheduler,
                        noised_and_target, refuse_other_objective, save_checkpoint)
-from .schedulers import check_scheduler_name, make_scheduler
-from .unet import UNet_SD, UNetConfig
+from ..schedulers import check_scheduler_name, make_scheduler
+from ..unet import UNet_SD, UNetConfig
 
-log = logging.getLogger("imagecraft.train_shapes")
+log = logging.getLogger("imagecraft.shapes.train")
 
 
 @dataclass
@@ -243,11 +244,11 @@ class Recipe:
         return vae_scale_factor(self.vae_channels)
 
     def uses_bf16(self) -> bool:
-        return self.precision == "bf16" or (self.precision == "auto" and native_bf16())
+        return training_bf16(self.precision)
 
     def autocast(self):
         """bf16 autocast where the CPU runs bf16 natively (or the recipe asks for it), else a no-op (fp32)."""
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.uses_bf16())
+        return autocast(self.uses_bf16())
 
 
 @dataclass(frozen=True)
@@ -378,7 +379,7 @@ def caption_corpus(seed: int, n: int = 20000) -> list[str]:
 def train_tokenizer(recipe: Recipe, work: Path):
     from transformers import CLIPTokenizer
 
-    from .tokenizer import train_clip_tokenizer
+    from ..tokenizer import train_clip_tokenizer
 
     folder = work / "tokenizer"
     if not (folder / "tokenizer.json").exists():
@@ -426,25 +427,7 @@ def descend(opt, loss: torch.Tensor, params: list, bar) -> int:
 
 
 def unfused_attention(recipe: Recipe, vae=None, text_encoder=None):
-    """Switches `vae` and `text_encoder` to plain matmul-softmax-matmul attention for bf16 training on CPU, where
-    PyTorch's fused attention backward is slower at these sizes (a text encoder step 22 -> 14 ms, a VAE step 79 ->
-    74 ms; UNet_SD does the same by itself). Returns a function that switches them back (fp32: nothing to do)."""
-    if not recipe.uses_bf16():
-        return lambda: None
-    from diffusers.models.attention_processor import AttnProcessor
-
-    processors = vae.attn_processors if vae is not None else None
-    if vae is not None:
-        vae.set_attn_processor(AttnProcessor())
-    if text_encoder is not None:
-        text_encoder.set_attn_implementation("eager")
-
-    def restore():
-        if vae is not None:
-            vae.set_attn_processor(processors)
-        if text_encoder is not None:
-            text_encoder.set_attn_implementation("sdpa")
-    return restore
+    return unfused_library_attention(recipe.uses_bf16(), vae, text_encoder)
 
 
 def outline_pixels(coverage: torch.Tensor) -> torch.Tensor:
@@ -749,7 +732,7 @@ class KeepingProcessor:
         self.kept = kept
 
     def __call__(self, attn, x, context=None):
-        from .attention import probabilities
+        from ..explain.maps import probabilities
 
         q, k, v = attn.qkv(x, context)
         probs = probabilities(q, k)  # (B, heads, pixels, tokens)
@@ -759,7 +742,7 @@ class KeepingProcessor:
 
 def keep_cross_attention(unet: UNet_SD) -> list:
     """Installs KeepingProcessor on every cross-attention layer of `unet`; returns the list it fills per forward."""
-    from .attention import cross_attention_layers
+    from ..explain.maps import cross_attention_layers
 
     kept = []
     for layer in cross_attention_layers(unet).values():

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .files import atomic_write
-from .unet import CrossAttention, SDPAProcessor, UNet_SD
+from ..files import atomic_write
+from ..unet import CrossAttention, SDPAProcessor, UNet_SD
 
 START, END = "<start>", "<end>"
 BLOCKS = ("down", "mid", "up")

@@ -1,0 +1,1 @@
+"""Cross-attention maps: capture during sampling, the maps and their aggregation, and matplotlib figures."""

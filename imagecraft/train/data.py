@@ -1,0 +1,280 @@
+"""A fine-tune's data: captioned images found in a folder (kohya's layout or diffusers' imagefolder) or a zip,
+loaded upright and cropped to the model's size, encoded once to cached latents, and prior preservation's class
+images drawn by the base model."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ..files import atomic_write
+from .core import load_checkpoint, save_checkpoint
+
+log = logging.getLogger("imagecraft.finetune")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused before they are decoded
+MAX_IMAGES = 5000
+SKIPPED_FOLDERS = {"checkpoints", "cache", "previews", "__MACOSX"}
+
+@dataclass
+class Example:
+    path: Path
+    caption: str
+
+
+def find_examples(folder: str | Path) -> list[Example]:
+    """The folder's images and their captions (see the module's docstring); a ValueError naming what is wrong."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise ValueError(f"data folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"data {folder} is a file; give a folder of images with captions (or unzip it first)")
+    root = folder.resolve()
+    for name in ("metadata.jsonl", "metadata.csv"):
+        if (folder / name).is_file():
+            return _from_metadata(folder / name, root)
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                    and not any(part.startswith(".") or part in SKIPPED_FOLDERS
+                                for part in p.relative_to(folder).parts[:-1]))
+    if not images:
+        raise ValueError(f"no images in {folder}: looked for {', '.join(IMAGE_SUFFIXES)} in it and its subfolders")
+    if len(images) > MAX_IMAGES:
+        raise ValueError(f"{folder} holds {len(images)} images; at most {MAX_IMAGES} are allowed")
+    examples, missing = [], []
+    for path in images:
+        text = path.with_suffix(".txt")
+        if not text.is_file():
+            missing.append(path)
+            continue
+        try:
+            caption = text.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"caption {text} cannot be read as UTF-8 text: {e}") from e
+        if not caption:
+            missing.append(path)
+            continue
+        examples.append(Example(path, caption))
+    if missing:
+        names = ", ".join(str(p.relative_to(folder)) for p in missing[:5])
+        more = ", ..." if len(missing) > 5 else ""
+        raise ValueError(f"{len(missing)} of {len(images)} images have no caption ({names}{more}):"
+                         f" put each caption in a same-name .txt file beside its image, or list file_name and text"
+                         f" in a metadata.jsonl")
+    return examples
+
+
+def _from_metadata(path: Path, root: Path) -> list[Example]:
+    rows = []
+    try:
+        if path.suffix == ".jsonl":
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise ValueError(f"line {n} is not a JSON object")
+                    rows.append((n, row))
+        else:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(enumerate(csv.DictReader(f), 2))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error, ValueError) as e:
+        raise ValueError(f"{path} cannot be read: {e}") from e
+    if not rows:
+        raise ValueError(f"{path} lists no images")
+    if len(rows) > MAX_IMAGES:
+        raise ValueError(f"{path} lists {len(rows)} images; at most {MAX_IMAGES} are allowed")
+    examples = []
+    for n, row in rows:
+        name, text = row.get("file_name"), row.get("text")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{path.name}, row {n}: no file_name (each row needs file_name and text)")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path.name}, row {n}: {name} has no caption (text)")
+        image = (path.parent / name).resolve()
+        if not image.is_relative_to(root):
+            raise ValueError(f"{path.name}, row {n}: {name!r} points outside the data folder")
+        if not image.is_file():
+            raise ValueError(f"{path.name}, row {n}: no image file {name!r}")
+        examples.append(Example(image, text.strip()))
+    return examples
+
+
+def load_image(path: Path, size: int) -> Image.Image:
+    """An RGB size x size image: upright by its EXIF orientation, transparency onto white, 16-bit scaled to 8,
+    shorter side resized to `size` (Lanczos), centre-cropped."""
+    try:
+        with Image.open(path) as image:
+            w, h = image.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image {path} is {w} x {h} px; at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels "
+                                 f"are allowed")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files; one message for all
+        raise ValueError(f"image {path} cannot be read ({type(e).__name__}: {e})") from e
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        pixels = pixels / 257 if pixels.max() > 255 else pixels
+        image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.LANCZOS)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+MAX_ZIP_BYTES = 1 << 30  # 1 GiB uncompressed
+MAX_ZIP_RATIO = 200  # uncompressed / compressed, per member: more is a zip bomb
+
+
+def extract_zip(archive: str | Path, folder: str | Path, max_bytes: int = MAX_ZIP_BYTES) -> Path:
+    """Extracts the images and captions of a zip into `folder`, refusing path traversal, links, zip bombs and
+    archives over `max_bytes` uncompressed or MAX_IMAGES files."""
+    archive, folder = Path(archive), Path(folder)
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{archive.name} is not a readable zip file: {e}") from e
+    with zf:
+        members = [m for m in zf.infolist() if not m.is_dir()]
+        if len(members) > 2 * MAX_IMAGES + 2:
+            raise ValueError(f"{archive.name} holds {len(members)} files; at most {2 * MAX_IMAGES + 2} are allowed")
+        total = 0
+        for m in members:
+            name = m.filename
+            if name.startswith(("/", "\\")) or ".." in Path(name.replace("\\", "/")).parts or ":" in name:
+                raise ValueError(f"{archive.name}: the entry {name!r} points outside the folder it unpacks to")
+            if (m.external_attr >> 16) & 0o170000 == 0o120000:
+                raise ValueError(f"{archive.name}: the entry {name!r} is a symbolic link; links are not unpacked")
+            total += m.file_size
+            if m.compress_size and m.file_size / m.compress_size > MAX_ZIP_RATIO and m.file_size > 1 << 20:
+                raise ValueError(f"{archive.name}: the entry {name!r} expands {m.file_size // m.compress_size}x "
+                                 f"(a zip bomb?); at most {MAX_ZIP_RATIO}x is allowed")
+        if total > max_bytes:
+            raise ValueError(f"{archive.name} unpacks to {total / 2**20:.0f} MiB; at most "
+                             f"{max_bytes // 2**20} MiB are allowed")
+        folder.mkdir(parents=True, exist_ok=True)
+        for m in members:
+            suffix = Path(m.filename).suffix.lower()
+            if suffix not in IMAGE_SUFFIXES + (".txt", ".jsonl", ".csv"):
+                continue
+            target = folder / m.filename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(m) as src, open(target, "wb") as dst:
+                copied = 0
+                while chunk := src.read(1 << 20):
+                    copied += len(chunk)
+                    if copied > m.file_size:  # the header lied about the size
+                        raise ValueError(f"{archive.name}: the entry {m.filename!r} is larger than it says")
+                    dst.write(chunk)
+    return folder
+
+
+def images_digest(examples: list[Example]) -> str:
+    """One hash of every image's bytes, in order (read once per run)."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(hashlib.sha256(ex.path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def data_key(images: str, size: int, flip: bool, model_key: str) -> str:
+    """What the cached latents depend on: the images (`images_digest`), the size, flips and the VAE's weights."""
+    return hashlib.sha256(f"{images}|{size}|{flip}|{model_key}".encode()).hexdigest()[:16]
+
+
+def vae_key(vae) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_images(pipe, examples: list[Example], size: int, flip: bool, cache: Path,
+                  digest: str | None = None) -> torch.Tensor:
+    """Latents (N or 2N with flips, 4, size / f, size / f), scaled as the UNet sees them; cached under `cache`
+    keyed on the images (`digest`: their `images_digest`, computed when not given), the size, flips and the VAE."""
+    key = data_key(digest or images_digest(examples), size, flip, vae_key(pipe.vae))
+    path = cache / f"latents-{key}.pt"
+    state = load_checkpoint(path)
+    if state is not None and state.get("key") == key:
+        return state["latents"]
+    images = [load_image(ex.path, size) for ex in examples]
+    if flip:
+        images += [ImageOps.mirror(im) for im in images]
+    latents = []
+    vae = pipe.vae
+    for start in range(0, len(images), 8):
+        x = torch.from_numpy(np.stack([np.asarray(im) for im in images[start:start + 8]])).permute(0, 3, 1, 2)
+        x = (x.float() / 127.5 - 1).to(vae.device, vae.dtype)
+        z = vae.encode(x).latent_dist.mean  # the mean: the VAE's sampling noise is tiny and only blurs the data
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents.append(((z - shift) * vae.config.scaling_factor).float().cpu())
+    latents = torch.cat(latents)
+    cache.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, dict(latents=latents, key=key))
+    return latents
+
+
+CLASS_SEED = 5000
+
+
+def class_examples(pipe, recipe, folder: Path, rank: int = 0, world: int = 1, wait=lambda: None,
+                   should_stop=None) -> list[Example] | None:
+    """Prior preservation's images: the base model's own for recipe.class_prompts (taken in turn; image i with seed
+    CLASS_SEED + i, the previews' steps and guidance), written once to `folder` as captioned PNGs (kohya's layout,
+    so they can be looked at) and reused while the base model, the prompts and the settings are the same. With
+    several processes each draws its share, a contiguous run of images (`wait` is their barrier). None when
+    `should_stop()` turned True between batches."""
+    prompts = [recipe.class_prompts[i % len(recipe.class_prompts)] for i in range(recipe.class_images)]
+    key = hashlib.sha256(json.dumps([pipe.model_id, pipe.model_hash, pipe.default_size, prompts, CLASS_SEED,
+                                     recipe.preview_steps, recipe.preview_guidance]).encode()).hexdigest()[:16]
+    stamp = folder / "key.txt"
+    if stamp.is_file() and stamp.read_text().strip() == key:
+        return find_examples(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # the set of another base or other prompts; only the files this function writes
+        stamp.unlink(missing_ok=True)
+        for old in folder.glob("[0-9][0-9][0-9][0-9].*"):
+            if old.suffix in (".png", ".txt") and old.stem.isdigit() and int(old.stem) >= len(prompts):
+                old.unlink()
+    wait()
+    log.info("making %d prior-preservation images with the base model", len(prompts))
+    first, last = len(prompts) * rank // world, len(prompts) * (rank + 1) // world  # this process's share
+    for start in range(first, last, 8):
+        if should_stop is not None and should_stop():
+            return None
+        batch = prompts[start:min(start + 8, last)]
+        images = pipe(batch, seed=CLASS_SEED + start, num_inference_steps=recipe.preview_steps,
+                      guidance_scale=recipe.preview_guidance).images  # image i: seed CLASS_SEED + i
+        for i, image in enumerate(images, start):
+            with atomic_write(folder / f"{i:04d}.png") as f:
+                image.save(f, format="PNG")
+            with atomic_write(folder / f"{i:04d}.txt") as f:
+                f.write(prompts[i].encode())
+    wait()
+    if rank == 0:
+        with atomic_write(stamp) as f:
+            f.write(key.encode())
+    wait()
+    return find_examples(folder)
+

@@ -17,7 +17,7 @@ time      one prompt on the built-in model, 25 steps, guidance 5, maps on agains
 sd15      the same at SD1.5's shape with random weights (CLIP ViT-L text encoder, SD's VAE, UNetConfig.sd15()),
           at 256x256 and --sd-steps steps: the whole call includes a VAE decode, so the per-step ratio is the one
           that says what capture costs a 25-step run.
-memory    what capture keeps for one 512x512 SD1.5 image, 25 steps (`attention.check_memory`), and the bytes of a
+memory    what capture keeps for one 512x512 SD1.5 image, 25 steps (`capture.check_memory`), and the bytes of a
           real AttentionMaps from a short capture at 256x256, scaled.
 """
 
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_quality import prompts_for  # noqa: E402
 from bench.common import interleaved  # noqa: E402
 from imagecraft import loading, shapes
-from imagecraft.explain import maps as attention  # noqa: E402
+from imagecraft.explain.capture import check_memory  # noqa: E402
 from imagecraft.pipeline import ImageCraftPipeline  # noqa: E402
 from imagecraft.unet import UNet_SD, UNetConfig  # noqa: E402
 
@@ -168,15 +168,15 @@ def memory(maps, steps):
     """check_memory at 512x512, 25 steps, and the bytes of a real capture (256x256, `steps` steps) beside it."""
     with torch.device("meta"):  # only the config and head counts are read
         unet = UNet_SD(UNetConfig.sd15())
-    tokens, negative = [maps.raw_tokens], [maps.raw_negative_tokens]
+    tokens, negative = [[side.raw_tokens] for side in maps.sides]
     print("\nmemory of the kept maps, SD1.5 shape, one image, guidance on, empty negative prompt")
-    mb = attention.check_memory(1, 25, tokens, negative, True, unet, (64, 64), max_mb=float("inf"))
+    mb = check_memory(1, 25, tokens, negative, True, unet, (64, 64), max_mb=float("inf"))
     print(f"  {maps.prompt!r}: {len(tokens[0])} tokens, negative {len(negative[0])}; 512x512, 25 steps: "
           f"check_memory = {mb:.1f} MB")
-    per_step = sum(a.nbytes for a in maps.step_maps + maps.neg_step_maps)  # (S, T, h, w) fp16 each
-    fixed = sum(a.nbytes for a in maps.head_sums + maps.neg_head_sums)  # (heads, T, h, w) fp32 each
+    per_step = sum(a.nbytes for side in maps.sides for a in side.step_maps)  # (S, T, h, w) fp16 each
+    fixed = sum(a.nbytes for side in maps.sides for a in side.head_sums)  # (heads, T, h, w) fp32 each
     extra = maps.guidance.nbytes + maps.inputs.nbytes  # (S, h, w) fp16 and (S, 4, h, w) fp32
-    predicted = attention.check_memory(1, steps, tokens, negative, True, unet, (32, 32), max_mb=float("inf"))
+    predicted = check_memory(1, steps, tokens, negative, True, unet, (32, 32), max_mb=float("inf"))
     print(f"  real capture at 256x256, {steps} steps: maps {(per_step + fixed) / 2**20:.2f} MB + UNet inputs and CFG "
           f"differences {extra / 2**20:.2f} MB = {(per_step + fixed + extra) / 2**20:.2f} MB "
           f"(check_memory {predicted:.2f} MB)")

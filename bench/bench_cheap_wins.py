@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 from bench.bench_finetune import cpu_name  # noqa: E402
 from bench.common import interleaved, measure  # noqa: E402
 from imagecraft.pipeline import ImageCraftPipeline  # noqa: E402

@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.bench_quality import prompts_for  # noqa: E402
-from imagecraft import lora, service, shapes  # noqa: E402
+from imagecraft import lora, shapes  # noqa: E402
+from imagecraft.serve import jobs  # noqa: E402
 from imagecraft.runtime import training_bf16  # noqa: E402
 from imagecraft.train.finetune import finetune  # noqa: E402
 from imagecraft.train.recipe import FinetuneRecipe as Recipe  # noqa: E402
@@ -61,7 +62,7 @@ def teach(args):
                                                    ("text_encoder_lora", args.text_encoder_lora or None))
                                if v is not None})
     if args.prior:  # prior preservation on the app demo's prompts: every old colour and shape, one object each
-        recipe.class_prompts, recipe.class_images = tuple(service.demo_class_prompts()), args.prior
+        recipe.class_prompts, recipe.class_images = tuple(jobs.demo_class_prompts()), args.prior
     started = time.perf_counter()
     result = finetune(args.model, data, work / "lora", recipe)
     minutes = (time.perf_counter() - started) / 60

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 from bench.common import interleaved, report  # noqa: E402
 from imagecraft.loading import DEFAULT_MODEL  # noqa: E402
 from imagecraft.pipeline import ImageCraftPipeline  # noqa: E402
@@ -40,7 +40,7 @@ def main():
 
     model = args.model
     if args.tiny:
-        from helpers import make_tiny_pipeline_folder
+        from imagecraft.testing import make_tiny_pipeline_folder
 
         model = make_tiny_pipeline_folder(Path(tempfile.mkdtemp()) / "tiny")
     ours = ImageCraftPipeline.from_pretrained(model, dtype=args.dtype)

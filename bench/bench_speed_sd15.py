@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 from bench.common import interleaved  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def sd15_folder(folder: Path) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from helpers import TINY_TEXTS
+    from imagecraft.testing import TINY_TEXTS
     from imagecraft.tokenizer import train_clip_tokenizer
 
     torch.manual_seed(0)

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 from bench.common import interleaved, report  # noqa: E402
-from helpers import random_diffusers_unet  # noqa: E402
 from imagecraft import UNet_SD  # noqa: E402
+from imagecraft.testing import random_diffusers_unet  # noqa: E402
 
 
 def main():

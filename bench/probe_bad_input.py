@@ -88,7 +88,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Hub ids are probed offline: the error must say so, fast
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-BUILTIN = "built-in shapes model"  # imagecraft.service.BUILTIN, without importing torch before the temp dir is set
+BUILTIN = "built-in shapes model"  # imagecraft.serve.models.BUILTIN, without importing torch before the temp dir is set
 DEFAULT_MODEL = ROOT / "assets" / "shapes-sd"
 GENERIC = "upstream Gradio app has raised an exception"
 GRADIO_WORDING = re.compile(r"^Value:? |is not in the list of choices|^Invalid file type|maximum value|"
@@ -946,7 +946,7 @@ def python_cases(f: SimpleNamespace) -> list[Case]:
 def python_targets(f: SimpleNamespace) -> dict[str, Callable]:
     from imagecraft.explain.maps import AttentionMaps
     from imagecraft.pipeline import ImageCraftPipeline
-    from imagecraft.service import ModelCache
+    from imagecraft.serve.models import ModelCache
     from imagecraft.unet import UNetConfig
 
     pipe = ImageCraftPipeline.from_pretrained()
@@ -1369,7 +1369,7 @@ def disk(args, work: Path, f: SimpleNamespace):
 def prune_cost(root: Path, entries: int):
     """What `service.prune` (run on both folders before every generation) costs as the folders fill: it stats every
     entry, so its time grows with the outputs kept (up to IMAGECRAFT_OUTPUT_MB, default 500 MB, and one hour)."""
-    from imagecraft import service
+    from imagecraft.serve import outputs as service  # where prune lives
 
     if not hasattr(service, "prune"):
         return

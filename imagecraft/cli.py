@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 from .files import check_writable
 from .schedulers import SCHEDULERS
-from .settings import DEFAULT_STEPS
+from .settings import GENERATION, OVERLAY_ALPHA
 
 
 def _add_model_and_sampling(parser: argparse.ArgumentParser) -> None:
@@ -26,18 +26,10 @@ def _add_model_and_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
                         help="for a single-file model: a diffusers folder or Hub id with its tokenizer and configs")
     parser.add_argument("--prompt", default=None, help="what to draw; empty means unconditional")
-    parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
-    parser.add_argument("--seed", type=int, default=None, help="image i uses seed + i; random when not given")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"sampling steps, 1..150 ({DEFAULT_STEPS} when not given)")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="classifier-free guidance scale (7.5 when not given)")
-    parser.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
-                        help="sampler; the model's own when not given")
-    parser.add_argument("--width", type=int, default=None,
-                        help="multiple of 8, 64..2048; the model's size when not given")
-    parser.add_argument("--height", type=int, default=None,
-                        help="multiple of 8, 64..2048; the model's size when not given")
+    # every flag's default is None: a value not given comes from --from-png, else from the pipeline (the table's)
+    for name in ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "scheduler", "width", "height"):
+        GENERATION[name].add_flag(parser, when_absent=True, **({"choices": list(SCHEDULERS)} if name == "scheduler"
+                                                               else {}))
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps; detected when not given")
     parser.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto when not given: fp16 on CUDA, bf16 on a CPU with native bf16 (AMX, AVX-512 bf16), "
@@ -54,12 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate images from a prompt",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_and_sampling(gen)
-    gen.add_argument("--num-images", type=int, default=None, help="images in the batch, 1..16 (1 when not given)")
+    GENERATION["num_images"].add_flag(gen, when_absent=True)
     gen.add_argument("--output", default="imagecraft-{seed}.png",
                      help="PNG path; {seed} and {i} are filled in, and -i is added for batches")
-    gen.add_argument("--cache-interval", type=int, default=None,
-                     help="DeepCache: the whole UNet every N steps, the steps between reuse its deep features "
-                          "(1: off, exact)")
+    GENERATION["cache_interval"].add_flag(gen, when_absent=True)
     gen.add_argument("--from-png", default=None,
                      help="take every setting from this PNG's metadata (flags given here override)")
 
@@ -83,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampling steps to aggregate, as a range over step indices (default: all)")
     att.add_argument("--negative", action="store_true", help="show the negative prompt's words instead")
     att.add_argument("--cmap", default="jet", help="matplotlib colormap")
-    att.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0..1")
+    OVERLAY_ALPHA.add_flag(att)
     att.add_argument("--normalize", default="word", choices=["word", "absolute"],
                      help="scale each map to its own maximum, or all to one scale")
 
@@ -106,9 +96,7 @@ def parse_lora(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-FLAG_TO_SETTING = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed",
-                   "steps": "num_inference_steps", "guidance": "guidance_scale", "scheduler": "scheduler",
-                   "width": "width", "height": "height", "num_images": "num_images", "cache_interval": "cache_interval"}
+FLAG_TO_SETTING = {"prompt": "prompt", **{field.dest: name for name, field in GENERATION.items()}}
 
 
 @contextmanager

@@ -23,10 +23,12 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import loading
+from .explain.capture import capture as capture_attention, check_memory as check_attention_memory
 from .png import pipeline_settings, restore_settings, save_png
 from .port import config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet
 from .schedulers import check_scheduler_name, make_scheduler, scheduler_name_of
-from .settings import DEFAULT_STEPS, MAX_PROMPTS, MAX_SEED, check_settings  # noqa: F401  (MAX_* re-exported)
+from .settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_PROMPTS, MAX_SEED,  # noqa: F401  (MAX_* re-exported)
+                       check_settings)
 from .runtime import check_device, resolve_dtype
 from .unet import FeatureCache, UNet_SD
 
@@ -291,9 +293,9 @@ class ImageCraftPipeline:
 
     @torch.inference_mode()
     def __call__(self, prompt: str | list[str], negative_prompt: str | None = "",
-                 num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = 7.5, seed: int | None = None,
-                 width: int | None = None, height: int | None = None, num_images: int = 1, scheduler: str | None = None,
-                 callback: Callable | None = None, attention: bool = False,
+                 num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
+                 seed: int | None = None, width: int | None = None, height: int | None = None, num_images: int = 1,
+                 scheduler: str | None = None, callback: Callable | None = None, attention: bool = False,
                  cache_interval: int | None = None) -> GenerationResult:
         """Generates `num_images` images for `prompt`.
 
@@ -303,7 +305,7 @@ class ImageCraftPipeline:
                 one image each (num_images is then ignored).
             negative_prompt: what to steer away from (classifier-free guidance's unconditional half).
             num_inference_steps: 1..150 sampling steps.
-            guidance_scale: classifier-free guidance; <= 1 turns guidance off.
+            guidance_scale: classifier-free guidance (settings.DEFAULT_GUIDANCE, measured); <= 1 turns it off.
             seed: image i uses seed + i, so it equals a single-image call with that seed; random when None.
             width, height: multiples of 8 in 64..2048; the model's trained size when None.
             num_images: 1..16, generated as one batch.
@@ -384,16 +386,14 @@ class ImageCraftPipeline:
         return self.tokenizer.convert_ids_to_tokens(ids), max(0, len(full) - limit)
 
     def _attention_capture(self, prompts, negative_prompt, guided, steps, shape, image_size):
-        from .explain import maps as attention
-
         if any(not p.strip() for p in prompts):
             raise ValueError("attention maps need a prompt with words; the prompt is empty")
         split = [self.tokens(p) for p in prompts]
         tokens = [t for t, _ in split]
         negative = [self.tokens(negative_prompt)[0]] * len(prompts)
-        attention.check_memory(len(prompts), steps, tokens, negative, guided, self.unet, shape[2:])
-        return attention.capture(self.unet, tokens, negative, guided, shape[2:], image_size, prompts,
-                                 negative_prompt, truncated=[dropped for _, dropped in split])
+        check_attention_memory(len(prompts), steps, tokens, negative, guided, self.unet, shape[2:])
+        return capture_attention(self.unet, tokens, negative, guided, shape[2:], image_size, prompts, negative_prompt,
+                                 truncated=[dropped for _, dropped in split])
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         latents = latents.to(self.vae_dtype) / self.vae.config.scaling_factor

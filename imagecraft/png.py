@@ -25,7 +25,7 @@ from PIL import Image, PngImagePlugin
 
 from .files import atomic_write
 from .schedulers import SCHEDULERS
-from .settings import FIELDS, check, shown
+from .settings import GENERATION, check, shown
 
 JSON_KEY = "imagecraft"
 TEXT_KEYS = ("parameters", JSON_KEY)  # the text chunks we read; every other chunk is skipped unread
@@ -37,9 +37,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # How restore notes name each setting (A1111's words: they are what the PNG's text shows)
 LABELS = {"prompt": "prompt", "negative_prompt": "negative prompt", "num_inference_steps": "steps",
           "guidance_scale": "CFG scale", "seed": "seed", "width": "size", "scheduler": "sampler"}
-# Settings that `ImageCraftPipeline.__call__` takes and a PNG restores.
-SETTINGS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "width", "height",
-            "scheduler", "cache_interval")
+# Settings that `ImageCraftPipeline.__call__` takes and a PNG restores: one image's, so all but the number of images
+SETTINGS = ("prompt", *(name for name in GENERATION if name != "num_images"))
 
 
 def a1111_parameters(settings: dict) -> str:
@@ -181,7 +180,7 @@ def _checked(raw: dict) -> tuple[dict, list[str]]:
 
 def _check_restored(name: str, value):
     """One setting from a PNG, checked as user input is; a PNG may hold only single values, never a list."""
-    label = FIELDS[name].label if name in FIELDS else name
+    label = GENERATION[name].label if name in GENERATION else name
     if value is None:
         raise ValueError(f"{label} is missing")
     if not isinstance(value, (str, int, float)):

@@ -250,6 +250,18 @@ def load_pipe_into_our_UNet(our_unet: UNet_SD, pipe_unet) -> UNet_SD:
     return _copy_strict(our_unet, source, key_map, "diffusers -> UNet_SD")
 
 
+def from_diffusers(pipe_unet) -> UNet_SD:
+    """A UNet_SD with the config (derived) and weights (copied, strictly) of a diffusers UNet2DConditionModel, on
+    its device and in its dtype. `UNet_SD.from_diffusers` is this."""
+    ours = UNet_SD(config_from_diffusers(pipe_unet.config))
+    param = next(pipe_unet.parameters())
+    ours.to(device=param.device, dtype=param.dtype)
+    return load_pipe_into_our_UNet(ours, pipe_unet)
+
+
+UNet_SD.readers["diffusers"] = from_diffusers
+
+
 def to_diffusers_state_dict(our_unet: UNet_SD) -> dict[str, torch.Tensor]:
     """Our weights under diffusers' UNet2DConditionModel names (tensors are shared, not copied)."""
     sd = our_unet.state_dict()

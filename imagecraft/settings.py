@@ -1,9 +1,14 @@
-"""One schema for the generation settings, checked the same way at every entrance: the Python API, the CLI, the
-app and restore-from-PNG.
+"""The settings tables, one per schema, read at every entrance.
 
-Each field has a type, a range or a set of allowed values, and one sentence for a bad value that names the field,
-the value and what is allowed. Written by hand rather than with pydantic: the checks are a dozen lines, and the
-errors must read as sentences a user can act on, which pydantic's multi-line reports do not.
+`GENERATION` holds what `ImageCraftPipeline.__call__` takes: the Python API, the CLI's `generate` and `attention`
+flags, the app's Generate and Attention tabs and restore-from-PNG all read it. `FINETUNE` holds what a fine-tune
+takes: `FinetuneRecipe`'s defaults, `check_recipe`, the CLI's `finetune` flags and the app's Fine-tune tab. Each
+`Field` carries its type, its limits, its default, its label in the app, its help for the CLI and the app, its slider
+step, and one sentence for a bad value that names the field, the value and what is allowed. Sliders, flags and checks
+take their numbers from here; a limit is written once, with the reason for it.
+
+Written by hand rather than with pydantic: the checks are a few dozen lines, and the errors must read as sentences a
+user can act on, which pydantic's multi-line reports do not.
 
 Numbers: an integer field takes ints and numpy ints, and a float only when it is whole (25.0 from a slider is 25,
 2.5 is refused); True and False are never numbers. A float field takes any finite int or float.
@@ -16,6 +21,7 @@ import numbers
 import os
 from dataclasses import dataclass
 
+from .lora import UNET_TARGETS
 from .schedulers import check_scheduler_name
 
 MAX_SEED = 2**32 - 1
@@ -26,54 +32,280 @@ MAX_IMAGES = 16
 # on the built-in model's speed/quality frontier (bench/bench_speed_quality.py, docs/figures.md); also
 # AUTOMATIC1111's default.
 DEFAULT_STEPS = 20
+# Guidance when none is given (pipeline, CLI, app, fine-tune previews), measured on the built-in model with
+# `python bench/bench_quality.py --per-group 100 --steps 20 --guidance G` (300 prompts, the strict scorer): every
+# attribute right in 98/95/97% of the single/two/held-out groups at 5.0, against 90/77/77% at 7.5, where colours
+# and shapes start to break (7.5 is tuned for SD 1.5's photographs, not for this model).
+DEFAULT_GUIDANCE = 5.0
+MAX_TRAINING_STEPS = 20_000  # see FINETUNE's steps
+MAX_TRAINING_IMAGES = 5000  # images in a fine-tune's data folder (train.data.MAX_IMAGES; a test keeps them equal)
+# The peak learning rate when none is given: measured on the built-in model (bench/bench_finetune.py)
+LR_BY_METHOD = {"lora": 1e-4, "full": 5e-5}
+
+# How an error says what is allowed, per kind; a Field's own `allowed` replaces it. {low}, {high}, {step} and
+# {choices} are filled in from the Field, so no limit is written twice.
+ALLOWED = {
+    "int": "a whole number from {low} to {high:,}",
+    "float": "a number from {low:g} to {high:g}",
+    "float above low": "a number in ({low:g}, {high:g}]",
+    "text": "a string of at most {high} characters",
+    "choice": "{choices}",
+    "choices": "some of {choices} (at least one)",
+    "bool": "True or False",
+    "prompts": "a list of prompts (at most {high}, each non-empty text of at most {chars} characters)",
+    "scheduler": "a sampler's name (a string)",
+}
 
 
 @dataclass(frozen=True)
 class Field:
-    name: str  # the pipeline's keyword
+    name: str  # the keyword: the pipeline's or FinetuneRecipe's
     label: str  # how errors name it
-    kind: str  # "int", "float", "text" or "scheduler"
+    kind: str  # "int", "float", "text", "scheduler", "choice", "choices" (some of), "bool" or "prompts" (a list)
     low: float | None = None
-    high: float | None = None
-    allowed: str = ""  # what is allowed, as the error says it
+    high: float | None = None  # "text": the most characters; "prompts": the most prompts
+    default: object = None  # None with `optional`: decided later (`unset` says by what)
+    step: float = 1  # the slider's step; an "int" field's values are multiples of it
+    ui: str = ""  # the app's label
+    help: str = ""  # what it does: the CLI's --help, the app's info line
+    allowed: str = ""  # what is allowed, as the error says it (default: ALLOWED for the kind)
+    choices: tuple = ()
+    optional: bool = False  # None passes
+    unset: str = ""  # what None means, as the CLI's help says it ("the model's size")
+    above_low: bool = False  # the low end itself is refused: (low, high]
+    cli: str = ""  # the flag, when not --name with dashes
 
     def check(self, value):
         """The value, normalised (whole floats to int); ValueError with one sentence otherwise."""
+        if value is None and self.optional:
+            return None
         if self.kind == "int":
             whole = _whole(value)
             ok = whole is not None and self.low <= whole <= self.high
             value = whole if ok else value
+            ok = ok and whole % self.step == 0
         elif self.kind == "float":
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
-                and (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+                and (value > self.low if self.above_low else value >= self.low) and value <= self.high
             value = float(value) if ok else value
         elif self.kind == "text":
             ok = isinstance(value, str) and len(value) <= self.high
             if ok:
                 _check_unicode(self.label, value)
+        elif self.kind == "choice":
+            ok = isinstance(value, str) and value in self.choices
+        elif self.kind == "choices":
+            ok = isinstance(value, (tuple, list)) and len(value) > 0 and all(v in self.choices for v in value)
+            value = tuple(value) if ok else value
+        elif self.kind == "bool":
+            ok = isinstance(value, bool)
+        elif self.kind == "prompts":
+            return self._check_prompts(value)
         else:  # scheduler: our short names or A1111's display names
             if not isinstance(value, str):
                 ok = False
             else:
                 return check_scheduler_name(value)
         if not ok:
-            raise ValueError(f"{self.label} must be {self.allowed}, got {shown(value)}")
+            raise self.refuse(value)
         return value
 
+    def _check_prompts(self, value) -> tuple[str, ...]:
+        if not isinstance(value, (tuple, list)):
+            raise self.refuse(value)
+        if len(value) > self.high:
+            raise self.refuse(f"{len(value)} prompts", quoted=False)
+        for prompt in value:
+            if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS:
+                raise self.refuse(prompt)
+            _check_unicode(self.label, prompt)
+        return tuple(value)
 
-FIELDS = {f.name: f for f in (
-    Field("negative_prompt", "negative_prompt", "text", high=MAX_PROMPT_CHARS,
-          allowed=f"a string of at most {MAX_PROMPT_CHARS} characters"),
-    Field("num_inference_steps", "steps", "int", 1, 150, "an integer from 1 to 150"),
-    Field("guidance_scale", "guidance scale", "float", 0, 30, "a number from 0 to 30"),
-    Field("width", "width", "int", 64, 2048, "a multiple of 8 between 64 and 2048"),
-    Field("height", "height", "int", 64, 2048, "a multiple of 8 between 64 and 2048"),
-    Field("num_images", "number of images", "int", 1, MAX_IMAGES, f"from 1 to {MAX_IMAGES}"),
-    Field("seed", "seed", "int", 0, MAX_SEED, f"an integer from 0 to {MAX_SEED}, or None for a random one"),
-    Field("scheduler", "scheduler", "scheduler", allowed="a sampler's name (a string)"),
-    Field("cache_interval", "cache_interval", "int", 1, 150,
-          "a whole number from 1 (no caching) to 150 (DeepCache: the whole UNet every that many steps)"),
-)}
+    def refuse(self, value, quoted: bool = True) -> ValueError:
+        """The sentence for a bad value: "<label> must be <what is allowed>, got <value>"."""
+        return ValueError(f"{self.label} must be {self.allows}, got {shown(value) if quoted else value}")
+
+    @property
+    def allows(self) -> str:
+        """What is allowed, in words (the error's middle)."""
+        kind = "float above low" if self.kind == "float" and self.above_low else self.kind
+        return (self.allowed or ALLOWED[kind]).format(
+            low=self.low, high=self.high, step=self.step, chars=MAX_PROMPT_CHARS,
+            choices=(" or " if self.kind == "choice" else ", ").join(
+                repr(c) if self.kind == "choice" else str(c) for c in self.choices))
+
+    @property
+    def span(self) -> str:
+        """The range in a few characters, for --help: "1..150", "(0, 0.1]", "a multiple of 8 in 64..2048"."""
+        if self.kind == "text":
+            return f"at most {self.high} characters"
+        if self.kind == "choices":
+            return "some of " + ", ".join(self.choices)
+        if self.kind == "float":
+            return f"({self.low:g}, {self.high:g}]" if self.above_low else f"{self.low:g}..{self.high:g}"
+        if self.kind == "int":
+            return f"a multiple of {self.step} in {self.low}..{self.high}" if self.step != 1 else f"{self.low}..{self.high}"
+        return ""
+
+    @property
+    def flag(self) -> str:
+        return self.cli or "--" + self.name.replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        """Where argparse puts the flag's value."""
+        return self.flag[2:].replace("-", "_")
+
+    def flag_help(self, when_absent: bool = False) -> str:
+        """The flag's help: what it does, its range, its default ("... when not given" for a flag whose absence
+        leaves the value to something else: a PNG, the model)."""
+        if self.default is None or self.default in ((), ""):
+            default = self.unset or "none"
+        elif isinstance(self.default, bool):
+            default = "on" if self.default else "off"
+        elif isinstance(self.default, tuple):
+            default = ",".join(self.default)
+        else:
+            default = f"{self.default:g}" if _is_number(self.default) else str(self.default)
+        parts = [self.help, self.span, f"{default} when not given" if when_absent else f"default: {default}"]
+        return "; ".join(p for p in parts if p)
+
+    def add_flag(self, parser, when_absent: bool = False, **overrides):
+        """This field as a flag of `parser`: type, choices, default and help from the table. `when_absent`: the
+        flag's default is None, the value then comes from elsewhere (a PNG's, the pipeline's own)."""
+        options = dict(default=None if when_absent else self.default,
+                       help=self.flag_help(when_absent).replace("%", "%%"))  # argparse formats help with %
+        if self.kind == "bool":
+            options["action"] = "store_true"
+        elif self.kind in ("int", "float"):
+            options["type"] = int if self.kind == "int" else float
+        elif self.kind == "choice":
+            options["choices"] = self.choices
+        return parser.add_argument(self.flag, **{**options, **overrides})
+
+
+def _table(*fields: Field) -> dict[str, Field]:
+    return {f.name: f for f in fields}
+
+
+GENERATION = _table(
+    Field("negative_prompt", "negative_prompt", "text", high=MAX_PROMPT_CHARS, default="", ui="Negative prompt",
+          help="what to steer away from", unset="none"),
+    Field("num_inference_steps", "steps", "int", 1, 150, DEFAULT_STEPS, ui="Sampling steps", help="sampling steps",
+          allowed="an integer from {low} to {high}", cli="--steps"),
+    Field("guidance_scale", "guidance scale", "float", 0, 30, DEFAULT_GUIDANCE, step=0.5, ui="CFG scale",
+          help="classifier-free guidance scale (1 or less: off)", cli="--guidance"),
+    Field("width", "width", "int", 64, 2048, step=8, ui="Width", help="the image's width", optional=True,
+          unset="the model's size", allowed="a multiple of {step} between {low} and {high}"),
+    Field("height", "height", "int", 64, 2048, step=8, ui="Height", help="the image's height", optional=True,
+          unset="the model's size", allowed="a multiple of {step} between {low} and {high}"),
+    Field("num_images", "number of images", "int", 1, MAX_IMAGES, 1, ui="Images", help="images in the batch",
+          allowed="from {low} to {high}"),
+    Field("seed", "seed", "int", 0, MAX_SEED, help="image i uses seed + i", optional=True, unset="random",
+          allowed="an integer from {low} to {high}, or None for a random one"),
+    Field("scheduler", "scheduler", "scheduler", ui="Sampler", help="sampler", optional=True, unset="the model's own"),
+    Field("cache_interval", "cache_interval", "int", 1, 150, 1, ui="DeepCache interval", optional=True,
+          help="DeepCache: the whole UNet every N steps, the steps between reuse its deep features; 1: off, exact; "
+               "2-3: faster",
+          allowed="a whole number from {low} (no caching) to {high} (DeepCache: the whole UNet every that many "
+                  "steps)"),
+)
+
+# Two settings of a request that are not the pipeline's keywords: the LoRA's scale (`pipeline.check_lora_scale` checks
+# the same limits) and the attention overlay's opacity.
+LORA_SCALE = Field("lora_scale", "LoRA scale", "float", -4, 4, 1.0, step=0.05, ui="LoRA scale",
+                   help="the LoRA's weight: 0 is the base model, 1 the LoRA as trained, below 0 its opposite")
+OVERLAY_ALPHA = Field("alpha", "overlay opacity", "float", 0, 1, 0.5, step=0.05, ui="Overlay opacity",
+                      help="how opaque the attention map is over the image")
+
+# The limits of a fine-tune. One per field, for the CLI, the Python API and the app alike; what each one is for:
+FINETUNE = _table(
+    Field("method", "method", "choice", default="lora", choices=("lora", "full"), ui="Method",
+          help="lora: low-rank adapters (peft) on the UNet's attention projections; full: the whole UNet, with EMA"),
+    # 20,000: above the longest published SD fine-tunes (DreamBooth and LoRA recipes run 500-3,000 steps, diffusers'
+    # full text-to-image example 15,000); longer is pretraining, and on a server one job already holds the
+    # one-at-a-time training queue for hours
+    Field("steps", "steps", "int", 1, MAX_TRAINING_STEPS, 400, ui="Training steps", help="optimizer steps"),
+    # batch_size and grad_accum up to 256: far above what a fine-tune uses (the built-in model trains at 4), so
+    # they only catch a typo before the data is encoded
+    Field("batch_size", "batch_size", "int", 1, 256, 4,
+          help="images per step and process; the global batch is batch_size x processes x grad_accum"),
+    Field("grad_accum", "grad_accum", "int", 1, 256, 1,
+          help="steps whose gradients are summed before one optimizer step"),
+    # (0, 0.1]: 100x the highest rate LoRA recipes use (1e-3); AdamW diverges at once above it
+    Field("lr", "lr", "float", 0, 0.1, optional=True, above_low=True, ui="Learning rate",
+          help="peak learning rate", unset=" for LoRA, ".join(f"{v:g}" for v in LR_BY_METHOD.values()) + " for full"),
+    Field("lr_schedule", "lr_schedule", "choice", default="constant", choices=("constant", "cosine"),
+          help="the learning rate after warm-up: constant, or cosine down to 10% of the peak"),
+    Field("warmup", "warmup", "int", 0, MAX_TRAINING_STEPS, 20, help="steps of linear learning-rate warm-up"),
+    # 1..128: above half a projection's width a LoRA holds more weights than the layer it adapts (2 x rank x 320
+    # against 320 x 320 for SD 1.5's narrowest attention), so a larger rank is a full fine-tune done badly
+    Field("rank", "rank", "int", 1, 128, 8, ui="LoRA rank", help="LoRA rank"),
+    # (0, 256]: the LoRA's scale is alpha / rank, and recipes set alpha to the rank (scale 1), half of it, or 1;
+    # twice the largest rank covers them all
+    Field("alpha", "alpha", "float", 0, 256, optional=True, above_low=True, help="LoRA alpha (scale alpha / rank)",
+          unset="the rank"),
+    Field("targets", "targets", "choices", default=("attn",), choices=tuple(UNET_TARGETS),
+          help="LoRA targets in the UNet, comma-separated"),
+    Field("text_encoder_lora", "text_encoder_lora", "bool", default=False,
+          help="LoRA on the text encoder's attention too"),
+    # 0..100: Min-SNR (Hang et al. 2023) uses 5; at 100 only the least noisy timesteps (SNR over 100) are weighted
+    # down, so more is plain MSE
+    Field("snr_gamma", "snr_gamma", "float", 0, 100, 5.0, help="Min-SNR weighting's gamma; 0: plain MSE"),
+    # 0..1: offset noise (Guttenberg 2023) uses 0.05-0.1; 1 is as strong as the noise itself
+    Field("noise_offset", "noise_offset", "float", 0, 1, 0.0,
+          help="e.g. 0.05: darker darks and brighter brights (Guttenberg 2023)"),
+    # 0..100: recipes clip at 0.5-1 (diffusers: 1); 100 is a hundred times that
+    Field("max_grad_norm", "max_grad_norm", "float", 0, 100, 1.0, help="clip the gradient's norm to this; 0: no clipping"),
+    # 0..1: recipes use 0-0.1 (diffusers: 0.01); 1 is ten times the largest
+    Field("weight_decay", "weight_decay", "float", 0, 1, 1e-2, help="AdamW's weight decay"),
+    # 0.9..0.9999: an average over the last 10 to 10,000 steps (1 / (1 - decay)); diffusers' default is 0.9999
+    Field("ema_decay", "ema_decay", "float", 0.9, 0.9999, 0.999,
+          help="full fine-tune only: the decay of the weights' moving average, which is what is saved"),
+    Field("precision", "precision", "choice", default="auto", choices=("auto", "bf16", "fp32"),
+          help="auto: bf16 autocast where the CPU or GPU runs bf16 natively"),
+    Field("gradient_checkpointing", "gradient_checkpointing", "bool", default=False,
+          help="recompute activations in the backward pass: less memory, more time"),
+    # 0..1: a share
+    Field("caption_dropout", "caption_dropout", "float", 0, 1, 0.0,
+          help="share of captions replaced by \"\" (keeps classifier-free guidance trained)"),
+    Field("flip", "flip", "bool", default=False, help="random horizontal flips (they swap left and right)"),
+    Field("seed", "seed", "int", 0, MAX_SEED, 0, help="data order, noise and LoRA's initial weights"),
+    # the *_every up to the longest run
+    Field("checkpoint_every", "checkpoint_every", "int", 1, MAX_TRAINING_STEPS, 100,
+          help="steps between checkpoints (rerunning the same command resumes from the last)"),
+    Field("eval_every", "eval_every", "int", 1, MAX_TRAINING_STEPS, 25,
+          help="steps between two evaluations of the fixed-batch loss"),
+    Field("preview_every", "preview_every", "int", 0, MAX_TRAINING_STEPS, 100,
+          help="steps between previews; 0: at the end only"),
+    # previews and prior-preservation images are sampled as generation is: its limits and defaults
+    Field("preview_steps", "preview_steps", "int", GENERATION["num_inference_steps"].low,
+          GENERATION["num_inference_steps"].high, DEFAULT_STEPS,
+          help="sampling steps of the previews and the prior-preservation images"),
+    Field("preview_guidance", "preview_guidance", "float", GENERATION["guidance_scale"].low,
+          GENERATION["guidance_scale"].high, DEFAULT_GUIDANCE,
+          help="guidance of the previews and the prior-preservation images"),
+    # up to one list-of-prompts call
+    Field("validation_prompts", "validation_prompts", "prompts", high=MAX_PROMPTS, default=(),
+          cli="--validation-prompt", help="a preview prompt (repeat for more)",
+          unset="the data's first two captions"),
+    # 0..64: each image is evaluated at five timesteps, so 64 cost 320 UNet passes every eval_every steps
+    Field("heldout_images", "heldout_images", "int", 0, 64, 4,
+          help="training images in the fixed batch whose loss is logged every eval_every steps"),
+    # Prior preservation (DreamBooth, Ruiz et al. 2022; kohya's regularisation images): the base model's own images
+    # for these prompts, made once before training, are trained on beside the data with weight prior_weight, so what
+    # the data does not show stays as the base model drew it. Off when empty; each step then costs twice. At most 100
+    # prompts: the demo's whole vocabulary of colours and shapes is 21.
+    Field("class_prompts", "class_prompts", "prompts", high=100, default=(), cli="--class-prompt",
+          help="prior preservation: the base model's images for this prompt are trained on beside the data, so that "
+               "what the data does not show stays (repeat for more)", unset="off"),
+    # as many as a data folder may hold
+    Field("class_images", "class_images", "int", 1, MAX_TRAINING_IMAGES, 100,
+          help="how many prior-preservation images to make, the class prompts in turn"),
+    # (0, 100]: DreamBooth uses 1
+    Field("prior_weight", "prior_weight", "float", 0, 100, 1.0, above_low=True,
+          help="weight of the prior-preservation loss"),
+)
 
 
 def check_prompt(prompt) -> str | list[str]:
@@ -101,25 +333,35 @@ def _check_unicode(label: str, text: str) -> None:
 
 
 def check(name: str, value):
-    """One setting, normalised; None passes for the optional ones (seed, width, height, scheduler, cache_interval)."""
+    """One generation setting, normalised; None passes for the optional ones (seed, width, height, scheduler,
+    cache_interval)."""
     if name == "prompt":
         return check_prompt(value)
-    if value is None and name in ("seed", "width", "height", "scheduler", "cache_interval"):
-        return None
-    if name in ("width", "height"):
-        clean = FIELDS[name].check(value)
-        if clean % 8:
-            raise ValueError(f"{name} must be a multiple of 8 between 64 and 2048, got {clean}")
-        return clean
-    return FIELDS[name].check(value)
+    return GENERATION[name].check(value)
 
 
 def check_settings(settings: dict) -> dict:
     """Every setting of a dict checked and normalised; unknown names are refused by name."""
-    unknown = sorted(set(settings) - set(FIELDS) - {"prompt"})
+    unknown = sorted(set(settings) - set(GENERATION) - {"prompt"})
     if unknown:
-        raise ValueError(f"unknown settings {unknown}; known: prompt, {', '.join(FIELDS)}")
+        raise ValueError(f"unknown settings {unknown}; known: prompt, {', '.join(GENERATION)}")
     return {name: check(name, value) for name, value in settings.items()}
+
+
+def check_finetune(values: dict) -> dict:
+    """A fine-tune's settings (FinetuneRecipe's fields) checked and normalised, refusing the first bad one with its
+    sentence; then the rules between fields."""
+    unknown = sorted(set(values) - set(FINETUNE))
+    if unknown:
+        raise ValueError(f"unknown fine-tune settings {unknown}; known: {', '.join(FINETUNE)}")
+    clean = {name: FINETUNE[name].check(value) for name, value in values.items()}
+    prompts, images = clean.get("class_prompts", ()), clean.get("class_images", FINETUNE["class_images"].default)
+    if prompts and images < len(prompts):
+        raise ValueError(f"class_images ({images}) is fewer than the class prompts ({len(prompts)}): each prompt needs "
+                         f"at least one image")
+    if clean.get("method") == "full" and clean.get("text_encoder_lora"):
+        raise ValueError("text_encoder_lora goes with method 'lora'; a full fine-tune trains the UNet only")
+    return clean
 
 
 def max_cost(device: str) -> int:
@@ -152,6 +394,10 @@ def _whole(value) -> int | None:
     if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
         return int(value)
     return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def shown(value) -> str:

@@ -534,14 +534,12 @@ class UNet_SD(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
+    # Readers of other checkpoint layouts by name, registered by `imagecraft.port` (importing `imagecraft` does it):
+    # the porting layer depends on the model, never the reverse.
+    readers: dict = {}
+
     @classmethod
     def from_diffusers(cls, unet) -> "UNet_SD":
-        """A UNet_SD with the config and weights of a diffusers `UNet2DConditionModel` (e.g. `pipe.unet`)."""
-        from .port import config_from_diffusers, load_pipe_into_our_UNet
-
-        ours = cls(config_from_diffusers(unet.config))
-        param = next(unet.parameters())
-        ours.to(device=param.device, dtype=param.dtype)
-        load_pipe_into_our_UNet(ours, unet)
-        return ours
-
+        """A UNet_SD with the config and weights of a diffusers `UNet2DConditionModel` (e.g. `pipe.unet`), ported
+        exactly by `imagecraft.port.from_diffusers`."""
+        return cls.readers["diffusers"](unet)

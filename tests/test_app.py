@@ -2,17 +2,17 @@
 
 import json
 import shutil
-import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import serve_app
 from PIL import Image, PngImagePlugin
 
 import app
-from imagecraft.service import BUILTIN
+from imagecraft.serve.models import BUILTIN
 from imagecraft.settings import DEFAULT_STEPS
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -20,20 +20,10 @@ UNCHANGED = {"__type__": "update"}  # what gradio_client gives for a gr.update()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url():
-    demo = app.build_demo()
-    port = free_port()
-    demo.queue(default_concurrency_limit=2).launch(server_name="127.0.0.1", server_port=port,
-                                                    prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serve_app(concurrency=2) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +38,7 @@ def image_path(gallery_item):
     return item["path"] if isinstance(item, dict) else item
 
 
+@pytest.mark.integration
 def test_generate_api_with_defaults(client):
     gallery, seed = client.predict("a red circle on the left", seed=1234, api_name="/generate")
     assert seed == 1234 and len(gallery) == 1
@@ -62,6 +53,7 @@ def test_generate_api_with_defaults(client):
     assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(direct))
 
 
+@pytest.mark.integration
 def test_batch_and_random_seed(client):
     gallery, seed = client.predict("a blue square", num_images=3, api_name="/generate")
     assert len(gallery) == 3 and 0 <= seed < 2**32
@@ -70,6 +62,7 @@ def test_batch_and_random_seed(client):
     assert isinstance(client.predict(api_name="/random_seed"), (int, float))
 
 
+@pytest.mark.integration
 def test_concurrent_requests_do_not_mix(client):
     prompts = ["a green triangle", "a white square", "a green triangle", "a black circle"] * 2
     jobs = [client.submit(p, seed=77, steps=10, api_name="/generate") for p in prompts]
@@ -84,6 +77,7 @@ def test_concurrent_requests_do_not_mix(client):
     assert not np.array_equal(by_prompt["a green triangle"][0], by_prompt["a white square"][0])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kwargs, message", [
     (dict(scheduler="karras_magic"), "unknown scheduler 'karras_magic'"),
     (dict(steps=100000), "steps must be an integer from 1 to 150, got 100000"),
@@ -112,6 +106,7 @@ def test_bad_input_gets_a_message_and_the_app_keeps_serving(client, kwargs, mess
     assert len(gallery) == 1
 
 
+@pytest.mark.integration
 def test_read_png_restores_every_field(client):
     gallery, seed = client.predict("a yellow square at the top", negative_prompt="red", steps=12, guidance=3.5,
                                    seed=99, scheduler="euler_a", cache_interval=2, api_name="/generate")
@@ -122,10 +117,11 @@ def test_read_png_restores_every_field(client):
     assert list(fields[8:]) == [UNCHANGED, UNCHANGED, 2]  # the number of images and the model box; DeepCache
 
 
+@pytest.mark.integration
 def test_read_png_leaves_bad_fields_and_the_model_unchanged(client, tmp_path):
     from gradio_client import handle_file
 
-    from imagecraft.service import settings_from_png
+    from imagecraft.serve.actions import settings_from_png
 
     info = PngImagePlugin.PngInfo()  # AUTOMATIC1111's, with no Size, a sampler we lack and steps out of range
     info.add_text("parameters", "a castle\nNegative prompt: fog\nSteps: 9999, Sampler: DPM++ SDE Karras, "
@@ -142,6 +138,7 @@ def test_read_png_leaves_bad_fields_and_the_model_unchanged(client, tmp_path):
                      "this image was made with the model '../../somewhere/else'; load it in the Model box to use it"]
 
 
+@pytest.mark.integration
 def test_load_model_reports_and_errors(client):
     from gradio_client.exceptions import AppError
 
@@ -171,6 +168,7 @@ def browser_page(failure_png: str, **page_options):
             browser.close()
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_browser_types_a_prompt_and_gets_an_image(url):
     with browser_page("browser-failure.png") as page:
@@ -190,6 +188,7 @@ def test_browser_types_a_prompt_and_gets_an_image(url):
         page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
 
 
+@pytest.mark.integration
 def test_attention_api_explains_the_generated_image(client):
     from gradio_client.exceptions import AppError
 
@@ -212,6 +211,7 @@ def test_attention_api_explains_the_generated_image(client):
     assert len(client.predict("a red circle", steps=1, api_name="/attention")) == 12  # one step: sliders stay put
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_browser_generates_then_explains_a_word(url):
     prompt = "a blue square above a green triangle"
@@ -242,18 +242,45 @@ def test_browser_generates_then_explains_a_word(url):
         page.screenshot(path=str(ARTIFACTS / "attention-tab.png"), full_page=True)
 
 
+@pytest.mark.unit
+def test_event_cancelled_reads_what_gradio_has():
+    """`handlers.event_cancelled` reads Gradio's private queue (no public API says whether an event is still
+    wanted): an event of a queued Blocks is wanted while it sits in `_queue.active_jobs` and dropped once it has
+    left. This fails when Gradio renames or reshapes what it reads."""
+    import contextvars
+
+    import gradio as gr
+    from gradio.context import LocalContext
+    from gradio.queueing import Event
+
+    from imagecraft.serve.handlers import event_cancelled
+
+    with gr.Blocks() as demo:
+        gr.Button().click(lambda: None)
+    demo.queue()
+    event = Event(None, next(iter(demo.fns.values())), None, None)
+
+    def in_event():
+        LocalContext.blocks.set(demo)
+        LocalContext.event_id.set(event._id)
+        demo._queue.active_jobs = [None, [event]]
+        running = event_cancelled()
+        demo._queue.active_jobs = [None, None]  # cancelled, or its client went away
+        return running, event_cancelled()
+
+    assert contextvars.copy_context().run(in_event) == (False, True)
+    assert event_cancelled() is False  # outside an event: nothing to cancel
+
+
+@pytest.mark.integration
 def test_a_cancelled_request_stops_and_frees_the_server(capfd):
     """A long request (16 images x 150 steps, ~30 s here) cancelled after 2 s stops sampling within a step, where
     Gradio alone would let its thread run to the end. Expected user errors log one line, never a traceback."""
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    demo = app.build_demo()
-    port = free_port()
-    demo.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", server_port=port,
-                                                    prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with serve_app(concurrency=1) as url:
+        client = Client(url, verbose=False)
         client.predict("a red circle", steps=2, api_name="/generate")  # warm
         calls = []  # UNet forwards of 16-image batches: the long request's steps
         hook = app.models.get(None).unet.register_forward_hook(
@@ -274,12 +301,11 @@ def test_a_cancelled_request_stops_and_frees_the_server(capfd):
             client.predict("a red circle", width=100, api_name="/generate")
         with pytest.raises(AppError, match="steps must be an integer from 1 to 150, got 2.5"):
             client.predict("a red circle", steps=2.5, api_name="/generate")
-    finally:
-        demo.close()
     err = capfd.readouterr().err
     assert "Traceback" not in err
 
 
+@pytest.mark.integration
 def test_error_messages_reach_api_clients_as_plain_text(client):
     from gradio_client.exceptions import AppError
 
@@ -289,6 +315,7 @@ def test_error_messages_reach_api_clients_as_plain_text(client):
     assert "&lt;" not in message and "<b>" not in message and "\u2039b\u203ax\u2039/b\u203a" in message
 
 
+@pytest.mark.integration
 def test_finetune_api_trains_streams_and_the_lora_generates(client, tmp_path):
     from gradio_client.exceptions import AppError
 
@@ -320,6 +347,7 @@ def test_finetune_api_trains_streams_and_the_lora_generates(client, tmp_path):
     assert np.array_equal(np.asarray(Image.open(image_path(again[0]))), np.asarray(Image.open(image_path(base[0]))))
 
 
+@pytest.mark.integration
 def test_finetune_captions_missing_are_named(client, tmp_path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
@@ -339,6 +367,7 @@ def test_finetune_captions_missing_are_named(client, tmp_path):
     assert job.outputs()[-1][0].startswith("**Done**")
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_browser_uploads_trains_sees_the_loss_and_generates_with_the_lora(url, tmp_path):
     rng = __import__("random").Random(3)

@@ -11,26 +11,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SD2_STYLE, make_tiny_pipeline_folder
 
-from imagecraft.explain import plots
-from imagecraft.explain.maps import AttentionMaps, ablation, block_of
+from imagecraft.explain import AttentionMaps, ablation, plots
+from imagecraft.explain.capture import block_of, keep_cross_attention
 from imagecraft.pipeline import ImageCraftPipeline
-from imagecraft.unet import SDPAProcessor
+from imagecraft.unet import SDPAProcessor, UNet_SD, UNetConfig
+
+pytestmark = pytest.mark.unit
 
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):  # fp32: the maps are compared with naive fp32 computations
-    return ImageCraftPipeline.from_pretrained(make_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny-attn")),
-                                              dtype="fp32")
+def pipe(tiny_sd1_pipe):  # fp32: the maps are compared with naive fp32 computations
+    return tiny_sd1_pipe
 
 
 @pytest.fixture(scope="module")
-def pipe2(tmp_path_factory):  # attention at two resolutions, different head counts per level
-    folder = make_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny-attn-sd2"), unet=SD2_STYLE)
-    return ImageCraftPipeline.from_pretrained(folder, dtype="fp32")
+def pipe2(tiny_sd2):  # attention at two resolutions, different head counts per level
+    return ImageCraftPipeline.from_pretrained(tiny_sd2, dtype="fp32")
 
 
 class NaiveProbs:
@@ -130,12 +129,12 @@ def test_capture_matches_naive_for_every_layout(pipe, layout):
             h, w = layer.size
             naive = torch.stack([cond_half(p, batch, guided)[i] for p in calls[layer.name]])  # (S, heads, HW, M)
             naive = naive[..., :count].permute(0, 1, 3, 2).reshape(*naive.shape[:2], count, h, w)
-            np.testing.assert_allclose(maps.step_maps[index], naive.mean(1).numpy(), atol=2e-3)
-            np.testing.assert_allclose(maps.head_sums[index], naive.sum(0).numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(maps.sides[0].step_maps[index], naive.mean(1).numpy(), atol=2e-3)
+            np.testing.assert_allclose(maps.sides[0].head_sums[index], naive.sum(0).numpy(), rtol=1e-4, atol=1e-5)
             if guided:
                 neg = torch.stack([p[i] for p in calls[layer.name]])[..., : len(maps.negative_tokens)]
                 neg = neg.permute(0, 1, 3, 2).reshape(*neg.shape[:2], -1, h, w)
-                np.testing.assert_allclose(maps.neg_head_sums[index], neg.sum(0).numpy(), rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(maps.sides[1].head_sums[index], neg.sum(0).numpy(), rtol=1e-4, atol=1e-5)
         for word in maps.words():
             theirs = daam_word(calls, maps, i, batch, guided, maps.token_indices(word))
             mine = maps.word(word)
@@ -457,3 +456,44 @@ def test_words_read_as_typed_for_any_script(pipe):
     np.testing.assert_array_equal(maps.word("🎨"), maps.to_image_size(
         maps.latent_maps(maps.token_indices("🎨")).mean(0)))
     assert len(maps.token_indices("🎨")) >= 1 and maps.word("À").shape == maps.image_size
+
+
+def test_keep_cross_attention_keeps_the_maps_with_their_gradients():
+    """The trainer's grounding processor against the attention maths written out: per attn2 call the
+    head-averaged softmax(QK^T / sqrt(d)) (B, pixels, tokens), gradients flowing back to the weights, and the
+    layer's output softmax(QK^T / sqrt(d)) V."""
+    torch.manual_seed(0)
+    unet = UNet_SD(UNetConfig.tiny())
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 32)
+    expected_maps, expected_outs = [], []
+
+    def reference(attn, x_, ctx=None):
+        split = lambda t_: t_.reshape(*t_.shape[:2], attn.heads, -1).permute(0, 2, 1, 3)  # noqa: E731
+        q, k, v = split(attn.to_q(x_)), split(attn.to_k(ctx)), split(attn.to_v(ctx))  # (B, heads, N or M, d)
+        probs = torch.einsum("bhnd,bhmd->bhnm", q, k).div(math.sqrt(q.shape[-1])).softmax(-1)
+        expected_maps.append(probs.mean(1))
+        merged = torch.einsum("bhnm,bhmd->bnhd", probs, v).flatten(2)  # (B, N, heads * d)
+        out = attn.to_out[0](merged)
+        expected_outs.append(out)
+        return out
+
+    originals = unet.attn_processors
+    unet.set_attn_processor({n: reference if n.endswith("attn2") else p for n, p in originals.items()})
+    expected = unet(x, t, context)
+    unet.set_attn_processor(originals)
+    outs = []
+    hooks = [m.register_forward_hook(lambda m_, a, out: outs.append(out))
+             for n, m in unet.named_modules() if n.endswith("attn2")]
+    kept = keep_cross_attention(unet)
+    got = unet(x, t, context)
+    for h in hooks:
+        h.remove()
+    assert len(kept) == len(expected_maps) == len(outs) == sum(n.endswith("attn2") for n in originals)
+    for mine, theirs, out, ref in zip(kept, expected_maps, outs, expected_outs):
+        assert mine.shape == theirs.shape and mine.shape[0] == 2 and mine.shape[2] == 5  # (B, pixels, tokens)
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    kept[0][:, :, 1].sum().backward()  # a grounding loss reaches the layers that made the maps
+    first = next(m for n, m in unet.named_modules() if n.endswith("attn2"))
+    assert first.to_q.weight.grad is not None and first.to_q.weight.grad.abs().sum() > 0

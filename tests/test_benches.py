@@ -1,11 +1,12 @@
 """The benchmarks refuse what they cannot measure, in a sentence."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import make_tiny_pipeline_folder
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,11 +16,12 @@ def run_quality(model) -> subprocess.CompletedProcess:
                            "--per-group", "1"], capture_output=True, text=True, timeout=300)
 
 
-def test_bench_quality_says_when_a_folder_is_not_a_shapes_model(tmp_path):
+@pytest.mark.integration
+def test_bench_quality_says_when_a_folder_is_not_a_shapes_model(tiny_sd1, tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_quality(tmp_path / "empty")
     assert result.returncode != 0 and "is not a model ImageCraft can load, so not a shapes model" in result.stderr
-    model = make_tiny_pipeline_folder(tmp_path / "big")
+    model = shutil.copytree(tiny_sd1, tmp_path / "big")  # a copy: its config is changed below
     config = json.loads((model / "unet" / "config.json").read_text())
     (model / "unet" / "config.json").write_text(json.dumps(dict(config, sample_size=32)))
     result = run_quality(model)
@@ -27,6 +29,7 @@ def test_bench_quality_says_when_a_folder_is_not_a_shapes_model(tmp_path):
     assert "is not a shapes model: it makes 128 px images, the shapes world is 64x64" in result.stderr
 
 
+@pytest.mark.unit
 def test_bench_quality_says_why_shapes_were_not_read():
     """The breakdown pairs asked and found objects as the scorer does: one square cannot stand for two, a circle of
     the wrong colour is still a circle, and an object's own fault is named, not its neighbour's."""

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_tiny_pipeline_folder
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -21,10 +20,12 @@ from imagecraft.cli import main
 from imagecraft.pipeline import ImageCraftPipeline
 from imagecraft.schedulers import SCHEDULERS
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny-cli"))
+def folder(tiny_sd1):
+    return tiny_sd1  # the session's tiny pipeline, read and never changed
 
 
 def test_generate_writes_pngs_equal_to_the_pipeline(folder, tmp_path, capsys):

@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import make_tiny_pipeline_folder
 from imagecraft import lora, shapes
 from imagecraft.train.data import CLASS_SEED, extract_zip, find_examples, load_image
 from imagecraft.train.finetune import TrainingError, finetune
@@ -28,8 +27,8 @@ QUICK = dict(steps=6, checkpoint_every=3, eval_every=3, preview_every=0, preview
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_pipeline_folder(tmp_path_factory.mktemp("base") / "model")
+def model(tiny_sd1):
+    return tiny_sd1  # the session's tiny pipeline, read and never changed: outputs go to tmp_path
 
 
 def write_data(folder: Path, n: int = 6, seed: int = 0) -> Path:
@@ -68,6 +67,7 @@ def diffusers_images(pipe, prompt="a red circle on the left"):
                 height=64, width=64, output_type="np").images[0]
 
 
+@pytest.mark.integration
 def test_our_lora_file_gives_plain_diffusers_the_same_images(model, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -100,6 +100,7 @@ def test_our_lora_file_gives_plain_diffusers_the_same_images(model, tmp_path):
     assert not any("lora" in name for name, _ in fresh.unet.named_modules())
 
 
+@pytest.mark.integration
 def test_kohya_file_names_diffusers_modules_and_keeps_alpha(model, tmp_path):
     from safetensors.torch import load_file
 
@@ -116,6 +117,7 @@ def test_kohya_file_names_diffusers_modules_and_keeps_alpha(model, tmp_path):
     assert len(kohya) == 3 * len(peft) // 2
 
 
+@pytest.mark.integration
 def test_foreign_lora_files_are_refused_by_name(model, tmp_path):
     from safetensors.torch import save_file
 
@@ -145,6 +147,7 @@ def test_foreign_lora_files_are_refused_by_name(model, tmp_path):
     assert pipe.lora is None and not lora.lora_layers(pipe.unet)  # nothing half-applied
 
 
+@pytest.mark.integration
 def test_lora_training_writes_everything_and_resumes(model, data, tmp_path):
     out = tmp_path / "out"
     result = finetune(model, data, out, Recipe(**QUICK), show_bar=False)
@@ -173,6 +176,7 @@ def test_lora_training_writes_everything_and_resumes(model, data, tmp_path):
     assert [h[1] for h in longer.history] == pytest.approx([h[1] for h in straight.history], rel=1e-5)
 
 
+@pytest.mark.integration
 def test_held_out_loss_is_deterministic(model, data, tmp_path):
     a = finetune(model, data, tmp_path / "a", Recipe(**QUICK), show_bar=False)
     b = finetune(model, data, tmp_path / "b", Recipe(**QUICK), show_bar=False)
@@ -182,6 +186,7 @@ def test_held_out_loss_is_deterministic(model, data, tmp_path):
     assert held != [h[3] for h in a.history if h[3] is not None]
 
 
+@pytest.mark.integration
 def test_stop_saves_a_checkpoint_and_the_rerun_resumes(model, data, tmp_path):
     calls = []
     result = finetune(model, data, tmp_path, Recipe(**dict(QUICK, steps=8, checkpoint_every=100)),
@@ -192,6 +197,7 @@ def test_stop_saves_a_checkpoint_and_the_rerun_resumes(model, data, tmp_path):
     assert rest.step == 8 and [h[0] for h in rest.history] == list(range(1, 9))
 
 
+@pytest.mark.integration
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model, data, tmp_path):
     def poison(step, steps, loss):  # weights turned to NaN after step 4, as a diverging run does
         if step == 4:
@@ -219,6 +225,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model, data, tmp_path
     assert state["step"] == 3 and all(torch.isfinite(b).all() for _, b in state["unet"].values())
 
 
+@pytest.mark.integration
 def test_sigkill_mid_run_then_rerun_continues_the_curve(model, data, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "imagecraft", "finetune", "--model", str(model), "--data", str(data),
@@ -246,6 +253,7 @@ def test_sigkill_mid_run_then_rerun_continues_the_curve(model, data, tmp_path):
     assert steps == list(range(1, killed_at + 5))
 
 
+@pytest.mark.integration
 def test_full_finetune_writes_a_model_plain_diffusers_loads(model, data, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -261,6 +269,7 @@ def test_full_finetune_writes_a_model_plain_diffusers_loads(model, data, tmp_pat
     assert np.abs(diffusers_images(theirs) - tuned).mean() < 2e-3
 
 
+@pytest.mark.integration
 def test_two_processes_train_as_one_with_the_same_global_batch(model, data, tmp_path):
     from safetensors.torch import load_file
 
@@ -289,6 +298,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(model, data, tmp_
 
 
 # --- data ----------------------------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_captions_from_txt_files_jsonl_and_csv_in_nested_folders(tmp_path):
     write_data(tmp_path / "kohya" / "sub", n=2)
     found = find_examples(tmp_path / "kohya")
@@ -302,6 +312,7 @@ def test_captions_from_txt_files_jsonl_and_csv_in_nested_folders(tmp_path):
     assert [e.caption for e in find_examples(folder)] == ["a, b"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("setup, message", [
     (lambda f: None, "no images in"),
     (lambda f: Image.new("RGB", (8, 8)).save(f / "a.png"), "1 of 1 images have no caption \\(a.png\\)"),
@@ -314,6 +325,7 @@ def test_bad_data_folders_are_named(tmp_path, setup, message):
         find_examples(tmp_path)
 
 
+@pytest.mark.integration
 def test_broken_and_huge_images_are_named_before_training(model, tmp_path):
     folder = write_data(tmp_path / "data", n=2)
     (folder / "0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
@@ -324,6 +336,7 @@ def test_broken_and_huge_images_are_named_before_training(model, tmp_path):
         load_image(folder / "0.png", 64)
 
 
+@pytest.mark.unit
 def test_image_modes_and_exif_rotation(tmp_path):
     rgba = Image.new("RGBA", (80, 64), (255, 0, 0, 0))
     rgba.paste((0, 0, 255, 255), (0, 0, 40, 64))
@@ -344,6 +357,7 @@ def test_image_modes_and_exif_rotation(tmp_path):
     assert upright[-8:].mean() > 200 and upright[:8].mean() < 60  # the white band is on the right once rotated
 
 
+@pytest.mark.unit
 def test_zip_upload_is_unpacked_safely(tmp_path):
     good = tmp_path / "good.zip"
     with zipfile.ZipFile(good, "w") as z:
@@ -365,6 +379,7 @@ def test_zip_upload_is_unpacked_safely(tmp_path):
         extract_zip(bomb, tmp_path / "z")
 
 
+@pytest.mark.integration
 def test_prior_preservation_trains_on_the_base_models_own_images(model, data, tmp_path):
     prior = dict(QUICK, class_prompts=("a blue square", "a green triangle on the left"), class_images=3)
     out = tmp_path / "out"
@@ -402,6 +417,7 @@ def test_prior_preservation_trains_on_the_base_models_own_images(model, data, tm
     assert done.step == 6 and len(find_examples(halted_folder)) == 9
 
 
+@pytest.mark.integration
 def test_bad_settings_and_outputs_are_named(model, data, tmp_path):
     for settings, message in [(dict(method="dreambooth"), "method must be 'lora' or 'full'"),
                               (dict(steps=0), "steps must be a whole number of at least 1"),
@@ -428,6 +444,7 @@ def test_bad_settings_and_outputs_are_named(model, data, tmp_path):
         (tmp_path / "ro").chmod(0o700)
 
 
+@pytest.mark.integration
 def test_cli_generate_with_lora_records_it_in_the_png(model, tmp_path):
     from imagecraft.cli import main
     from imagecraft.png import restore_settings

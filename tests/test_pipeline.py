@@ -6,24 +6,23 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from helpers import make_tiny_pipeline_folder
 from PIL import Image
 
 from imagecraft.loading import ModelLoadError
-from imagecraft.png import parse_a1111_parameters, read_png_settings
+from imagecraft.png import parse_a1111_parameters
 from imagecraft.pipeline import ImageCraftPipeline
 from imagecraft.runtime import check_device, default_device, native_bf16, resolve_dtype
 from imagecraft.schedulers import SCHEDULERS, make_scheduler
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny-sd"))
+def folder(tiny_sd1):
+    return tiny_sd1  # the session's tiny pipeline, read and never changed
 
 
 @pytest.fixture(scope="module")
-def pipe(folder):
-    return ImageCraftPipeline.from_pretrained(folder, dtype="fp32")
+def pipe(tiny_sd1_pipe):
+    return tiny_sd1_pipe
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +42,7 @@ def diffusers_images(reference, scheduler, prompt, negative, seeds, steps, guida
                      generator=generators, num_images_per_prompt=len(seeds), height=size, width=size).images
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_same_image_as_diffusers(pipe, reference, scheduler):
     ours = pipe("a red circle on the left", negative_prompt="a blue square", seed=11, num_inference_steps=6,
@@ -54,8 +54,8 @@ def test_same_image_as_diffusers(pipe, reference, scheduler):
 
 
 @pytest.fixture(scope="module")
-def v_folder(tmp_path_factory):
-    return make_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny-v-zsnr"), scheduler="v-zsnr")
+def v_folder(tiny_v_zsnr):
+    return tiny_v_zsnr
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,7 @@ def v_reference(v_folder):
     return StableDiffusionPipeline.from_pretrained(v_folder, safety_checker=None)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_v_prediction_zero_snr_model_matches_diffusers(v_pipe, v_reference, scheduler):
     """The built-in model's kind of schedule: v-prediction on betas rescaled to zero terminal SNR, every sampler."""
@@ -90,6 +91,7 @@ def builtin_pipe():
     return ImageCraftPipeline.from_pretrained(dtype="fp32")  # an Euler a config: no skip_prk_steps, v-prediction, zero SNR
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("steps", [1, 2, 3])
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_every_scheduler_works_at_one_to_three_steps(pipe, reference, v_pipe, builtin_pipe, scheduler, steps):
@@ -106,6 +108,7 @@ def test_every_scheduler_works_at_one_to_three_steps(pipe, reference, v_pipe, bu
         assert torch.isfinite(last[-1]).all() and image.size == (other.default_size, other.default_size)
 
 
+@pytest.mark.unit
 def test_zero_snr_betas_reach_schedulers_without_the_option(v_folder):
     """PLMS and LMS cannot rescale betas themselves: they get the rescaled betas diffusers' DPM-Solver computes."""
     config = json.loads((v_folder / "scheduler" / "scheduler_config.json").read_text())
@@ -117,6 +120,7 @@ def test_zero_snr_betas_reach_schedulers_without_the_option(v_folder):
     assert dpm.alphas_cumprod[-1] == 2.0**-24  # nearly pure noise at t=999, as diffusers clamps it
 
 
+@pytest.mark.unit
 def test_batch_matches_diffusers_and_single_calls(pipe, reference):
     batch = pipe("a green triangle", seed=100, num_images=3, num_inference_steps=5, scheduler="euler_a")
     assert batch.seeds == [100, 101, 102]
@@ -128,18 +132,21 @@ def test_batch_matches_diffusers_and_single_calls(pipe, reference):
     assert np.abs(pixels(batch.images[0]) - pixels(batch.images[1])).mean() > 1.0  # different seeds differ
 
 
+@pytest.mark.unit
 def test_same_call_twice_is_identical(pipe):
     a = pipe("a purple circle", seed=5, num_inference_steps=4, scheduler="dpm++2m_karras")
     b = pipe("a purple circle", seed=5, num_inference_steps=4, scheduler="dpm++2m_karras")
     assert np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
 
 
+@pytest.mark.unit
 def test_empty_prompt_and_no_guidance(pipe, reference):
     ours = pipe("", seed=2, num_inference_steps=4, guidance_scale=1.0, scheduler="ddim")
     theirs = diffusers_images(reference, "ddim", "", "", [2], 4, 1.0)
     assert np.abs(pixels(ours.images[0]) - pixels(theirs[0])).mean() <= 1.0
 
 
+@pytest.mark.unit
 def test_callback_runs_once_per_step(pipe):
     calls = []
     pipe("a red square", seed=1, num_inference_steps=7, scheduler="euler",
@@ -147,6 +154,7 @@ def test_callback_runs_once_per_step(pipe):
     assert calls == [(i, 7, (1, 4, 16, 16)) for i in range(7)]
 
 
+@pytest.mark.unit
 def test_long_prompt_is_truncated_with_a_warning(pipe):
     prompt = " ".join(["red circle"] * 60)
     with pytest.warns(UserWarning, match=r"the last \d+ were dropped"):
@@ -154,6 +162,7 @@ def test_long_prompt_is_truncated_with_a_warning(pipe):
     assert result.warnings and "dropped" in result.warnings[0]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kwargs, match", [
     (dict(width=100), "width must be a multiple of 8 between 64 and 2048, got 100"),
     (dict(height=4096), "height must be a multiple of 8 between 64 and 2048, got 4096"),
@@ -171,6 +180,7 @@ def test_bad_settings_get_clear_messages(pipe, kwargs, match):
         pipe("a red circle", **kwargs)
 
 
+@pytest.mark.unit
 def test_png_metadata_reproduces_the_image(pipe, tmp_path):
     result = pipe("a white square at the top", negative_prompt="black", seed=9, num_inference_steps=5,
                   guidance_scale=5.0, scheduler="dpm++2m")
@@ -193,12 +203,7 @@ def test_png_metadata_reproduces_the_image(pipe, tmp_path):
                          model=record["model"])
 
 
-def test_png_without_settings_is_refused(tmp_path):
-    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
-    with pytest.raises(ValueError, match="carries no generation settings"):
-        read_png_settings(tmp_path / "plain.png")
-
-
+@pytest.mark.unit
 def test_bf16_runs_and_stays_close(pipe, folder):
     bf16 = ImageCraftPipeline.from_pretrained(folder, dtype="bf16")
     a = pipe("a red circle", seed=4, num_inference_steps=4)
@@ -207,6 +212,7 @@ def test_bf16_runs_and_stays_close(pipe, folder):
     assert np.abs(pixels(a.images[0]) - pixels(b.images[0])).mean() < 8
 
 
+@pytest.mark.integration
 def test_missing_and_corrupt_folders_are_named(folder, tmp_path):
     import shutil
 
@@ -233,12 +239,14 @@ def test_missing_and_corrupt_folders_are_named(folder, tmp_path):
         ImageCraftPipeline.from_pretrained("./nowhere")
 
 
+@pytest.mark.integration
 def test_hub_id_offline_says_so(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="no network .* not in the local cache"):
         ImageCraftPipeline.from_pretrained("someone/not-cached-model")
 
 
+@pytest.mark.integration
 def test_single_file_checkpoint_matches_the_folder(folder, pipe, tmp_path):
     from helpers import diffusers_vae_to_ldm
     from safetensors.torch import save_file
@@ -264,6 +272,7 @@ def test_single_file_checkpoint_matches_the_folder(folder, pipe, tmp_path):
         ImageCraftPipeline.from_pretrained(tmp_path / "tiny.ckpt", config=folder)
 
 
+@pytest.mark.unit
 def test_dtype_names_and_a_warning_for_emulated_bf16():
     import warnings
 
@@ -282,6 +291,7 @@ def test_dtype_names_and_a_warning_for_emulated_bf16():
         resolve_dtype("fp8", "cpu")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("device, match", [
     ("bogus", r"device must be cpu, cuda, cuda:N or mps, got 'bogus'"),
     ("CPU", r"device must be cpu, cuda, cuda:N or mps, got 'CPU'"),
@@ -300,6 +310,7 @@ def test_devices_are_checked_before_loading(tmp_path, device, match):
             check_device("cuda")
 
 
+@pytest.mark.unit
 def test_odd_arguments_get_sentences(pipe, tmp_path):
     from imagecraft.pipeline import output_path
 
@@ -321,6 +332,7 @@ def test_odd_arguments_get_sentences(pipe, tmp_path):
         pipe.reproduce(tmp_path)
 
 
+@pytest.mark.integration
 def test_deepcache_is_exact_when_off_and_keeps_the_layout_when_on(builtin_pipe, tmp_path):
     from imagecraft import shapes
 
@@ -349,6 +361,7 @@ def test_deepcache_is_exact_when_off_and_keeps_the_layout_when_on(builtin_pipe, 
             builtin_pipe("a red circle", cache_interval=bad)
 
 
+@pytest.mark.integration
 def test_auto_dtype_is_the_default_with_the_vae_in_fp32(builtin_pipe, tmp_path):
     auto = ImageCraftPipeline.from_pretrained()
     expected = torch.bfloat16 if native_bf16() else torch.float32

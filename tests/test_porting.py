@@ -4,11 +4,14 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-from helpers import DEEP, SD1_STYLE, SD2_STYLE, random_diffusers_unet, rel_err
+from helpers import rel_err
 
 from imagecraft import (PortingError, UNet_SD, UNetConfig, config_from_diffusers, load_ldm_unet,
                         load_pipe_into_our_UNet, to_diffusers, to_diffusers_state_dict)
 from imagecraft.port import diffusers_config
+from imagecraft.testing import DEEP, SD1_STYLE, SD2_STYLE, random_diffusers_unet
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize("config", [SD1_STYLE, SD2_STYLE, DEEP], ids=["sd1", "sd2", "depth2"])

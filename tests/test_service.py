@@ -6,18 +6,21 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import make_tiny_pipeline_folder
 
-from imagecraft import service, settings
+from imagecraft import settings
 from imagecraft.loading import DEFAULT_MODEL
-from imagecraft.service import Cancelled, ModelCache, generate, new_output_folder, pick_seed
+from imagecraft.serve import jobs, models, outputs
+from imagecraft.serve.actions import Cancelled, generate, pick_seed
+from imagecraft.serve.models import ModelCache
+from imagecraft.serve.outputs import new_output_folder
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return [make_tiny_pipeline_folder(tmp_path_factory.mktemp(f"tiny-{i}"), seed=i) for i in range(2)]
+def folders(tiny_sd1, tiny_v_zsnr):
+    return [tiny_sd1, tiny_v_zsnr]  # two model folders, read and never changed
 
 
+@pytest.mark.integration
 def test_spellings_of_one_folder_share_one_copy(folders, monkeypatch, tmp_path):
     cache = ModelCache()
     folder = folders[0]
@@ -32,6 +35,7 @@ def test_spellings_of_one_folder_share_one_copy(folders, monkeypatch, tmp_path):
     assert ModelCache.key(str(DEFAULT_MODEL)) == ModelCache.key("././" + os.path.relpath(DEFAULT_MODEL)) == "default"
 
 
+@pytest.mark.integration
 def test_least_recently_used_models_are_dropped(folders):
     cache = ModelCache(max_models=1)
     first = cache.get(str(folders[0]))
@@ -40,9 +44,10 @@ def test_least_recently_used_models_are_dropped(folders):
     assert cache.get(str(folders[0])) is not first  # loaded again after it was dropped
 
 
+@pytest.mark.integration
 def test_an_allowlist_loads_only_its_models_and_says_nothing_of_the_disk(folders, tmp_path):
     cache = ModelCache(allowed=["default", str(folders[0])])
-    assert cache.choices == [service.BUILTIN, str(folders[0])]
+    assert cache.choices == [models.BUILTIN, str(folders[0])]
     assert cache.get(f"{folders[0]}/") is cache.get(str(folders[0]))
     messages = []
     for probe in (str(folders[1]), "/etc", "/no/such/folder", str(tmp_path), "nobody/nothing", "../../etc/passwd"):
@@ -50,9 +55,10 @@ def test_an_allowlist_loads_only_its_models_and_says_nothing_of_the_disk(folders
             cache.get(probe)
         messages.append(str(info.value))
     assert len(set(messages)) == 1  # the same sentence whether the path exists or not
-    assert messages[0] == f"this server serves only these models: {service.BUILTIN}, {folders[0]}"
+    assert messages[0] == f"this server serves only these models: {models.BUILTIN}, {folders[0]}"
 
 
+@pytest.mark.unit
 def test_bad_values_are_refused_by_the_schema(folders):
     pipe = ModelCache().get(str(folders[0]))
     for kwargs, message in [
@@ -80,19 +86,27 @@ def test_bad_values_are_refused_by_the_schema(folders):
     assert pick_seed(-1) >= 0 and pick_seed(None) >= 0 and pick_seed(7) == 7
 
 
+@pytest.mark.unit
 def test_the_cost_cap_refuses_at_once(folders, monkeypatch):
     pipe = ModelCache().get(str(folders[0]))
     monkeypatch.setenv("IMAGECRAFT_MAX_COST", str(64 * 64 * 10))
-    start = time.perf_counter()
-    with pytest.raises(ValueError, match=r"too large for this server: 64x64 x 20 steps x 1 image\(s\) = 81,920 "
-                                         r"pixel-steps, over the limit of 40,960 \(IMAGECRAFT_MAX_COST\)"):
-        generate(pipe, "a red circle", steps=20)
-    assert time.perf_counter() - start < 0.5
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in (pipe.text_encoder, pipe.unet,
+                                                                          pipe.vae.decoder)]
+    try:
+        with pytest.raises(ValueError, match=r"too large for this server: 64x64 x 20 steps x 1 image\(s\) = 81,920 "
+                                             r"pixel-steps, over the limit of 40,960 \(IMAGECRAFT_MAX_COST\)"):
+            generate(pipe, "a red circle", steps=20)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == []  # refused before any model ran
     generate(pipe, "a red circle", steps=10)  # at the limit
     monkeypatch.delenv("IMAGECRAFT_MAX_COST")
     assert settings.max_cost("cpu") == 512 * 512 * 50 and settings.max_cost("cuda") == 16 * 512 * 512 * 50
 
 
+@pytest.mark.unit
 def test_a_cancelled_request_stops_within_one_step(folders):
     pipe = ModelCache().get(str(folders[0]))
     steps_done = []
@@ -102,9 +116,10 @@ def test_a_cancelled_request_stops_within_one_step(folders):
     assert steps_done == [1, 2, 3]
 
 
+@pytest.mark.unit
 def test_outputs_expire_and_stay_under_the_size_cap(monkeypatch, tmp_path):
-    monkeypatch.setattr(service, "OUTPUT_ROOT", tmp_path / "outputs")  # a private root for this test
-    monkeypatch.setattr(service, "PRUNE_EVERY", 0.0)  # sweep at every request here
+    monkeypatch.setattr(outputs, "OUTPUT_ROOT", tmp_path / "outputs")  # a private root for this test
+    monkeypatch.setattr(outputs, "PRUNE_EVERY", 0.0)  # sweep at every request here
     old = new_output_folder()
     (old / "a.png").write_bytes(b"x" * 1000)
     os.utime(old, (time.time() - 7200, time.time() - 7200))
@@ -124,6 +139,7 @@ def test_outputs_expire_and_stay_under_the_size_cap(monkeypatch, tmp_path):
     assert new_output_folder().parent == Path(tmp_path / "outputs")  # the root comes back when removed
 
 
+@pytest.mark.integration
 def test_the_model_box_loads_a_single_file_with_its_config(folders, tmp_path):
     import numpy as np
     from helpers import diffusers_vae_to_ldm
@@ -150,37 +166,40 @@ def test_the_model_box_loads_a_single_file_with_its_config(folders, tmp_path):
     assert "/no/such/model" not in cache._locks  # a failed name leaves nothing behind
 
 
+@pytest.mark.unit
 def test_prune_keeps_what_may_still_be_served(monkeypatch, tmp_path):
     """Gradio's cache layout (a folder per file): over the cap, the oldest go first, but nothing under
     `keep_younger` seconds old."""
     monkeypatch.setenv("IMAGECRAFT_OUTPUT_MB", str(0.5 / 1024))  # 0.5 KiB: every entry is over it
-    monkeypatch.setattr(service, "PRUNE_EVERY", 0.0)
+    monkeypatch.setattr(outputs, "PRUNE_EVERY", 0.0)
     now = time.time()
     for i, age in enumerate((900, 600, 400, 100, 10)):
         entry = tmp_path / f"hash{i}"
         entry.mkdir()
         (entry / "image.png").write_bytes(b"x" * 1024)
         os.utime(entry, (now - age, now - age))
-    service.prune(tmp_path, keep_younger=300)
+    outputs.prune(tmp_path, keep_younger=300)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hash3", "hash4"]  # over the cap, but young
 
 
+@pytest.mark.unit
 def test_prune_sweeps_a_folder_at_most_every_few_seconds(monkeypatch, tmp_path):
     monkeypatch.setenv("IMAGECRAFT_OUTPUT_TTL", "0")  # everything is expired
-    service.prune(tmp_path / "other")  # a first sweep of a folder runs at once
+    outputs.prune(tmp_path / "other")  # a first sweep of a folder runs at once
     (tmp_path / "a").mkdir()
-    service.prune(tmp_path)
+    outputs.prune(tmp_path)
     assert not (tmp_path / "a").exists()
     (tmp_path / "b").mkdir()
-    service.prune(tmp_path)  # within PRUNE_EVERY of the last sweep: left for the next one
-    assert (tmp_path / "b").exists() and service.PRUNE_EVERY >= 1
+    outputs.prune(tmp_path)  # within PRUNE_EVERY of the last sweep: left for the next one
+    assert (tmp_path / "b").exists() and outputs.PRUNE_EVERY >= 1
 
 
+@pytest.mark.unit
 def test_model_lock_lets_plain_requests_share_and_a_lora_request_run_alone():
     import threading
     import time
 
-    from imagecraft.service import ModelLock
+    from imagecraft.serve.models import ModelLock
 
     lock, events = ModelLock(), []
     with lock.shared():
@@ -200,14 +219,16 @@ def test_model_lock_lets_plain_requests_share_and_a_lora_request_run_alone():
     assert events == ["two readers", "reader leaves", "writer"]
 
 
+@pytest.mark.unit
 def test_prior_preservation_prompts_are_checked_line_by_line():
-    assert service.class_prompts_of("a red circle\n\n  a blue square  \n") == ("a red circle", "a blue square")
-    assert service.class_prompts_of("") == ()
-    with pytest.raises(ValueError, match="at most 100 prior-preservation prompts"):
-        service.class_prompts_of("\n".join(["a red circle"] * 101))
-    with pytest.raises(ValueError, match="must be text"):
-        service.class_prompts_of(["a red circle"])
+    assert jobs.prompts_of("class_prompts", "a red circle\n\n  a blue square  \n") == ("a red circle",
+                                                                                        "a blue square")
+    assert jobs.prompts_of("class_prompts", "") == ()
+    with pytest.raises(ValueError, match=r"class_prompts must be a list of prompts \(at most 100, .*got 101 prompts"):
+        jobs.prompts_of("class_prompts", "\n".join(["a red circle"] * 101))
+    with pytest.raises(ValueError, match="class_prompts must be text, one prompt per line"):
+        jobs.prompts_of("class_prompts", ["a red circle"])
     from imagecraft import shapes
 
-    demo = service.demo_class_prompts()  # every colour and shape but the held-out pairs, which it never learnt
+    demo = jobs.demo_class_prompts()  # every colour and shape but the held-out pairs, which it never learnt
     assert len(demo) == len(shapes.COLOURS) * len(shapes.SHAPES) - len(shapes.HELD_OUT) and "an orange circle" in demo

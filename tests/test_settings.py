@@ -7,7 +7,10 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from imagecraft.schedulers import SCHEDULERS
-from imagecraft.settings import FIELDS, MAX_PROMPT_CHARS, check, check_cost, check_settings
+from imagecraft.settings import (FINETUNE, GENERATION, LORA_SCALE, MAX_PROMPT_CHARS, OVERLAY_ALPHA, check,
+                                 check_cost, check_finetune, check_settings)
+
+pytestmark = pytest.mark.unit
 
 ANYTHING = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70), st.floats(allow_nan=True),
@@ -18,14 +21,14 @@ ANYTHING = st.one_of(
 
 
 @hsettings(max_examples=300, deadline=None)
-@given(name=st.sampled_from([*FIELDS, "prompt"]), value=ANYTHING)
+@given(name=st.sampled_from([*GENERATION, "prompt"]), value=ANYTHING)
 def test_every_value_is_normalised_or_refused_by_name(name, value):
     try:
         clean = check(name, value)
     except ValueError as e:
         message = str(e)
         assert "\n" not in message and len(message) < 400
-        label = "prompt" if name == "prompt" else FIELDS[name].label
+        label = "prompt" if name == "prompt" else GENERATION[name].label
         assert message.startswith(label) or message.startswith("unknown scheduler")
         return
     if clean is None:
@@ -33,7 +36,7 @@ def test_every_value_is_normalised_or_refused_by_name(name, value):
         return
     assert not isinstance(value, bool)  # True is never a number, a prompt or a name
     assert check(name, clean) == clean  # normalised values pass again, unchanged
-    field = FIELDS.get(name)
+    field = GENERATION.get(name)
     if field and field.kind == "int":
         assert type(clean) is int and field.low <= clean <= field.high
         assert float(value) == clean  # 25.0 is 25; 2.5 never becomes 2
@@ -82,3 +85,130 @@ def test_text_that_utf8_cannot_hold_is_refused():
     with pytest.raises(ValueError, match="negative_prompt must be valid Unicode text"):
         check("negative_prompt", "\udfff")
     assert check("prompt", "a 🎨 circle") == "a 🎨 circle"
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(name=st.sampled_from(list(FINETUNE)), value=ANYTHING)
+def test_every_finetune_value_is_normalised_or_refused_by_name(name, value):
+    field = FINETUNE[name]
+    try:
+        clean = check_finetune({name: value})[name]
+    except ValueError as e:
+        message = str(e)
+        assert "\n" not in message and len(message) < 400 and message.startswith(f"{field.label} must be ")
+        return
+    assert check_finetune({name: clean})[name] == clean  # normalised values pass again, unchanged
+    if clean is None:
+        assert value is None and field.optional
+    elif field.kind in ("int", "float"):
+        assert type(clean) is (int if field.kind == "int" else float) and field.low <= clean <= field.high
+        assert not (field.above_low and clean == field.low)
+    elif field.kind in ("choice", "choices"):
+        assert set(clean if field.kind == "choices" else [clean]) <= set(field.choices)
+
+
+def test_the_recipe_reads_the_finetune_table():
+    import dataclasses
+    import inspect
+
+    from imagecraft.pipeline import ImageCraftPipeline, check_lora_scale
+    from imagecraft.settings import DEFAULT_GUIDANCE, MAX_TRAINING_IMAGES
+    from imagecraft.train import data
+    from imagecraft.train.recipe import FinetuneRecipe, check_recipe
+
+    assert {f.name: f.default for f in dataclasses.fields(FinetuneRecipe)} == \
+        {name: field.default for name, field in FINETUNE.items()}
+    assert check_recipe(FinetuneRecipe()) == FinetuneRecipe()  # the defaults pass
+    for kwargs, message in [(dict(rank=129), "rank must be a whole number from 1 to 128, got 129"),
+                            (dict(steps=20_001), "steps must be a whole number from 1 to 20,000, got 20001"),
+                            (dict(lr=0.5), r"lr must be a number in \(0, 0.1\], got 0.5"),
+                            (dict(lr=0), r"lr must be a number in \(0, 0.1\], got 0"),
+                            (dict(targets=()), "targets must be some of attn, ff, proj"),
+                            (dict(class_prompts=("a", " ")), "class_prompts must be a list of prompts .*got ' '")]:
+        with pytest.raises(ValueError, match=message):
+            check_recipe(FinetuneRecipe(**kwargs))
+    assert check_recipe(FinetuneRecipe(steps=30.0, targets=["attn", "ff"])).steps == 30  # normalised like a slider's
+    # the limits written elsewhere agree with the tables
+    assert MAX_TRAINING_IMAGES == data.MAX_IMAGES
+    assert inspect.signature(ImageCraftPipeline.__call__).parameters["guidance_scale"].default == DEFAULT_GUIDANCE
+    assert FINETUNE["preview_guidance"].default == DEFAULT_GUIDANCE
+    for value in (LORA_SCALE.low, LORA_SCALE.high):
+        assert check_lora_scale(value) == LORA_SCALE.check(value)
+    for value in (LORA_SCALE.low - 0.01, LORA_SCALE.high + 0.01):
+        with pytest.raises(ValueError):
+            check_lora_scale(value)
+        with pytest.raises(ValueError):
+            LORA_SCALE.check(value)
+
+
+def _flags(parser) -> dict:
+    """{dest: argparse action} of a parser's flags, each help as --help prints it (%% is %)."""
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    for action in actions.values():
+        action.help = (action.help or "").replace("%%", "%")
+    return actions
+
+
+def _says_range(field, help_text: str) -> bool:
+    numbers = [f"{field.low:g}", f"{field.high:g}"] if field.kind == "float" else [str(field.low), str(field.high)]
+    multiple = field.kind == "int" and field.step != 1  # an int field's values are multiples of its step
+    return all(n in help_text for n in numbers) and (not multiple or f"multiple of {field.step}" in help_text)
+
+
+def test_every_slider_and_flag_agrees_with_the_table():
+    """The app's sliders (as its builders make them) and the CLI's flags show each field's range, step and
+    default as its table has them; a slider or flag that reads no table fails here."""
+    import gradio as gr
+
+    import app
+    from imagecraft.cli import build_parser
+    from imagecraft.train.recipe import build_parser as finetune_parser
+
+    fields = [*GENERATION.values(), *FINETUNE.values(), LORA_SCALE, OVERLAY_ALPHA]
+    by_label = {f.ui: f for f in fields if f.ui}
+    assert len(by_label) == len([f for f in fields if f.ui])  # one field per label
+    size = app.models.get(None).default_size
+    # the attention tab's step sliders follow the explained image's steps, not a table
+    follow_maps = {"From step", "To step (exclusive)", "Time scrubber: one sampling step"}
+    seen = set()
+    for block in app.build_demo().blocks.values():
+        if isinstance(block, gr.Slider) and block.label not in follow_maps:
+            field = by_label[block.label]
+            default = size if field.name in ("width", "height") else field.default
+            assert (block.minimum, block.maximum, block.step, block.value) == \
+                (field.low, field.high, field.step, default), block.label
+            seen.add(block.label)
+        if isinstance(block, gr.Radio) and block.label == FINETUNE["method"].ui:
+            assert [value for _, value in block.choices] == list(FINETUNE["method"].choices)
+    assert {GENERATION[n].ui for n in ("num_inference_steps", "guidance_scale", "num_images", "cache_interval",
+                                       "width", "height")} | {FINETUNE["steps"].ui, FINETUNE["rank"].ui} <= seen
+
+    import argparse
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    generate, attention = _flags(commands["generate"]), _flags(commands["attention"])
+    for name, field in GENERATION.items():  # absent flags leave the value to a PNG or the pipeline
+        action = generate[field.dest]
+        assert action.default is None and field.help in action.help, name
+        assert (f"{field.default:g} when not given" if isinstance(field.default, (int, float))
+                else f"{field.unset or 'none'} when not given") in action.help, name
+        if field.kind in ("int", "float"):
+            assert _says_range(field, action.help) and action.type is (int if field.kind == "int" else float), name
+    assert attention["alpha"].default == OVERLAY_ALPHA.default and _says_range(OVERLAY_ALPHA, attention["alpha"].help)
+    for parser in (finetune_parser(), commands["finetune"]):
+        flags = _flags(parser)
+        for name, field in FINETUNE.items():
+            action = flags[name]
+            assert field.help in action.help and "default: " in action.help, name
+            if field.kind == "prompts":
+                assert action.default is None and action.option_strings == [field.flag], name  # repeated: a list
+            elif field.kind == "choices":
+                assert action.default == ",".join(field.default), name
+            else:
+                assert action.default == field.default, name
+            if field.kind == "choice":
+                assert tuple(action.choices) == field.choices, name
+            if field.kind in ("int", "float"):
+                assert _says_range(field, action.help), name
+                if field.default is not None:
+                    assert f"default: {field.default:g}" in action.help, name

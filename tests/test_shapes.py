@@ -10,6 +10,8 @@ from imagecraft.shapes import (COLOURS, FIT_IOU, HELD_OUT, MAX_SIZE, MIN_SIZE, P
                                Spec, classify_shape, parse_prompt, place, prompt_of, read_shape, render, sample_scene,
                                sample_spec, score, shape_fit)
 
+pytestmark = pytest.mark.unit
+
 
 def scenes(n, seed=0, allow_held_out=True):
     rng = random.Random(seed)

@@ -31,6 +31,7 @@ def trained(tmp_path_factory):
     return root
 
 
+@pytest.mark.integration
 def test_smoke_run_writes_a_plain_diffusers_model(trained):
     model = trained / "model"
     for part in ("tokenizer/tokenizer.json", "tokenizer/vocab.json", "text_encoder/model.safetensors",
@@ -63,6 +64,7 @@ def test_smoke_run_writes_a_plain_diffusers_model(trained):
         ("v_prediction", True, "trailing")  # sampling matches the training objective
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("prediction_type, zero_snr", [("v_prediction", True), ("epsilon", False)])
 def test_noising_and_target_match_diffusers(prediction_type, zero_snr):
     scheduler = make_noise_scheduler(Stage("unet", 10, 1e-4, 1, prediction_type, zero_snr))
@@ -75,6 +77,7 @@ def test_noising_and_target_match_diffusers(prediction_type, zero_snr):
     torch.testing.assert_close(target, expected)
 
 
+@pytest.mark.unit
 def test_loss_weights_are_min_snr_with_a_floor_for_v():
     snr = torch.tensor([0.0, 0.5, 1.0, 5.0, 100.0])
     v = loss_weights("v_prediction", snr, 5.0) * (snr + 1)  # weights on the x0 error
@@ -84,6 +87,7 @@ def test_loss_weights_are_min_snr_with_a_floor_for_v():
     assert torch.equal(loss_weights("v_prediction", snr, 0), torch.ones(5))
 
 
+@pytest.mark.integration
 def test_position_separation_reads_where_the_words_put_the_object():
     # the shipped model places "on the left" left of "on the right" and "at the top" above "at the bottom" from
     # pure noise (sampling scores its positions 97-100% right); its UNet fed a text encoder that never learnt
@@ -98,6 +102,7 @@ def test_position_separation_reads_where_the_words_put_the_object():
     assert abs(position_separation(pipe.unet, untrained, pipe.tokenizer, final, size, recipe.max_tokens)) < 2
 
 
+@pytest.mark.unit
 def test_epsilon_with_zero_terminal_snr_is_refused(tmp_path):
     with pytest.raises(ValueError, match="zero_terminal_snr needs prediction_type 'v_prediction'"):
         check_settings(Recipe(zero_terminal_snr=True), tmp_path)
@@ -105,6 +110,7 @@ def test_epsilon_with_zero_terminal_snr_is_refused(tmp_path):
         check_settings(Recipe(prediction_type="sample"), tmp_path)
 
 
+@pytest.mark.integration
 def test_rerun_resumes_instead_of_retraining(trained, caplog):
     before = (trained / "work" / "unet.pt").stat().st_mtime_ns
     assert main(["--output", str(trained / "model"), "--work", str(trained / "work"), "--smoke"]) == 0
@@ -119,6 +125,7 @@ def test_rerun_resumes_instead_of_retraining(trained, caplog):
     assert third["objective"]["two_share"] == 0.8
 
 
+@pytest.mark.unit
 def test_stage_three_batches_are_mostly_two_object_scenes():
     captions = caption_corpus(seed=0, n=4000)
     ones, twos = scene_pools(captions)
@@ -133,6 +140,7 @@ def test_stage_three_batches_are_mostly_two_object_scenes():
     assert 0.45 < two[batch_indices((ones, twos), None, 4000, generator)].float().mean() < 0.55  # uniform
 
 
+@pytest.mark.unit
 def test_precision_follows_the_cpu_unless_asked(tmp_path):
     for precision, bf16 in (("fp32", False), ("bf16", True), ("auto", native_bf16())):
         with Recipe(precision=precision).autocast():
@@ -141,6 +149,7 @@ def test_precision_follows_the_cpu_unless_asked(tmp_path):
         check_settings(Recipe(precision="fp16"), tmp_path)
 
 
+@pytest.mark.integration
 def test_resume_continues_from_the_checkpoint(tmp_path, capsys, caplog):
     args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke"]
     with caplog.at_level(logging.INFO, logger="imagecraft.shapes.train"):
@@ -155,6 +164,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, capsys, caplog):
     assert "unet-zsnr.pt was trained with" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_checkpoint_of_another_objective_is_not_resumed(tmp_path, capsys):
     args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--unet-steps", "2"]
     assert main(args) == 0
@@ -170,6 +180,7 @@ def test_checkpoint_of_another_objective_is_not_resumed(tmp_path, capsys):
     assert "'scenes': {'gap': 2.0, 'margin': 3.0}" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "vae.pt").write_bytes(b"garbage")
@@ -177,6 +188,7 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     assert "vae.pt is corrupt or unreadable" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args, message", [
     (["--batch-size", "0"], "unet_batch (batch size) must be at least 1, got 0"),
     (["--lr", "-0.001"], "unet_lr (learning rate) must be a positive number, got -0.001"),
@@ -201,6 +213,7 @@ def test_nonsensical_settings_are_refused(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("crop", [30, 0, 68])
 def test_vae_crops_must_sit_on_the_latent_grid(tmp_path, crop):
     check_settings(Recipe(vae_crop=32), tmp_path)  # a 32x32 crop is on the grid
@@ -209,6 +222,7 @@ def test_vae_crops_must_sit_on_the_latent_grid(tmp_path, crop):
         check_settings(Recipe(vae_crop=crop), tmp_path)
 
 
+@pytest.mark.integration
 def test_output_must_be_a_writable_folder(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["--output", str(tmp_path / "file"), "--smoke"]) == 2
@@ -218,6 +232,7 @@ def test_output_must_be_a_writable_folder(tmp_path, capsys):
     assert "output folder /proc/imagecraft-model is not writable" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_scene_gap_is_checked_and_keys_the_cached_latents(tmp_path, caplog):
     for gap in (1, 9):
         with pytest.raises(ValueError, match=f"scene_gap must be from 2 px .* to 8 px .*, got {gap}"):
@@ -246,6 +261,7 @@ def test_scene_gap_is_checked_and_keys_the_cached_latents(tmp_path, caplog):
     assert "encoded" not in caplog.text
 
 
+@pytest.mark.unit
 def test_scene_coverage_is_where_the_objects_are():
     x, captions, coverage = scene_batch(random.Random(5), 6)
     again = random.Random(5)
@@ -258,6 +274,7 @@ def test_scene_coverage_is_where_the_objects_are():
         assert 0.03 < (cover == 1).float().mean() < 0.4  # one or two shapes of 16-24 px
 
 
+@pytest.mark.integration
 def test_coverage_loss_ties_latent_channel_3_to_the_objects(tmp_path):
     recipe = dataclasses.replace(Recipe.smoke(), vae_steps=60, vae_coverage=1.0, checkpoint_every=60)
     torch.manual_seed(0)
@@ -272,6 +289,7 @@ def test_coverage_loss_ties_latent_channel_3_to_the_objects(tmp_path):
         train_vae(dataclasses.replace(recipe, vae_coverage=0.0), tmp_path)
 
 
+@pytest.mark.unit
 def test_outline_pixels_are_the_ring_either_side_of_each_outline():
     coverage = -torch.ones(1, 1, 20, 20)
     coverage[..., 5:15, 5:15] = 1  # a 10x10 square
@@ -283,6 +301,7 @@ def test_outline_pixels_are_the_ring_either_side_of_each_outline():
     assert outline_pixels(-torch.ones(1, 1, 8, 8)).sum() == 0  # no object, no outline
 
 
+@pytest.mark.integration
 def test_edge_loss_trains_and_is_part_of_the_objective(tmp_path):
     recipe = dataclasses.replace(Recipe.smoke(), vae_steps=3, vae_edge=1.0, checkpoint_every=3)
     train_vae(recipe, tmp_path)
@@ -291,6 +310,7 @@ def test_edge_loss_trains_and_is_part_of_the_objective(tmp_path):
         train_vae(dataclasses.replace(recipe, vae_edge=0.0), tmp_path)
 
 
+@pytest.mark.unit
 def test_layout_and_mean_targets_are_the_group_means():
     captions = ["a red circle on the left", "a red circle", "a red circle on the left", "a blue square above a "
                 "red circle", "a green triangle at the top"]
@@ -303,6 +323,7 @@ def test_layout_and_mean_targets_are_the_group_means():
     torch.testing.assert_close(means[index[4]], latents[4])
 
 
+@pytest.mark.integration
 def test_layout_recipe_runs_its_stages_in_order(tmp_path, caplog):
     args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--vae-coverage", "1",
             "--v-from-start", "--layout-steps", "2", "--mean-target-t", "900", "--zsnr-steps", "0"]
@@ -317,6 +338,7 @@ def test_layout_recipe_runs_its_stages_in_order(tmp_path, caplog):
     assert "unet-layout step 2: position separation" in caplog.text
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("settings, message", [
     (dict(layout_steps=100), "layout_steps needs the first stage on v_prediction with zero_terminal_snr"),
     (dict(mean_target_t=200), "mean_target_t must be 0 \\(off\\) or a timestep from 500 to 990, got 200"),
@@ -328,6 +350,7 @@ def test_layout_settings_are_checked(tmp_path, settings, message):
         check_settings(Recipe(**settings), tmp_path)
 
 
+@pytest.mark.unit
 def test_fast_recipe_is_the_layout_recipe_at_full_size(tmp_path):
     recipe = Recipe.fast()
     check_settings(recipe, tmp_path / "out")
@@ -342,6 +365,7 @@ def test_fast_recipe_is_the_layout_recipe_at_full_size(tmp_path):
     assert recipe.ground_weight > 0 and recipe.vae_edge > 0 and recipe.decoder_steps == 0
 
 
+@pytest.mark.integration
 def test_shape_stage_runs_last_from_the_previous_stage(tmp_path):
     args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--shape-steps", "2",
             "--sampler", "Euler a"]
@@ -359,6 +383,7 @@ def test_shape_stage_runs_last_from_the_previous_stage(tmp_path):
     assert ImageCraftPipeline.from_pretrained(tmp_path / "m").default_scheduler == "euler_a"
 
 
+@pytest.mark.integration
 def test_detail_stage_runs_after_the_shape_stage_on_low_timesteps_with_its_own_weighting(tmp_path, capsys):
     args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--shape-steps", "2",
             "--detail-steps", "2", "--detail-max-t", "200", "--detail-snr-gamma", "50"]
@@ -378,6 +403,7 @@ def test_detail_stage_runs_after_the_shape_stage_on_low_timesteps_with_its_own_w
     assert t.max() < 200 and t.min() == 0
 
 
+@pytest.mark.unit
 def test_timesteps_stay_where_each_stage_draws_them():
     rng = torch.Generator().manual_seed(0)
     shape = draw_timesteps(Stage("s", 1, 1e-4, 1, max_t=700), 3000, rng)
@@ -388,6 +414,7 @@ def test_timesteps_stay_where_each_stage_draws_them():
     assert (main_t[::3] >= 900).all() and (main_t >= 900).float().mean().sub(1 / 3 + 2 / 3 * 0.1).abs() < 0.03
 
 
+@pytest.mark.integration
 def test_a_broader_vae_with_more_latent_channels_runs_end_to_end(tmp_path):
     assert main(["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--vae-general", "0.5",
                  "--vae-latent-channels", "8"]) == 0
@@ -399,6 +426,7 @@ def test_a_broader_vae_with_more_latent_channels_runs_end_to_end(tmp_path):
     assert state["objective"]["general"] == 0.5 and state["objective"]["latent_channels"] == 8
 
 
+@pytest.mark.unit
 def test_grounded_tokens_are_each_objects_colour_and_shape_words():
     from transformers import CLIPTokenizer
 
@@ -417,6 +445,7 @@ def test_grounded_tokens_are_each_objects_colour_and_shape_words():
     assert (rows[2] >= 0).sum() == 4  # "red background" is not grounded
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("margin", [1, 4])
 def test_object_masks_are_the_encoded_scenes_objects(tmp_path, margin):
     recipe = dataclasses.replace(Recipe.smoke(), num_scenes=40, scene_gap=8, scene_margin=margin)
@@ -433,6 +462,7 @@ def test_object_masks_are_the_encoded_scenes_objects(tmp_path, margin):
     assert torch.equal(object_masks(recipe, 40, 16, tmp_path), masks)  # cached
 
 
+@pytest.mark.unit
 def test_inside_share_reads_where_each_token_looks():
     masks = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
     masks[0, 0, :2, :2] = True  # object 0: top-left quarter
@@ -445,6 +475,7 @@ def test_inside_share_reads_where_each_token_looks():
     assert inside_share([probs], torch.tensor([[-1, -1, -1]]), masks) is None
 
 
+@pytest.mark.unit
 def test_grounding_loss_moves_the_words_attention_onto_their_object():
     torch.manual_seed(0)
     unet = UNet_SD(UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2),
@@ -473,6 +504,7 @@ def test_grounding_loss_moves_the_words_attention_onto_their_object():
     assert shares[-1] > shares[0] + 0.3, shares
 
 
+@pytest.mark.integration
 def test_grounded_training_runs_and_is_part_of_the_objective(tmp_path):
     args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--ground-weight", "0.01"]
     assert main(args) == 0
@@ -482,6 +514,7 @@ def test_grounded_training_runs_and_is_part_of_the_objective(tmp_path):
                                                                num_inference_steps=2).images[0].size == (64, 64)
 
 
+@pytest.mark.integration
 def test_decoder_stage_trains_the_decoder_alone_and_resumes(tmp_path):
     args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--decoder-steps", "3"]
     assert main(args) == 0
@@ -501,6 +534,7 @@ def test_decoder_stage_trains_the_decoder_alone_and_resumes(tmp_path):
     assert torch.load(tmp_path / "w" / "decoder.pt", weights_only=True)["step"] == 5
 
 
+@pytest.mark.unit
 def test_bf16_training_switches_attention_kernels_and_back():
     """bf16 training runs the VAE's and text encoder's attention without the fused kernel (its CPU backward is slow
     at these sizes), with the same outputs; the models go back to the fused one for export. fp32: untouched."""
@@ -528,6 +562,7 @@ def test_bf16_training_switches_attention_kernels_and_back():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_made_up_colour_words_move_the_shape_word_and_keep_the_objects_apart():
     from transformers import CLIPTokenizer
 
@@ -552,6 +587,7 @@ def test_made_up_colour_words_move_the_shape_word_and_keep_the_objects_apart():
     assert seen == {1, 5}  # either object's colour
 
 
+@pytest.mark.integration
 def test_made_up_words_train_and_are_part_of_the_objective(tmp_path):
     args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--ground-weight", "0.01",
             "--made-up-words", "0.5"]

@@ -15,8 +15,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .maps import AttentionMaps, pearson, spatial_entropy
 from ..files import atomic_write
+from .aggregate import pearson, spatial_entropy
+from .maps import AttentionMaps
 
 PANEL = 2.3  # inches per panel
 NORMALIZE = ("word", "absolute")
@@ -147,7 +148,7 @@ def plot_token_distribution(maps: AttentionMaps, x: int, y: int, skip_start: boo
 
 
 def plot_ablation(image: Image.Image, result: dict, word: str, cmap: str = "jet", alpha: float = 0.5) -> Figure:
-    """The faithfulness check (`attention.ablation`): the word's map at one step next to where removing the word
+    """The faithfulness check (`capture.ablation`): the word's map at one step next to where removing the word
     changed the noise prediction at that step."""
     fig, axes = _grid(3, 3)
     axes[0].imshow(image, interpolation=_interpolation(image))

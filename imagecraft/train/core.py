@@ -1,16 +1,31 @@
-"""The diffusion training core that `train_shapes` (the built-in model from scratch) and `finetune` (a user's
-images) share: SD's forward process and the target per prediction type, Min-SNR loss weights, the learning-rate
-schedule, an EMA of the weights, and checkpoints that are written atomically and read back with
-`weights_only=True`, so a run killed at any point resumes from its last checkpoint."""
+"""The training core: `Loop`, the one training loop that fine-tuning (`train.finetune`) and every phase of the
+built-in model's training (`shapes.train`) drive, and what it is made of: SD's forward process and the target per
+prediction type, Min-SNR loss weights, the learning-rate schedule, an EMA of the weights, and checkpoints that are
+written atomically and read back with `weights_only=True`, so a run killed at any point resumes from its last one.
+
+A trainer builds its models, optimizer and data, then hands the loop a function that draws one (micro-)batch and
+returns its loss. The loop owns everything around that: resume (refusing a checkpoint of another objective), the
+learning rate, backward, clipping, the optimizer step (the only one in the package), the EMA, the non-finite-loss
+guard, progress (tqdm, a callback, log lines), checkpoints (one layout) and the stop signal (Ctrl-C or
+`should_stop()`: a checkpoint is written first).
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("imagecraft.train")
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
@@ -123,3 +138,199 @@ def ema_update(live: torch.nn.Module, average: torch.nn.Module, step: int, decay
     d = min(decay, (1 + step) / (10 + step))
     for p, q in zip(live.parameters(), average.parameters()):
         q.lerp_(p.detach().to(q.dtype), 1 - d)
+
+
+# --- the loop ------------------------------------------------------------------------------------------------
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must act on (a non-finite loss); the last good checkpoint is kept."""
+
+
+class RandomState:
+    """A random source as a checkpoint entry: a torch.Generator, a random.Random, or torch's global generator
+    (None)."""
+
+    def __init__(self, source: torch.Generator | random.Random | None = None):
+        self.source = source
+
+    def state_dict(self):
+        if self.source is None:
+            return torch.get_rng_state()
+        return self.source.getstate() if isinstance(self.source, random.Random) else self.source.get_state()
+
+    def load_state_dict(self, state):
+        if self.source is None:
+            torch.set_rng_state(state)
+        elif isinstance(self.source, random.Random):
+            self.source.setstate(as_tuples(state))
+        else:
+            self.source.set_state(state)
+
+
+@dataclass
+class Loop:
+    """One training run of `steps` optimizer steps over `params` (see the module docstring).
+
+    `state` names everything a checkpoint keeps besides the optimizer and the EMA: modules, random sources
+    (`RandomState`) or any object with state_dict/load_state_dict. `ema` names (live, average) module pairs kept
+    as an EMA after every step. With an accelerate `Accelerator` the backward pass, clipping, gradient
+    accumulation and the loss's mean over processes go through it, and only the main process writes."""
+
+    name: str
+    steps: int
+    checkpoint: Path | None
+    objective: dict
+    optimizer: torch.optim.Optimizer | None = None
+    params: list = field(default_factory=list)  # what is clipped
+    state: dict = field(default_factory=dict)
+    lr: float = 1e-4  # the peak
+    warmup: int = 0
+    schedule: str = "cosine"  # or "constant" (after the warm-up)
+    ema: dict = field(default_factory=dict)
+    ema_decay: float = 0.999
+    max_grad_norm: float = 1.0  # 0: no clipping
+    grad_accum: int = 1
+    bf16: bool = False  # forward passes in bf16 autocast (`runtime.training_bf16`); weights stay fp32
+    accelerator: object = None
+    checkpoint_every: int = 250
+    log_every: int = 0  # 0: no log lines (the bar shows progress)
+    show_bar: bool = True
+    progress: Callable | None = None  # progress(step, steps, loss) after every step
+    should_stop: Callable | None = None  # checked after every step; True stops with a checkpoint
+    after_step: Callable | None = None  # after_step(step, loss, lr) -> extra history columns (a list) or None
+    describe: Callable | None = None  # describe() -> text appended to the log line
+    on_checkpoint: Callable | None = None  # on_checkpoint(step) after each checkpoint is written
+    step: int = 0
+    history: list = field(default_factory=list)  # [step, loss, lr, *after_step's columns]
+    seconds: float = 0.0  # spent in `run`
+    _saved: dict | None = field(default=None, repr=False)
+    _prepared: list = field(default_factory=list, repr=False)  # the models `prepare` wrapped
+
+    # --- resume --------------------------------------------------------------------------------------------
+    def read_checkpoint(self) -> dict | None:
+        """The checkpoint's state, if there is one; a checkpoint of another objective is refused here, before the
+        caller makes anything for this run."""
+        if self._saved is None and self.checkpoint is not None:
+            self._saved = load_checkpoint(self.checkpoint)
+            if self._saved is not None:
+                refuse_other_objective(self.checkpoint, self._saved, self.objective)
+        return self._saved
+
+    def resume(self) -> int:
+        """Loads the checkpoint into the state, the EMA and the optimizer; returns the step to go on from."""
+        saved = self.read_checkpoint()
+        if saved:
+            for name, target in self.state.items():
+                target.load_state_dict(saved["state"][name])
+            for name, (_, average) in self.ema.items():
+                average.load_state_dict(saved["ema"][name])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.step, self.history = saved["step"], [list(row) for row in saved["history"]]
+            log.info("%s: resumed at step %d of %d from %s", self.name, self.step, self.steps, self.checkpoint)
+        return self.step
+
+    def prepare(self, *models):
+        """The models and the optimizer through the accelerator (DDP, mixed precision); the models back."""
+        *self._prepared, self.optimizer = self.accelerator.prepare(*models, self.optimizer)
+        return self._prepared[0] if len(models) == 1 else list(self._prepared)
+
+    @property
+    def main_process(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    def autocast(self):
+        """bf16 autocast for a forward pass where `bf16`, else nothing (with an accelerator, it casts itself)."""
+        if self.accelerator is not None or not self.bf16:
+            return nullcontext()
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def lr_now(self) -> float:
+        return lr_at(self.step, self.steps, self.lr, self.warmup, self.schedule)
+
+    # --- run -----------------------------------------------------------------------------------------------
+    def run(self, batch_loss: Callable[[int], torch.Tensor]) -> bool:
+        """Trains from `self.step` to `self.steps`; `batch_loss(step)` draws one (micro-)batch and returns its loss
+        (called `grad_accum` times per step). Returns False when stopped early (Ctrl-C or `should_stop`), after
+        writing a checkpoint; True when every step is done and the last checkpoint written."""
+        bar = None
+        if self.show_bar and self.main_process and self.step < self.steps:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.steps, initial=self.step, desc=self.name, unit="step")
+        started, running, last_saved = time.time(), None, self.step
+        try:
+            while self.step < self.steps:
+                lr = self.lr_now()
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                losses = []
+                for _ in range(self.grad_accum):
+                    losses.append(self._descend(batch_loss, lr, last_saved))
+                self.step += 1
+                for live, average in self.ema.values():
+                    ema_update(live, average, self.step, self.ema_decay)
+                loss = sum(losses) / len(losses)
+                extra = self.after_step(self.step, loss, lr) if self.after_step is not None else None
+                self.history.append([self.step, loss, lr, *(extra or [])])
+                running = loss if running is None else 0.98 * running + 0.02 * loss
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
+                if self.progress is not None:
+                    self.progress(self.step, self.steps, loss)
+                if self.log_every and self.step % self.log_every == 0:
+                    log.info("%s step %d/%d loss %.4f lr %.2e (%.1f min)%s", self.name, self.step, self.steps, running,
+                             lr, (time.time() - started) / 60, self.describe() if self.describe else "")
+                if self.step % self.checkpoint_every == 0 or self.step == self.steps:
+                    self.save()
+                    last_saved = self.step
+                if self.should_stop is not None and self.should_stop() and self.step < self.steps:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if self.step != last_saved:
+                self.save()
+            log.info("%s: stopped at step %d of %d; the checkpoint is saved: run the same command again to resume",
+                     self.name, self.step, self.steps)
+            return False
+        finally:
+            self.seconds += time.time() - started
+            if bar is not None:
+                bar.close()
+        return True
+
+    def _descend(self, batch_loss, lr: float, last_saved: int) -> float:
+        """One (micro-)batch: loss, backward, clipping and the optimizer step; its loss (the processes' mean)."""
+        accelerator = self.accelerator
+        with accelerator.accumulate(*self._prepared) if accelerator is not None else nullcontext():
+            loss = batch_loss(self.step)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss.item()} at step {self.step + 1} (learning rate {lr:.2e}); training "
+                    f"stopped and the last good checkpoint (step {last_saved}) is kept: lower the learning rate "
+                    f"(--lr) and rerun")
+            if accelerator is None:
+                loss.backward()
+                if self.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            else:
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and self.max_grad_norm:
+                    accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if accelerator is None:
+            return loss.item()
+        return accelerator.reduce(loss.detach(), reduction="mean").item()
+
+    def save(self):
+        """The checkpoint (one layout for every trainer), written atomically by the main process."""
+        if self.checkpoint is not None and self.main_process:
+            self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(self.checkpoint, dict(
+                step=self.step, objective=self.objective, history=self.history,
+                optimizer=self.optimizer.state_dict(),
+                state={name: target.state_dict() for name, target in self.state.items()},
+                ema={name: average.state_dict() for name, (_, average) in self.ema.items()}))
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.step)

@@ -34,33 +34,27 @@ The output folder gets:
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import copy
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 from .. import lora as lora_lib
-from ..runtime import training_bf16
 from ..loading import ModelLoadError
-from .core import (check_output_folder, diffusion_loss, ema_update, load_checkpoint, lr_at, noise_scheduler,
-                   noised_and_target, refuse_other_objective, save_checkpoint)
-from .data import class_examples, data_key, encode_images, find_examples, images_digest
-from .data import extract_zip
+from ..runtime import training_bf16
+from .core import (Loop, RandomState, TrainingError, check_output_folder, diffusion_loss, noise_scheduler,
+                   noised_and_target)
+from .data import class_examples, data_key, encode_images, extract_zip, find_examples, images_digest
 from .recipe import FinetuneRecipe, build_parser, check_recipe, recipe_from_args
-from .report import _base_previews, _export, _previews, _write_curves
+from .report import base_previews, export, previews, write_curves
 
 log = logging.getLogger("imagecraft.finetune")
 
-
-# --- training ------------------------------------------------------------------------------------------------
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the user must act on (NaN loss); the last good checkpoint is kept."""
+__all__ = ["FinetuneResult", "TrainingError", "finetune"]
 
 
 @dataclass
@@ -70,9 +64,28 @@ class FinetuneResult:
     step: int
     steps: int
     stopped: bool  # stopped early (Ctrl-C, the app's Stop), resumable
-    history: list = field(default_factory=list)  # [step, loss, lr, heldout or None]
+    history: list = field(default_factory=list)  # [step, loss, lr, fixed-batch loss or None]
     files: list = field(default_factory=list)
     preview: Path | None = None
+
+
+class LoraState:
+    """The LoRA weights of the UNet and the text encoder as a checkpoint entry: {layer: (A, B)} per model."""
+
+    def __init__(self, unet, text_encoder):
+        self.models = {"unet": unet, "text_encoder": text_encoder}
+
+    def state_dict(self) -> dict:
+        return {key: {n: (a, b) for n, (a, b, _) in lora_lib.lora_weights(model).items()}
+                for key, model in self.models.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict):
+        for key, model in self.models.items():
+            layers = lora_lib.lora_layers(model)
+            for name, (a, b) in state.get(key, {}).items():
+                layers[name].lora_A[lora_lib.ADAPTER].weight.copy_(a)
+                layers[name].lora_B[lora_lib.ADAPTER].weight.copy_(b)
 
 
 def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress=None, should_stop=None,
@@ -81,8 +94,6 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     writing to `output` (see the module's docstring). Resumes from output/checkpoints/last.pt when its recipe,
     base and data match. `progress(step, steps, loss)` is called after every step; training stops, saving a
     checkpoint first, when `should_stop()` returns True or on Ctrl-C."""
-    from accelerate import Accelerator
-
     from ..pipeline import ImageCraftPipeline
 
     recipe = check_recipe(recipe or FinetuneRecipe())
@@ -118,10 +129,12 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     if recipe.class_prompts:
         objective["prior"] = dict(prompts=list(recipe.class_prompts), images=recipe.class_images,
                                   weight=recipe.prior_weight)
-    checkpoint_path = output / "checkpoints" / "last.pt"
-    state = load_checkpoint(checkpoint_path)
-    if state:  # before anything is made for this recipe
-        refuse_other_objective(checkpoint_path, state, objective)
+    loop = Loop(f"finetune ({recipe.method})", recipe.steps, output / "checkpoints" / "last.pt", objective,
+                lr=recipe.peak_lr, warmup=recipe.warmup, schedule=recipe.lr_schedule, ema_decay=recipe.ema_decay,
+                max_grad_norm=recipe.max_grad_norm, grad_accum=recipe.grad_accum, bf16=bf16,
+                accelerator=accelerator, checkpoint_every=recipe.checkpoint_every, show_bar=show_bar,
+                should_stop=should_stop)
+    saved = loop.read_checkpoint()  # another recipe's checkpoint is refused before anything is made for this one
 
     prior_latents = prior_captions = None
     if recipe.class_prompts:  # made by the base model, before any LoRA is added
@@ -129,8 +142,8 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
                                         accelerator.wait_for_everyone, should_stop)
         if prior_examples is None:
             log.info("stopped while making the prior-preservation images; rerun to go on")
-            return FinetuneResult(output, recipe.method, state["step"] if state else 0, recipe.steps, True,
-                                  [list(h) for h in state["history"]] if state else [])
+            return FinetuneResult(output, recipe.method, saved["step"] if saved else 0, recipe.steps, True,
+                                  [list(h) for h in saved["history"]] if saved else [])
         prior_latents = encode_images(pipe, prior_examples, size, False, output / "cache") if main_process else None
         accelerator.wait_for_everyone()
         if prior_latents is None:
@@ -143,6 +156,7 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     text_encoder.requires_grad_(False)
     unet.gradient_checkpointing = recipe.gradient_checkpointing
     torch.manual_seed(recipe.seed)  # LoRA's initial A: the same in every process and every run
+    generator = torch.Generator().manual_seed(recipe.seed)
     if recipe.method == "lora":
         lora_lib.remove_lora(unet)
         lora_lib.add_lora(unet, lora_lib.unet_targets(unet, recipe.targets), recipe.rank, recipe.lora_alpha,
@@ -151,11 +165,14 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
             lora_lib.add_lora(text_encoder, lora_lib.target_names(text_encoder, lora_lib.TEXT_TARGETS), recipe.rank,
                               recipe.lora_alpha, gaussian=True)
         ema = None
+        loop.state = {"lora": LoraState(unet, text_encoder), "generator": RandomState(generator)}
     else:
         unet.requires_grad_(True)
         ema = copy.deepcopy(unet).requires_grad_(False)
-    trainable = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=recipe.peak_lr, weight_decay=recipe.weight_decay)
+        loop.state = {"unet": unet, "generator": RandomState(generator)}
+        loop.ema = {"unet": (unet, ema)}
+    loop.params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
+    loop.optimizer = torch.optim.AdamW(loop.params, lr=recipe.peak_lr, weight_decay=recipe.weight_decay)
 
     def tokenize(texts):
         return pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
@@ -180,25 +197,33 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"the model predicts {prediction_type!r}; fine-tuning knows epsilon and v_prediction")
 
-    generator = torch.Generator().manual_seed(recipe.seed)
-    step, history = 0, []
-    if state:
-        _load_trainable(unet, text_encoder, state, recipe)
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        step, history = state["step"], [list(h) for h in state["history"]]
-        generator.set_state(state["generator"])
-        log.info("resumed at step %d of %d from %s", step, recipe.steps, checkpoint_path)
-
-    unet, opt = accelerator.prepare(unet, opt)
+    loop.resume()
+    base_unet = unet
+    unet = loop.prepare(unet)
     if recipe.text_encoder_lora:
         text_encoder = accelerator.prepare(text_encoder)
-    base_unet = accelerator.unwrap_model(unet)
 
-    heldout = _heldout_batch(latents, ids_all, contexts, recipe, scheduler, device)
+    fixed = fixed_batch(latents, ids_all, contexts, recipe, scheduler, device)
     n_data = len(captions)
     global_batch = recipe.batch_size * world
+    steps_total = scheduler.config.num_train_timesteps
+
+    def batch_loss(step):
+        # one global batch drawn from the shared generator, each process taking its slice: the same samples, noise
+        # and timesteps as one process with the whole batch
+        draws = [torch.randint(0, n_data, (global_batch,), generator=generator),  # images
+                 torch.randn((global_batch, *latents.shape[1:]), generator=generator),  # noise
+                 torch.randint(0, steps_total, (global_batch,), generator=generator),  # timesteps
+                 torch.rand(global_batch, generator=generator) < recipe.caption_dropout,  # captions dropped
+                 torch.rand(global_batch, generator=generator) < 0.5,  # flipped
+                 torch.randn((global_batch, latents.shape[1], 1, 1), generator=generator)]  # noise offset
+        if prior_latents is not None:  # as many prior images as data images
+            draws += [torch.randint(0, len(prior_latents), (global_batch,), generator=generator),
+                      torch.randn((global_batch, *latents.shape[1:]), generator=generator),
+                      torch.randint(0, steps_total, (global_batch,), generator=generator),
+                      torch.randn((global_batch, latents.shape[1], 1, 1), generator=generator)]
+        mine = slice(rank * recipe.batch_size, (rank + 1) * recipe.batch_size)
+        return compute_loss(*[v[mine].to(device) for v in draws])
 
     def compute_loss(index, noise, t, drop, flipped, offset, *prior):
         x0 = latents[index]
@@ -221,133 +246,47 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
                                                                recipe.snr_gamma)
         return loss
 
-    base_images = None
-    if main_process:
-        base_images = _base_previews(pipe, base_unet, prompts, recipe, ema)
-    result = FinetuneResult(output, recipe.method, step, recipe.steps, False, history)
-    bar = None
-    if main_process and show_bar:
-        from tqdm import tqdm
-
-        bar = tqdm(total=recipe.steps, initial=step, desc=f"finetune ({recipe.method})", unit="step")
-    last_saved = step
-    started = time.time()
-    try:
+    def evaluate(step, loss, lr):
+        if step % recipe.eval_every and step != recipe.steps:
+            return [None]
+        value = fixed_batch_loss(unet, text_encoder, fixed, prediction_type, alphas, recipe)
         unet.train()
-        while step < recipe.steps:
-            lr = lr_at(step, recipe.steps, recipe.peak_lr, recipe.warmup, recipe.lr_schedule)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            losses = []
-            for _ in range(recipe.grad_accum):
-                # one global batch drawn from the shared generator, each process taking its slice: the same
-                # samples, noise and timesteps as one process with the whole batch
-                index = torch.randint(0, n_data, (global_batch,), generator=generator)
-                noise = torch.randn((global_batch, *latents.shape[1:]), generator=generator)
-                t = torch.randint(0, scheduler.config.num_train_timesteps, (global_batch,), generator=generator)
-                drop = torch.rand(global_batch, generator=generator) < recipe.caption_dropout
-                flipped = torch.rand(global_batch, generator=generator) < 0.5
-                offset = torch.randn((global_batch, latents.shape[1], 1, 1), generator=generator)
-                draws = [index, noise, t, drop, flipped, offset]
-                if prior_latents is not None:  # as many prior images as data images
-                    draws += [torch.randint(0, len(prior_latents), (global_batch,), generator=generator),
-                              torch.randn((global_batch, *latents.shape[1:]), generator=generator),
-                              torch.randint(0, scheduler.config.num_train_timesteps, (global_batch,),
-                                            generator=generator),
-                              torch.randn((global_batch, latents.shape[1], 1, 1), generator=generator)]
-                mine = slice(rank * recipe.batch_size, (rank + 1) * recipe.batch_size)
-                batch = [v[mine].to(device) for v in draws]
-                with accelerator.accumulate(unet):
-                    loss = compute_loss(*batch)
-                    if not torch.isfinite(loss):
-                        raise TrainingError(
-                            f"the loss became {loss.item()} at step {step + 1} (learning rate {lr:.2e}); training "
-                            f"stopped and the last good checkpoint (step {last_saved}) is kept: lower the learning "
-                            f"rate (--lr) and rerun")
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and recipe.max_grad_norm:
-                        accelerator.clip_grad_norm_(trainable, recipe.max_grad_norm)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
-            step += 1
-            if ema is not None:
-                ema_update(base_unet, ema, step, recipe.ema_decay)
-            value = sum(losses) / len(losses)
-            held = None
-            if step % recipe.eval_every == 0 or step == recipe.steps:
-                held = _heldout_loss(unet, text_encoder, heldout, prediction_type, alphas, recipe)
-                unet.train()
-            history.append([step, value, lr, held])
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", **({"heldout": f"{held:.4f}"} if held is not None else {}))
-            if progress is not None:
-                progress(step, recipe.steps, value)
-            if step % recipe.checkpoint_every == 0 and step < recipe.steps:
-                _save(accelerator, checkpoint_path, base_unet, text_encoder, ema, opt, step, generator, history,
-                      objective, recipe)
-                last_saved = step
-            if main_process and recipe.preview_every and step % recipe.preview_every == 0 and step < recipe.steps:
-                result.preview = _previews(pipe, base_unet, prompts, recipe, ema, base_images, output, step)
-                _write_curves(output, history)
-                unet.train()
-            if should_stop is not None and should_stop():
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        _save(accelerator, checkpoint_path, base_unet, text_encoder, ema, opt, step, generator, history, objective,
-              recipe)
+        return [value]
+
+    result = FinetuneResult(output, recipe.method, loop.step, recipe.steps, False, loop.history)
+    base_images = base_previews(pipe, base_unet, prompts, recipe, ema) if main_process else None
+
+    def after_step(step, steps, loss):
+        if main_process and recipe.preview_every and step % recipe.preview_every == 0 and step < steps:
+            result.preview = previews(pipe, base_unet, prompts, recipe, ema, base_images, output, step)
+            write_curves(output, loop.history)
+            unet.train()
+        if progress is not None:
+            progress(step, steps, loss)
+
+    loop.after_step, loop.progress = evaluate, after_step
+    unet.train()
+    finished = loop.run(batch_loss)
+    result.step, result.history = loop.step, loop.history
+    if not finished:
         if main_process:
-            _write_curves(output, history)
-        log.info("stopped at step %d of %d; the checkpoint is saved: run the same command again to resume", step,
-                 recipe.steps)
-        result.step, result.stopped = step, True
+            write_curves(output, loop.history)
+        result.stopped = True
         return result
-    if bar is not None:
-        bar.close()
     unet.eval()
-    _save(accelerator, checkpoint_path, base_unet, text_encoder, ema, opt, step, generator, history, objective,
-          recipe)
     if main_process:
-        result.preview = _previews(pipe, base_unet, prompts, recipe, ema, base_images, output, step)
-        _write_curves(output, history)
-        result.files = _export(pipe, base_unet, text_encoder if recipe.text_encoder_lora else None, ema, recipe,
-                               output, examples, history, time.time() - started)
+        result.preview = previews(pipe, base_unet, prompts, recipe, ema, base_images, output, loop.step)
+        write_curves(output, loop.history)
+        result.files = export(pipe, base_unet, text_encoder if recipe.text_encoder_lora else None, ema, recipe,
+                              output, examples, loop.history, loop.seconds)
     accelerator.wait_for_everyone()
-    result.step = step
     return result
 
 
-def _load_trainable(unet, text_encoder, state, recipe):
-    if recipe.method == "lora":
-        for model, key in ((unet, "unet"), (text_encoder, "text_encoder")):
-            layers = lora_lib.lora_layers(model)
-            with torch.no_grad():
-                for name, (a, b) in state.get(key, {}).items():
-                    layers[name].lora_A[lora_lib.ADAPTER].weight.copy_(a)
-                    layers[name].lora_B[lora_lib.ADAPTER].weight.copy_(b)
-    else:
-        unet.load_state_dict(state["unet"])
-
-
-def _save(accelerator, path, unet, text_encoder, ema, opt, step, generator, history, objective, recipe):
-    if accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = dict(step=step, optimizer=opt.state_dict(), generator=generator.get_state(), history=history,
-                     objective=objective)
-        if recipe.method == "lora":
-            state["unet"] = {n: (a, b) for n, (a, b, _) in lora_lib.lora_weights(unet).items()}
-            state["text_encoder"] = {n: (a, b) for n, (a, b, _) in lora_lib.lora_weights(text_encoder).items()}
-        else:
-            state["unet"], state["ema"] = unet.state_dict(), ema.state_dict()
-        save_checkpoint(path, state)
-    accelerator.wait_for_everyone()
-
-
-def _heldout_batch(latents, ids_all, contexts, recipe, scheduler, device):
-    """A fixed batch for the held-out loss: the first images at five fixed timesteps each, with fixed noise."""
+def fixed_batch(latents, ids_all, contexts, recipe, scheduler, device):
+    """A fixed batch: the first images at five fixed timesteps each, with fixed noise. Its loss moves only when the
+    model does, free of the batch-to-batch noise of the training loss; the images are training images, so it shows
+    fitting, not generalisation."""
     n = min(recipe.heldout_images, len(ids_all) - 1)
     if n == 0:
         return None
@@ -362,10 +301,8 @@ def _heldout_batch(latents, ids_all, contexts, recipe, scheduler, device):
 
 
 @torch.no_grad()
-def _heldout_loss(unet, text_encoder, batch, prediction_type, alphas, recipe) -> float | None:
-    """The loss on a fixed batch (same images, noise and timesteps every time): it moves only when the model does.
-    The images are training images, so it shows fitting, not generalisation; with few images that is the useful
-    signal, and it is free of the batch-to-batch noise of the training loss."""
+def fixed_batch_loss(unet, text_encoder, batch, prediction_type, alphas, recipe) -> float | None:
+    """The loss on the fixed batch (`fixed_batch`); None without one."""
     if batch is None:
         return None
     unet.eval()
@@ -373,7 +310,6 @@ def _heldout_loss(unet, text_encoder, batch, prediction_type, alphas, recipe) ->
     context = batch["contexts"] if batch["contexts"] is not None else text_encoder(batch["ids"])[0]
     pred = unet(xt, batch["t"], context)
     return float(diffusion_loss(pred, target, prediction_type, alphas, batch["t"], recipe.snr_gamma))
-
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------

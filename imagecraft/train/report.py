@@ -20,7 +20,7 @@ PREVIEW_SEED = 1234
 
 
 @torch.no_grad()
-def _sample(pipe, unet, prompts, recipe) -> list[Image.Image]:
+def sample(pipe, unet, prompts, recipe) -> list[Image.Image]:
     original = pipe.unet
     pipe.unet = unet
     was_training = unet.training
@@ -33,25 +33,25 @@ def _sample(pipe, unet, prompts, recipe) -> list[Image.Image]:
         unet.train(was_training)
 
 
-def _base_previews(pipe, unet, prompts, recipe, ema):
+def base_previews(pipe, unet, prompts, recipe, ema):
     if recipe.method == "lora":
         lora_lib.set_scale(unet, 0.0)
-        images = _sample(pipe, unet, prompts, recipe)
+        images = sample(pipe, unet, prompts, recipe)
         lora_lib.set_scale(unet, 1.0)
         return images
-    return _sample(pipe, ema, prompts, recipe)  # before training the EMA is the base model
+    return sample(pipe, ema, prompts, recipe)  # before training the EMA is the base model
 
 
-def _previews(pipe, unet, prompts, recipe, ema, base_images, output: Path, step: int) -> Path:
+def previews(pipe, unet, prompts, recipe, ema, base_images, output: Path, step: int) -> Path:
     """A grid, one row per prompt: the base model, then LoRA at scale 0.5 and 1 (or the fine-tuned EMA UNet)."""
     columns = [("base", base_images)]
     if recipe.method == "lora":
         for scale in (0.5, 1.0):
             lora_lib.set_scale(unet, scale)
-            columns.append((f"LoRA {scale:g}", _sample(pipe, unet, prompts, recipe)))
+            columns.append((f"LoRA {scale:g}", sample(pipe, unet, prompts, recipe)))
         lora_lib.set_scale(unet, 1.0)
     else:
-        columns.append(("fine-tuned", _sample(pipe, ema, prompts, recipe)))
+        columns.append(("fine-tuned", sample(pipe, ema, prompts, recipe)))
     grid = preview_grid(columns, prompts, f"step {step}")
     path = output / "previews" / f"step-{step:06d}.png"
     with atomic_write(path) as f:
@@ -80,7 +80,7 @@ def preview_grid(columns, prompts, title: str) -> Image.Image:
     return grid
 
 
-def _write_curves(output: Path, history):
+def write_curves(output: Path, history):
     """loss.csv (step, loss, lr, heldout) and loss.png, both atomically."""
     text = io.StringIO()
     writer = csv.writer(text)
@@ -119,7 +119,7 @@ def plot_loss(history):
     return figure
 
 
-def _export(pipe, unet, text_encoder, ema, recipe, output: Path, examples, history, seconds: float) -> list[Path]:
+def export(pipe, unet, text_encoder, ema, recipe, output: Path, examples, history, seconds: float) -> list[Path]:
     info = dict(base_model=pipe.model_id, base_hash=pipe.model_hash, steps=recipe.steps, images=len(examples),
                 method=recipe.method)
     if recipe.method == "lora":

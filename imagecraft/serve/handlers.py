@@ -1,0 +1,327 @@
+"""The app's event handlers: Gradio's values in, `actions` and `jobs` do the work, Gradio's updates out.
+
+This is the one module of `serve` that knows Gradio: our errors become a message in the UI (`ui_errors`), progress
+goes to Gradio's bar, warnings to its toasts, and sampling stops when Gradio drops the event (`event_cancelled`).
+Handlers that fill several components return a dict keyed by name; `to_components` maps it onto the components
+where app.py wires the event.
+
+Module state: `models`, the ModelCache every request of this process shares (IMAGECRAFT_DEVICE, IMAGECRAFT_DTYPE,
+IMAGECRAFT_MODELS, IMAGECRAFT_MAX_MODELS); the training queue is `jobs.TRAINING`.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import inspect
+import logging
+import os
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from ..schedulers import SCHEDULERS
+from ..settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, FINETUNE, GENERATION, LORA_SCALE
+from . import actions, jobs, outputs
+from .models import BUILTIN, ModelCache
+
+log = logging.getLogger("imagecraft.app")
+models = ModelCache(device=os.environ.get("IMAGECRAFT_DEVICE"), dtype=os.environ.get("IMAGECRAFT_DTYPE"))
+
+try:  # on a ZeroGPU Space, `spaces.GPU` attaches a GPU for the duration of each call
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:
+    def gpu(fn):
+        return fn
+
+
+# --- Gradio's side: errors, cancellation, outputs by name ------------------------------------------------------
+def ui_errors(fn):
+    """Our errors (ValueError with a sentence) become a message in the UI and one log line; only bugs log a
+    traceback. The message goes through `as_text`: Gradio renders it as HTML, and it may quote the user's input.
+    Works for plain handlers and for streaming ones (generators)."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def streamed(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except (ValueError, FileNotFoundError) as e:
+                raise _refused(fn, e) from e
+
+        return streamed
+
+    @functools.wraps(fn)  # keeps the signature: the API's parameter names and defaults come from it
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as e:
+            raise _refused(fn, e) from e
+        except actions.Cancelled as e:
+            log.info("%s: %s", fn.__name__, e)
+            raise gr.Error(str(e), print_exception=False) from e
+
+    return wrapped
+
+
+def _refused(fn, error: Exception) -> gr.Error:
+    """One log line, and the sentence as the UI's message (through `as_text`)."""
+    log.info("%s refused: %s", fn.__name__, str(error)[:300])
+    return gr.Error(as_text(str(error)), print_exception=False)
+
+
+def as_text(message: str) -> str:
+    """Gradio shows an error as HTML, and ours may quote the user's input: angle brackets become look-alike
+    characters, so nothing in it can become markup, while API clients still read plain text (not &lt;)."""
+    return message.replace("<", "\u2039").replace(">", "\u203a")
+
+
+def event_cancelled() -> bool:
+    """Whether Gradio has dropped the event this thread runs: its client cancelled it or went away.
+
+    Gradio cannot stop a running thread, so sampling asks this after every step. Gradio 6.31 has no public API for
+    it (`gr.Request` carries no such state, and `cancels=` stops only events not yet started or generators between
+    yields), so this reads its queue: the events running are `blocks._queue.active_jobs`, and `/cancel` or a lost
+    client removes an event from them. This is the one place that reads Gradio's private state;
+    tests/test_app.py::test_event_cancelled_reads_what_gradio_has fails when Gradio changes it.
+    """
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    if queue is None or event_id is None:
+        return False
+    return not any(event._id == event_id for job in queue.active_jobs if job for event in job)
+
+
+def to_components(handler, components: dict):
+    """`handler`, whose result is a dict keyed by name (or None: nothing changes), as Gradio wants it: a dict keyed
+    by the components in `components`. The signature is kept: the API's parameter names and defaults come from it."""
+
+    @functools.wraps(handler)
+    def wrapped(*args, **kwargs):
+        result = handler(*args, **kwargs)
+        return gr.skip() if result is None else {components[name]: value for name, value in result.items()}
+
+    return wrapped
+
+
+def _prune_gradio_cache():
+    """Gradio keeps its own copies of served files (expired hourly by `delete_cache`); between those sweeps they are
+    held to the same size cap as our outputs. Files under five minutes old may still be downloading, so stay."""
+    from gradio.utils import get_upload_folder
+
+    outputs.prune(Path(get_upload_folder()), keep_younger=300)
+
+
+# --- the Generate tab -------------------------------------------------------------------------------------------
+@gpu
+@ui_errors
+def on_generate(prompt: str, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
+                guidance: float = DEFAULT_GUIDANCE, seed: int = -1, scheduler: str = "", width: int = 0,
+                height: int = 0, num_images: int = GENERATION["num_images"].default, model: str = BUILTIN,
+                lora: str = "none", lora_scale: float = LORA_SCALE.default,
+                cache_interval: int = GENERATION["cache_interval"].default, progress=gr.Progress()):
+    """Generates images for a prompt; returns the PNGs (with metadata) and the seed of the first one.
+    width/height 0 and scheduler "" mean the model's own; lora "none" means none (else a LoRA trained in the
+    Fine-tune tab, or any LoRA file on a server without a model allowlist); cache_interval 1 means no DeepCache."""
+    progress(0, desc="loading model")
+    pipe = models.get(model)
+    _prune_gradio_cache()
+    progress(0, desc="sampling")
+    paths, first_seed, notes = actions.generate(
+        pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, width, height, num_images,
+        progress=lambda step, total: progress((step, total), desc="sampling"), should_stop=event_cancelled,
+        lora=lora, lora_scale=lora_scale, trusted_paths=models.allowed is None, cache_interval=cache_interval)
+    for note in notes:
+        gr.Warning(note)
+    return paths, first_seed
+
+
+@ui_errors
+def on_load_model(model: str, progress=gr.Progress()):
+    """Loads a model (built-in, folder, .safetensors file or Hub id) once, for everyone; returns its status and
+    sizes."""
+    progress(0, desc=f"loading {model}")
+    pipe = models.get(model)
+    size = pipe.default_size
+    name = html.escape(pipe.model_id).replace("*", "\\*").replace("_", "\\_")  # shown as Markdown
+    return (f"Loaded **{name}** ({pipe.device}, {str(pipe.dtype).replace('torch.', '')}); "
+            f"trained at {size}x{size}, sampler {SCHEDULERS[pipe.default_scheduler][0]}."), size, size
+
+
+@ui_errors
+def on_png(file) -> dict | None:
+    """Restores each setting from one of our PNGs (or an AUTOMATIC1111 one) whose value passes the settings checks,
+    keyed by its name in GENERATION; the others keep their value and a warning says why. The number of images and
+    the model are never set: a PNG can name any model, and a warning names it for the user to load."""
+    if file is None:
+        return None
+    settings, notes = actions.settings_from_png(file)
+    for note in notes:
+        gr.Warning(as_text(note))  # rendered as HTML, and it quotes the PNG's text
+    return settings  # cache_interval always: 1 for a PNG made without caching (png.pipeline_settings)
+
+
+def on_random_seed():
+    return actions.pick_seed(-1)
+
+
+# --- the Attention tab ------------------------------------------------------------------------------------------
+@gpu
+@ui_errors
+def on_attention(prompt: str, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
+                 guidance: float = DEFAULT_GUIDANCE, seed: int = -1, scheduler: str = "", width: int = 0,
+                 height: int = 0, model: str = BUILTIN, progress=gr.Progress()) -> dict:
+    """Generates the image again with its cross-attention (the same pixels as Generate gives for these settings)
+    and shows every word's map: the overlay figure, the image (scaled up for clicking), the maps (.npz), the figure
+    (PNG), the controls filled for this prompt and the first step's maps."""
+    progress(0, desc="loading model")
+    pipe = models.get(model)
+    _prune_gradio_cache()
+    explained = actions.explain(
+        pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, width, height,
+        progress=lambda step, total: progress((step, total), desc="sampling with attention"),
+        should_stop=event_cancelled)
+    maps = explained.maps
+    words = maps.words()
+    figure = actions.draw_attention(explained, words, {})
+    sizes = sorted({f"{l.size[0]}x{l.size[1]}" for l in maps.layers}, key=lambda s: -int(s.split("x")[0]))
+    heads, last = min(l.heads for l in maps.layers), maps.num_steps
+    return dict(state=explained, figure=figure, image=explained.view_path, npz=str(explained.folder / "attention.npz"),
+                png=figure, words=gr.update(choices=words, value=words),
+                resolution=gr.update(choices=["all", *sizes], value="all"),
+                heads=gr.update(choices=["all", *map(str, range(heads))], value="all"),
+                # a slider needs its maximum above its minimum: with one step the range sliders stay put
+                step_from=gr.update(maximum=max(last - 1, 1), value=0, interactive=last > 1),
+                step_to=gr.update(maximum=max(last, 2), value=last, interactive=last > 1),
+                step=gr.update(maximum=max(last - 1, 1), value=0, interactive=last > 1), pixel=None,
+                step_figure=actions.draw_step(explained, words, 0, {}))
+
+
+def _filters(explained, blocks, resolution, step_from, step_to, heads):
+    if explained is None:
+        raise ValueError("explain an image first: press \"Explain the last image\"")
+    return actions.attention_filters(explained.maps, blocks, resolution, step_from, step_to, heads)
+
+
+@ui_errors
+def on_redraw(explained, words, blocks, resolution, step_from, step_to, heads, alpha, cmap, normalize):
+    """Redraws the overlay from the stored maps (no model call): the figure and its PNG."""
+    if explained is None:
+        return gr.skip()
+    figure = actions.draw_attention(explained, words,
+                                    _filters(explained, blocks, resolution, step_from, step_to, heads),
+                                    alpha, cmap, normalize)
+    return figure, figure
+
+
+@ui_errors
+def on_scrub(explained, words, step, blocks, resolution, alpha, cmap, normalize):
+    """The time scrubber: the ticked words' maps at one sampling step."""
+    if explained is None:
+        return gr.skip()
+    filters = _filters(explained, blocks, resolution, 0, None, "all")
+    return actions.draw_step(explained, words, step, filters, alpha, cmap, normalize)
+
+
+@ui_errors
+def on_pixel(explained, blocks, resolution, step_from, step_to, heads, evt: gr.SelectData):
+    """Clicking a pixel of the image: how that pixel's attention splits over the prompt's tokens."""
+    if explained is None:
+        return gr.skip()
+    x, y = explained.pixel(evt.index[0], evt.index[1])
+    return actions.draw_pixel(explained, x, y, _filters(explained, blocks, resolution, step_from, step_to, heads))
+
+
+# --- the Fine-tune tab ------------------------------------------------------------------------------------------
+def _data_view(rows, files) -> dict:
+    """The caption table, the gallery of training images, their paths and a line on how many lack a caption."""
+    gallery = [(f, row[1] or "missing caption") for f, row in zip(files, rows)]
+    missing = sum(1 for row in rows if not row[1])
+    note = (f"{len(files)} images" + (f"; **{missing} without a caption**: write them in the table" if missing
+                                      else ", all captioned")) if files else ""
+    return dict(table=rows, gallery=gallery, data=files, note=note)
+
+
+@ui_errors
+def on_upload(files) -> dict:
+    """Images with same-name .txt captions, or zips of them: the caption table (editable) and the images."""
+    rows, images = jobs.read_upload(files)
+    if files and not images:
+        raise ValueError("no images in the upload: add .png, .jpg or .webp files (with .txt captions), or a zip")
+    return _data_view(rows, images)
+
+
+@ui_errors
+def on_demo_data() -> dict:
+    """24 images of pink circles and squares: the built-in model does not know the word "pink". Prior preservation
+    is left off (its prompts cleared): on the built-in model the plain LoRA keeps the old colours (100% -> 97% right)
+    and draws pink triangles, which prior preservation prevents (docs/figures.md, fine-tuning)."""
+    return dict(_data_view(*jobs.demo_data()), class_prompts="")
+
+
+def _status(job) -> str:
+    if job is None:
+        return ""
+    if job.state == "queued":
+        ahead = jobs.TRAINING.ahead(job)
+        return f"**Waiting**: {ahead} training job{'s' if ahead != 1 else ''} ahead of yours (one trains at a time)."
+    if job.state == "running":
+        return f"**Training** ({job.recipe.method}): {job.message or 'starting'}"
+    return {"done": "**Done**: ", "stopped": "**Stopped**: ", "failed": "**Failed**: "}[job.state] + \
+        as_text(job.message)
+
+
+@ui_errors
+def on_finetune(files, table, method: str = FINETUNE["method"].default, steps: int = FINETUNE["steps"].default,
+                rank: int = FINETUNE["rank"].default, lr: float = 0.0, validation_prompt: str = "",
+                model: str = BUILTIN, class_prompts: str = "", job=None, progress=gr.Progress()):
+    """Trains on the uploaded (or demo) images, one job at a time on this server; streams the status, the loss
+    curve, the latest previews, the result files (at the end) and the job. lr 0: the method's default. The job
+    belongs to this browser session."""
+    if job is not None and not job.finished:
+        raise ValueError("your previous fine-tune is still running: stop it first")
+    job = jobs.start_finetune(models.source(model), files or [], table, method, steps, rank, lr or None,
+                              validation_prompt or "", class_prompts or "")
+    log.info("fine-tune job %s queued (%s, %s steps)", job.id[:8], method, steps)
+    yield _status(job), None, None, None, job
+    while not job.finished:
+        if event_cancelled():  # the browser went away: stop, keeping the checkpoint
+            job.stop()
+        if job.state == "running":
+            progress((job.step, job.recipe.steps), desc="training")
+        else:
+            progress(0, desc="waiting for the job ahead")
+        yield _status(job), job.loss_plot(), job.latest_preview(), None, job
+        time.sleep(1.0)
+    yield _status(job), job.loss_plot(), job.latest_preview(), job.files() or None, job
+
+
+def on_stop(job):
+    """Stops this session's fine-tune after the current step; the checkpoint is saved."""
+    if job is None or job.finished:
+        return _status(job) or "No fine-tune of yours is running."
+    job.stop()
+    return "**Stopping** after this step; the checkpoint will be kept."
+
+
+def on_finetune_status(job=None) -> str:
+    """This session's fine-tune: waiting, training (step and loss), done, stopped or failed."""
+    return _status(job) or "No fine-tune in this session."
+
+
+@ui_errors
+def on_use(job) -> dict:
+    """Puts a finished fine-tune into the Generate tab: a LoRA into the LoRA box at scale 1, a full model into the
+    model box."""
+    if job is None or job.state != "done":
+        raise ValueError("train something first: \"Use in Generate\" takes a finished fine-tune")
+    if job.recipe.method == "lora":
+        name = f"fine-tune {job.id[:8]}"
+        return dict(lora=gr.update(choices=[("none", "none"), (name, str(job.output))], value=str(job.output)),
+                    lora_scale=1.0, tabs=gr.Tabs(selected="generate"))
+    path = models.allow(job.output)
+    return dict(model=gr.update(choices=[*models.choices, path], value=path), tabs=gr.Tabs(selected="generate"))

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from imagecraft import shapes  # noqa: E402
 from imagecraft.loading import DEFAULT_MODEL  # noqa: E402
-from imagecraft.shapes.train import round_trip  # noqa: E402
+from imagecraft.shapes.diagnostics import round_trip  # noqa: E402
 
 
 def main():

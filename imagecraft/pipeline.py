@@ -22,7 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from . import loading
+from . import loading, lora
 from .explain.capture import capture as capture_attention, check_memory as check_attention_memory
 from .png import pipeline_settings, restore_settings, save_png
 from .port import config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet
@@ -235,8 +235,6 @@ class ImageCraftPipeline:
         Returns the applied LoRA's name, hash, scale and path, which the PNG metadata records. A file for another
         base model, or a LyCORIS file, is refused with a `lora.LoraError` that says why.
         """
-        from . import lora
-
         scale = check_lora_scale(scale)
         file = lora.lora_file(path)
         lora.apply(file, self.unet, self.text_encoder, scale)
@@ -246,8 +244,6 @@ class ImageCraftPipeline:
 
     def set_lora_scale(self, scale: float):
         """Changes the loaded LoRA's scale without reloading it."""
-        from . import lora
-
         if self.lora is None:
             raise ValueError("no LoRA is loaded (load_lora first)")
         scale = check_lora_scale(scale)
@@ -257,8 +253,6 @@ class ImageCraftPipeline:
 
     def unload_lora(self):
         """Removes the LoRA: the model is the base model again, exactly."""
-        from . import lora
-
         lora.remove_lora(self.unet)
         lora.remove_lora(self.text_encoder)
         self.lora = None

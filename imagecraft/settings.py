@@ -144,7 +144,8 @@ class Field:
         if self.kind == "float":
             return f"({self.low:g}, {self.high:g}]" if self.above_low else f"{self.low:g}..{self.high:g}"
         if self.kind == "int":
-            return f"a multiple of {self.step} in {self.low}..{self.high}" if self.step != 1 else f"{self.low}..{self.high}"
+            span = f"{self.low}..{self.high}"
+            return f"a multiple of {self.step} in {span}" if self.step != 1 else span
         return ""
 
     @property
@@ -256,7 +257,8 @@ FINETUNE = _table(
     Field("noise_offset", "noise_offset", "float", 0, 1, 0.0,
           help="e.g. 0.05: darker darks and brighter brights (Guttenberg 2023)"),
     # 0..100: recipes clip at 0.5-1 (diffusers: 1); 100 is a hundred times that
-    Field("max_grad_norm", "max_grad_norm", "float", 0, 100, 1.0, help="clip the gradient's norm to this; 0: no clipping"),
+    Field("max_grad_norm", "max_grad_norm", "float", 0, 100, 1.0,
+          help="clip the gradient's norm to this; 0: no clipping"),
     # 0..1: recipes use 0-0.1 (diffusers: 0.01); 1 is ten times the largest
     Field("weight_decay", "weight_decay", "float", 0, 1, 1e-2, help="AdamW's weight decay"),
     # 0.9..0.9999: an average over the last 10 to 10,000 steps (1 / (1 - decay)); diffusers' default is 0.9999

@@ -7,7 +7,7 @@ single-file SD checkpoint copies in key for key; `imagecraft.port` maps diffuser
 
 Every attention layer computes through a swappable processor (`CrossAttention.processor`), addressable by
 module name via `UNet_SD.attn_processors` / `UNet_SD.set_attn_processor`. The default one is a single call to
-`torch.nn.functional.scaled_dot_product_attention`; `imagecraft.explain.maps` swaps in one that also records
+`torch.nn.functional.scaled_dot_product_attention`; `imagecraft.explain.capture` swaps in one that also records
 the cross-attention probabilities.
 """
 

@@ -243,6 +243,18 @@ def test_browser_generates_then_explains_a_word(url):
 
 
 @pytest.mark.unit
+def test_every_elem_id_is_unique_and_every_api_name_is_kept():
+    demo = app.build_demo()
+    ids = [block.elem_id for block in demo.blocks.values() if getattr(block, "elem_id", None)]
+    assert len(ids) == len(set(ids)) and {"gallery", "training-gallery"} <= set(ids)
+    named = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
+    assert named == {"generate", "attention", "load_model", "read_png", "random_seed", "finetune", "finetune_status",
+                     "finetune_stop", "finetune_use", "finetune_upload", "finetune_demo_data"}
+    unprocessed = {fn.api_name for fn in demo.fns.values() if not fn.preprocess}
+    assert unprocessed == {"generate", "attention"}  # our schema reads the values as sent
+
+
+@pytest.mark.unit
 def test_event_cancelled_reads_what_gradio_has():
     """`handlers.event_cancelled` reads Gradio's private queue (no public API says whether an event is still
     wanted): an event of a queued Blocks is wanted while it sits in `_queue.active_jobs` and dropped once it has

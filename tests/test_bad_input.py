@@ -38,11 +38,15 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
+import httpx
 import numpy as np
 import pytest
 import torch
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from helpers import serve_app
 from PIL import Image, PngImagePlugin
+from safetensors.torch import save_file
 
 from imagecraft.cli import main as cli_main
 from imagecraft.explain.maps import AttentionMaps
@@ -81,7 +85,7 @@ class Case:
     input: object  # app: ("api" | "raw", api_name, kwargs or data); cli: argv; python: (target, args, kwargs)
     refuse: bool | None = True  # True: must be refused; False: must work; None: either is fine
     verify: Callable | None = None  # for a case that works: a problem with its result, or None
-    process: bool = False  # cli: run as `python -m imagecraft`, not in this process
+    sentence: bool = True  # False: Gradio refuses it before any handler runs, with its generic message or none
 
     def __str__(self) -> str:
         return f"{self.what}: {self.description}"
@@ -90,8 +94,6 @@ class Case:
 def resolve(value, work: Path):
     """`value` with the files' folder filled in, and uploads made ready for gradio_client."""
     if isinstance(value, Upload):
-        from gradio_client import handle_file
-
         return handle_file(value.replace(WORK, str(work)))
     if isinstance(value, str):
         return value.replace(WORK, str(work))
@@ -116,6 +118,8 @@ def expect(case: Case, files: Path, refusal: str | None, result=None):
         assert problem is None, problem
     else:
         assert case.refuse is not False, f"refused: {refusal}"
+        if not case.sentence:
+            return
         assert refusal.strip() and GENERIC not in refusal, f"no sentence: {refusal!r}"
         assert not GARBLED.search(refusal), f"the sentence reads wrong: {refusal}"
 
@@ -146,8 +150,6 @@ def builtin():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, builtin) -> Path:
     """Every file a case names, in one folder: PNGs good and bad, pickles, safetensors, fake model folders, maps."""
-    from safetensors.torch import save_file
-
     work = tmp_path_factory.mktemp("bad-input")
 
     def put(name: str, data: bytes):
@@ -207,7 +209,8 @@ def files(tmp_path_factory, builtin) -> Path:
         weights.unlink()
     shutil.copy(work / "evil.bin", work / "fake-pickle" / "unet" / "diffusion_pytorch_model.bin")
     config = json.loads((work / "fake-shapes" / "unet" / "config.json").read_text())
-    (work / "fake-shapes" / "unet" / "config.json").write_text(json.dumps(dict(config, block_out_channels=[32, 64, 64])))
+    config["block_out_channels"] = [32, 64, 64]
+    (work / "fake-shapes" / "unet" / "config.json").write_text(json.dumps(config))
     os.symlink("/etc", work / "link-etc")
     os.symlink(DEFAULT_MODEL, work / "link-builtin")
     os.symlink(work / "loop", work / "loop")
@@ -250,7 +253,8 @@ def rows(name: str, param: str, base: dict, table) -> list[Case]:
 
 
 def file_data(path: str | None, **extra):
-    """A raw FileData naming a path on the server (gradio_client would upload a local path instead)."""
+    """A raw FileData naming a path on the server (gradio_client would upload a local path instead). Gradio refuses
+    it before our handler runs."""
     return ("raw", "/read_png", [{"path": path, "meta": {"_type": "gradio.FileData"}, **extra}])
 
 
@@ -266,7 +270,8 @@ MODELS = [
     ("bool", True, True), ("int", 5, True), ("list", ["/etc"], True), ("dict", {"a": 1}, True),
     ("None (the built-in one)", None, None), ("empty (the built-in one)", "", False),
     ("spelling: 'default'", "default", False), ("spelling: '  default  '", "  default  ", False),
-    ("spelling: absolute path", str(DEFAULT_MODEL), False), ("spelling: 'assets/shapes-sd/'", "assets/shapes-sd/", False),
+    ("spelling: absolute path", str(DEFAULT_MODEL), False),
+    ("spelling: 'assets/shapes-sd/'", "assets/shapes-sd/", False),
     ("spelling: './assets/../assets/shapes-sd'", "./assets/../assets/shapes-sd", False),
     ("spelling: a symlink to it", at("link-builtin"), False),
     ("nonexistent path", "/no/such/model", True), ("/etc", "/etc", True), ("/root", "/root", True),
@@ -408,13 +413,15 @@ APP_CASES = [
           ("20 MB PNG without settings", "big.png", True, None),
       ]],
     Case("/read_png file", "None (nothing uploaded)", api("/read_png", file=None), False),
-    Case("/read_png file", "a string, not a file", api("/read_png", file="hello"), True),
-    Case("/read_png file", "FileData naming /etc/passwd", file_data("/etc/passwd"), True),
-    Case("/read_png file", "FileData naming a server-side .png outside the uploads", file_data(at("ours.png")), True),
-    Case("/read_png file", "FileData with ../ traversal", file_data("../../../../../etc/hostname.png"), True),
+    Case("/read_png file", "a string, not a file", api("/read_png", file="hello"), sentence=False),
+    Case("/read_png file", "FileData naming /etc/passwd", file_data("/etc/passwd"), sentence=False),
+    Case("/read_png file", "FileData naming a server-side .png outside the uploads", file_data(at("ours.png")),
+         sentence=False),
+    Case("/read_png file", "FileData with ../ traversal", file_data("../../../../../etc/hostname.png"),
+         sentence=False),
     Case("/read_png file", "FileData with a URL to a closed local port",
-         file_data(None, url="http://127.0.0.1:1/x.png"), True),
-    Case("raw request", "/generate with one value too few", ("raw", "/generate", "too few"), True),
+         file_data(None, url="http://127.0.0.1:1/x.png"), sentence=False),
+    Case("raw request", "/generate with one value too few", ("raw", "/generate", "too few"), sentence=False),
     Case("raw request", "/generate with one value too many", ("raw", "/generate", "too many"), None),
     Case("raw request", "/generate with data a string, not a list", ("raw", "/generate", "a"), True),
     Case("raw request", "/random_seed with 3 values", ("raw", "/random_seed", [1, 2, 3]), None),
@@ -424,8 +431,6 @@ APP_CASES = [
 @pytest.fixture(scope="module")
 def app_server():
     """(client, url, parameter names and defaults per API) of the app launched in this process."""
-    from gradio_client import Client
-
     with serve_app(concurrency=2) as url:
         client = Client(url, verbose=False, download_files=False)
         endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
@@ -448,8 +453,6 @@ def raw_data(name: str, data, params: dict):
 
 def raw_call(url: str, name: str, data) -> tuple[str | None, object]:
     """POSTs the data as JSON (NaN and Infinity allowed), then reads the event stream: (refusal or None, result)."""
-    import httpx
-
     route = f"{url}gradio_api/call/{name.lstrip('/')}"
     response = httpx.post(route, content=json.dumps({"data": data}, allow_nan=True),
                           headers={"content-type": "application/json"}, timeout=TIMEOUT)
@@ -468,16 +471,15 @@ def raw_call(url: str, name: str, data) -> tuple[str | None, object]:
     return "", None
 
 
-def count_tracebacks(text: str) -> int:
-    """Tracebacks logged, a chained exception counted once."""
-    chained = text.count("The above exception was the direct cause") + text.count("During handling of the above")
-    return text.count("Traceback (most recent call last)") - chained
+def frames_of_ours(logged: str) -> list[str]:
+    """The traceback lines in the server's log that point into ImageCraft's code: a bug, where a refusal is one log
+    line. (Gradio logs a traceback of its own when it refuses a malformed request before any handler runs.)"""
+    return [line for line in logged.splitlines() if line.lstrip().startswith('File "')
+            and (f"{ROOT}/imagecraft/" in line or f"{ROOT}/app.py" in line)]
 
 
 @pytest.mark.parametrize("case", APP_CASES, ids=str)
 def test_app(case, app_server, files, monkeypatch, capfd, caplog):
-    from gradio_client.exceptions import AppError
-
     client, url, params = app_server
     monkeypatch.chdir(ROOT)  # the relative spellings of the built-in folder
     caplog.set_level(logging.INFO)
@@ -495,7 +497,7 @@ def test_app(case, app_server, files, monkeypatch, capfd, caplog):
             job.cancel()
             pytest.fail(f"no answer in {TIMEOUT} s")
     logged = capfd.readouterr().err + caplog.text
-    assert count_tracebacks(logged) == 0, logged[-3000:]
+    assert not frames_of_ours(logged), logged[-3000:]
     expect(case, files, refusal, result)
 
 
@@ -518,9 +520,8 @@ ATT_FLAGS = ["--prompt", "a blue square above a green triangle", "--steps", "1",
              "--output", at("cli/fig.png"), "--image", at("cli/img.png")]
 
 
-def gen(description, *given, refuse=True, process=False):
-    return Case("generate " + (given[0] if given else ""), description, argv("generate", GEN_FLAGS, given), refuse,
-                process=process)
+def gen(description, *given, refuse=True):
+    return Case("generate " + (given[0] if given else ""), description, argv("generate", GEN_FLAGS, given), refuse)
 
 
 def from_png(description, path, *more, refuse=True):
@@ -556,7 +557,7 @@ CLI_CASES = [
     gen("300 emoji", "--prompt", "🎨" * 300, refuse=False),
     gen("HTML", "--prompt", "<img src=x onerror=alert(1)>", refuse=False),
     gen("empty (unconditional)", "--prompt", "", refuse=False),
-    gen("a byte that is not UTF-8 (0xff)", "--prompt", "a red \udcff circle", refuse=None, process=True),
+    gen("a byte that is not UTF-8 (0xff)", "--prompt", "a red \udcff circle", refuse=None),
     Case("generate --prompt", "missing", ["generate", "--steps", "1", "--output", at("cli/out.png")], True),
     gen("5,000 characters", "--negative-prompt", "a " * 2500),
     gen("nonexistent path", "--model", "/no/such/model"), gen("/etc", "--model", "/etc"),
@@ -758,7 +759,8 @@ PYTHON_CASES = [
     maps("segment", "threshold='0.4'", ["blue"], threshold="0.4"),
     maps("segment", "a string, not a list", "blue"),
     load("valid", at("maps.npz"), refuse=False), load("nonexistent", at("nope.npz")), load("a folder", WORK),
-    load("a PNG", at("plain.png")), load("random bytes", at("maps-random.npz")), load("empty file", at("maps-empty.npz")),
+    load("a PNG", at("plain.png")), load("random bytes", at("maps-random.npz")),
+    load("empty file", at("maps-empty.npz")),
     load("truncated .npz", at("maps-truncated.npz")), load("no meta", at("maps-nometa.npz")),
     load("meta not JSON", at("maps-notjson.npz")), load("meta a JSON list", at("maps-list.npz")),
     load("meta with layers=5", at("maps-layers.npz")), load("an object (pickle) array", at("maps-object.npz")),

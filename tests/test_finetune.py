@@ -222,7 +222,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model, data, tmp_path
     finally:
         ft.lora_lib.add_lora = original
     state = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
-    assert state["step"] == 3 and all(torch.isfinite(b).all() for _, b in state["unet"].values())
+    assert state["step"] == 3 and all(torch.isfinite(b).all() for _, b in state["state"]["lora"]["unet"].values())
 
 
 @pytest.mark.integration

@@ -1,10 +1,11 @@
-"""The training script, in its smoke configuration: it runs end to end, resumes, and refuses bad settings."""
+"""The built-in model's trainer (`imagecraft.shapes`), on its smoke preset: it runs end to end, resumes, refuses
+bad recipes, and `override` (the CLI's `--set`) changes one field of a recipe."""
 
-import dataclasses
 import json
 import logging
 import random
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,22 +13,40 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from imagecraft import shapes
-from imagecraft.pipeline import ImageCraftPipeline
-from imagecraft.runtime import native_bf16
-from imagecraft.shapes.train import (GRAMMAR_WORDS, Recipe, Stage, batch_indices, caption_corpus, check_settings,
-                                     draw_timesteps, encode_scenes, group_means, inside_share, keep_cross_attention,
-                                     made_up_colour, main, make_noise_scheduler, make_text_encoder, make_vae,
-                                     object_masks, outline_pixels, position_of, position_separation, scene_batch,
-                                     scene_pools, train_vae, unfused_attention, word_objects)
-from imagecraft.train.core import loss_weights, noised_and_target
+from imagecraft.explain.capture import keep_cross_attention
 from imagecraft.loading import DEFAULT_MODEL
+from imagecraft.pipeline import ImageCraftPipeline
+from imagecraft.runtime import autocast, native_bf16, training_bf16, unfused_library_attention
+from imagecraft.shapes.data import (batch_indices, caption_corpus, draw_timesteps, group_means, outline_pixels,
+                                    position_of, scene_batch, scene_pools)
+from imagecraft.shapes.diagnostics import position_separation, stage_scheduler
+from imagecraft.shapes.grounding import GRAMMAR_WORDS, inside_share, made_up_colour, object_masks, word_objects
+from imagecraft.shapes.recipe import (FAST, LARGE, PRESETS, SMOKE, DecoderSpec, ScenesSpec, UNetStage, check_recipe,
+                                      override)
+from imagecraft.shapes.train import encode_scenes, main, make_text_encoder, make_vae, train, train_vae
+from imagecraft.train.core import loss_weights, noised_and_target
 from imagecraft.unet import UNet_SD, UNetConfig
+
+V = "v_prediction"
+# a shape stage after the smoke preset's three, as the fast preset has one after its two-object stage
+SHAPE = UNetStage("unet-shape", 2, 1e-4, 2, V, True, max_t=700)
+
+
+def run_args(root, *assignments, recipe="smoke"):
+    """main's arguments for a run in `root` (the model in m/, the work folder w/), one `--set` per assignment."""
+    return ["--output", str(root / "m"), "--work", str(root / "w"), "--recipe", recipe,
+            *(arg for assignment in assignments for arg in ("--set", assignment))]
+
+
+def with_stages(recipe, *stages):
+    """The recipe with `stages` trained after its own (`--set` changes or drops stages; it adds none)."""
+    return replace(recipe, stages=recipe.stages + stages)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    assert main(["--output", str(root / "model"), "--work", str(root / "work"), "--smoke"]) == 0
+    assert main(["--output", str(root / "model"), "--work", str(root / "work"), "--recipe", "smoke"]) == 0
     return root
 
 
@@ -50,8 +69,8 @@ def test_smoke_run_writes_a_plain_diffusers_model(trained):
     assert vae_config["scaling_factor"] != 0.18215  # measured
     # the posterior is pinned to its mean, which is the trained VAE's: sampling it (img2img does) adds no noise
     x = torch.rand(2, 3, 64, 64) * 2 - 1
-    trained_vae = make_vae(Recipe.smoke())
-    trained_vae.load_state_dict(torch.load(trained / "work" / "vae.pt", weights_only=True)["model"])
+    trained_vae = make_vae(PRESETS["smoke"])
+    trained_vae.load_state_dict(torch.load(trained / "work" / "vae.pt", weights_only=True)["state"]["model"])
     with torch.no_grad():
         posterior = theirs.vae.encode(x).latent_dist
         torch.testing.assert_close(posterior.mean, trained_vae.encode(x).latent_dist.mean, rtol=1e-4, atol=1e-5)
@@ -67,7 +86,7 @@ def test_smoke_run_writes_a_plain_diffusers_model(trained):
 @pytest.mark.unit
 @pytest.mark.parametrize("prediction_type, zero_snr", [("v_prediction", True), ("epsilon", False)])
 def test_noising_and_target_match_diffusers(prediction_type, zero_snr):
-    scheduler = make_noise_scheduler(Stage("unet", 10, 1e-4, 1, prediction_type, zero_snr))
+    scheduler = stage_scheduler(UNetStage("unet", 10, 1e-4, 1, prediction_type, zero_snr))
     assert (scheduler.alphas_cumprod[-1] == 0) == zero_snr  # t=999 is pure noise only on the rescaled schedule
     x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
     t = torch.tensor([0, 333, 998, 999])
@@ -93,26 +112,28 @@ def test_position_separation_reads_where_the_words_put_the_object():
     # pure noise (sampling scores its positions 97-100% right); its UNet fed a text encoder that never learnt
     # the words does not
     pipe = ImageCraftPipeline.from_pretrained(device="cpu", dtype="fp32")
-    recipe = Recipe()
-    final = recipe.stages()[-1]
+    recipe = FAST
+    final = recipe.stages[-1]
     size = pipe.default_size // pipe.vae_scale_factor
-    assert position_separation(pipe.unet, pipe.text_encoder, pipe.tokenizer, final, size, recipe.max_tokens) > 5
+    max_tokens = recipe.text.max_tokens
+    assert position_separation(pipe.unet, pipe.text_encoder, pipe.tokenizer, final, size, max_tokens) > 5
     torch.manual_seed(0)
     untrained = make_text_encoder(recipe, pipe.tokenizer).eval()
-    assert abs(position_separation(pipe.unet, untrained, pipe.tokenizer, final, size, recipe.max_tokens)) < 2
+    assert abs(position_separation(pipe.unet, untrained, pipe.tokenizer, final, size, max_tokens)) < 2
 
 
 @pytest.mark.unit
-def test_epsilon_with_zero_terminal_snr_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="zero_terminal_snr needs prediction_type 'v_prediction'"):
-        check_settings(Recipe(zero_terminal_snr=True), tmp_path)
+def test_epsilon_with_zero_terminal_snr_is_refused():
+    with pytest.raises(ValueError, match="stage unet: zero_terminal_snr needs prediction_type 'v_prediction'"):
+        check_recipe(override(LARGE, "stages.unet.zero_terminal_snr=true"))
     with pytest.raises(ValueError, match="prediction_type must be 'epsilon' or 'v_prediction', got 'sample'"):
-        check_settings(Recipe(prediction_type="sample"), tmp_path)
+        check_recipe(override(LARGE, "stages.unet.prediction_type=sample"))
 
 
 @pytest.mark.integration
 def test_rerun_resumes_instead_of_retraining(trained, caplog):
     before = (trained / "work" / "unet.pt").stat().st_mtime_ns
+    # --smoke is --recipe smoke: the same recipe, so nothing is retrained
     assert main(["--output", str(trained / "model"), "--work", str(trained / "work"), "--smoke"]) == 0
     assert (trained / "work" / "unet.pt").stat().st_mtime_ns == before  # finished phases are not redone
     assert torch.load(trained / "work" / "unet.pt", weights_only=True)["step"] == 6
@@ -141,124 +162,118 @@ def test_stage_three_batches_are_mostly_two_object_scenes():
 
 
 @pytest.mark.unit
-def test_precision_follows_the_cpu_unless_asked(tmp_path):
+def test_precision_follows_the_cpu_unless_asked():
     for precision, bf16 in (("fp32", False), ("bf16", True), ("auto", native_bf16())):
-        with Recipe(precision=precision).autocast():
+        with autocast(training_bf16(override(SMOKE, f"precision={precision}").precision)):
             assert torch.is_autocast_enabled("cpu") == bf16, precision
     with pytest.raises(ValueError, match="precision must be 'auto', 'bf16' or 'fp32', got 'fp16'"):
-        check_settings(Recipe(precision="fp16"), tmp_path)
+        check_recipe(override(SMOKE, "precision=fp16"))
 
 
 @pytest.mark.integration
 def test_resume_continues_from_the_checkpoint(tmp_path, capsys, caplog):
-    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke"]
     with caplog.at_level(logging.INFO, logger="imagecraft.shapes.train"):
-        assert main(args + ["--unet-steps", "3"]) == 0
+        assert main(run_args(tmp_path, "stages.unet.steps=3")) == 0
     # each checkpoint says whether position words are being learnt yet
     assert re.search(r"unet step 3: position separation at t=999 -?\d+\.\d px", caplog.text)
     assert torch.load(tmp_path / "w" / "unet.pt", weights_only=True)["step"] == 3
-    assert main(args + ["--unet-steps", "5", "--zsnr-steps", "0", "--two-steps", "0"]) == 0
+    assert main(run_args(tmp_path, "stages.unet.steps=5", "stages.unet-zsnr.steps=0", "stages.unet-two.steps=0")) == 0
     assert torch.load(tmp_path / "w" / "unet.pt", weights_only=True)["step"] == 5
     # the second stage was fine-tuned from the 3-step first stage: it is not silently reused on top of the 5-step one
-    assert main(args + ["--unet-steps", "5"]) == 2
+    assert main(run_args(tmp_path, "stages.unet.steps=5")) == 2
     assert "unet-zsnr.pt was trained with" in capsys.readouterr().err
 
 
 @pytest.mark.integration
 def test_checkpoint_of_another_objective_is_not_resumed(tmp_path, capsys):
-    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--unet-steps", "2"]
-    assert main(args) == 0
+    assert main(run_args(tmp_path, "stages.unet.steps=2")) == 0
     state = torch.load(tmp_path / "w" / "unet.pt", weights_only=True)
     state["objective"]["prediction_type"] = "v_prediction"  # as if written by another recipe
     torch.save(state, tmp_path / "w" / "unet.pt")
-    assert main(args[:-1] + ["4"]) == 2
+    assert main(run_args(tmp_path, "stages.unet.steps=4")) == 2
     assert "unet.pt was trained with {'prediction_type': 'v_prediction'" in capsys.readouterr().err
     # nor one trained on other scenes: another margin re-encodes the latents, and the UNet is not resumed on them
     state["objective"]["prediction_type"] = "epsilon"
     torch.save(state, tmp_path / "w" / "unet.pt")
-    assert main(args[:-1] + ["4", "--scene-margin", "3"]) == 2
-    assert "'scenes': {'gap': 2.0, 'margin': 3.0}" in capsys.readouterr().err
+    assert main(run_args(tmp_path, "stages.unet.steps=4", "scenes.margin=3")) == 2
+    assert "'scenes': {'gap': 2.0, 'margin': 3}" in capsys.readouterr().err
 
 
 @pytest.mark.integration
 def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "vae.pt").write_bytes(b"garbage")
-    assert main(["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke"]) == 2
+    assert main(run_args(tmp_path)) == 2
     assert "vae.pt is corrupt or unreadable" in capsys.readouterr().err
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("args, message", [
-    (["--batch-size", "0"], "unet_batch (batch size) must be at least 1, got 0"),
-    (["--lr", "-0.001"], "unet_lr (learning rate) must be a positive number, got -0.001"),
-    (["--unet-steps", "-5"], "unet_steps must be positive"),
-    (["--zsnr-steps", "-1"], "zsnr_steps must be 0 (no second stage) or positive, got -1"),
-    (["--two-steps", "-2"], "two_steps must be 0 (no third stage) or positive, got -2"),
-    (["--sampler", "karras_magic"], "unknown scheduler 'karras_magic'; valid names are ddim, euler, euler_a"),
-    (["--detail-steps", "-1"], "detail_steps must be 0 (no detail stage) or positive, got -1"),
-    (["--detail-max-t", "5"], "detail_max_t must be a timestep from 20 to 1000, got 5"),
-    (["--detail-snr-gamma", "-1"], "detail_snr_gamma must be 0 (plain MSE) to 10000, got -1.0"),
-    (["--scene-gap", "0"], "scene_gap must be from 2 px (the world's least gap) to 8 px"),
-    (["--scene-margin", "6"], "scene_margin must be a whole number of px from 1 (the world's) to 4"),
-    (["--scene-margin", "2.5"], "scene_margin must be a whole number of px from 1 (the world's) to 4"),
-    (["--scene-margin", "0"], "scene_margin must be a whole number of px from 1 (the world's) to 4"),
-    (["--vae-general", "1.5"], "vae_general (share of broader-world images in a VAE batch) must be in [0, 1]"),
-    (["--vae-latent-channels", "3"], "vae_latent_channels must be from 4"),
-    (["--vae-edge", "-1"], "vae_edge (an auxiliary loss weight) must be 0 or a positive number, got -1.0"),
-    (["--vae-edge", "inf"], "vae_edge (an auxiliary loss weight) must be 0 or a positive number, got inf"),
+@pytest.mark.parametrize("recipe, assignment, message", [
+    ("smoke", "batch=0", "batch must be a whole number above 0, got 0"),
+    ("smoke", "stages.unet.lr=-0.001", "stage unet: lr (learning rate) must be a number above 0, got -0.001"),
+    ("smoke", "stages.unet.steps=-5", "stage unet: steps must be a whole number above 0, got -5"),
+    ("smoke", "stages.unet-zsnr.steps=-1", "stage unet-zsnr: steps must be a whole number above 0, got -1"),
+    ("smoke", "stages.unet-two.steps=-2", "stage unet-two: steps must be a whole number above 0, got -2"),
+    ("smoke", "sampler=karras_magic", "unknown scheduler 'karras_magic'; valid names are ddim, euler, euler_a"),
+    ("fast", "stages.unet-detail.steps=-1", "stage unet-detail: steps must be a whole number above 0, got -1"),
+    ("fast", "stages.unet-detail.max_t=5", "stage unet-detail: max_t must be a timestep from 20 to 1000, got 5"),
+    ("fast", "stages.unet-detail.snr_gamma=-1", "stage unet-detail: snr_gamma must be 0 (plain MSE) to 10000, got -1"),
+    ("smoke", "scenes.gap=0", "scenes.gap must be from 2 px (the world's least gap) to 8 px"),
+    ("smoke", "scenes.margin=6", "scenes.margin must be a whole number of px from 1 (the world's) to 4"),
+    ("smoke", "scenes.margin=2.5", "scenes.margin must be a whole number of px from 1 (the world's) to 4"),
+    ("smoke", "scenes.margin=0", "scenes.margin must be a whole number of px from 1 (the world's) to 4"),
+    ("smoke", "vae.general=1.5", "vae.general (share of broader-world images in a VAE batch) must be in [0, 1]"),
+    ("smoke", "vae.latent_channels=3", "vae.latent_channels must be from 4"),
+    ("smoke", "vae.edge=-1", "vae.edge (an auxiliary loss weight) must be 0 or a positive number, got -1"),
+    ("smoke", "vae.edge=Infinity", "vae.edge (an auxiliary loss weight) must be 0 or a positive number, got inf"),
 ])
-def test_nonsensical_settings_are_refused(tmp_path, capsys, args, message):
-    assert main(["--output", str(tmp_path / "m"), "--smoke", *args]) == 2
+def test_nonsensical_settings_are_refused(tmp_path, capsys, recipe, assignment, message):
+    assert main(["--output", str(tmp_path / "m"), "--recipe", recipe, "--set", assignment]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()  # refused before any work
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("crop", [30, 0, 68])
-def test_vae_crops_must_sit_on_the_latent_grid(tmp_path, crop):
-    check_settings(Recipe(vae_crop=32), tmp_path)  # a 32x32 crop is on the grid
-    message = f"vae_crop must be a multiple of 4 \\(the latent factor\\) from 4 to 64, got {crop}"
+def test_vae_crops_must_sit_on_the_latent_grid(crop):
+    check_recipe(override(LARGE, "vae.crop=32"))  # a 32x32 crop is on the grid
+    message = f"vae.crop must be a multiple of 4 \\(the latent factor\\) from 4 to 64, got {crop}"
     with pytest.raises(ValueError, match=message):
-        check_settings(Recipe(vae_crop=crop), tmp_path)
+        check_recipe(override(LARGE, f"vae.crop={crop}"))
 
 
 @pytest.mark.integration
 def test_output_must_be_a_writable_folder(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    assert main(["--output", str(tmp_path / "file"), "--smoke"]) == 2
+    assert main(["--output", str(tmp_path / "file"), "--recipe", "smoke"]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
     # /proc takes no new folders, even for root
-    assert main(["--output", "/proc/imagecraft-model", "--smoke"]) == 2
+    assert main(["--output", "/proc/imagecraft-model", "--recipe", "smoke"]) == 2
     assert "output folder /proc/imagecraft-model is not writable" in capsys.readouterr().err
 
 
 @pytest.mark.unit
 def test_scene_gap_is_checked_and_keys_the_cached_latents(tmp_path, caplog):
     for gap in (1, 9):
-        with pytest.raises(ValueError, match=f"scene_gap must be from 2 px .* to 8 px .*, got {gap}"):
-            check_settings(Recipe(scene_gap=gap), tmp_path)
-    recipe = dataclasses.replace(Recipe.smoke(), num_scenes=40)
+        with pytest.raises(ValueError, match=f"scenes.gap must be from 2 px .* to 8 px .*, got {gap}"):
+            check_recipe(override(LARGE, f"scenes.gap={gap}"))
+    recipe = override(SMOKE, "scenes.count=40")
     vae = make_vae(recipe).eval()
     encode_scenes(recipe, vae, tmp_path)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="imagecraft.shapes.train"):
-        encode_scenes(dataclasses.replace(recipe, scene_gap=8), vae, tmp_path)
+        encode_scenes(override(recipe, "scenes.gap=8"), vae, tmp_path)
     assert "encoded 40 scenes" in caplog.text  # another gap is another training set: encoded again
     assert torch.load(tmp_path / "latents.pt", weights_only=True)["scene_gap"] == 8
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="imagecraft.shapes.train"):
-        encode_scenes(dataclasses.replace(recipe, scene_gap=8, scene_margin=4), vae, tmp_path)
+        encode_scenes(override(override(recipe, "scenes.gap=8"), "scenes.margin=4"), vae, tmp_path)
     assert "encoded 40 scenes" in caplog.text  # so is another margin
     assert torch.load(tmp_path / "latents.pt", weights_only=True)["scene_margin"] == 4
-    # latents cached before the margin existed were drawn with the world's 1 px, and are reused for it
-    encode_scenes(recipe, vae, tmp_path)
-    state = torch.load(tmp_path / "latents.pt", weights_only=True)
-    del state["scene_margin"]
-    torch.save(state, tmp_path / "latents.pt")
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="imagecraft.shapes.train"):
-        encode_scenes(recipe, vae, tmp_path)
-    assert "encoded" not in caplog.text
+        encode_scenes(override(override(recipe, "scenes.gap=8"), "scenes.margin=4"), vae, tmp_path)
+    assert "encoded" not in caplog.text  # the same scenes: the cache is read
 
 
 @pytest.mark.unit
@@ -276,17 +291,17 @@ def test_scene_coverage_is_where_the_objects_are():
 
 @pytest.mark.integration
 def test_coverage_loss_ties_latent_channel_3_to_the_objects(tmp_path):
-    recipe = dataclasses.replace(Recipe.smoke(), vae_steps=60, vae_coverage=1.0, checkpoint_every=60)
+    recipe = replace(SMOKE, vae=replace(SMOKE.vae, steps=60, coverage=1.0), checkpoint_every=60)
     torch.manual_seed(0)
     vae = train_vae(recipe, tmp_path)
     x, _, coverage = scene_batch(random.Random(9), 16)
     with torch.no_grad():
         channel = vae.encode(x).latent_dist.mean[:, 3]
-    target = torch.nn.functional.avg_pool2d(coverage, recipe.latent_factor())[:, 0]
+    target = torch.nn.functional.avg_pool2d(coverage, recipe.vae.latent_factor)[:, 0]
     assert torch.corrcoef(torch.stack([channel.flatten(), target.flatten()]))[0, 1] > 0.8
     # the checkpoint remembers the objective: another coverage weight does not resume it
     with pytest.raises(ValueError, match="vae.pt was trained with .*'coverage': 1.0.*'coverage': 0.0"):
-        train_vae(dataclasses.replace(recipe, vae_coverage=0.0), tmp_path)
+        train_vae(override(recipe, "vae.coverage=0.0"), tmp_path)
 
 
 @pytest.mark.unit
@@ -303,11 +318,11 @@ def test_outline_pixels_are_the_ring_either_side_of_each_outline():
 
 @pytest.mark.integration
 def test_edge_loss_trains_and_is_part_of_the_objective(tmp_path):
-    recipe = dataclasses.replace(Recipe.smoke(), vae_steps=3, vae_edge=1.0, checkpoint_every=3)
+    recipe = replace(SMOKE, vae=replace(SMOKE.vae, steps=3, edge=1.0), checkpoint_every=3)
     train_vae(recipe, tmp_path)
     assert torch.load(tmp_path / "vae.pt", weights_only=True)["objective"]["edge"] == 1.0
     with pytest.raises(ValueError, match="vae.pt was trained with .*'edge': 1.0"):
-        train_vae(dataclasses.replace(recipe, vae_edge=0.0), tmp_path)
+        train_vae(override(recipe, "vae.edge=0.0"), tmp_path)
 
 
 @pytest.mark.unit
@@ -323,14 +338,21 @@ def test_layout_and_mean_targets_are_the_group_means():
     torch.testing.assert_close(means[index[4]], latents[4])
 
 
+def layout_recipe(base=SMOKE):
+    """`base` with a 2-step layout stage first and every stage on zero-terminal-SNR v-prediction with caption-mean
+    targets from t=900, as the fast preset (the smoke preset's second stage, already so, dropped)."""
+    stages = [replace(s, prediction_type=V, zero_terminal_snr=True, mean_target_t=900)
+              for s in base.stages if s.name != "unet-zsnr"]
+    layout = UNetStage("unet-layout", 2, 4e-4, 2, V, True, layout=True, mean_target_t=980)
+    return replace(base, vae=replace(base.vae, coverage=1.0), stages=(layout, *stages))
+
+
 @pytest.mark.integration
 def test_layout_recipe_runs_its_stages_in_order(tmp_path, caplog):
-    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--vae-coverage", "1",
-            "--v-from-start", "--layout-steps", "2", "--mean-target-t", "900", "--zsnr-steps", "0"]
     with caplog.at_level(logging.INFO, logger="imagecraft.shapes.train"):
-        assert main(args) == 0
+        train(layout_recipe(), tmp_path / "m", tmp_path / "w")
     layout = torch.load(tmp_path / "w" / "unet-layout.pt", weights_only=True)
-    assert layout["step"] == 2 and layout["objective"]["layout"] and "init" not in layout["objective"]
+    assert layout["step"] == 2 and layout["objective"]["layout"] and layout["objective"]["init"] is None
     first = torch.load(tmp_path / "w" / "unet.pt", weights_only=True)["objective"]
     assert (first["init"], first["prediction_type"], first["mean_target_t"]) == ("unet-layout@2", "v_prediction", 900)
     assert torch.load(tmp_path / "w" / "unet-two.pt", weights_only=True)["objective"]["mean_target_t"] == 900
@@ -339,42 +361,50 @@ def test_layout_recipe_runs_its_stages_in_order(tmp_path, caplog):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("settings, message", [
-    (dict(layout_steps=100), "layout_steps needs the first stage on v_prediction with zero_terminal_snr"),
-    (dict(mean_target_t=200), "mean_target_t must be 0 \\(off\\) or a timestep from 500 to 990, got 200"),
-    (dict(vae_coverage=-1.0), "vae_coverage \\(an auxiliary loss weight\\) must be 0 or a positive number, got -1.0"),
-    (dict(layout_steps=-3), "layout_steps must be 0 \\(no layout stage\\) or positive, got -3"),
+@pytest.mark.parametrize("recipe, message", [
+    (replace(LARGE, stages=(UNetStage("unet-layout", 100, 4e-4, 100, layout=True, mean_target_t=980),
+                            *LARGE.stages)),
+     "a layout stage needs v_prediction with zero_terminal_snr"),
+    (override(LARGE, "stages.unet.mean_target_t=200"),
+     "stage unet: mean_target_t must be 0 \\(off\\) or a timestep from 500 to 990, got 200"),
+    (override(LARGE, "vae.coverage=-1.0"),
+     "vae.coverage \\(an auxiliary loss weight\\) must be 0 or a positive number, got -1.0"),
+    (override(layout_recipe(LARGE), "stages.unet-layout.steps=-3"),
+     "stage unet-layout: steps must be a whole number above 0, got -3"),
+    pytest.param(
+        # the layout stage is on v-prediction, the stage trained from it on epsilon, which loses what it learnt
+        replace(LARGE, stages=(UNetStage("unet-layout", 100, 4e-4, 100, V, True, layout=True, mean_target_t=980),
+                               *LARGE.stages)),
+        "a layout stage needs v_prediction with zero_terminal_snr"),
 ])
-def test_layout_settings_are_checked(tmp_path, settings, message):
+def test_layout_settings_are_checked(recipe, message):
     with pytest.raises(ValueError, match=message):
-        check_settings(Recipe(**settings), tmp_path)
+        check_recipe(recipe)
 
 
 @pytest.mark.unit
-def test_fast_recipe_is_the_layout_recipe_at_full_size(tmp_path):
-    recipe = Recipe.fast()
-    check_settings(recipe, tmp_path / "out")
-    stages = recipe.stages()
+def test_fast_recipe_is_the_layout_recipe_at_full_size():
+    recipe = PRESETS["fast"]
+    check_recipe(recipe)
+    stages = recipe.stages
     assert [s.name for s in stages] == ["unet-layout", "unet", "unet-two", "unet-shape", "unet-detail"]
     assert all(s.prediction_type == "v_prediction" and s.zero_terminal_snr for s in stages)
     assert [s.mean_target_t for s in stages] == [980, 900, 900, 0, 0] and stages[0].layout
     assert stages[2].two_share == 0.8
     assert [s.max_t for s in stages] == [1000, 1000, 1000, 700, 400]
     assert [s.snr_gamma for s in stages] == [None, None, None, None, recipe.snr_gamma]
-    assert recipe.vae_coverage > 0 and recipe.vae_crop % (2 * recipe.latent_factor()) == 0
-    assert recipe.ground_weight > 0 and recipe.vae_edge > 0 and recipe.decoder_steps == 0
+    assert recipe.vae.coverage > 0 and recipe.vae.crop % (2 * recipe.vae.latent_factor) == 0
+    assert recipe.ground_weight > 0 and recipe.vae.edge > 0 and recipe.decoder.steps == 0
 
 
 @pytest.mark.integration
 def test_shape_stage_runs_last_from_the_previous_stage(tmp_path):
-    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--shape-steps", "2",
-            "--sampler", "Euler a"]
-    assert main(args) == 0
+    train(override(with_stages(SMOKE, SHAPE), "sampler=Euler a"), tmp_path / "m", tmp_path / "w")
     shape = torch.load(tmp_path / "w" / "unet-shape.pt", weights_only=True)
     assert shape["step"] == 2 and shape["objective"]["max_t"] == 700 and shape["objective"]["init"] == "unet-two@3"
     exported = StableDiffusionPipeline.from_pretrained(tmp_path / "m").unet.state_dict()["conv_in.weight"]
-    before = torch.load(tmp_path / "w" / "unet-two.pt", weights_only=True)["ema_unet"]["input_blocks.0.0.weight"]
-    after = shape["ema_unet"]["input_blocks.0.0.weight"]
+    before = torch.load(tmp_path / "w" / "unet-two.pt", weights_only=True)["ema"]["unet"]["input_blocks.0.0.weight"]
+    after = shape["ema"]["unet"]["input_blocks.0.0.weight"]
     torch.testing.assert_close(exported, after.half().float())  # the model written is the shape stage's
     assert not torch.equal(after, before)
     # the sampler asked for (an AUTOMATIC1111 name here) ships as the model's scheduler, on the training betas
@@ -384,40 +414,38 @@ def test_shape_stage_runs_last_from_the_previous_stage(tmp_path):
 
 
 @pytest.mark.integration
-def test_detail_stage_runs_after_the_shape_stage_on_low_timesteps_with_its_own_weighting(tmp_path, capsys):
-    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--shape-steps", "2",
-            "--detail-steps", "2", "--detail-max-t", "200", "--detail-snr-gamma", "50"]
-    assert main(args) == 0
+def test_detail_stage_runs_after_the_shape_stage_on_low_timesteps_with_its_own_weighting(tmp_path):
+    detail_stage = UNetStage("unet-detail", 2, 1e-4, 2, V, True, max_t=200, snr_gamma=50)
+    recipe = with_stages(SMOKE, SHAPE, detail_stage)
+    train(recipe, tmp_path / "m", tmp_path / "w")
     detail = torch.load(tmp_path / "w" / "unet-detail.pt", weights_only=True)
     assert detail["step"] == 2 and detail["objective"]["init"] == "unet-shape@2"
     assert detail["objective"]["max_t"] == 200 and detail["objective"]["snr_gamma"] == 50
-    before = torch.load(tmp_path / "w" / "unet-shape.pt", weights_only=True)["ema_unet"]["input_blocks.0.0.weight"]
+    before = torch.load(tmp_path / "w" / "unet-shape.pt", weights_only=True)["ema"]["unet"]["input_blocks.0.0.weight"]
     exported = StableDiffusionPipeline.from_pretrained(tmp_path / "m").unet.state_dict()["conv_in.weight"]
-    torch.testing.assert_close(exported, detail["ema_unet"]["input_blocks.0.0.weight"].half().float())
-    assert not torch.equal(detail["ema_unet"]["input_blocks.0.0.weight"], before)
+    torch.testing.assert_close(exported, detail["ema"]["unet"]["input_blocks.0.0.weight"].half().float())
+    assert not torch.equal(detail["ema"]["unet"]["input_blocks.0.0.weight"], before)
     # the same stage with another weighting is a different objective: its checkpoint is not resumed
-    assert main(args[:-1] + ["5"]) == 2
-    assert "unet-detail.pt" in capsys.readouterr().err
-    stage = Recipe(shape_steps=1, detail_steps=1, detail_max_t=200).stages()[-1]
-    t = draw_timesteps(stage, 2000, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="unet-detail.pt was trained with"):
+        train(override(recipe, "stages.unet-detail.snr_gamma=5"), tmp_path / "m", tmp_path / "w")
+    t = draw_timesteps(recipe.stage("unet-detail"), 2000, torch.Generator().manual_seed(0))
     assert t.max() < 200 and t.min() == 0
 
 
 @pytest.mark.unit
 def test_timesteps_stay_where_each_stage_draws_them():
     rng = torch.Generator().manual_seed(0)
-    shape = draw_timesteps(Stage("s", 1, 1e-4, 1, max_t=700), 3000, rng)
+    shape = draw_timesteps(UNetStage("s", 1, 1e-4, 1, max_t=700), 3000, rng)
     assert shape.max() < 700 and shape.min() == 0 and shape.float().mean().sub(349.5).abs() < 15
-    layout = draw_timesteps(Stage("l", 1, 1e-4, 1, layout=True, mean_target_t=980), 300, rng)
+    layout = draw_timesteps(UNetStage("l", 1, 1e-4, 1, layout=True, mean_target_t=980), 300, rng)
     assert layout.min() >= 980
-    main_t = draw_timesteps(Stage("m", 1, 1e-4, 1, mean_target_t=900), 3000, rng)
+    main_t = draw_timesteps(UNetStage("m", 1, 1e-4, 1, mean_target_t=900), 3000, rng)
     assert (main_t[::3] >= 900).all() and (main_t >= 900).float().mean().sub(1 / 3 + 2 / 3 * 0.1).abs() < 0.03
 
 
 @pytest.mark.integration
 def test_a_broader_vae_with_more_latent_channels_runs_end_to_end(tmp_path):
-    assert main(["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--vae-general", "0.5",
-                 "--vae-latent-channels", "8"]) == 0
+    assert main(run_args(tmp_path, "vae.general=0.5", "vae.latent_channels=8")) == 0
     theirs = StableDiffusionPipeline.from_pretrained(tmp_path / "m")
     assert theirs.vae.config.latent_channels == 8 and theirs.unet.config.in_channels == 8
     ours = ImageCraftPipeline.from_pretrained(tmp_path / "m")
@@ -448,11 +476,11 @@ def test_grounded_tokens_are_each_objects_colour_and_shape_words():
 @pytest.mark.unit
 @pytest.mark.parametrize("margin", [1, 4])
 def test_object_masks_are_the_encoded_scenes_objects(tmp_path, margin):
-    recipe = dataclasses.replace(Recipe.smoke(), num_scenes=40, scene_gap=8, scene_margin=margin)
+    recipe = replace(SMOKE, scenes=ScenesSpec(count=40, gap=8, margin=margin))
     _, captions, _ = encode_scenes(recipe, make_vae(recipe).eval(), tmp_path)
     masks = object_masks(recipe, 40, 16, tmp_path)
     assert masks.shape == (40, 2, 16, 16) and masks.dtype == torch.bool
-    _, again, coverage = scene_batch(random.Random(recipe.seed + 2), 40, recipe.scene_gap, margin)
+    _, again, coverage = scene_batch(random.Random(recipe.seed + 2), 40, recipe.scenes.gap, margin)
     assert again == captions
     union = torch.nn.functional.max_pool2d((coverage == 1).float(), 4)[:, 0] > 0
     assert torch.equal(masks.any(dim=1), union)
@@ -506,8 +534,7 @@ def test_grounding_loss_moves_the_words_attention_onto_their_object():
 
 @pytest.mark.integration
 def test_grounded_training_runs_and_is_part_of_the_objective(tmp_path):
-    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--ground-weight", "0.01"]
-    assert main(args) == 0
+    assert main(run_args(tmp_path, "ground_weight=0.01")) == 0
     state = torch.load(tmp_path / "w" / "unet-two.pt", weights_only=True)
     assert state["objective"]["ground_weight"] == 0.01
     assert ImageCraftPipeline.from_pretrained(tmp_path / "m")("a red circle", seed=0,
@@ -516,11 +543,10 @@ def test_grounded_training_runs_and_is_part_of_the_objective(tmp_path):
 
 @pytest.mark.integration
 def test_decoder_stage_trains_the_decoder_alone_and_resumes(tmp_path):
-    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--decoder-steps", "3"]
-    assert main(args) == 0
-    state = torch.load(tmp_path / "w" / "decoder.pt", weights_only=True)
-    assert state["step"] == 3 and state["objective"]["noise"] == Recipe.decoder_noise
-    before = torch.load(tmp_path / "w" / "vae.pt", weights_only=True)["model"]
+    assert main(run_args(tmp_path, "decoder.steps=3")) == 0
+    state = torch.load(tmp_path / "w" / "vae-decoder.pt", weights_only=True)
+    assert state["step"] == 3 and state["objective"]["noise"] == DecoderSpec.noise
+    before = torch.load(tmp_path / "w" / "vae.pt", weights_only=True)["state"]["model"]
     after = StableDiffusionPipeline.from_pretrained(tmp_path / "m").vae.state_dict()
     for name, weights in before.items():
         if name.startswith("quant_conv."):  # the mean's rows kept (the log-variance's are pinned at export)
@@ -528,10 +554,10 @@ def test_decoder_stage_trains_the_decoder_alone_and_resumes(tmp_path):
             continue
         same = torch.equal(after[name], weights)
         assert same == (not name.startswith(("decoder.", "post_quant_conv."))), name  # the UNet's latents stay
-    with pytest.raises(ValueError, match="decoder_noise must be from 0 to 2"):
-        check_settings(Recipe(decoder_noise=3), tmp_path)
-    assert main(args[:-1] + ["5"]) == 0  # more steps asked: resumed from step 3
-    assert torch.load(tmp_path / "w" / "decoder.pt", weights_only=True)["step"] == 5
+    with pytest.raises(ValueError, match="decoder.noise must be from 0 to 2"):
+        check_recipe(override(SMOKE, "decoder.noise=3"))
+    assert main(run_args(tmp_path, "decoder.steps=5")) == 0  # more steps asked: resumed from step 3
+    assert torch.load(tmp_path / "w" / "vae-decoder.pt", weights_only=True)["step"] == 5
 
 
 @pytest.mark.unit
@@ -541,16 +567,16 @@ def test_bf16_training_switches_attention_kernels_and_back():
     from diffusers.models.attention_processor import AttnProcessor
     from transformers import CLIPTokenizer
 
-    recipe = Recipe.smoke()
+    recipe = SMOKE
     vae = make_vae(recipe).eval()
     text_encoder = make_text_encoder(recipe, CLIPTokenizer.from_pretrained(DEFAULT_MODEL / "tokenizer")).eval()
     fused = {name: type(p) for name, p in vae.attn_processors.items()}
-    x, ids = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randint(0, 300, (2, recipe.max_tokens))
+    x, ids = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randint(0, 300, (2, recipe.text.max_tokens))
     with torch.no_grad():
         before = vae.decode(vae.encode(x).latent_dist.mode()).sample, text_encoder(ids)[0]
-    assert unfused_attention(Recipe(precision="fp32"), vae, text_encoder)() is None
+    assert unfused_library_attention(training_bf16("fp32"), vae, text_encoder)() is None
     assert {name: type(p) for name, p in vae.attn_processors.items()} == fused
-    restore = unfused_attention(dataclasses.replace(recipe, precision="bf16"), vae, text_encoder)
+    restore = unfused_library_attention(training_bf16("bf16"), vae, text_encoder)
     assert all(isinstance(p, AttnProcessor) for p in vae.attn_processors.values())
     assert text_encoder.config._attn_implementation == "eager"
     with torch.no_grad():
@@ -589,9 +615,85 @@ def test_made_up_colour_words_move_the_shape_word_and_keep_the_objects_apart():
 
 @pytest.mark.integration
 def test_made_up_words_train_and_are_part_of_the_objective(tmp_path):
-    args = ["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--smoke", "--ground-weight", "0.01",
-            "--made-up-words", "0.5"]
-    assert main(args) == 0
+    assert main(run_args(tmp_path, "ground_weight=0.01", "made_up_words=0.5")) == 0
     assert torch.load(tmp_path / "w" / "unet-two.pt", weights_only=True)["objective"]["made_up_words"] == 0.5
     with pytest.raises(ValueError, match=r"made_up_words must be a share in \[0, 1\), got 1"):
-        check_settings(Recipe(made_up_words=1), tmp_path)
+        check_recipe(override(SMOKE, "made_up_words=1"))
+
+
+# --- override and --set ----------------------------------------------------------------------------------------
+@pytest.mark.unit
+def test_override_sets_one_field_of_a_part_or_of_the_recipe():
+    recipe = override(SMOKE, "vae.steps=100")
+    assert recipe.vae == replace(SMOKE.vae, steps=100) and SMOKE.vae.steps == 4  # the preset stays as it is
+    assert replace(recipe, vae=SMOKE.vae) == SMOKE  # nothing else changed
+    assert override(SMOKE, "vae.channels=[8, 16]").vae.channels == (8, 16)  # JSON lists become tuples
+    assert override(SMOKE, "scenes.gap=8").scenes == replace(SMOKE.scenes, gap=8)
+    assert override(SMOKE, "batch=8").batch == 8
+    assert override(SMOKE, "sampler=Euler a").sampler == "Euler a"  # not JSON: read as text
+    assert override(SMOKE, "unet.model_channels=16").unet == {**SMOKE.unet, "model_channels": 16}
+
+
+@pytest.mark.unit
+def test_override_sets_one_field_of_a_stage_and_drops_a_stage_at_0_steps():
+    recipe = override(SMOKE, "stages.unet-two.two_share=0.5")
+    assert [s.name for s in recipe.stages] == ["unet", "unet-zsnr", "unet-two"]
+    assert recipe.stage("unet-two") == replace(SMOKE.stage("unet-two"), two_share=0.5)
+    assert recipe.stages[:2] == SMOKE.stages[:2]
+    assert override(SMOKE, "stages.unet-two.snr_gamma=null").stage("unet-two").snr_gamma is None
+    dropped = override(SMOKE, "stages.unet-zsnr.steps=0")
+    assert dropped.stages == (SMOKE.stage("unet"), SMOKE.stage("unet-two"))
+    with pytest.raises(ValueError, match="the recipe has no UNet stage"):
+        check_recipe(override(override(override(SMOKE, "stages.unet.steps=0"), "stages.unet-zsnr.steps=0"),
+                              "stages.unet-two.steps=0"))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("assignment, message", [
+    ("stages.unet-shape.steps=10", "no stage named 'unet-shape' in this recipe; its stages: unet, unet-zsnr, unet-two"),
+    ("stages.unet.depth=2", "stages.unet has no field 'depth'; its fields: name, steps, lr, warmup, prediction_type"),
+    ("vae.size=32", "vae has no field 'size'; its fields: channels, groups, crop, steps, batch, lr"),
+    ("scenes.count_=10", "scenes has no field 'count_'; its fields: count, gap, margin"),
+    ("vea.steps=10", "'vea' is not a part of the recipe; parts: text, vae, decoder, scenes, unet, stages"),
+    ("unet_steps=10", "the recipe has no field 'unet_steps'; its fields: stages, seed, threads, precision"),
+    ("vae.steps", "--set takes FIELD=VALUE (e.g. vae.steps=100), got 'vae.steps'"),
+    ("=3", "--set takes FIELD=VALUE"),
+])
+def test_override_refuses_what_the_recipe_does_not_have_naming_what_it_has(assignment, message):
+    with pytest.raises(ValueError) as refused:
+        override(SMOKE, assignment)
+    assert message in str(refused.value)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("assignment, message", [
+    ("unet.model_channel=16", "the UNet has no field 'model_channel'; its fields: in_channels, "),
+    ("vae.edge=inf", "vae.edge must be a number, got 'inf'"),
+    ("scenes.gap=wide", "scenes.gap must be a number, got 'wide'"),
+    ("text=5", "'text' is a part of the recipe: set one of its fields"),
+    ("stages.unet=3", "a stage's field is set as stages.NAME.FIELD"),
+    ("stages.unet.steps=null", "stages.unet.steps must be a number, got None"),
+])
+def test_override_refuses_a_unet_field_or_a_value_of_the_wrong_kind(assignment, message):
+    with pytest.raises(ValueError) as refused:
+        override(SMOKE, assignment)
+    assert message in str(refused.value)
+    assert override(SMOKE, "stages.unet-two.two_share=null").stage("unet-two").two_share is None  # may be None
+
+
+@pytest.mark.integration
+def test_set_through_main_changes_the_recipe_it_trains(tmp_path, capsys):
+    # an unknown stage is refused by main as a sentence, before any work
+    assert main(run_args(tmp_path, "stages.unet-shape.steps=10")) == 2
+    assert "no stage named 'unet-shape' in this recipe; its stages: unet, unet-zsnr, unet-two" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+    # assignments apply in order, the last one of a field winning; the work folder keeps the recipe trained
+    assert main(run_args(tmp_path, "stages.unet.steps=4", "stages.unet.steps=2", "stages.unet-zsnr.steps=0",
+                         "stages.unet-two.two_share=0.5", "seed=1")) == 0
+    written = json.loads((tmp_path / "w" / "recipe.json").read_text())
+    assert [s["name"] for s in written["stages"]] == ["unet", "unet-two"] and written["seed"] == 1
+    assert not (tmp_path / "w" / "unet-zsnr.pt").exists()
+    assert torch.load(tmp_path / "w" / "unet.pt", weights_only=True)["step"] == 2
+    two = torch.load(tmp_path / "w" / "unet-two.pt", weights_only=True)
+    assert (two["objective"]["init"], two["objective"]["two_share"]) == ("unet@2", 0.5)

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from ..schedulers import check_scheduler_name
+from ..unet import UNetConfig
 from . import world
 
 
@@ -150,7 +151,7 @@ PRESETS = {"fast": FAST, "large": LARGE, "smoke": SMOKE}
 def override(recipe: ShapesRecipe, assignment: str) -> ShapesRecipe:
     """The recipe with one field set from "path=value": a top-level field (`batch=32`), a part's (`vae.steps=100`),
     a stage's (`stages.unet-shape.steps=2000`; steps=0 drops the stage) or the UNet's architecture
-    (`unet.model_channels=32`). The value is read as JSON, else as text."""
+    (`unet.model_channels=32`). The value is read as JSON, else as text, and must be of the field's kind."""
     path, eq, text = assignment.partition("=")
     if not eq or not path:
         raise ValueError(f"--set takes FIELD=VALUE (e.g. vae.steps=100), got {assignment!r}")
@@ -162,29 +163,58 @@ def override(recipe: ShapesRecipe, assignment: str) -> ShapesRecipe:
     head, _, rest = path.partition(".")
     if head == "stages":
         name, _, key = rest.rpartition(".")
+        if not name:
+            raise ValueError(f"a stage's field is set as stages.NAME.FIELD (e.g. stages.unet.lr=2e-4), got {path!r}")
         names = [s.name for s in recipe.stages]
         if name not in names:
             raise ValueError(f"no stage named {name!r} in this recipe; its stages: {', '.join(names)}")
         stage = recipe.stage(name)
-        _check_field(stage, key, f"stages.{name}")
+        value = _of_kind(stage, key, value, f"stages.{name}")
         stages = [s for s in recipe.stages if not (s.name == name and key == "steps" and value == 0)]
         return replace(recipe, stages=tuple(replace(s, **{key: value}) if s.name == name else s for s in stages))
     if head == "unet" and rest:
+        known = [f.name for f in dataclasses.fields(UNetConfig)]
+        if rest not in known:
+            raise ValueError(f"the UNet has no field {rest!r}; its fields: {', '.join(known)}")
         return replace(recipe, unet={**recipe.unet, rest: value})
     if rest:
         part = getattr(recipe, head, None)
         if not dataclasses.is_dataclass(part):
             raise ValueError(f"{head!r} is not a part of the recipe; parts: text, vae, decoder, scenes, unet, stages")
-        _check_field(part, rest, head)
-        return replace(recipe, **{head: replace(part, **{rest: value})})
-    _check_field(recipe, head, "the recipe")
-    return replace(recipe, **{head: value})
+        return replace(recipe, **{head: replace(part, **{rest: _of_kind(part, rest, value, head)})})
+    if head in ("stages", "unet") or dataclasses.is_dataclass(getattr(recipe, head, None)):
+        raise ValueError(f"{head!r} is a part of the recipe: set one of its fields, e.g. --set {head}."
+                         f"{'unet.lr=2e-4' if head == 'stages' else 'FIELD=VALUE'}")
+    return replace(recipe, **{head: _of_kind(recipe, head, value, "the recipe")})
 
 
-def _check_field(obj, name: str, where: str):
+def _of_kind(obj, name: str, value, where: str):
+    """`value` for `obj.name` when it is of the field's kind (a number for a number, text for text, a list for a
+    tuple, a number or null where the field may be None); a sentence naming the field otherwise."""
     names = [f.name for f in dataclasses.fields(obj)]
     if name not in names:
         raise ValueError(f"{where} has no field {name!r}; its fields: {', '.join(names)}")
+    current = getattr(obj, name)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    optional = "None" in str(next(f.type for f in dataclasses.fields(obj) if f.name == name))
+    if value is None and optional:
+        return None
+    if isinstance(current, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(current, (int, float)) or current is None:
+        ok = number
+        if ok and isinstance(current, int) and not isinstance(value, bool) and float(value).is_integer():
+            value = int(value)
+    elif isinstance(current, tuple):
+        ok = isinstance(value, tuple)
+    else:
+        ok = isinstance(value, type(current))
+    if not ok:
+        kind = ("true or false" if isinstance(current, bool) else "a list" if isinstance(current, tuple)
+                else "a number" if isinstance(current, (int, float)) else "a number or null" if current is None
+                else "text")
+        raise ValueError(f"{where}.{name} must be {kind}, got {value!r}".replace("the recipe.", ""))
+    return value
 
 
 # --- checks --------------------------------------------------------------------------------------------------
@@ -205,11 +235,11 @@ def check_recipe(recipe: ShapesRecipe) -> ShapesRecipe:
         raise ValueError(f"decoder.noise must be from 0 to 2 latent stds, got {recipe.decoder.noise}")
     for stage in recipe.stages:
         _check_stage(stage)
-    first = recipe.stages[0]
-    if any(s.layout for s in recipe.stages) and not (first.prediction_type == "v_prediction"
-                                                     and first.zero_terminal_snr):
-        raise ValueError("a layout stage needs v_prediction with zero_terminal_snr: the layout stage's pure-noise "
-                         "v-prediction is lost on an epsilon objective")
+    layouts = [i for i, s in enumerate(recipe.stages) if s.layout]
+    if layouts and any(not (s.prediction_type == "v_prediction" and s.zero_terminal_snr)
+                       for s in recipe.stages[layouts[0]:]):
+        raise ValueError("a layout stage needs v_prediction with zero_terminal_snr in it and every stage after it: "
+                         "the layout stage's pure-noise v-prediction is lost on an epsilon objective")
     if not 0 <= recipe.made_up_words < 1:
         raise ValueError(f"made_up_words must be a share in [0, 1), got {recipe.made_up_words}")
     if not 0 <= recipe.ground_weight <= 10:

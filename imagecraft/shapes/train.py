@@ -32,11 +32,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..port import to_diffusers
 from ..runtime import training_bf16, unfused_library_attention
 from ..schedulers import make_scheduler
+from ..tokenizer import train_clip_tokenizer
 from ..train.core import (Loop, RandomState, check_output_folder, diffusion_loss, load_checkpoint, noised_and_target,
                           save_checkpoint)
 from ..unet import UNet_SD, UNetConfig
@@ -59,10 +62,6 @@ def loop_for(recipe: ShapesRecipe, name: str, steps: int, work: Path, objective:
 
 # --- tokenizer and autoencoder -------------------------------------------------------------------------------
 def train_tokenizer(recipe: ShapesRecipe, work: Path):
-    from transformers import CLIPTokenizer
-
-    from ..tokenizer import train_clip_tokenizer
-
     folder = work / "tokenizer"
     if not (folder / "tokenizer.json").exists():
         tokenizer = train_clip_tokenizer(caption_corpus(recipe.seed), recipe.text.vocab_size, recipe.text.max_tokens)
@@ -72,8 +71,6 @@ def train_tokenizer(recipe: ShapesRecipe, work: Path):
 
 
 def make_vae(recipe: ShapesRecipe):
-    from diffusers import AutoencoderKL
-
     spec, levels = recipe.vae, len(recipe.vae.channels)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=spec.latent_channels,
                          block_out_channels=spec.channels, down_block_types=("DownEncoderBlock2D",) * levels,
@@ -185,8 +182,6 @@ def encode_scenes(recipe: ShapesRecipe, vae, work: Path):
 
 # --- the UNet ------------------------------------------------------------------------------------------------
 def make_text_encoder(recipe: ShapesRecipe, tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     width = recipe.text.width
     return CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
@@ -310,8 +305,6 @@ def train_unet(recipe: ShapesRecipe, stage: UNetStage, work: Path, tokenizer, la
 # --- export --------------------------------------------------------------------------------------------------
 def export(output: Path, recipe: ShapesRecipe, tokenizer, text_encoder, vae, unet: UNet_SD, scaling_factor: float):
     """Writes the model as a plain diffusers StableDiffusionPipeline folder (safetensors)."""
-    from diffusers import StableDiffusionPipeline
-
     vae = pin_posterior(copy.deepcopy(vae).float())
     vae.register_to_config(scaling_factor=scaling_factor)
     # the UNet is stored in fp16 to keep the model under 30 MB; diffusers and ImageCraft load it back into fp32

@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from tqdm import tqdm
 
 log = logging.getLogger("imagecraft.train")
 
@@ -92,8 +94,6 @@ def noise_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool = 
     """The DDPM training schedule: from a model's scheduler config when given (its betas, prediction type and
     zero-terminal-SNR rescaling), else Stable Diffusion's, rescaled to zero terminal SNR if asked; "trailing"
     spacing then makes sampling start at t=999, the step the model learnt to read pure noise at."""
-    from diffusers import DDPMScheduler
-
     if config is not None:
         return DDPMScheduler.from_config(config)
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -253,8 +253,6 @@ class Loop:
         writing a checkpoint; True when every step is done and the last checkpoint written."""
         bar = None
         if self.show_bar and self.main_process and self.step < self.steps:
-            from tqdm import tqdm
-
             bar = tqdm(total=self.steps, initial=self.step, desc=self.name, unit="step")
         started, running, last_saved = time.time(), None, self.step
         try:

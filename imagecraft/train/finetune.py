@@ -45,6 +45,7 @@ from accelerate import Accelerator
 
 from .. import lora as lora_lib
 from ..loading import ModelLoadError
+from ..pipeline import ImageCraftPipeline
 from ..runtime import training_bf16
 from .core import (Loop, RandomState, TrainingError, check_output_folder, diffusion_loss, noise_scheduler,
                    noised_and_target)
@@ -94,8 +95,6 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     writing to `output` (see the module's docstring). Resumes from output/checkpoints/last.pt when its recipe,
     base and data match. `progress(step, steps, loss)` is called after every step; training stops, saving a
     checkpoint first, when `should_stop()` returns True or on Ctrl-C."""
-    from ..pipeline import ImageCraftPipeline
-
     recipe = check_recipe(recipe or FinetuneRecipe())
     output = Path(output)
     check_output_folder(output)

@@ -11,10 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from diffusers import StableDiffusionPipeline
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
 
 from .. import lora as lora_lib
 from ..files import atomic_write
+from ..port import to_diffusers
+from ..schedulers import make_scheduler
 
 PREVIEW_SEED = 1234
 
@@ -61,8 +65,6 @@ def previews(pipe, unet, prompts, recipe, ema, base_images, output: Path, step: 
 
 def preview_grid(columns, prompts, title: str) -> Image.Image:
     """Columns of images (one per prompt) side by side under their labels, prompts on the left."""
-    from PIL import ImageDraw
-
     cell = max(128, columns[0][1][0].size[0])
     label_w, head = 220, 22
     grid = Image.new("RGB", (label_w + cell * len(columns), head + cell * len(prompts)), (255, 255, 255))
@@ -95,9 +97,7 @@ def write_curves(output: Path, history):
 
 
 def plot_loss(history):
-    """A matplotlib Figure of the training loss (raw and smoothed) and the held-out loss."""
-    from matplotlib.figure import Figure
-
+    """A matplotlib Figure of the training loss (raw and smoothed) and the loss on a fixed batch."""
     figure = Figure(figsize=(6, 3.2))
     ax = figure.add_subplot()
     if history:
@@ -110,7 +110,7 @@ def plot_loss(history):
             ax.plot(steps[k - 1:], smooth, color="#1f77b4", label=f"mean of {k} steps")
         held = [(h[0], h[3]) for h in history if h[3] is not None]
         if held:
-            ax.plot(*zip(*held), "o-", color="#d62728", markersize=3, label="held-out loss (fixed noise)")
+            ax.plot(*zip(*held), "o-", color="#d62728", markersize=3, label="loss on a fixed batch (same images, noise, timesteps)")
         ax.legend(fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -135,11 +135,6 @@ def export(pipe, unet, text_encoder, ema, recipe, output: Path, examples, histor
 
 def save_full_model(pipe, unet, output: Path) -> list[Path]:
     """The fine-tuned UNet with the base model's other parts, as a plain diffusers folder (safetensors)."""
-    from diffusers import StableDiffusionPipeline
-
-    from ..port import to_diffusers
-    from ..schedulers import make_scheduler
-
     theirs = to_diffusers(copy.deepcopy(unet).float().cpu())
     sd = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=theirs,
                                  scheduler=make_scheduler(pipe.default_scheduler, pipe.scheduler_config),

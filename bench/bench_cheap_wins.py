@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench_finetune import cpu_name  # noqa: E402
-from bench.common import interleaved, measure  # noqa: E402
+from bench.common import interleaved  # noqa: E402
 from imagecraft.pipeline import ImageCraftPipeline  # noqa: E402
 from imagecraft.runtime import native_bf16  # noqa: E402
 

@@ -147,10 +147,10 @@ def load(args):
     lora = parse_lora(args.lora) if args.lora else None
     if lora:
         from .lora import lora_file
-        from .pipeline import check_lora_scale
+        from .settings import LORA_SCALE
 
         lora_file(lora[0])  # a missing or non-safetensors file is named before the model loads
-        check_lora_scale(lora[1])
+        LORA_SCALE.check(lora[1])
     print(f"loading {args.model or 'the built-in model'} ...", file=sys.stderr)
     pipe = ImageCraftPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=args.config)
     if lora:

@@ -27,8 +27,7 @@ from .explain.capture import capture as capture_attention, check_memory as check
 from .png import pipeline_settings, restore_settings, save_png
 from .port import config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet
 from .schedulers import check_scheduler_name, make_scheduler, scheduler_name_of
-from .settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_PROMPTS, MAX_SEED,  # noqa: F401  (MAX_* re-exported)
-                       check_settings)
+from .settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, LORA_SCALE, MAX_SEED, check_settings
 from .runtime import check_device, resolve_dtype
 from .unet import FeatureCache, UNet_SD
 
@@ -101,12 +100,6 @@ def denoise(unet: UNet_SD, scheduler, latents: torch.Tensor, context: torch.Tens
             callback(i, len(timesteps), latents)
     return latents
 
-
-
-def check_lora_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -4 <= scale <= 4:
-        raise ValueError(f"LoRA scale must be a number from -4 to 4, got {scale!r}")
-    return float(scale)
 
 
 class ImageCraftPipeline:
@@ -235,7 +228,7 @@ class ImageCraftPipeline:
         Returns the applied LoRA's name, hash, scale and path, which the PNG metadata records. A file for another
         base model, or a LyCORIS file, is refused with a `lora.LoraError` that says why.
         """
-        scale = check_lora_scale(scale)
+        scale = LORA_SCALE.check(scale)
         file = lora.lora_file(path)
         lora.apply(file, self.unet, self.text_encoder, scale)
         name = file.parent.name if file.name == lora.WEIGHT_NAME else file.stem
@@ -246,7 +239,7 @@ class ImageCraftPipeline:
         """Changes the loaded LoRA's scale without reloading it."""
         if self.lora is None:
             raise ValueError("no LoRA is loaded (load_lora first)")
-        scale = check_lora_scale(scale)
+        scale = LORA_SCALE.check(scale)
         lora.set_scale(self.unet, scale)
         lora.set_scale(self.text_encoder, scale)
         self.lora["scale"] = scale

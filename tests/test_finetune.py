@@ -156,7 +156,7 @@ def test_lora_training_writes_everything_and_resumes(model, data, tmp_path):
                  "previews/step-000006.png", "checkpoints/last.pt"):
         assert (out / name).is_file(), name
     rows = (out / "loss.csv").read_text().splitlines()
-    assert rows[0] == "step,loss,lr,heldout_loss" and [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, 7))
+    assert rows[0] == "step,loss,lr,fixed_batch_loss" and [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, 7))
     assert [bool(r.split(",")[3]) for r in rows[1:]] == [False, False, True, False, False, True]
     card = (out / "README.md").read_text()
     assert "load_lora_weights" in card and "6 training images" in card
@@ -420,13 +420,13 @@ def test_prior_preservation_trains_on_the_base_models_own_images(model, data, tm
 @pytest.mark.integration
 def test_bad_settings_and_outputs_are_named(model, data, tmp_path):
     for settings, message in [(dict(method="dreambooth"), "method must be 'lora' or 'full'"),
-                              (dict(steps=0), "steps must be a whole number of at least 1"),
-                              (dict(lr=float("nan")), "lr must be a number in \\(0, 1\\]"),
+                              (dict(steps=0), "steps must be a whole number from 1 to 20,000, got 0"),
+                              (dict(lr=float("nan")), "lr must be a number in \\(0, 0.1\\], got nan"),
                               (dict(rank=0), "rank must be"), (dict(targets=("mlp",)), "targets must be some of"),
                               (dict(method="full", text_encoder_lora=True), "goes with method 'lora'"),
                               (dict(class_images=0), "class_images must be a whole number from 1"),
                               (dict(prior_weight=0), "prior_weight must be a number in \\(0, 100\\]"),
-                              (dict(class_prompts=(" ",)), "class prompts must be non-empty text"),
+                              (dict(class_prompts=(" ",)), "class_prompts must be a list of prompts .*got ' '"),
                               (dict(class_prompts="a red circle"), "class_prompts must be a list of prompts"),
                               (dict(class_prompts=("a", "b"), class_images=1), "fewer than the class prompts")]:
         with pytest.raises(ValueError, match=message):

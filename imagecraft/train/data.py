@@ -17,13 +17,13 @@ import torch
 from PIL import Image, ImageOps
 
 from ..files import atomic_write
+from ..settings import MAX_TRAINING_IMAGES
 from .core import load_checkpoint, save_checkpoint
 
 log = logging.getLogger("imagecraft.finetune")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused before they are decoded
-MAX_IMAGES = 5000
 SKIPPED_FOLDERS = {"checkpoints", "cache", "previews", "__MACOSX"}
 
 @dataclass
@@ -48,8 +48,8 @@ def find_examples(folder: str | Path) -> list[Example]:
                                 for part in p.relative_to(folder).parts[:-1]))
     if not images:
         raise ValueError(f"no images in {folder}: looked for {', '.join(IMAGE_SUFFIXES)} in it and its subfolders")
-    if len(images) > MAX_IMAGES:
-        raise ValueError(f"{folder} holds {len(images)} images; at most {MAX_IMAGES} are allowed")
+    if len(images) > MAX_TRAINING_IMAGES:
+        raise ValueError(f"{folder} holds {len(images)} images; at most {MAX_TRAINING_IMAGES} are allowed")
     examples, missing = [], []
     for path in images:
         text = path.with_suffix(".txt")
@@ -90,8 +90,8 @@ def _from_metadata(path: Path, root: Path) -> list[Example]:
         raise ValueError(f"{path} cannot be read: {e}") from e
     if not rows:
         raise ValueError(f"{path} lists no images")
-    if len(rows) > MAX_IMAGES:
-        raise ValueError(f"{path} lists {len(rows)} images; at most {MAX_IMAGES} are allowed")
+    if len(rows) > MAX_TRAINING_IMAGES:
+        raise ValueError(f"{path} lists {len(rows)} images; at most {MAX_TRAINING_IMAGES} are allowed")
     examples = []
     for n, row in rows:
         name, text = row.get("file_name"), row.get("text")
@@ -146,7 +146,7 @@ MAX_ZIP_RATIO = 200  # uncompressed / compressed, per member: more is a zip bomb
 
 def extract_zip(archive: str | Path, folder: str | Path, max_bytes: int = MAX_ZIP_BYTES) -> Path:
     """Extracts the images and captions of a zip into `folder`, refusing path traversal, links, zip bombs and
-    archives over `max_bytes` uncompressed or MAX_IMAGES files."""
+    archives over `max_bytes` uncompressed or MAX_TRAINING_IMAGES files."""
     archive, folder = Path(archive), Path(folder)
     try:
         zf = zipfile.ZipFile(archive)
@@ -154,8 +154,8 @@ def extract_zip(archive: str | Path, folder: str | Path, max_bytes: int = MAX_ZI
         raise ValueError(f"{archive.name} is not a readable zip file: {e}") from e
     with zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
-        if len(members) > 2 * MAX_IMAGES + 2:
-            raise ValueError(f"{archive.name} holds {len(members)} files; at most {2 * MAX_IMAGES + 2} are allowed")
+        if len(members) > 2 * MAX_TRAINING_IMAGES + 2:
+            raise ValueError(f"{archive.name} holds {len(members)} files; at most {2 * MAX_TRAINING_IMAGES + 2} are allowed")
         total = 0
         for m in members:
             name = m.filename

@@ -25,7 +25,7 @@ The output folder gets:
   pytorch_lora_weights.safetensors   LoRA, diffusers/PEFT layout: `pipe.load_lora_weights(folder)` in diffusers
   lora_kohya.safetensors             the same LoRA in kohya layout, for AUTOMATIC1111 and ComfyUI
   (or, with --method full, a diffusers model folder: `StableDiffusionPipeline.from_pretrained(folder)`)
-  loss.csv, loss.png                 training loss per step and a deterministic held-out loss
+  loss.csv, loss.png                 training loss per step and the loss on a fixed batch
   previews/step-NNNNNN.png           fixed-seed samples: the base model, LoRA at scale 0.5, at scale 1
   README.md                          a model card: base, recipe, data, loss, previews
   checkpoints/last.pt, cache/        written atomically; rerun the same command to resume, Ctrl-C saves first
@@ -286,7 +286,7 @@ def fixed_batch(latents, ids_all, contexts, recipe, scheduler, device):
     """A fixed batch: the first images at five fixed timesteps each, with fixed noise. Its loss moves only when the
     model does, free of the batch-to-batch noise of the training loss; the images are training images, so it shows
     fitting, not generalisation."""
-    n = min(recipe.heldout_images, len(ids_all) - 1)
+    n = min(recipe.fixed_batch_images, len(ids_all) - 1)
     if n == 0:
         return None
     generator = torch.Generator().manual_seed(12345)

@@ -49,7 +49,7 @@ class FinetuneRecipe:
     preview_steps: int = _default("preview_steps")
     preview_guidance: float = _default("preview_guidance")
     validation_prompts: tuple = _default("validation_prompts")  # (): the data's first two captions
-    heldout_images: int = _default("heldout_images")
+    fixed_batch_images: int = _default("fixed_batch_images")
     class_prompts: tuple = _default("class_prompts")  # prior preservation; (): off
     class_images: int = _default("class_images")
     prior_weight: float = _default("prior_weight")

@@ -83,10 +83,10 @@ def preview_grid(columns, prompts, title: str) -> Image.Image:
 
 
 def write_curves(output: Path, history):
-    """loss.csv (step, loss, lr, heldout) and loss.png, both atomically."""
+    """loss.csv (step, loss, lr, fixed-batch loss) and loss.png, both atomically."""
     text = io.StringIO()
     writer = csv.writer(text)
-    writer.writerow(["step", "loss", "lr", "heldout_loss"])
+    writer.writerow(["step", "loss", "lr", "fixed_batch_loss"])
     for step, loss, lr, held in history:
         writer.writerow([step, f"{loss:.6f}", f"{lr:.3e}", "" if held is None else f"{held:.6f}"])
     with atomic_write(output / "loss.csv") as f:
@@ -160,7 +160,7 @@ def model_card(recipe, pipe, examples, history, seconds: float) -> str:
             f"Base model: `{pipe.model_id}` (UNet hash {pipe.model_hash or 'n/a'}). {len(examples)} training images "
             f"at {pipe.default_size} px, {last[0]} steps in {seconds / 60:.1f} min.\n\n"
             f"Final training loss {last[1]:.4f}"
-            + (f", held-out loss {held[0]:.4f} at the first evaluation and {held[-1]:.4f} at the last" if held else "")
+            + (f", loss on a fixed batch {held[0]:.4f} at the first evaluation and {held[-1]:.4f} at the last" if held else "")
             + ". The curve is in `loss.png` and `loss.csv`; previews (base model, LoRA at 0.5 and 1) are in "
               "`previews/`.\n\n## Use\n\n" + use + "\n\n## Recipe\n\n| setting | value |\n|---|---|\n"
             + settings + "\n")

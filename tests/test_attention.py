@@ -41,7 +41,7 @@ class NaiveProbs:
 
     def __call__(self, name):
         def processor(attn, x, context=None):
-            q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)
+            q, k = attn.to_q(x), attn.to_k(context)
             heads = attn.heads
             split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).permute(0, 2, 1, 3)  # noqa: E731
             qh, kh = split(q).float(), split(k).float()

@@ -11,6 +11,7 @@ from PIL import Image
 from imagecraft.loading import ModelLoadError
 from imagecraft.png import parse_a1111_parameters
 from imagecraft.pipeline import ImageCraftPipeline
+from imagecraft.settings import DEFAULT_GUIDANCE
 from imagecraft.runtime import check_device, default_device, native_bf16, resolve_dtype
 from imagecraft.schedulers import SCHEDULERS, make_scheduler
 
@@ -99,7 +100,7 @@ def test_every_scheduler_works_at_one_to_three_steps(pipe, reference, v_pipe, bu
     PNDM's Runge-Kutta warm-up needs 4. Every sampler runs at 1-3 steps on a PNDM config (as diffusers does),
     a DPM-Solver v/zero-SNR config and the built-in model's Euler a config."""
     ours = pipe("a red circle", seed=3, num_inference_steps=steps, scheduler=scheduler)
-    theirs = diffusers_images(reference, scheduler, "a red circle", "", [3], steps, 7.5)
+    theirs = diffusers_images(reference, scheduler, "a red circle", "", [3], steps, DEFAULT_GUIDANCE)
     assert np.abs(pixels(ours.images[0]) - pixels(theirs[0])).mean() <= 1.0
     for other in (v_pipe, builtin_pipe):
         last = []
@@ -124,7 +125,7 @@ def test_zero_snr_betas_reach_schedulers_without_the_option(v_folder):
 def test_batch_matches_diffusers_and_single_calls(pipe, reference):
     batch = pipe("a green triangle", seed=100, num_images=3, num_inference_steps=5, scheduler="euler_a")
     assert batch.seeds == [100, 101, 102]
-    theirs = diffusers_images(reference, "euler_a", "a green triangle", "", [100, 101, 102], 5, 7.5)
+    theirs = diffusers_images(reference, "euler_a", "a green triangle", "", [100, 101, 102], 5, DEFAULT_GUIDANCE)
     for i, seed in enumerate(batch.seeds):
         single = pipe("a green triangle", seed=seed, num_inference_steps=5, scheduler="euler_a")
         assert np.abs(pixels(batch.images[i]) - pixels(single.images[0])).mean() <= 1.0

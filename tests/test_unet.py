@@ -6,7 +6,7 @@ from helpers import rel_err
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from imagecraft import UNet_SD, UNetConfig
+from imagecraft import UNet_SD, UNetConfig, runtime
 from imagecraft.testing import DEEP, SD1_STYLE, SD2_STYLE, random_diffusers_unet
 
 pytestmark = pytest.mark.unit
@@ -80,7 +80,7 @@ def test_bf16_training_attention_without_the_fused_kernel_gives_the_same_gradien
                         lambda *a, **k: sdpa_calls.append(1) or real_sdpa(*a, **k))
 
     def loss_and_grads(small):
-        monkeypatch.setattr(unet_module, "SMALL_ATTENTION", small)
+        monkeypatch.setattr(runtime, "SMALL_ATTENTION", small)
         sdpa_calls.clear()
         unet.zero_grad()
         loss = unet(x, torch.tensor([17, 901]), context).float().square().mean()

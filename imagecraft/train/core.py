@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm import tqdm
 
+from ..runtime import autocast
+
 log = logging.getLogger("imagecraft.train")
 
 
@@ -239,9 +241,9 @@ class Loop:
 
     def autocast(self):
         """bf16 autocast for a forward pass where `bf16`, else nothing (with an accelerator, it casts itself)."""
-        if self.accelerator is not None or not self.bf16:
+        if self.accelerator is not None:
             return nullcontext()
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return autocast(self.bf16)
 
     def lr_now(self) -> float:
         return lr_at(self.step, self.steps, self.lr, self.warmup, self.schedule)

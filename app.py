@@ -10,6 +10,11 @@ Every action has a stable api_name for gradio_client.
 
 from __future__ import annotations
 
+try:  # ZeroGPU: `spaces` patches torch, so it comes before anything that could touch CUDA
+    import spaces  # noqa: F401
+except ImportError:
+    pass
+
 import logging
 import os
 from dataclasses import dataclass
@@ -20,6 +25,7 @@ from imagecraft.schedulers import SCHEDULERS
 from imagecraft.serve import handlers as h
 from imagecraft.serve.handlers import models  # noqa: F401  (app.models: the shared model cache)
 from imagecraft.serve.models import BUILTIN
+from imagecraft.serve.zerogpu import hardware_notes
 from imagecraft.settings import DEFAULT_STEPS, FINETUNE, GENERATION, LORA_SCALE, LR_BY_METHOD, OVERLAY_ALPHA, Field
 
 EXAMPLES = [
@@ -35,6 +41,13 @@ CSS = "#gallery img, #training-gallery img { image-rendering: pixelated; }"
 COLORMAPS = ["jet", "viridis", "inferno", "magma", "turbo", "gray"]
 SCHEDULER_CHOICES = [(display, short) for short, (display, _, _) in SCHEDULERS.items()]
 METHODS = {"lora": "LoRA", "full": "Full fine-tune"}  # FINETUNE's methods as the app names them
+
+
+def hardware_note(tab: str) -> None:
+    """What this hardware cannot do in the tab, said at its top (nothing where it can do everything)."""
+    note = hardware_notes()[tab]
+    if note:
+        gr.Markdown(note, elem_id=f"{tab}-hardware-note")
 
 
 def slider(field: Field, **options) -> gr.Slider:
@@ -70,8 +83,9 @@ def build_generate(default) -> GenerateTab:
     size = default.default_size
     g = GENERATION
     with gr.Tab("Generate", id="generate"):
+        hardware_note("generate")
         with gr.Row():
-            model = gr.Dropdown(h.models.choices, value=h.models.choices[0], scale=4,
+            model = gr.Dropdown(h.models.choices, value=h.models.choices[0], scale=4, elem_id="model",
                                 allow_custom_value=h.models.allowed is None,  # a public Space: its list only
                                 label="Model: the built-in one, a diffusers folder, a Hub id, or "
                                       "FILE.safetensors | CONFIG (a folder or Hub id of the same SD version)")
@@ -105,25 +119,39 @@ def build_generate(default) -> GenerateTab:
                     lora_scale = slider(LORA_SCALE, scale=2)
                 run = gr.Button("Generate", variant="primary", elem_id="generate-button")
             with gr.Column(scale=2):
+                # height "auto": the box grows to its square cells (one image fills the column's width), where a
+                # fixed height cut off the bottom rows; "contain": a thumbnail is the whole image, never a crop
                 gallery = gr.Gallery(label="Images (download keeps the PNG metadata)", type="filepath",
-                                     format="png", columns=2, height=420, elem_id="gallery")
-                last_seed = gr.Number(label="Seed used", precision=0, interactive=False)
-                png = gr.File(label="Reproduce from PNG: drop one of our PNGs", file_types=[".png"], type="filepath")
+                                     format="png", columns=2, height="auto", object_fit="contain", elem_id="gallery")
+                # the seed as a number for the API and the other tabs; shown as text, since Gradio's Number shows 0
+                # for no value, while no seed has been used before the first generation
+                last_seed = gr.Number(None, label="Seed used", precision=0, visible=False)
+                seed_shown = gr.Textbox("", label="Seed used", interactive=False, placeholder="none yet",
+                                        elem_id="seed-used")
+                png = gr.File(label="Reproduce from PNG: drop one of our PNGs", file_types=[".png"], type="filepath",
+                              elem_id="read-png")
 
-        load.click(h.on_load_model, model, [status, width, height], api_name="load_model")
+        # progress, and an error, show on the field they concern: a bad model name marks the Model box only
+        load.click(h.on_load_model, model, [status, width, height], api_name="load_model", show_progress_on=model)
         dice.click(h.on_random_seed, None, seed, api_name="random_seed")
         reuse.click(lambda s: s if s is not None else -1, last_seed, seed, api_name=False)
         # preprocess=False: the values reach our schema as sent, so a bool, a string or 2.5 for a number gets our
         # sentence instead of being coerced by a component or failing there with a generic error
         generated = gr.on([run.click, prompt.submit], h.on_generate,
                           [prompt, negative, steps, guidance, seed, scheduler, width, height, num_images, model, lora,
-                           lora_scale, cache], [gallery, last_seed], api_name="generate", preprocess=False)
-        # a PNG's settings, by their names in GENERATION; the number of images and the model are outputs only so
-        # that API clients get the same eleven fields as before, and are never set
-        restored = {"prompt": prompt, "negative_prompt": negative, "num_inference_steps": steps,
-                    "guidance_scale": guidance, "seed": seed, "scheduler": scheduler, "width": width,
-                    "height": height, "num_images": num_images, "model": model, "cache_interval": cache}
-        png.upload(h.to_components(h.on_png, restored), png, list(restored.values()), api_name="read_png")
+                           lora_scale, cache], [gallery, last_seed], api_name="generate", preprocess=False,
+                          show_progress_on=gallery)
+        generated.success(lambda s: "" if s is None else str(int(s)), last_seed, seed_shown, api_name=False,
+                          show_progress="hidden")
+        # a PNG's settings, keyed by /generate's parameter names (an API client passes them on as they are), and
+        # the notes on those left out; then, in the page only, into the fields. A PNG that is not ours gives one
+        # message and marks no field (show_progress "hidden" shows neither progress nor an error badge)
+        png_settings, png_notes = gr.JSON(visible=False), gr.JSON(visible=False)
+        restored = {"prompt": prompt, "negative_prompt": negative, "steps": steps, "guidance": guidance,
+                    "seed": seed, "scheduler": scheduler, "width": width, "height": height, "cache_interval": cache}
+        png.upload(h.on_png, png, [png_settings, png_notes], api_name="read_png", show_progress="hidden").success(
+            h.to_components(h.png_fields, restored), png_settings, list(restored.values()), api_name=False,
+            show_progress="hidden")
     return GenerateTab([prompt, negative, steps, guidance, last_seed, scheduler, width, height, model], generated,
                        model, lora, lora_scale)
 
@@ -131,6 +159,7 @@ def build_generate(default) -> GenerateTab:
 def build_attention(generate: GenerateTab, default) -> None:
     g = GENERATION
     with gr.Tab("Attention", id="attention"):
+        hardware_note("attention")
         gr.Markdown("Which pixels each word of the prompt attended to (cross-attention, aggregated as DAAM does). "
                     "The settings follow your last generation; press the button to see its maps. Click a pixel of "
                     "the image to see how its attention splits over the words.")
@@ -171,7 +200,7 @@ def build_attention(generate: GenerateTab, default) -> None:
                     pixel = gr.Image(label="Attention at the clicked pixel", type="filepath",
                                      elem_id="attention-pixel")
                 step = gr.Slider(0, 24, value=0, step=1, label="Time scrubber: one sampling step")
-                step_figure = gr.Image(label="At this step", type="filepath")
+                step_figure = gr.Image(label="At this step", type="filepath", elem_id="attention-step")
                 with gr.Row():
                     npz = gr.File(label="Maps (.npz, AttentionMaps.load)")
                     png = gr.File(label="Figure (PNG)")
@@ -184,18 +213,23 @@ def build_attention(generate: GenerateTab, default) -> None:
                  "resolution": resolution, "heads": heads, "step_from": step_from, "step_to": step_to,
                  "step": step, "pixel": pixel, "step_figure": step_figure}
         explain.click(h.to_components(h.on_attention, shown), inputs, list(shown.values()), api_name="attention",
-                      preprocess=False)
+                      preprocess=False, show_progress_on=figure)
         # every control redraws from the stored maps (no model call)
         filters, looks = [blocks, resolution, step_from, step_to, heads], [alpha, cmap, normalize]
+        # a redraw takes a moment: its progress shows as the small timer only, the figure stays in view meanwhile
         gr.on([c.change for c in (words, *filters, *looks)], h.on_redraw, [state, words, *filters, *looks],
-              [figure, png], api_name=False)
-        step.change(h.on_scrub, [state, words, step, blocks, resolution, *looks], step_figure, api_name=False)
-        image.select(h.on_pixel, [state, *filters], pixel, api_name=False)
+              [figure, png], api_name=False, show_progress="minimal", show_progress_on=figure)
+        # "At this step" follows the scrubber and every control it reads, the word ticks included
+        gr.on([c.change for c in (step, words, blocks, resolution, *looks)], h.on_scrub,
+              [state, words, step, blocks, resolution, *looks], step_figure, api_name=False, show_progress="minimal")
+        # the chart of the clicked pixel, and the image with that pixel marked
+        image.select(h.on_pixel, [state, *filters], [pixel, image], api_name=False, show_progress_on=pixel)
 
 
 def build_finetune(generate: GenerateTab, tabs: gr.Tabs) -> None:
     f = FINETUNE
     with gr.Tab("Fine-tune", id="finetune"):
+        hardware_note("finetune")
         gr.Markdown("Teach the model new words from your own captioned images: a LoRA (small, fast) or a full "
                     "fine-tune of the UNet. One training job runs at a time on this server; yours belongs to this "
                     "browser tab. \"Use demo data\" teaches the built-in model the colour word *pink*, which it has "
@@ -209,8 +243,12 @@ def build_finetune(generate: GenerateTab, tabs: gr.Tabs) -> None:
                 note = gr.Markdown("")
                 table = gr.Dataframe(headers=["image", "caption", "note"], datatype=["str", "str", "str"],
                                      column_count=(3, "fixed"), interactive=True, wrap=True,
+                                     column_widths=["25%", "50%", "25%"],  # the note column readable too
                                      label="Captions: edit them here", elem_id="finetune-table")
-                gallery = gr.Gallery(label="Training images", columns=8, height=180, elem_id="training-gallery")
+                # thumbnails are about 100 px wide: 5 fit the column (8 ran off its right edge), and with no fixed
+                # height every row is in view (180 px clipped the third)
+                gallery = gr.Gallery(label="Training images", columns=5, height=None, object_fit="contain",
+                                     elem_id="training-gallery")
                 with gr.Row():
                     method = gr.Radio([(METHODS[m], m) for m in f["method"].choices], value=f["method"].default,
                                       label=f["method"].ui)
@@ -230,6 +268,7 @@ def build_finetune(generate: GenerateTab, tabs: gr.Tabs) -> None:
                 with gr.Row():
                     train = gr.Button("Train", variant="primary", elem_id="finetune-button")
                     stop = gr.Button("Stop (keeps a checkpoint)")
+                    resume = gr.Button("Resume", elem_id="finetune-resume")
             with gr.Column(scale=3):
                 status = gr.Markdown("", elem_id="finetune-status")
                 loss = gr.Image(label="Loss", type="filepath", elem_id="finetune-loss")
@@ -243,20 +282,25 @@ def build_finetune(generate: GenerateTab, tabs: gr.Tabs) -> None:
 
         data_view = {"table": table, "gallery": gallery, "data": data, "note": note}
         upload.upload(h.to_components(h.on_upload, data_view), upload, list(data_view.values()),
-                      api_name="finetune_upload")
+                      api_name="finetune_upload", show_progress_on=upload)
         demo_view = dict(data_view, class_prompts=class_prompts)
         demo_data.click(h.to_components(h.on_demo_data, demo_view), None, list(demo_view.values()),
                         api_name="finetune_demo_data")
-        # its own concurrency group: jobs waiting for the trainer stream their place without holding up generation
+        # its own concurrency group: jobs waiting for the trainer stream their place without holding up generation.
+        # Progress shows on the status line only, as its small timer: the loss curve, the previews and the results
+        # it streams stay in view for the whole run
         train.click(h.on_finetune, [data, table, method, steps, rank, lr, validation, generate.model, class_prompts,
                                     job], [status, loss, preview, files, job], api_name="finetune",
-                    concurrency_id="finetune", concurrency_limit=8)
+                    preprocess=False,  # as for generate: the values reach FINETUNE's schema as sent
+                    concurrency_id="finetune", concurrency_limit=8, show_progress="minimal", show_progress_on=status)
+        resume.click(h.on_resume, job, [status, loss, preview, files, job], api_name="finetune_resume",
+                     concurrency_id="finetune", show_progress="minimal", show_progress_on=status)
         stop.click(h.on_stop, job, status, api_name="finetune_stop", concurrency_limit=None)
         check_status.click(h.on_finetune_status, job, status, api_name="finetune_status", concurrency_limit=None)
         into_generate = {"model": generate.model, "lora": generate.lora, "lora_scale": generate.lora_scale,
                          "tabs": tabs}
         use.click(h.to_components(h.on_use, into_generate), job, list(into_generate.values()),
-                  api_name="finetune_use")
+                  api_name="finetune_use", show_progress_on=status)  # a refusal marks the status, not the Generate tab
 
 
 def main():

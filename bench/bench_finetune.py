@@ -178,10 +178,40 @@ def speed(args):
           f"(medians of {args.repeats}, interleaved): ratio {a / b:.2f} (target <= 1.0)")
 
 
+def suite(args):
+    """Every concept of the chosen split (bench/finetune_suite.py) with the default recipe (or the overrides)."""
+    from bench import finetune_suite
+
+    concepts = [c for c in finetune_suite.CONCEPTS if args.split in ("all", c.split)
+                and (not args.concepts or c.word in args.concepts)]
+    recipe = Recipe(seed=0, **{k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("rank", args.rank),
+                                                   ("targets", args.targets and tuple(args.targets.split(","))),
+                                                   ("text_encoder_lora", args.text_encoder_lora or None))
+                               if v is not None})
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-suite-"))
+    pipe = ImageCraftPipeline.from_pretrained(args.model)
+    print(f"suite ({args.split}: {', '.join(c.word for c in concepts)}) on {cpu_name()}, recipe {recipe}")
+    rows = finetune_suite.run(pipe, recipe, concepts, work, prompts_for("single", args.old_prompts, seed=1000),
+                              seeds=args.seeds)
+    for kind in ("colour", "shape", "style"):
+        mine = [r for r in rows if r["kind"] == kind]
+        if mine:
+            print(f"{kind}: shown {statistics.mean(r['shown'] for r in mine):.1%}, "
+                  f"never shown {statistics.mean(r['unshown'] for r in mine):.1%}")
+    print(f"old prompts, every attribute: {rows[0]['old_before']:.1%} before, "
+          f"{statistics.mean(r['old_after'] for r in rows):.1%} after (mean over concepts); texture "
+          f"{statistics.mean(r['texture_ratio'] for r in rows):.2f}x the base model's; "
+          f"{statistics.mean(r['minutes'] for r in rows):.1f} min per fine-tune")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
-    parser.add_argument("--part", choices=("teach", "speed", "both"), default="both")
+    parser.add_argument("--part", choices=("teach", "speed", "both", "suite"), default="both",
+                        help="suite: the concept suite (bench/finetune_suite.py), not part of both")
+    parser.add_argument("--split", choices=("tune", "report", "all"), default="report",
+                        help="the suite's concepts: those defaults are tuned on, or those figures are reported on")
+    parser.add_argument("--concepts", nargs="+", default=None, help="only these words of the suite")
     parser.add_argument("--work", default=None, help="folder for the data and the LoRA (default: a temporary one)")
     parser.add_argument("--save", default=None, help="folder for grids of the pink samples")
     parser.add_argument("--old-prompts", type=int, default=100)
@@ -200,6 +230,8 @@ def main():
         speed(args)
     if args.part in ("teach", "both"):
         teach(args)
+    if args.part == "suite":
+        suite(args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
     imagecraft generate --prompt "a pink circle" --lora my-lora/:0.8    # with a LoRA at scale 0.8
     imagecraft attention --prompt "a blue square above a green triangle" --seed 7 --output fig.png --npz maps.npz
     imagecraft finetune --data my-images/ --output my-lora/              # see `imagecraft finetune --help`
+    imagecraft deploy --space you/imagecraft --dry-run                   # see `imagecraft deploy --help`
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune_parser(commands.add_parser("finetune", help="fine-tune a model (LoRA or full) on your captioned images",
                                         formatter_class=argparse.RawDescriptionHelpFormatter))
+
+    from .serve.deploy import __doc__ as deploy_doc, add_arguments as deploy_arguments
+
+    deploy_arguments(commands.add_parser("deploy", help="deploy the app to a Hugging Face Space (or --dry-run)",
+                                         description=deploy_doc, formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
@@ -254,6 +260,10 @@ def main(argv=None) -> int:
 
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
         return run(args)
+    if args.command == "deploy":
+        from .serve.deploy import run as deploy
+
+        return deploy(args)
     try:
         if args.command == "generate":
             generate(args)

@@ -19,6 +19,7 @@ refused by name, as is any key that names no module of the model.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -38,6 +39,10 @@ UNET_TARGETS = {"attn": ("to_q", "to_k", "to_v", "to_out.0"), "ff": ("ff.net.0.p
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LYCORIS_MARKERS = ("hada_w1", "hada_w2", "lokr_w1", "lokr_w2", "oft_blocks", "lora_mid", "dora_scale", ".w_norm",
                    "glora_")
+
+
+MAX_RANK = 1024  # SD LoRAs use 4 to 256; a larger rank costs memory and time for no gain
+MAX_ALPHA_RATIO = 256  # alpha / rank: kohya files use 1/16 to 2; 256 is the fine-tune's largest alpha at rank 1
 
 
 class LoraError(ValueError):
@@ -226,7 +231,7 @@ def read(path: str | Path) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tens
             part, module, which = m.groups()
             entry = pairs.setdefault(("unet" if part == "unet" else "text_encoder", "kohya:" + module), {})
             if which == "alpha":
-                entry["alpha"] = float(value)
+                entry["alpha"] = value
             else:
                 entry["A" if which.startswith("lora_down") else "B"] = value
             continue
@@ -235,17 +240,44 @@ def read(path: str | Path) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tens
         raise LoraError(f"{path.name}: {len(unknown)} keys are not LoRA weights ImageCraft knows (diffusers/PEFT "
                         f"lora_A/lora_B or kohya lora_down/lora_up/alpha): {unknown[:5]}")
     for (part, module), entry in pairs.items():
+        plain = module.removeprefix("kohya:")
         if "A" not in entry or "B" not in entry:
-            raise LoraError(f"{path.name}: {part} module {module} has only one of its two LoRA matrices")
-        rank = entry["A"].shape[0]
+            raise LoraError(f"{path.name}: {part} module {plain} has only one of its two LoRA matrices")
+        a, b = entry["A"], entry["B"]
+        if a.ndim not in (2, 4) or b.ndim != a.ndim or b.shape[1] != a.shape[0]:
+            raise LoraError(f"{path.name}: {part} module {plain} has LoRA matrices of shapes {tuple(a.shape)} and "
+                            f"{tuple(b.shape)}; a LoRA pair is (rank, in) and (out, rank), 2-d (or 4-d for a conv)")
+        rank = a.shape[0]
+        if not 1 <= rank <= MAX_RANK:
+            raise LoraError(f"{path.name}: {part} module {plain} has rank {rank}; at most {MAX_RANK} is allowed")
+        for which, tensor in (("A", a), ("B", b)):
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise LoraError(f"{path.name}: {part} module {plain}'s LoRA matrix {which} holds NaN or infinite "
+                                f"values (or is not floating point); every image would come out black")
         alpha = entry.get("alpha")
         if alpha is None:  # PEFT layout: alpha from the metadata (per module where a pattern names it), else rank
-            plain = module.removeprefix("kohya:")
-            alpha = float(config.get(f"{part}.alpha_pattern", {}).get(plain, config.get(f"{part}.lora_alpha", rank)))
-        out[part][module] = (entry["A"].float(), entry["B"].float(), alpha)
+            alpha = config.get(f"{part}.alpha_pattern", {}).get(plain, config.get(f"{part}.lora_alpha", rank))
+        alpha = _checked_alpha(alpha, rank, f"{path.name}: {part} module {plain}")
+        out[part][module] = (a.float(), b.float(), alpha)
     if not out["unet"] and not out["text_encoder"]:
         raise LoraError(f"{path.name} holds no LoRA weights")
     return out
+
+
+def _checked_alpha(alpha, rank: int, where: str) -> float:
+    """A LoRA's alpha as a float: one finite number above 0 and at most MAX_ALPHA_RATIO x its rank (a larger one
+    scales the LoRA past anything trained)."""
+    if isinstance(alpha, torch.Tensor):
+        if alpha.numel() != 1:
+            raise LoraError(f"{where}: alpha must be one number, got a tensor of shape {tuple(alpha.shape)}")
+        alpha = alpha.item()
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise LoraError(f"{where}: alpha must be a number, got {type(alpha).__name__}")
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha <= 0 or alpha > MAX_ALPHA_RATIO * rank:
+        raise LoraError(f"{where}: alpha is {alpha:g}; it must be a finite number above 0 and at most "
+                        f"{MAX_ALPHA_RATIO} x the rank ({rank})")
+    return alpha
 
 
 def _resolve(modules: dict, names: dict[str, str], kind: str, path_name: str) -> dict[str, tuple]:

@@ -51,6 +51,10 @@ class GenerationResult:
                 for i, (image, record) in enumerate(zip(self.images, self.records))]
 
 
+class NonFiniteError(ValueError):
+    """The latents or the decoded image became NaN or infinite; the message names the likely cause."""
+
+
 def check_callback(callback) -> None:
     """A step callback must take (step, total, latents); checked before sampling, not at the first step."""
     if callback is None:
@@ -123,7 +127,9 @@ class ImageCraftPipeline:
         # The VAE decodes in fp32 whatever the UNet runs in: fp16 VAEs overflow into black or NaN images
         # (diffusers' force_upcast), and bf16 costs colour accuracy for a small share of the time.
         self.vae_dtype = torch.float32
-        self.vae = vae.to(self.device, self.vae_dtype).eval()
+        # .float(), not .to(dtype): diffusers' ModelMixin.to warns on every dtype cast ("modules ... that should be
+        # kept in float32: []"), even with none to keep; there are none in fp32 anyway
+        self.vae = vae.to(self.device).float().eval()
         self.unet = unet.to(self.device, self.dtype).eval()
         self.scheduler_config = dict(scheduler_config)
         self.default_scheduler = scheduler_name_of(self.scheduler_config)
@@ -133,6 +139,7 @@ class ImageCraftPipeline:
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.default_size = sample_size * self.vae_scale_factor  # the model's trained image size
         self.lora: dict | None = None  # the LoRA applied by load_lora: name, hash, scale, path
+        self.source = model_id  # what from_pretrained loads this from (set there: a Hub id, folder or file)
 
     # --- loading --------------------------------------------------------------------------------------------
     @classmethod
@@ -158,8 +165,12 @@ class ImageCraftPipeline:
             parts, configs, weight_files = cls._load_folder(path)
         sample_size = loading.read_json(configs / "unet" / "config.json").get("sample_size")
         scheduler_config = loading.read_json(configs / "scheduler" / "scheduler_config.json")
-        return cls(**parts, scheduler_config=scheduler_config, model_id=model_id, weight_files=weight_files,
+        pipe = cls(**parts, scheduler_config=scheduler_config, model_id=model_id, weight_files=weight_files,
                    device=device, dtype=dtype, sample_size=sample_size if isinstance(sample_size, int) else 64)
+        # what loads this model again, anywhere it is: the Hub id, else the local folder or file (the model id of a
+        # local folder is only its name, which loads nothing)
+        pipe.source = model_id if model_id == str(source) and not Path(str(source)).exists() else str(path)
+        return pipe
 
     @staticmethod
     def _load_folder(path: Path):
@@ -356,6 +367,7 @@ class ImageCraftPipeline:
             attention_maps = None
             latents = denoise(self.unet, sched, latents, context, guidance_scale, generators, callback, cache)
 
+        self.check_finite(latents, "sampling")
         images = self.decode(latents)
         record = self.record(negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, width=width, height=height,
@@ -385,7 +397,24 @@ class ImageCraftPipeline:
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         latents = latents.to(self.vae_dtype) / self.vae.config.scaling_factor
         image = self.vae.decode(latents, return_dict=False)[0]
+        self.check_finite(image, "the VAE's decoding")
         return self.image_processor.postprocess(image.float(), output_type="pil")
+
+    def check_finite(self, x: torch.Tensor, stage: str) -> None:
+        """A NonFiniteError naming the likely cause when `x` holds NaN or infinity: such images come out black (the
+        diffusers ecosystem's "black image" reports), and saying why beats a silent black square. The VAE already
+        decodes in fp32 (the fallback for fp16 VAEs), so no fallback is left to try here."""
+        if torch.isfinite(x).all():
+            return
+        if self.lora:
+            cause = (f"the LoRA {self.lora['name']!r} at scale {self.lora['scale']:g} (try a lower scale, or "
+                     f"generate without it)")
+        elif self.dtype == torch.float16:
+            cause = "fp16 overflowing in this model (load it in bf16 or fp32)"
+        else:
+            cause = "the model's weights (its file may be damaged)"
+        raise NonFiniteError(f"{stage} produced NaN or infinite values, so the image would come out black; the "
+                             f"likely cause is {cause}")
 
     def record(self, sched, **settings) -> dict:
         import diffusers

@@ -368,8 +368,9 @@ def check_finetune(values: dict) -> dict:
 
 
 def max_cost(device: str) -> int:
-    """The largest width x height x steps x images one request may ask for: IMAGECRAFT_MAX_COST, else sized for
-    the device (on a CPU, one 512x512 image at 50 steps, a few minutes; 16x that on a GPU)."""
+    """The most UNet work one request may ask for, in pixel-steps of a 512x512 image (`check_cost`):
+    IMAGECRAFT_MAX_COST, else sized for the device (on a CPU, one 512x512 image at 50 steps, a few minutes; 16x that
+    on a GPU)."""
     text = os.environ.get("IMAGECRAFT_MAX_COST")
     if text:
         try:
@@ -380,13 +381,73 @@ def max_cost(device: str) -> int:
     return base if device == "cpu" else 16 * base
 
 
-def check_cost(width: int, height: int, steps: int, images: int, device: str) -> None:
-    """Refuses a request whose width x height x steps x images is over `max_cost`, with the limit."""
-    cost, limit = width * height * steps * images, max_cost(device)
+def max_train_cost() -> int:
+    """The most work one training job of the app may ask for (`train_cost`): IMAGECRAFT_MAX_TRAIN_COST, else 4,000
+    (the Fine-tune tab's default job, 400 steps of 4 images, costs 1,600; with prior preservation and 100 class
+    images 3,300)."""
+    text = os.environ.get("IMAGECRAFT_MAX_TRAIN_COST", "4000")
+    try:
+        return int(float(text))
+    except ValueError:
+        raise ValueError(f"IMAGECRAFT_MAX_TRAIN_COST must be a number, got {text!r}") from None
+
+
+def train_cost(recipe: dict) -> int:
+    """A training job's work in images trained on: steps x batch_size x grad_accum (twice with prior preservation,
+    whose class images are trained on beside the data), plus the class images the base model draws first."""
+    prior = bool(recipe.get("class_prompts"))
+    value = lambda name: recipe.get(name, FINETUNE[name].default)  # noqa: E731
+    per_step = value("batch_size") * value("grad_accum") * (2 if prior else 1)
+    return value("steps") * per_step + (value("class_images") if prior else 0)
+
+
+def check_train_cost(recipe: dict) -> None:
+    """Refuses a training job over `max_train_cost` at once, with the limit."""
+    cost, limit = train_cost(recipe), max_train_cost()
+    if cost > limit:
+        raise ValueError(f"this fine-tune is too large for this server: {cost:,} images to train on and draw (steps x "
+                         f"batch, twice with prior preservation, plus the class images), over the limit of {limit:,} "
+                         f"(IMAGECRAFT_MAX_TRAIN_COST); ask for fewer steps or class images")
+
+
+def unet_work(config, width: int, height: int, scale_factor: int = 8, context_tokens: int = 77) -> float:
+    """Multiply-accumulates of one UNet pass over one width x height image, counted from the model's config: the
+    convolutions and projections grow with the pixels, self-attention's scores and weighted sum with their square
+    (N^2 x channels per block), which is what makes a large image far slower than its pixel count says.
+    `scale_factor`: pixels per latent side (the VAE's)."""
+    tokens = (width / scale_factor) * (height / scale_factor)  # latent positions at the first level
+    work = 0.0
+    for level, mult in enumerate(config.channel_mult):
+        c, n = config.model_channels * mult, tokens / 4 ** level  # channels, positions at this level
+        res = 18 * c * c * n  # a ResBlock: two 3x3 convolutions
+        # a TransformerBlock: proj_in/out (2), attn1's q, k, v, out (4), attn2's q, out (2), the GEGLU feed-forward
+        # (12) c^2 per position; attn2's keys and values once per prompt; the scores and weighted sums
+        block = 20 * c * c * n + 2 * context_tokens * config.context_dim * c + 2 * n * n * c + \
+            2 * n * context_tokens * c
+        blocks = config.depth(level) * block if config.attention_levels[level] else 0.0
+        work += config.num_res_blocks * (res + blocks)  # the way down
+        work += (config.num_res_blocks + 1) * (res * 29 / 18 + blocks)  # the way up: skip inputs, twice the channels
+        work += 9 * c * c * n  # the level's down- or upsampling convolution
+        if level == len(config.channel_mult) - 1:  # the middle block: two ResBlocks around a transformer
+            work += 2 * res + max(config.depth(level), 1) * block
+    return work
+
+
+def check_cost(width: int, height: int, steps: int, images: int, device: str, config=None,
+               scale_factor: int = 8) -> None:
+    """Refuses a request whose UNet work is over `max_cost`, with the limit. The work is `unet_work` of the model's
+    config (SD 1.5's when None), expressed in pixel-steps of a 512x512 image: one 512x512 image at 50 steps costs
+    512 x 512 x 50 on every model, while at 1024x1024 self-attention makes a step cost more than 4 of them."""
+    from .unet import UNetConfig
+
+    config = config or UNetConfig()
+    ratio = unet_work(config, width, height, scale_factor) / unet_work(config, 512, 512, scale_factor)
+    cost, limit = round(512 * 512 * ratio * steps * images), max_cost(device)
     if cost > limit:
         raise ValueError(f"this request is too large for this server: {width}x{height} x {steps} steps x {images} "
-                         f"image(s) = {cost:,} pixel-steps, over the limit of {limit:,} (IMAGECRAFT_MAX_COST); "
-                         f"ask for fewer steps, images or pixels")
+                         f"image(s) costs the UNet work of {cost:,} pixel-steps at 512x512 (self-attention grows "
+                         f"with the square of the pixels), over the limit of {limit:,} (IMAGECRAFT_MAX_COST); ask "
+                         f"for fewer steps, images or pixels")
 
 
 def _whole(value) -> int | None:

@@ -1,5 +1,6 @@
 """The Gradio app, launched on localhost: through gradio_client, and in a real browser (Debian's Chromium)."""
 
+import io
 import json
 import shutil
 import time
@@ -16,7 +17,6 @@ from imagecraft.serve.models import BUILTIN
 from imagecraft.settings import DEFAULT_STEPS
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-UNCHANGED = {"__type__": "update"}  # what gradio_client gives for a gr.update() that leaves a field as it is
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -108,34 +108,40 @@ def test_bad_input_gets_a_message_and_the_app_keeps_serving(client, kwargs, mess
 
 @pytest.mark.integration
 def test_read_png_restores_every_field(client):
+    """/read_png gives plain values, keyed by /generate's parameters: passed back, they make the same image."""
     gallery, seed = client.predict("a yellow square at the top", negative_prompt="red", steps=12, guidance=3.5,
                                    seed=99, scheduler="euler_a", cache_interval=2, api_name="/generate")
     from gradio_client import handle_file
 
-    fields = client.predict(handle_file(image_path(gallery[0])), api_name="/read_png")
-    assert list(fields[:8]) == ["a yellow square at the top", "red", 12, 3.5, 99, "euler_a", 64, 64]
-    assert list(fields[8:]) == [UNCHANGED, UNCHANGED, 2]  # the number of images and the model box; DeepCache
+    settings, notes = client.predict(handle_file(image_path(gallery[0])), api_name="/read_png")
+    assert settings == {"prompt": "a yellow square at the top", "negative_prompt": "red", "steps": 12,
+                        "guidance": 3.5, "seed": 99, "scheduler": "euler_a", "width": 64, "height": 64,
+                        "cache_interval": 2} and notes == []
+    again, _ = client.predict(**settings, api_name="/generate")
+    assert np.array_equal(np.asarray(Image.open(image_path(again[0]))), np.asarray(Image.open(image_path(gallery[0]))))
 
 
 @pytest.mark.integration
 def test_read_png_leaves_bad_fields_and_the_model_unchanged(client, tmp_path):
     from gradio_client import handle_file
-
-    from imagecraft.serve.actions import settings_from_png
+    from gradio_client.exceptions import AppError
 
     info = PngImagePlugin.PngInfo()  # AUTOMATIC1111's, with no Size, a sampler we lack and steps out of range
     info.add_text("parameters", "a castle\nNegative prompt: fog\nSteps: 9999, Sampler: DPM++ SDE Karras, "
                                 "CFG scale: 7, Seed: 3, Model: ../../somewhere/else")
     path = tmp_path / "a1111.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
-    fields = client.predict(handle_file(str(path)), api_name="/read_png")
-    assert list(fields) == ["a castle", "fog", UNCHANGED, 7, 3, UNCHANGED, UNCHANGED, UNCHANGED, UNCHANGED,
-                            UNCHANGED, 1]
-    _, notes = settings_from_png(path)  # what the warnings say
+    settings, notes = client.predict(handle_file(str(path)), api_name="/read_png")
+    assert settings == {"prompt": "a castle", "negative_prompt": "fog", "guidance": 7, "seed": 3, "cache_interval": 1}
     assert notes == ["left out the PNG's steps: steps must be an integer from 1 to 150, got 9999",
                      "left out the PNG's sampler: ImageCraft has no sampler 'DPM++ SDE Karras'",
                      "the PNG gives no size; the current or default value is used",
                      "this image was made with the model '../../somewhere/else'; load it in the Model box to use it"]
+    gallery, _ = client.predict(**settings, steps=2, api_name="/generate")  # plain values /generate takes
+    assert len(gallery) == 1
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    with pytest.raises(AppError, match="this PNG carries no generation settings"):
+        client.predict(handle_file(str(tmp_path / "plain.png")), api_name="/read_png")
 
 
 @pytest.mark.integration
@@ -188,6 +194,89 @@ def test_browser_types_a_prompt_and_gets_an_image(url):
         page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
 
 
+# the error badges Gradio's status trackers show (a tracker that is hidden has opacity 0), each as its block's id
+ERROR_BADGES = """() => [...document.querySelectorAll('[data-testid=status-tracker] .error')]
+    .filter(e => { for (let n = e; n; n = n.parentElement) if (getComputedStyle(n).opacity === '0') return false;
+                   return e.getClientRects().length > 0; })
+    .map(e => (e.closest('.block') || {}).id || '?')"""
+# how much of an <img> a person sees: the drawn image's size (object-fit applied) and the part of it inside the
+# element and every clipping ancestor
+SHOWN = """img => {
+    const r = img.getBoundingClientRect(), fit = getComputedStyle(img).objectFit;
+    const nw = img.naturalWidth, nh = img.naturalHeight, sx = r.width / nw, sy = r.height / nh;
+    const s = fit === 'cover' ? Math.max(sx, sy) : fit === 'none' ? 1 : fit === 'scale-down' ? Math.min(sx, sy, 1)
+        : Math.min(sx, sy);
+    const w = fit === 'fill' ? r.width : nw * s, h = fit === 'fill' ? r.height : nh * s;
+    let box = {l: r.left + (r.width - w) / 2, t: r.top + (r.height - h) / 2};
+    box = {l: box.l, t: box.t, r: box.l + w, b: box.t + h};
+    let seen = {l: Math.max(box.l, r.left), t: Math.max(box.t, r.top), r: Math.min(box.r, r.right),
+                b: Math.min(box.b, r.bottom)};
+    for (let n = img.parentElement; n; n = n.parentElement) {
+        if (getComputedStyle(n).overflow === 'visible') continue;
+        const p = n.getBoundingClientRect();
+        seen = {l: Math.max(seen.l, p.left), t: Math.max(seen.t, p.top), r: Math.min(seen.r, p.right),
+                b: Math.min(seen.b, p.bottom)};
+    }
+    return {natural: [nw, nh], drawn: [w, h], seen: [seen.r - seen.l, seen.b - seen.t]};
+}"""
+# whether a person sees the element: the one at its centre is inside it (no overlay covers it)
+ON_TOP = """sel => { const e = document.querySelector(sel); if (!e) return false; e.scrollIntoView({block: 'center'});
+    const r = e.getBoundingClientRect();
+    if (!r.width || !r.height) return false;
+    const top = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+    return !!top && (e === top || e.contains(top)); }"""
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_browser_generate_shows_the_image_whole_and_errors_mark_only_their_field(url, tmp_path):
+    """No seed before a generation; a PNG that is not ours gives one message and badges no field; the image is
+    shown whole (no crop); a missing model marks the Model box only; our PNG fills the fields."""
+    Image.new("RGB", (16, 16), (40, 40, 40)).save(tmp_path / "plain.png")
+    with browser_page("generate-failure.png", viewport={"width": 1400, "height": 1100}) as page:
+        page.goto(url, wait_until="load")
+        page.locator("#generate-button").wait_for(state="visible", timeout=60_000)
+        assert page.locator("#seed-used :is(input, textarea)").input_value() == ""  # nothing generated yet
+
+        page.locator("#read-png input[type=file]").set_input_files(str(tmp_path / "plain.png"))
+        page.get_by_text("this PNG carries no generation settings").first.wait_for(timeout=30_000)
+        time.sleep(1.0)  # the event has ended: whatever it marks is marked now
+        page.screenshot(path=str(ARTIFACTS / "generate-bad-png.png"))
+        assert page.evaluate(ERROR_BADGES) == []
+        assert page.get_by_label("Prompt", exact=True).input_value() == ""  # the fields keep their values
+
+        page.get_by_label("Prompt", exact=True).fill("a red square at the bottom")
+        page.get_by_label("Seed (-1: random)").first.fill("11")
+        page.locator("#generate-button").click()
+        image = page.locator("#gallery img").first
+        image.wait_for(state="visible", timeout=120_000)
+        page.wait_for_function("() => { const i = document.querySelector('#gallery img'); "
+                               "return i && i.complete && i.naturalWidth > 0; }", timeout=30_000)
+        shown = image.evaluate(SHOWN)
+        page.locator("#gallery").screenshot(path=str(ARTIFACTS / "generate-gallery.png"))
+        (nw, nh), (w, h), (seen_w, seen_h) = shown["natural"], shown["drawn"], shown["seen"]
+        assert abs(w / h - nw / nh) < 0.01, shown  # not stretched
+        assert seen_w >= w - 1 and seen_h >= h - 1, shown  # not cropped by object-fit or a clipping box
+        assert page.locator("#seed-used :is(input, textarea)").input_value() == "11"
+
+        page.get_by_label("Model", exact=False).first.fill("/no/model")
+        page.get_by_role("button", name="Load model").click()
+        page.get_by_text("no model folder or file at '/no/model'").first.wait_for(timeout=60_000)
+        time.sleep(1.0)
+        page.screenshot(path=str(ARTIFACTS / "generate-missing-model.png"))
+        assert set(page.evaluate(ERROR_BADGES)) <= {"model"}  # width, height and the status did nothing wrong
+
+        page.get_by_label("Prompt", exact=True).fill("")
+        src = image.get_attribute("src")
+        png = tmp_path / "ours.png"
+        png.write_bytes(page.request.get(src).body())  # the served PNG, with its settings
+        page.locator("#read-png").get_by_role("button", name="Clear").click()  # the plain PNG dropped before
+        page.locator("#read-png input[type=file]").set_input_files(str(png))
+        page.wait_for_function("p => [...document.querySelectorAll('textarea')].some(t => t.value === p)",
+                               arg="a red square at the bottom", timeout=30_000)
+        assert set(page.evaluate(ERROR_BADGES)) <= {"model"}  # reading a PNG marks nothing
+
+
 @pytest.mark.integration
 def test_attention_api_explains_the_generated_image(client):
     from gradio_client.exceptions import AppError
@@ -211,6 +300,26 @@ def test_attention_api_explains_the_generated_image(client):
     assert len(client.predict("a red circle", steps=1, api_name="/attention")) == 12  # one step: sliders stay put
 
 
+def assert_bars_cover_blank(page, elem_id: str):
+    """What Gradio draws over an image component (its label at the top left, its buttons at the top right) covers
+    only blank (white) pixels of the figure it shows: no title sits under them."""
+    img = page.locator(f"#{elem_id} img").first
+    box = img.bounding_box()
+    png = np.asarray(Image.open(io.BytesIO(page.request.get(img.get_attribute("src")).body())).convert("L"))
+    sx, sy = png.shape[1] / box["width"], png.shape[0] / box["height"]  # the figure's pixels per page pixel
+    bars = page.locator(f"#{elem_id} [data-testid=block-label], #{elem_id} .icon-button-wrapper, "
+                        f"#{elem_id} .icon-buttons")
+    assert bars.count() >= 2, f"#{elem_id}: Gradio's label and buttons not found"
+    for i in range(bars.count()):
+        bar = bars.nth(i).bounding_box()
+        if not bar:
+            continue
+        x0, x1 = max(0, bar["x"] - box["x"]) * sx, min(box["width"], bar["x"] + bar["width"] - box["x"]) * sx
+        y0, y1 = max(0, bar["y"] - box["y"]) * sy, min(box["height"], bar["y"] + bar["height"] - box["y"]) * sy
+        under = png[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))]
+        assert under.size == 0 or under.min() > 200, f"#{elem_id}: something is drawn under a bar at {bar}"
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_browser_generates_then_explains_a_word(url):
@@ -229,16 +338,38 @@ def test_browser_generates_then_explains_a_word(url):
         figure.wait_for(state="visible", timeout=120_000)
         words = page.locator("#attention-words")
         words.get_by_label("green").wait_for(timeout=30_000)
-        first = figure.get_attribute("src")
+        page.wait_for_function("() => [...document.querySelectorAll('#attention-figure img, #attention-step img')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+        for elem_id in ("attention-figure", "attention-step"):  # no title under Gradio's label or buttons
+            assert_bars_cover_blank(page, elem_id)
+        first, first_step = figure.get_attribute("src"), page.locator("#attention-step img").get_attribute("src")
         for word in ("a", "blue", "square", "above", "triangle"):  # leave only "green" ticked
             words.get_by_label(word, exact=True).uncheck()
-        page.wait_for_function(
-            "src => { const i = document.querySelector('#attention-figure img'); return i && i.src !== src; }",
-            arg=first, timeout=60_000)
+        for elem_id, src in (("attention-figure", first), ("attention-step", first_step)):  # both follow the ticks
+            page.wait_for_function(
+                "([id, src]) => { const i = document.querySelector(`#${id} img`); return i && i.src !== src; }",
+                arg=[elem_id, src], timeout=60_000)
         view = page.locator("#attention-image img")
+        before = view.get_attribute("src")
         box = view.bounding_box()
         view.click(position={"x": box["width"] / 2, "y": box["height"] * 0.8})  # near the triangle
         page.locator("#attention-pixel img").wait_for(state="visible", timeout=60_000)
+        page.wait_for_function("src => { const i = document.querySelector('#attention-image img'); "
+                               "return i && i.src !== src && i.complete && i.naturalWidth > 0; }", arg=before,
+                               timeout=30_000)
+        page.wait_for_function("() => { const i = document.querySelector('#attention-pixel img'); "
+                               "return i && i.complete && i.naturalWidth > 0; }", timeout=30_000)
+        assert_bars_cover_blank(page, "attention-pixel")
+        marked = np.asarray(Image.open(io.BytesIO(page.request.get(view.get_attribute("src")).body())).convert("L"))
+        plain = np.asarray(Image.open(io.BytesIO(page.request.get(before).body())).convert("L"))
+        changed = np.argwhere(marked != plain)  # the mark: around the clicked pixel, nowhere else
+        assert len(changed) > 20
+        cy, cx = changed.mean(0)
+        assert abs(cx - marked.shape[1] / 2) < 0.05 * marked.shape[1] and abs(cy - marked.shape[0] * 0.8) < \
+            0.05 * marked.shape[0], (cx, cy)
+        time.sleep(2.0)  # the redraws queued by the unticks end
+        page.locator("#attention-figure").screenshot(path=str(ARTIFACTS / "attention-figure.png"))
+        page.locator("#attention-image").screenshot(path=str(ARTIFACTS / "attention-clicked.png"))
         page.screenshot(path=str(ARTIFACTS / "attention-tab.png"), full_page=True)
 
 
@@ -249,7 +380,7 @@ def test_every_elem_id_is_unique_and_every_api_name_is_kept():
     assert len(ids) == len(set(ids)) and {"gallery", "training-gallery"} <= set(ids)
     named = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
     assert named == {"generate", "attention", "load_model", "read_png", "random_seed", "finetune", "finetune_status",
-                     "finetune_stop", "finetune_use", "finetune_upload", "finetune_demo_data"}
+                     "finetune_stop", "finetune_use", "finetune_upload", "finetune_demo_data", "finetune_resume"}
     unprocessed = {fn.api_name for fn in demo.fns.values() if not fn.preprocess}
     assert unprocessed == {"generate", "attention"}  # our schema reads the values as sent
 
@@ -353,7 +484,7 @@ def test_finetune_api_trains_streams_and_the_lora_generates(client, tmp_path):
     base, _ = client.predict("a pink circle", seed=5, steps=10, api_name="/generate")
     tuned, _ = client.predict("a pink circle", seed=5, steps=10, lora=path, lora_scale=1.0, api_name="/generate")
     png = Image.open(image_path(tuned[0]))
-    assert "<lora:output:1>" in png.text["parameters"]
+    assert f"<lora:{Path(path).name}:1>" in png.text["parameters"] and Path(path).name.startswith("finetune-")
     assert not np.array_equal(np.asarray(png.convert("RGB")), np.asarray(Image.open(image_path(base[0])).convert("RGB")))
     again, _ = client.predict("a pink circle", seed=5, steps=10, api_name="/generate")  # the shared model is clean
     assert np.array_equal(np.asarray(Image.open(image_path(again[0]))), np.asarray(Image.open(image_path(base[0]))))
@@ -393,13 +524,45 @@ def test_browser_uploads_trains_sees_the_loss_and_generates_with_the_lora(url, t
     with browser_page("finetune-failure.png", viewport={"width": 1400, "height": 1400}) as page:
         page.goto(url, wait_until="load")
         page.get_by_role("tab", name="Fine-tune").click()
-        page.locator("#finetune-upload input[type=file]").set_input_files(paths)
+        page.get_by_role("button", name="Use demo data: 24 pink circles and squares").click()
+        page.get_by_text("24 images, all captioned").wait_for(timeout=60_000)
+        table = page.locator("#finetune-table")
+        note = table.get_by_role("columnheader", name="note").bounding_box()
+        assert note["width"] >= 0.2 * table.bounding_box()["width"], note  # the note column is readable
+        strip = page.locator("#training-gallery img")
+        strip.nth(23).wait_for(state="attached", timeout=30_000)
+        time.sleep(0.5)
+        page.locator("#training-gallery").screenshot(path=str(ARTIFACTS / "finetune-training-images.png"))
+        for i in range(strip.count()):  # every training image whole, none clipped by the strip
+            shown = strip.nth(i).evaluate(SHOWN)
+            assert shown["seen"][0] >= shown["drawn"][0] - 1 and shown["seen"][1] >= shown["drawn"][1] - 1, (i, shown)
+
+        page.locator("#finetune-upload input[type=file]").set_input_files(paths)  # these replace the demo data
         page.get_by_text("4 images, all captioned").wait_for(timeout=60_000)
+        page.locator("#finetune-use").click()  # nothing trained yet: refused, and only the status is marked
+        page.get_by_text("train something first").first.wait_for(timeout=30_000)
+        time.sleep(1.0)
+        assert set(page.evaluate(ERROR_BADGES)) <= {"finetune-status"}
         steps = page.get_by_label("number input for Training steps")
-        steps.fill("10")
+        steps.fill("40")  # previews every 10 steps
         steps.press("Enter")
         page.locator("#finetune-button").click()
-        page.locator("#finetune-loss img").wait_for(state="visible", timeout=240_000)
+
+        # during the run: the loss curve and a preview are in view (nothing covers their centre) and change
+        seen, shots = {"loss": set(), "preview": set()}, 0
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            status = page.locator("#finetune-status").inner_text()
+            if "Done" in status:
+                break
+            for name in seen:
+                if page.evaluate(ON_TOP, f"#finetune-{name} img"):
+                    seen[name].add(page.locator(f"#finetune-{name} img").get_attribute("src"))
+            if seen["preview"] and shots < 2:  # one early, one later in the run
+                page.screenshot(path=str(ARTIFACTS / f"finetune-running-{shots}.png"))
+                shots += 1
+            time.sleep(0.5)
+        assert len(seen["loss"]) >= 2 and len(seen["preview"]) >= 1, seen  # seen updating before the end
         page.get_by_text("Done").first.wait_for(timeout=240_000)
         page.screenshot(path=str(ARTIFACTS / "finetune-tab.png"), full_page=True)
         page.locator("#finetune-use").click()
@@ -407,3 +570,36 @@ def test_browser_uploads_trains_sees_the_loss_and_generates_with_the_lora(url, t
         page.get_by_label("Prompt", exact=True).fill("a pink circle")
         page.locator("#generate-button").click()
         page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
+
+
+@pytest.mark.integration
+def test_finetune_second_run_stop_use_and_resume(client):
+    """A second run keeps the first's results in view until it has its own; after a Stop, "Use in Generate" takes
+    the last run that finished, and Resume continues the stopped one from its checkpoint to the end."""
+    rows = client.predict(api_name="/finetune_demo_data")[0]
+    first = client.submit(rows, "lora", 4, 4, 0.01, "", BUILTIN, "", api_name="/finetune")
+    list(first)
+    assert first.outputs()[-1][0].startswith("**Done**")
+    _, done, _ = client.predict(api_name="/finetune_use")
+
+    second = client.submit(rows, "lora", 40, 4, 0.01, "", BUILTIN, "", api_name="/finetune")
+    deadline = time.monotonic() + 120
+    while "step" not in client.predict(api_name="/finetune_status") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    client.predict(api_name="/finetune_stop")
+    list(second)
+    status = second.outputs()[-1][0]
+    assert status.startswith("**Stopped**") and "Resume" in status
+    assert all(update[1] is not None and update[3] is not None for update in second.outputs())  # never blanked
+    _, lora, _ = client.predict(api_name="/finetune_use")
+    assert lora["value"] == done["value"]  # the first run: the stopped one did not finish its steps
+
+    resumed = client.submit(api_name="/finetune_resume")
+    list(resumed)
+    status, loss, _, files = resumed.outputs()[-1][:4]
+    assert status.startswith("**Done**") and "40 steps" in status, status
+    steps = [int(line.split(",")[0]) for line in Path(next(f for f in files if f.endswith("loss.csv")))
+             .read_text().splitlines()[1:]]
+    assert steps == list(range(1, 41))  # one curve: the resumed run continued the stopped one
+    _, lora, _ = client.predict(api_name="/finetune_use")
+    assert lora["value"] != done["value"] and Path(lora["value"]).name.startswith("finetune-")

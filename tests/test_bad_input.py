@@ -61,9 +61,6 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 GENERIC = "upstream Gradio app has raised an exception"
 GARBLED = re.compile(r"must be , |&lt;|&gt;|&amp;|&quot;")  # a sentence that reads wrong
-UPDATE = {"__type__": "update"}  # what gradio_client returns for a field left unchanged
-READ_PNG_FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "scheduler", "width", "height",
-                   "num_images", "model", "cache_interval")
 TIMEOUT = 120  # seconds an app case may take before it counts as a hang
 
 WORK = "<work>"  # the folder the files below are made in, which exists only once the tests run
@@ -259,12 +256,12 @@ def file_data(path: str | None, **extra):
 
 
 def kept(*names):
-    """The result must leave these fields unchanged."""
-    return lambda result: next((f"restored {n}={short(result[READ_PNG_FIELDS.index(n)], 40)}" for n in names
-                                if result[READ_PNG_FIELDS.index(n)] != UPDATE), None)
+    """The result (/read_png's settings and notes) must leave these fields out."""
+    return lambda result: next((f"restored {n}={short(result[0][n], 40)}" for n in names if n in result[0]), None)
 
 
 GEN = dict(prompt="a red circle", steps=1, seed=1)
+FT_TABLE = {"headers": ["image", "caption", "note"], "data": [["a.png", "a red square", ""]]}
 ATT = dict(prompt="a red circle", steps=2, seed=1)  # 2: a 1-step explain fails (see the steps rows)
 MODELS = [
     ("bool", True, True), ("int", 5, True), ("list", ["/etc"], True), ("dict", {"a": 1}, True),
@@ -421,6 +418,18 @@ APP_CASES = [
          sentence=False),
     Case("/read_png file", "FileData with a URL to a closed local port",
          file_data(None, url="http://127.0.0.1:1/x.png"), sentence=False),
+    # /finetune takes preprocess=False: each value reaches FINETUNE's schema as sent (none of them gets to train)
+    Case("/finetune steps", "'10'", api("/finetune", table=FT_TABLE, steps="10")),
+    Case("/finetune steps", "NaN", call("/finetune", dict(table=FT_TABLE), dict(steps=float("nan")))),
+    Case("/finetune rank", "None", api("/finetune", table=FT_TABLE, rank=None)),
+    Case("/finetune class_prompts", "a list", api("/finetune", table=FT_TABLE, class_prompts=["a", "b"])),
+    Case("/finetune table", "5-column rows", api("/finetune", table={"headers": list("abcde"),
+                                                                      "data": [["a.png", "c", "", "x", "y"]]})),
+    Case("/finetune steps", "20,000: over the training cost cap", api("/finetune", table=FT_TABLE, steps=20_000)),
+    Case("/attention width, height", "1024x1024 at 12 steps: within a pixel cap, not within the UNet's work",
+         api("/attention", **dict(ATT, width=1024, height=1024, steps=12))),
+    Case("/generate width, height", "1024x1024 at 12 steps", api("/generate", **dict(GEN, width=1024, height=1024,
+                                                                                   steps=12))),
     Case("raw request", "/generate with one value too few", ("raw", "/generate", "too few"), sentence=False),
     Case("raw request", "/generate with one value too many", ("raw", "/generate", "too many"), None),
     Case("raw request", "/generate with data a string, not a list", ("raw", "/generate", "a"), True),
@@ -825,3 +834,357 @@ def test_python(case, files, targets, monkeypatch):
         expect(case, files, f"TypeError: {e}")
     else:
         expect(case, files, None, result)
+
+
+# --- training uploads: the app's Fine-tune upload, the CLI's --data zip, take_upload --------------------------------
+# Hostile zips built here. Every refusal must be a sentence that names the entry (where there is one), quotes no
+# server path, and leaves nothing on disk.
+def tiny_png(size=(8, 8)) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def huge_png_header(w=20000, h=20000) -> bytes:
+    """A PNG that says it is w x h: its header only, with one tiny (wrong) IDAT."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        png_chunk(b"IEND", b"")
+
+
+def zip_of(members: dict, method: int = 0) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", method) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buffer.getvalue()
+
+
+def patched(data: bytes, member: int, local: dict, central: dict) -> bytes:
+    """A zip with fields of its `member`-th local and central header overwritten: {offset: (struct format, value)}."""
+    data = bytearray(data)
+    for signature, fields in ((b"PK\x03\x04", local), (b"PK\x01\x02", central)):
+        at_ = -1
+        for _ in range(member + 1):
+            at_ = data.index(signature, at_ + 1)
+        for offset, (fmt, value) in fields.items():
+            struct.pack_into(fmt, data, at_ + offset, value)
+    return bytes(data)
+
+
+def corrupted(data: bytes, marker: bytes) -> bytes:
+    """`data` with the first byte of `marker` inside it flipped (a member's stored content)."""
+    at_ = data.index(marker)
+    return data[:at_] + bytes([data[at_] ^ 0xFF]) + data[at_ + 1:]
+
+
+CAPTIONED = {"a.png": tiny_png(), "a.txt": "a red square"}
+STORED_TEXT = b"a caption long enough to corrupt"
+ZIPS = {  # name: (bytes, the entry the sentence must name, or None); all to be refused
+    "encrypted": (patched(zip_of(CAPTIONED), 0, {6: ("<H", 1)}, {8: ("<H", 1)}), "a.png"),
+    "deflate64": (patched(zip_of(CAPTIONED, 8), 0, {8: ("<H", 9)}, {10: ("<H", 9)}), "a.png"),
+    "crc mismatch": (corrupted(zip_of({**CAPTIONED, "a.txt": STORED_TEXT}), STORED_TEXT), "a.txt"),
+    "corrupt deflate": (corrupted(zip_of({"a.png": tiny_png(), "a.txt": "x" * 5000}, 8), b"\xed\xc1"), None),
+    "size says smaller": (patched(zip_of({**CAPTIONED, "a.txt": STORED_TEXT}), 1, {22: ("<I", 4)},
+                                  {24: ("<I", 4)}), "a.txt"),
+    "size says larger": (patched(zip_of({**CAPTIONED, "a.txt": STORED_TEXT}), 1, {22: ("<I", 5000)},
+                                 {24: ("<I", 5000)}), "a.txt"),
+    "file and folder of one name": (zip_of({**CAPTIONED, "a.png/b.png": tiny_png()}), "a.png"),
+    "over-long name": (zip_of({**CAPTIONED, "x" * 300 + ".png": tiny_png()}), "xxxx"),
+    "250 zero-filled 1 MiB captions": (zip_of({f"{i}.txt": b"\0" * (1 << 20) for i in range(250)}, 8), "0.txt"),
+    "20000x20000 PNG": (zip_of({**CAPTIONED, "big.png": huge_png_header()}), "big.png"),
+    "text named .png": (zip_of({**CAPTIONED, "fake.png": b"not an image at all"}), "fake.png"),
+    "10,100 entries": (zip_of({f"{i}.md": b"" for i in range(10_100)} | CAPTIONED), None),
+    "entry twice": (patched(zip_of({"a.png": tiny_png(), "b.png": tiny_png()}), 1,
+                                                  {30: ("5s", b"a.png")}, {46: ("5s", b"a.png")}), "a.png"),
+    "not a zip": (b"PK\x03\x04 not really", None),
+}
+LOOSE = {  # loose files (not zipped) to be refused
+    "text named .png": {"fake.png": b"not an image"},
+    "20000x20000 PNG": {"big.png": huge_png_header(), "big.txt": b"huge"},
+    "caption of 1 MiB": {"a.png": tiny_png(), "a.txt": b"\0" * (1 << 20)},
+}
+UPLOAD_CASES = [(entrance, kind) for kind in ZIPS for entrance in ("app", "cli")] + \
+    [("app", "loose: " + kind) for kind in LOOSE]
+
+
+@pytest.fixture
+def upload_root(tmp_path, monkeypatch):
+    from imagecraft.serve import outputs
+
+    monkeypatch.setattr(outputs, "FINETUNE_ROOT", tmp_path / "finetune")
+    return tmp_path / "finetune"
+
+
+def upload(entrance: str, kind: str, tmp_path: Path, capsys) -> tuple[str | None, object]:
+    """(the refusal's sentence or None, the result) of sending the hostile `kind` through `entrance`."""
+    from imagecraft.serve import jobs
+
+    if kind.startswith("loose: "):
+        paths = []
+        for name, data in LOOSE[kind.removeprefix("loose: ")].items():
+            (tmp_path / name).write_bytes(data)
+            paths.append(str(tmp_path / name))
+    else:
+        (tmp_path / "up.zip").write_bytes(ZIPS[kind][0])
+        paths = [str(tmp_path / "up.zip")]
+    if entrance == "app":
+        try:
+            return None, jobs.read_upload(paths)
+        except ValueError as e:
+            return str(e), None
+    status, err = run_cli(["finetune", "--data", paths[0], "--output", str(tmp_path / "out")], tmp_path, capsys)
+    assert "Traceback" not in err, err[-3000:]
+    return ([line for line in err.splitlines() if "error:" in line] or [err])[-1] if status else None, status
+
+
+@pytest.mark.parametrize("entrance,kind", UPLOAD_CASES, ids=lambda v: v)
+def test_hostile_upload_is_refused_whole(entrance, kind, tmp_path, upload_root, capsys):
+    refusal, result = upload(entrance, kind, tmp_path, capsys)
+    assert refusal, f"accepted: {short(result, 200)}"
+    assert GENERIC not in refusal and not GARBLED.search(refusal), refusal
+    assert str(tmp_path) not in refusal and "/tmp" not in refusal, f"a server path in: {refusal}"
+    entry = None if kind.startswith("loose: ") else ZIPS[kind][1]
+    assert entry is None or entry in refusal, f"the entry {entry!r} is not named: {refusal}"
+    left = [p for p in [*upload_root.rglob("*"), *(tmp_path / "out").rglob("*")] if p.is_file()]
+    assert not left, f"left on disk: {left[:3]}"
+
+
+@pytest.mark.parametrize("layout", ["txt", "metadata.jsonl", "metadata.csv", "two zips and a loose image"])
+def test_upload_captions_come_from_every_source_the_cli_reads(layout, tmp_path, upload_root):
+    from imagecraft.serve import jobs
+    from imagecraft.train.data import find_examples, take_upload
+
+    members = {"a.png": tiny_png(), "b.png": tiny_png()}
+    if layout == "txt":
+        members |= {"a.txt": "cap a", "b.txt": "cap b"}
+    elif layout == "metadata.jsonl":
+        members["metadata.jsonl"] = '{"file_name": "a.png", "text": "cap a"}\n{"file_name": "b.png", "text": "cap b"}'
+    elif layout == "metadata.csv":
+        members["metadata.csv"] = "file_name,text\na.png,cap a\nb.png,cap b\n"
+    paths = [tmp_path / "up.zip"]
+    if layout.startswith("two zips"):
+        paths = [tmp_path / "1.zip", tmp_path / "2.zip", tmp_path / "c.png", tmp_path / "c.txt"]
+        paths[0].write_bytes(zip_of({"a.png": tiny_png(), "a.txt": "cap a"}))
+        paths[1].write_bytes(zip_of({"b.png": tiny_png(), "metadata.jsonl": '{"file_name": "b.png", "text": "cap b"}'}))
+        paths[2].write_bytes(tiny_png())
+        paths[3].write_text("cap c")
+    else:
+        paths[0].write_bytes(zip_of(members))
+    rows, files = jobs.read_upload([str(p) for p in paths])
+    expected = {"a.png": "cap a", "b.png": "cap b"} | ({"c.png": "cap c"} if len(paths) > 1 else {})
+    assert {r[0]: r[1] for r in rows} == expected and all(Path(f).is_file() for f in files)
+    if len(paths) == 1:  # the CLI reads the same zip the same way
+        cli = {ex.path.name: ex.caption for ex in find_examples(take_upload(paths, tmp_path / "cli") and
+                                                                tmp_path / "cli")}
+        assert cli == expected
+
+
+def test_upload_caps_on_bytes_and_entries(tmp_path):
+    from imagecraft.train.data import take_upload
+
+    (tmp_path / "up.zip").write_bytes(zip_of({f"{i}.png": tiny_png((64, 64)) for i in range(4)}))
+    with pytest.raises(ValueError, match="unpacks to .* MiB; at most"):
+        take_upload([tmp_path / "up.zip"], tmp_path / "a", max_bytes=500)
+    with pytest.raises(ValueError, match="holds 4 entries; at most 3"):
+        take_upload([tmp_path / "up.zip"], tmp_path / "b", max_members=3)
+    assert not [p for p in tmp_path.iterdir() if p.name != "up.zip"]
+
+
+def test_uploads_and_jobs_stay_within_one_disk_cap(tmp_path, upload_root, monkeypatch):
+    """Many uploads of ~0.3 MB under a 2 MB cap: the oldest go whatever their age; a queued job's folder stays."""
+    from imagecraft.serve import jobs
+
+    monkeypatch.setenv("IMAGECRAFT_UPLOAD_MB", "2")
+    noise = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "n.png")
+    (tmp_path / "n.txt").write_text("noise")
+    active = upload_root / "jobs" / "queued-job"
+    active.mkdir(parents=True)
+    (active / "data.bin").write_bytes(b"\0" * 600_000)
+    monkeypatch.setattr(jobs.TRAINING, "active_folders", lambda: [active])
+    for _ in range(30):
+        jobs.read_upload([str(tmp_path / "n.png"), str(tmp_path / "n.txt")])
+        used = sum(f.stat().st_size for f in upload_root.rglob("*") if f.is_file())
+        assert used <= 2 * 2**20
+    assert (active / "data.bin").is_file()
+    monkeypatch.setenv("IMAGECRAFT_UPLOAD_MB", "0.5")  # the queued job alone is over it: refused, nothing dropped
+    with pytest.raises(ValueError, match="taken by the jobs training now"):
+        jobs.read_upload([str(tmp_path / "n.png"), str(tmp_path / "n.txt")])
+    assert (active / "data.bin").is_file()
+
+
+# --- LoRA files: validated on load, whatever the entrance ------------------------------------------------------------
+KOHYA = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"  # a 128 x 128 Linear of the built-in
+PEFT = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+
+
+def kohya(rank=4, a=None, b=None, alpha=None, dim=128, module=KOHYA) -> dict:
+    a = torch.randn(rank, dim) * 0.01 if a is None else a
+    b = torch.randn(dim, rank) * 0.01 if b is None else b
+    return {f"{module}.lora_down.weight": a, f"{module}.lora_up.weight": b,
+            f"{module}.alpha": torch.tensor(float(rank)) if alpha is None else alpha}
+
+
+NAN = torch.full((4, 128), float("nan"))
+LORAS = {  # name: (tensors, metadata, what the sentence must say); all refused
+    "NaN weights": (kohya(a=NAN), None, "NaN or infinite"),
+    "inf weights": (kohya(b=torch.full((128, 4), float("inf"))), None, "NaN or infinite"),
+    "NaN alpha": (kohya(alpha=torch.tensor(float("nan"))), None, "alpha is nan"),
+    "1e30 alpha": (kohya(alpha=torch.tensor(1e30)), None, "alpha is 1e+30"),
+    "negative alpha": (kohya(alpha=torch.tensor(-4.0)), None, "alpha is -4"),
+    "3-element alpha": (kohya(alpha=torch.tensor([4.0, 4.0, 4.0])), None, "alpha must be one number"),
+    "0-d tensors": (kohya(a=torch.tensor(1.0), b=torch.tensor(1.0)), None, "shapes () and ()"),
+    "rank 20000": (kohya(rank=20000), None, "rank 20000; at most 1024"),
+    "integer weights": (kohya(a=torch.ones(4, 128, dtype=torch.int32)), None, "not floating point"),
+    "shapes that do not fit": (kohya(dim=64), None, "does not fit this model"),
+    "keys of another model": ({k.replace("down_blocks_1", "down_blocks_9"): v for k, v in kohya().items()}, None,
+                              "not in the model"),
+    "PEFT NaN alpha in metadata": ({f"{PEFT}.lora_A.weight": torch.randn(4, 128),
+                                    f"{PEFT}.lora_B.weight": torch.zeros(128, 4)},
+                                   {"lora_adapter_metadata": '{"unet.lora_alpha": NaN}'}, "alpha is nan"),
+    "PEFT string alpha in metadata": ({f"{PEFT}.lora_A.weight": torch.randn(4, 128),
+                                      f"{PEFT}.lora_B.weight": torch.zeros(128, 4)},
+                                     {"lora_adapter_metadata": '{"unet.lora_alpha": "8"}'}, "alpha must be a number"),
+}
+LORA_CASES = [(entrance, kind) for kind in LORAS for entrance in ("python", "cli", "app")]
+
+
+@pytest.fixture(scope="module")
+def lora_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("loras")
+    for name, (tensors, metadata, _) in LORAS.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / f"{name.replace(' ', '-')}.safetensors",
+                  metadata=metadata)
+    save_file(kohya(), folder / "good.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("entrance,kind", LORA_CASES, ids=lambda v: v)
+def test_bad_lora_is_refused_with_a_sentence(entrance, kind, lora_folder, builtin, capsys, tmp_path):
+    from imagecraft.serve import actions
+
+    path = str(lora_folder / f"{kind.replace(' ', '-')}.safetensors")
+    if entrance == "python":
+        with pytest.raises(ValueError) as refused:
+            builtin.load_lora(path)
+        refusal = str(refused.value)
+        assert builtin.lora is None
+    elif entrance == "app":  # the Generate handler's body, on a server without an allowlist
+        with pytest.raises(ValueError) as refused:
+            actions.generate(builtin, "a red circle", steps=1, seed=1, lora=path, trusted_paths=True)
+        refusal = str(refused.value)
+    else:
+        status, err = run_cli(["generate", "--prompt", "a red circle", "--steps", "1", "--lora", path,
+                               "--output", str(tmp_path / "x.png")], tmp_path, capsys)
+        assert status == 2 and "Traceback" not in err, err[-2000:]
+        refusal = [line for line in err.splitlines() if "error:" in line][-1]
+    assert LORAS[kind][2] in refusal, refusal
+    assert "\n" not in refusal.strip()
+    assert not lora_layers_left(builtin), "a refused LoRA left layers in the model"
+
+
+def lora_layers_left(pipe) -> int:
+    from imagecraft import lora
+
+    return len(lora.lora_layers(pipe.unet)) + len(lora.lora_layers(pipe.text_encoder))
+
+
+def test_a_good_lora_still_loads(lora_folder, builtin):
+    builtin.load_lora(lora_folder / "good.safetensors", 0.5)
+    try:
+        assert builtin.lora["scale"] == 0.5 and lora_layers_left(builtin) == 1
+    finally:
+        builtin.unload_lora()
+
+
+# --- non-finite images: never silent --------------------------------------------------------------------------------
+def test_a_lora_that_blows_up_says_so(lora_folder, builtin, tmp_path):
+    """Finite weights that overflow (on a self-attention's output, added to the residual stream): every tensor passes
+    the load checks, the latents become inf and NaN."""
+    from imagecraft.pipeline import NonFiniteError
+
+    huge = tmp_path / "huge.safetensors"
+    save_file(kohya(a=torch.full((4, 128), 1e19), b=torch.full((128, 4), 1e19),
+                    module=KOHYA.replace("attn2_to_k", "attn1_to_out_0")), huge)
+    builtin.load_lora(huge)
+    try:
+        with pytest.raises(NonFiniteError, match="NaN or infinite values.*the LoRA 'huge' at scale 1"):
+            builtin("a red circle", num_inference_steps=2, seed=1)
+    finally:
+        builtin.unload_lora()
+    assert builtin("a red circle", num_inference_steps=1, seed=1).images  # the model is clean again
+
+
+def test_non_finite_without_a_lora_names_fp16_or_the_weights(builtin, monkeypatch):
+    from imagecraft.pipeline import NonFiniteError
+
+    monkeypatch.setattr(builtin, "dtype", torch.float16)  # only the sentence reads it
+    with pytest.raises(NonFiniteError, match="fp16 overflowing"):
+        builtin.check_finite(torch.tensor([1.0, float("nan")]), "sampling")
+    monkeypatch.setattr(builtin, "dtype", torch.float32)
+    with pytest.raises(NonFiniteError, match="the model's weights"):
+        builtin.check_finite(torch.tensor([float("inf")]), "the VAE's decoding")
+
+
+# --- fine-tune requests: FINETUNE's schema and the per-job cost cap --------------------------------------------------
+TABLE = {"headers": ["image", "caption", "note"], "data": [["a.png", "a red square", ""]]}
+FINETUNE_CASES = [  # (description, keyword values for jobs.start_finetune, what the sentence must say)
+    ("steps '10'", dict(steps="10"), "steps must be"),
+    ("steps None", dict(steps=None), "steps must be"),
+    ("steps NaN", dict(steps=float("nan")), "steps must be"),
+    ("rank '10'", dict(rank="10"), "rank must be"),
+    ("rank None", dict(rank=None), "rank must be"),
+    ("lr 'x'", dict(lr="x"), "lr must be"),
+    ("lr inf", dict(lr=float("inf")), "lr must be"),
+    ("method 'dreambooth'", dict(method="dreambooth"), "method must be"),
+    ("table a string", dict(rows="a.png,cap"), "caption table must be rows"),
+    ("table of 5-column rows", dict(rows={"data": [["a.png", "cap", "", "x", "y"]]}), "row 1 of the caption table"),
+    ("table with a number for a caption", dict(rows=[["a.png", 5, ""]]), "row 1 of the caption table must hold text"),
+    ("class prompts a list", dict(class_prompts=["a", "b"]), "class_prompts must be text"),
+    ("validation prompt a dict", dict(validation_prompt={"a": 1}), "validation_prompts must be text"),
+    ("over the cost cap: 20,000 steps", dict(steps=20_000), "IMAGECRAFT_MAX_TRAIN_COST"),
+    ("over the cost cap: 600 steps with prior preservation (2,400 without)",
+     dict(class_prompts="a red circle", steps=600), "4,900 images to train on and draw"),
+]
+
+
+@pytest.mark.parametrize("description,kwargs,sentence", FINETUNE_CASES, ids=[c[0] for c in FINETUNE_CASES])
+def test_bad_finetune_request_is_refused_at_once(description, kwargs, sentence, tmp_path, upload_root, monkeypatch):
+    from imagecraft.serve import jobs
+
+    submitted = []
+    monkeypatch.setattr(jobs.TRAINING, "submit", submitted.append)
+    (tmp_path / "a.png").write_bytes(tiny_png())
+    args = dict(model=None, files=[str(tmp_path / "a.png")], rows=TABLE) | kwargs
+    with pytest.raises(ValueError, match=re.escape(sentence)) as refused:
+        jobs.start_finetune(**args)
+    assert "\n" not in str(refused.value) and not submitted
+    assert not (upload_root / "jobs").exists() or not any((upload_root / "jobs").iterdir())
+
+
+def test_train_cost_counts_steps_batch_prior_and_class_images():
+    from imagecraft.settings import train_cost
+
+    assert train_cost(dict(steps=400)) == 1600  # the Fine-tune tab's default: 400 steps of 4 images
+    assert train_cost(dict(steps=400, class_prompts=("a",), class_images=100)) == 3300
+    assert train_cost(dict(steps=10, batch_size=2, grad_accum=3)) == 60
+
+
+# --- the cost cap: the UNet's work, self-attention's square included -------------------------------------------------
+def test_the_cost_grows_with_the_square_of_the_pixels_where_there_is_attention():
+    from imagecraft.settings import unet_work
+
+    builtin_config = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
+                                attention_levels=(False, True, True), num_heads=(2, 4, 4), context_dim=128)
+    convs_only = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
+                            attention_levels=(False, False, False), num_heads=(2, 4, 4), context_dim=128)
+    twice = lambda config: unet_work(config, 1024, 1024, 4) / unet_work(config, 512, 512, 4)  # noqa: E731
+    assert 3.9 < twice(convs_only) < 4.5  # convolutions: linear in the pixels (but the middle block's attention)
+    assert twice(builtin_config) > 8  # the built-in model at 1024: its self-attention dominates
+    assert 4 < twice(UNetConfig()) < 6  # SD 1.5 at 1024 (latent 128): a step costs more than 4 at 512

@@ -1,6 +1,7 @@
 """Fine-tuning on tiny models: LoRA files plain diffusers loads with the same images, kohya copies, resume after
 SIGKILL and Ctrl-C, data folders of every kind, bad input named, and DDP equal to one process."""
 
+import io
 import json
 import os
 import random
@@ -160,8 +161,14 @@ def test_lora_training_writes_everything_and_resumes(model, data, tmp_path):
     assert [bool(r.split(",")[3]) for r in rows[1:]] == [False, False, True, False, False, True]
     card = (out / "README.md").read_text()
     assert "load_lora_weights" in card and "6 training images" in card
+    recipe = Recipe(**QUICK)
+    assert f"| lr | {recipe.peak_lr} |" in card and f"| alpha | {recipe.lora_alpha} |" in card  # as used, not None
+    snippet = card.split("```python\n")[2].split("```")[0].replace("THIS_FOLDER", str(out))
+    scope = {}
+    exec(snippet, scope)  # the card's ImageCraft snippet, as copied: its base model loads and the LoRA applies
+    assert scope["pipe"].lora["name"] == out.name
     preview = Image.open(out / "previews/step-000006.png")
-    assert preview.size[0] > 3 * 128  # prompts, base, LoRA 0.5, LoRA 1
+    assert preview.size[0] >= 3 * 192  # base, LoRA 0.5, LoRA 1; the prompts above their rows
     # the same command again: nothing to train, the same result
     from safetensors.torch import load_file
 
@@ -329,7 +336,7 @@ def test_bad_data_folders_are_named(tmp_path, setup, message):
 def test_broken_and_huge_images_are_named_before_training(model, tmp_path):
     folder = write_data(tmp_path / "data", n=2)
     (folder / "0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    with pytest.raises(ValueError, match="image .*0.png cannot be read"):
+    with pytest.raises(ValueError, match="0.png is not an image that can be read"):  # its header, at once
         finetune(model, folder, tmp_path / "out", Recipe(**QUICK), show_bar=False)
     Image.new("L", (8000, 6000)).save(folder / "0.png")  # 48 MP
     with pytest.raises(ValueError, match="8000 x 6000 px; at most 40 megapixels"):
@@ -361,7 +368,9 @@ def test_image_modes_and_exif_rotation(tmp_path):
 def test_zip_upload_is_unpacked_safely(tmp_path):
     good = tmp_path / "good.zip"
     with zipfile.ZipFile(good, "w") as z:
-        z.writestr("pics/a.png", b"png")
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, "PNG")
+        z.writestr("pics/a.png", buffer.getvalue())
         z.writestr("pics/a.txt", "a caption")
         z.writestr("run.sh", "rm -rf /")
     extract_zip(good, tmp_path / "x")
@@ -461,3 +470,21 @@ def test_cli_generate_with_lora_records_it_in_the_png(model, tmp_path):
     assert settings["prompt"] == "a red circle" and any("LoRA 'my-style' at scale 0.5" in n for n in notes)
     assert main(["generate", "--model", str(model), "--prompt", "x", "--lora", str(tmp_path / "nope.safetensors"),
                  "--output", str(out)]) == 2
+
+
+@pytest.mark.unit
+def test_preview_grid_is_images_and_readable_text():
+    """No column of text beside the images (it was a blank third), and text tall enough to read once the app
+    scales the grid to about 530 px: 16 px type, so a capital is over 10 px tall."""
+    from imagecraft.train.report import preview_grid
+
+    red, blue = Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255))
+    grid = np.asarray(preview_grid([("base", [red, blue]), ("LoRA 1", [blue, red])],
+                                   ["a red circle", "a blue square"], "step 400"))
+    assert grid.shape[1] == 2 * 192  # the images' columns only
+    coloured = (np.abs(grid.astype(int) - grid[..., :1]).max(-1) > 100).mean(0)  # per column: share of red/blue
+    assert coloured.min() > 0.6  # every column of pixels is mostly image: no blank band
+    dark = (grid.max(-1) < 100)
+    rows = np.flatnonzero(dark[:, :192].any(1))
+    text_rows = rows[rows < 24 + 26 + 24]  # the labels and the first prompt's line
+    assert text_rows.size and text_rows.max() - text_rows.min() > 20  # two lines of text, each ~12 px tall

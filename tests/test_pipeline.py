@@ -375,3 +375,14 @@ def test_auto_dtype_is_the_default_with_the_vae_in_fp32(builtin_pipe, tmp_path):
     assert np.mean([np.abs(pixels(x) - pixels(y)).mean() for x, y in zip(a.images, b.images)]) < 3  # of 255
     path = a.save(tmp_path / "a.png")[0]
     assert json.loads(Image.open(path).text["imagecraft"])["dtype"] == str(expected).replace("torch.", "")
+
+
+@pytest.mark.integration
+def test_loading_warns_nothing(caplog):
+    """diffusers warns "There are modules in AutoencoderKL that should be kept in float32: []" on every dtype cast
+    of its models; the pipeline casts its VAE without one."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        ImageCraftPipeline.from_pretrained(None)
+    assert not [r.getMessage() for r in caplog.records if "kept in float32" in r.getMessage()]

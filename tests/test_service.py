@@ -89,13 +89,17 @@ def test_bad_values_are_refused_by_the_schema(folders):
 @pytest.mark.unit
 def test_the_cost_cap_refuses_at_once(folders, monkeypatch):
     pipe = ModelCache().get(str(folders[0]))
-    monkeypatch.setenv("IMAGECRAFT_MAX_COST", str(64 * 64 * 10))
+    ratio = settings.unet_work(pipe.unet.config, 64, 64, pipe.vae_scale_factor) / \
+        settings.unet_work(pipe.unet.config, 512, 512, pipe.vae_scale_factor)
+    limit = round(512 * 512 * ratio * 10)  # 64x64 at 10 steps, in pixel-steps at 512x512 of this model's work
+    monkeypatch.setenv("IMAGECRAFT_MAX_COST", str(limit))
     calls = []
     hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in (pipe.text_encoder, pipe.unet,
                                                                           pipe.vae.decoder)]
     try:
-        with pytest.raises(ValueError, match=r"too large for this server: 64x64 x 20 steps x 1 image\(s\) = 81,920 "
-                                             r"pixel-steps, over the limit of 40,960 \(IMAGECRAFT_MAX_COST\)"):
+        with pytest.raises(ValueError, match=r"too large for this server: 64x64 x 20 steps x 1 image\(s\) costs the "
+                                             r"UNet work of [\d,]+ pixel-steps at 512x512 .*over the limit of "
+                                             rf"{limit:,} \(IMAGECRAFT_MAX_COST\)"):
             generate(pipe, "a red circle", steps=20)
     finally:
         for hook in hooks:

@@ -53,7 +53,7 @@ def _overlay(ax, image: Image.Image, heat: np.ndarray, vmax: float, cmap: str, a
     interpolation = _interpolation(image)
     ax.imshow(image, interpolation=interpolation)
     ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0, vmax=vmax if vmax > 0 else 1, interpolation=interpolation)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=14)
 
 
 def _scale(heats: list[np.ndarray], normalize: str) -> list[float]:
@@ -74,10 +74,10 @@ def plot_overlay(image: Image.Image, maps: AttentionMaps, words: list[str] | Non
     heats = [maps.word(w, **filters) for w in words]
     fig, axes = _grid(len(words) + 1, columns and columns + 1)
     axes[0].imshow(image, interpolation=_interpolation(image))
-    axes[0].set_title("image", fontsize=10)
+    axes[0].set_title("image", fontsize=14)
     for ax, word, heat, vmax in zip(axes[1:], words, heats, _scale(heats, normalize)):
         _overlay(ax, image, heat, vmax, cmap, alpha, word)
-    fig.suptitle(_caption(maps, filters), fontsize=9)
+    fig.suptitle(_caption(maps, filters), fontsize=11)
     return fig
 
 
@@ -143,7 +143,7 @@ def plot_token_distribution(maps: AttentionMaps, x: int, y: int, skip_start: boo
     ax.set_xticks(range(len(names)), [n.split(":", 1)[1] for n in names], rotation=45, ha="right")
     ax.set_ylabel("share of attention")
     note = f"\n<start> took {start_share:.0%} and is not shown" if skip_start else ""
-    ax.set_title(f"pixel ({x}, {y}){note}", fontsize=9)
+    ax.set_title(f"pixel ({x}, {y}){note}", fontsize=12)
     return fig
 
 

@@ -5,6 +5,8 @@
     actions.py   generation to PNG files, PNG restore, attention maps and their redraws
     jobs.py      uploads, the demo data and the one-at-a-time training queue
     handlers.py  the Gradio side: each event's handler, errors as messages, cancellation
+    zerogpu.py   ZeroGPU: `spaces.GPU`, fine-tuning in GPU slots, what a tab cannot do on this hardware
+    deploy.py    `imagecraft deploy`: the files, front matter and variables of a Space, checked, and the upload
 
 Only handlers.py imports Gradio; the others serve any front end (and the tests) as plain functions.
 """

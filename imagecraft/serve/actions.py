@@ -70,14 +70,16 @@ def generate(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", s
     """Generates and writes each image as a PNG with its metadata to a fresh folder of its own.
 
     Every value is checked by `imagecraft.settings` (the same schema as the API and CLI), and the request's
-    width x height x steps x images must be within `settings.max_cost`. Returns (PNG paths, the first seed,
+    UNet work (`settings.check_cost`: pixels, steps, images and self-attention's square) must be within
+    `settings.max_cost`. Returns (PNG paths, the first seed,
     warnings). `progress(step, total)` is called after each sampling step; `should_stop()` too, and when it says
     yes sampling stops there (`Cancelled`). `lora` (a file or folder; only this server's fine-tunes unless
     `trusted_paths`) applies at `lora_scale` for this request only: the shared model is left as it was.
     """
     _check_text(prompt=prompt, negative_prompt=negative_prompt)
     w, h = _size(pipe, width, "width"), _size(pipe, height, "height")
-    check_cost(w, h, check("num_inference_steps", steps), check("num_images", num_images), pipe.device)
+    check_cost(w, h, check("num_inference_steps", steps), check("num_images", num_images), pipe.device,
+               pipe.unet.config, pipe.vae_scale_factor)
     lora_path = check_lora_path(lora, trusted_paths)
     lock = model_lock(pipe)
     with lock.exclusive() if lora_path else lock.shared():
@@ -150,7 +152,7 @@ def explain(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", st
     if not prompt or not prompt.strip():
         raise ValueError("type a prompt first: attention maps show where each word of the prompt went")
     w, h = _size(pipe, width, "width"), _size(pipe, height, "height")
-    check_cost(w, h, check("num_inference_steps", steps), 1, pipe.device)
+    check_cost(w, h, check("num_inference_steps", steps), 1, pipe.device, pipe.unet.config, pipe.vae_scale_factor)
     with model_lock(pipe).shared():  # never while another request's LoRA is applied to the shared model
         result = pipe(prompt, negative_prompt=negative_prompt or "", num_inference_steps=steps,
                       guidance_scale=guidance, seed=pick_seed(seed), scheduler=scheduler or None, width=w, height=h,
@@ -185,16 +187,35 @@ def attention_filters(maps: AttentionMaps, blocks=None, resolution: str = "all",
     return filters
 
 
+# Gradio draws an image's label over its top left and its buttons over its top right: a figure shown there keeps
+# this band (inches) free at its top, so that no panel title sits under them
+UNDER_GRADIO_BARS = 0.45
+
+
+def _clear_of_bars(fig):
+    """Leaves `UNDER_GRADIO_BARS` free at the top of a constrained-layout figure."""
+    fig.get_layout_engine().set(rect=(0, 0, 1, 1 - UNDER_GRADIO_BARS / fig.get_figheight()))
+    return fig
+
+
+def in_prompt_order(maps, words) -> list[str]:
+    """The ticked words in the prompt's order: a CheckboxGroup appends a re-ticked word to the end of its value."""
+    ticked = set(words or [])
+    return [w for w in maps.words() if w in ticked]
+
+
 def draw_attention(explained: Explained, words: list[str], filters: dict, alpha: float = 0.5, cmap: str = "jet",
                    normalize: str = "word", name: str = "attention.png") -> str:
-    """The overlay figure of the ticked words, written next to the image; returns its path."""
+    """The overlay figure of the ticked words (in the prompt's order, four panels a row, so that the app shows its
+    titles at a readable size), written next to the image; returns its path."""
     from ..explain import plots
 
+    words = in_prompt_order(explained.maps, words)
     if not words:
         raise ValueError("tick at least one word to show its map")
     fig = plots.plot_overlay(explained.image, explained.maps, words, cmap=cmap, alpha=float(alpha),
-                             normalize=normalize, **filters)
-    return str(plots.save(fig, explained.folder / name))
+                             normalize=normalize, columns=3, **filters)
+    return str(plots.save(_clear_of_bars(fig), explained.folder / name))
 
 
 def draw_step(explained: Explained, words: list[str], step: int, filters: dict, alpha: float = 0.5,
@@ -205,9 +226,21 @@ def draw_step(explained: Explained, words: list[str], step: int, filters: dict, 
     return draw_attention(explained, words, filters, alpha, cmap, normalize, name=f"step-{int(step)}.png")
 
 
-def draw_pixel(explained: Explained, x: int, y: int, filters: dict) -> str:
-    """The bar chart of how the attention at one pixel splits over the prompt's tokens."""
+def draw_pixel(explained: Explained, x: int, y: int, filters: dict) -> tuple[str, str]:
+    """The bar chart of how the attention at one pixel splits over the prompt's tokens, and the clickable view with
+    that pixel marked (a white ring with a black edge, seen on any colour)."""
+    from PIL import ImageDraw
+
     from ..explain import plots
 
     fig = plots.plot_token_distribution(explained.maps, int(x), int(y), **filters)
-    return str(plots.save(fig, explained.folder / "pixel.png"))
+    chart = str(plots.save(_clear_of_bars(fig), explained.folder / "pixel.png"))
+    view = Image.open(explained.view_path).convert("RGB")
+    s = explained.view_scale
+    cx, cy, r = (int(x) + 0.5) * s, (int(y) + 0.5) * s, max(6, 1.5 * s)
+    draw = ImageDraw.Draw(view)
+    draw.ellipse((cx - r - 2, cy - r - 2, cx + r + 2, cy + r + 2), outline=(0, 0, 0), width=2)
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=(255, 255, 255), width=2)
+    marked = explained.folder / f"view-{int(x)}-{int(y)}.png"
+    view.save(marked)
+    return chart, str(marked)

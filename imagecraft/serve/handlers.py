@@ -23,19 +23,13 @@ import gradio as gr
 
 from ..schedulers import SCHEDULERS
 from ..settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, FINETUNE, GENERATION, LORA_SCALE
-from . import actions, jobs, outputs
+from . import actions, jobs, outputs, zerogpu
 from .models import BUILTIN, ModelCache
 
 log = logging.getLogger("imagecraft.app")
 models = ModelCache(device=os.environ.get("IMAGECRAFT_DEVICE"), dtype=os.environ.get("IMAGECRAFT_DTYPE"))
 
-try:  # on a ZeroGPU Space, `spaces.GPU` attaches a GPU for the duration of each call
-    import spaces
-
-    gpu = spaces.GPU
-except ImportError:
-    def gpu(fn):
-        return fn
+gpu = zerogpu.spaces_gpu()  # on a ZeroGPU Space, `spaces.GPU` attaches a GPU for the duration of each call
 
 
 # --- Gradio's side: errors, cancellation, outputs by name ------------------------------------------------------
@@ -152,17 +146,28 @@ def on_load_model(model: str, progress=gr.Progress()):
             f"trained at {size}x{size}, sampler {SCHEDULERS[pipe.default_scheduler][0]}."), size, size
 
 
+# GENERATION's names for the settings a PNG restores, by /generate's parameter names
+_GENERATE_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
+
+
 @ui_errors
-def on_png(file) -> dict | None:
-    """Restores each setting from one of our PNGs (or an AUTOMATIC1111 one) whose value passes the settings checks,
-    keyed by its name in GENERATION; the others keep their value and a warning says why. The number of images and
-    the model are never set: a PNG can name any model, and a warning names it for the user to load."""
+def on_png(file) -> tuple[dict, list[str]]:
+    """The settings of one of our PNGs (or an AUTOMATIC1111 one) that pass the settings checks, keyed by /generate's
+    parameter names so that an API client can pass them on (`client.predict(**settings, api_name="/generate")`), and
+    a note on each one left out (shown as warnings too). The number of images and the model are never returned: a
+    PNG can name any model, and a note names it for the user to load."""
     if file is None:
-        return None
+        return {}, []
     settings, notes = actions.settings_from_png(file)
     for note in notes:
         gr.Warning(as_text(note))  # rendered as HTML, and it quotes the PNG's text
-    return settings  # cache_interval always: 1 for a PNG made without caching (png.pipeline_settings)
+    # cache_interval always: 1 for a PNG made without caching (png.pipeline_settings)
+    return {_GENERATE_NAMES.get(name, name): value for name, value in settings.items()}, notes
+
+
+def png_fields(settings: dict | None) -> dict | None:
+    """The settings `on_png` read, into the Generate tab's fields (the page's second step, not an API)."""
+    return settings or None
 
 
 def on_random_seed():
@@ -229,9 +234,10 @@ def on_scrub(explained, words, step, blocks, resolution, alpha, cmap, normalize)
 
 @ui_errors
 def on_pixel(explained, blocks, resolution, step_from, step_to, heads, evt: gr.SelectData):
-    """Clicking a pixel of the image: how that pixel's attention splits over the prompt's tokens."""
+    """Clicking a pixel of the image: how that pixel's attention splits over the prompt's tokens, and the image with
+    that pixel marked."""
     if explained is None:
-        return gr.skip()
+        return gr.skip(), gr.skip()
     x, y = explained.pixel(evt.index[0], evt.index[1])
     return actions.draw_pixel(explained, x, y, _filters(explained, blocks, resolution, step_from, step_to, heads))
 
@@ -271,8 +277,9 @@ def _status(job) -> str:
         return f"**Waiting**: {ahead} training job{'s' if ahead != 1 else ''} ahead of yours (one trains at a time)."
     if job.state == "running":
         return f"**Training** ({job.recipe.method}): {job.message or 'starting'}"
+    resume = " Press **Resume** to continue from it." if job.state == "stopped" and job.step else ""
     return {"done": "**Done**: ", "stopped": "**Stopped**: ", "failed": "**Failed**: "}[job.state] + \
-        as_text(job.message)
+        as_text(job.message) + resume
 
 
 @ui_errors
@@ -284,10 +291,30 @@ def on_finetune(files, table, method: str = FINETUNE["method"].default, steps: i
     belongs to this browser session."""
     if job is not None and not job.finished:
         raise ValueError("your previous fine-tune is still running: stop it first")
-    job = jobs.start_finetune(models.source(model), files or [], table, method, steps, rank, lr or None,
-                              validation_prompt or "", class_prompts or "")
-    log.info("fine-tune job %s queued (%s, %s steps)", job.id[:8], method, steps)
-    yield _status(job), None, None, None, job
+    started = jobs.start_finetune(models.source(model), files or [], table, method, steps, rank, lr or None,
+                                  validation_prompt or "", class_prompts or "")
+    started.previous = job.last_done() if job is not None else None  # "Use in Generate" falls back to it
+    log.info("fine-tune job %s queued (%s, %s steps)", started.id[:8], method, steps)
+    yield from _follow(started, progress)
+
+
+@ui_errors
+def on_resume(job=None, progress=gr.Progress()):
+    """Continues this session's stopped fine-tune from the checkpoint it kept, to its number of steps; streams as
+    "finetune" does."""
+    if job is None or job.state != "stopped":
+        raise ValueError("nothing to resume: \"Resume\" continues a stopped fine-tune from its checkpoint")
+    yield from _follow(jobs.resume_finetune(job), progress)
+
+
+def _follow(job, progress):
+    """Streams a job until it finishes: the status, the loss curve, the latest preview, the result files, the job.
+    What the previous run showed stays until this one has its own (gr.skip), so a second run never blanks the
+    first's results before it has any; the result files change only when this run ends with some."""
+    def shown(value):
+        return gr.skip() if value is None else value
+
+    yield _status(job), gr.skip(), gr.skip(), gr.skip(), job
     while not job.finished:
         if event_cancelled():  # the browser went away: stop, keeping the checkpoint
             job.stop()
@@ -295,9 +322,9 @@ def on_finetune(files, table, method: str = FINETUNE["method"].default, steps: i
             progress((job.step, job.recipe.steps), desc="training")
         else:
             progress(0, desc="waiting for the job ahead")
-        yield _status(job), job.loss_plot(), job.latest_preview(), None, job
+        yield _status(job), shown(job.loss_plot()), shown(job.latest_preview()), gr.skip(), job
         time.sleep(1.0)
-    yield _status(job), job.loss_plot(), job.latest_preview(), job.files() or None, job
+    yield _status(job), shown(job.loss_plot()), shown(job.latest_preview()), shown(job.files() or None), job
 
 
 def on_stop(job):
@@ -317,10 +344,11 @@ def on_finetune_status(job=None) -> str:
 def on_use(job) -> dict:
     """Puts a finished fine-tune into the Generate tab: a LoRA into the LoRA box at scale 1, a full model into the
     model box."""
-    if job is None or job.state != "done":
+    job = job.last_done() if job is not None else None  # after a Stop: the last run that finished its steps
+    if job is None:
         raise ValueError("train something first: \"Use in Generate\" takes a finished fine-tune")
     if job.recipe.method == "lora":
-        name = f"fine-tune {job.id[:8]}"
+        name = job.name
         return dict(lora=gr.update(choices=[("none", "none"), (name, str(job.output))], value=str(job.output)),
                     lora_scale=1.0, tabs=gr.Tabs(selected="generate"))
     path = models.allow(job.output)

@@ -7,6 +7,7 @@ its own, whoever submits them), and the jobs it holds. Their folders live under 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import shutil
@@ -17,50 +18,47 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..settings import FINETUNE, shown
-from ..train.data import IMAGE_SUFFIXES, extract_zip
+from ..settings import FINETUNE, check_train_cost, shown
+from ..train.data import take_upload
 from ..train.finetune import TrainingError, finetune
 from ..train.recipe import FinetuneRecipe, check_recipe
 from .. import shapes
-from . import outputs
+from . import outputs, zerogpu
 
 MAX_UPLOAD_IMAGES = 200  # a Space trains on a shared CPU: a few dozen images is what a LoRA needs
-MAX_UPLOAD_ZIP_BYTES = 256 * 2**20  # what one uploaded zip may unpack to
+MAX_UPLOAD_ZIP_BYTES = 256 * 2**20  # what one upload (its files, its zips unpacked) may take on disk
+MAX_UPLOAD_MEMBERS = 2 * MAX_UPLOAD_IMAGES + 16  # files, or entries of one zip: an image and a caption each
 log = logging.getLogger("imagecraft.serve")
 
 
 def read_upload(paths) -> tuple[list[list[str]], list[str]]:
-    """The caption table and the image files of an upload: images, their same-name .txt captions, and zips of
-    both (unpacked safely). Rows are [file name, caption, note]; the note flags a missing caption."""
+    """The caption table and the image files of an upload: images, their same-name .txt captions, metadata.jsonl /
+    metadata.csv, and zips of them, checked completely now by `take_upload` (as the CLI's --data) into a fresh
+    folder, which stays only if the upload is accepted. Rows are [file name, caption, note]; the note flags a
+    missing caption. Uploads and jobs are held to one disk cap (`outputs.hold_finetune_disk`)."""
     if not paths:
         return [], []
-    files: list[Path] = []
-    for p in paths if isinstance(paths, (list, tuple)) else [paths]:
-        path = Path(p if isinstance(p, (str, Path)) else getattr(p, "name", p))
-        if path.suffix.lower() == ".zip":
-            folder = extract_zip(path, outputs.new_upload_folder(), max_bytes=MAX_UPLOAD_ZIP_BYTES)
-            files += sorted(f for f in folder.rglob("*") if f.is_file())
-        else:
-            files.append(path)
-    captions = {f.stem: f for f in files if f.suffix.lower() == ".txt"}
-    images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
-    names = [f.name for f in images]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"two images are named {twice[0]!r}: the caption table matches captions by file name, so "
-                         f"rename one of them")
-    if len(images) > MAX_UPLOAD_IMAGES:
-        raise ValueError(f"{len(images)} images uploaded; the Fine-tune tab takes at most {MAX_UPLOAD_IMAGES}")
-    rows = []
-    for image in images:
-        caption = ""
-        if image.stem in captions:
-            try:
-                caption = captions[image.stem].read_text(encoding="utf-8").strip()[:1000]
-            except (OSError, UnicodeDecodeError):
-                caption = ""
-        rows.append([image.name, caption, "" if caption else "missing caption"])
-    return rows, [str(f) for f in images]
+    sources = [Path(p if isinstance(p, (str, Path)) else getattr(p, "name", p))
+               for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
+    outputs.hold_finetune_disk(TRAINING.active_folders(), incoming=sum(p.stat().st_size for p in sources
+                                                                         if p.is_file()))
+    folder = outputs.new_upload_folder()
+    try:
+        examples = take_upload(sources, folder, max_bytes=MAX_UPLOAD_ZIP_BYTES, max_members=MAX_UPLOAD_MEMBERS,
+                               require_captions=False)
+        names = [ex.path.name for ex in examples]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"two images are named {twice[0]!r}: the caption table matches captions by file name, "
+                             f"so rename one of them")
+        if len(examples) > MAX_UPLOAD_IMAGES:
+            raise ValueError(f"{len(examples)} images uploaded; the Fine-tune tab takes at most {MAX_UPLOAD_IMAGES}")
+        outputs.hold_finetune_disk([*TRAINING.active_folders(), folder])
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    rows = [[ex.path.name, ex.caption[:1000], "" if ex.caption else "missing caption"] for ex in examples]
+    return rows, [str(ex.path) for ex in examples]
 
 
 def demo_data(n: int = 24, seed: int = 0) -> tuple[list[list[str]], list[str]]:
@@ -93,6 +91,28 @@ def prompts_of(name: str, text: str) -> tuple[str, ...]:
     return FINETUNE[name].check([line.strip() for line in text.splitlines() if line.strip()])
 
 
+def table_rows(table) -> list[list[str]]:
+    """The caption table's rows [image, caption, note], as the app's Dataframe sends it (a dict with "data", raw
+    with preprocess=False), a pandas DataFrame or a list of rows; a sentence for anything else."""
+    if hasattr(table, "values") and hasattr(table, "columns"):  # a pandas DataFrame
+        table = table.values.tolist()
+    elif isinstance(table, dict):
+        table = table.get("data")
+    if table is None:
+        return []
+    if not isinstance(table, (list, tuple)):
+        raise ValueError(f"the caption table must be rows of [image, caption, note], got {shown(table)}")
+    rows = []
+    for n, row in enumerate(table, 1):
+        if not isinstance(row, (list, tuple)) or not 2 <= len(row) <= 3:
+            raise ValueError(f"row {n} of the caption table must be [image, caption, note], got {shown(row)}")
+        image, caption = row[0], "" if row[1] is None else row[1]
+        if not isinstance(image, str) or not isinstance(caption, str):
+            raise ValueError(f"row {n} of the caption table must hold text, got {shown(row)}")
+        rows.append([image, caption, *row[2:]])
+    return rows
+
+
 def build_data_folder(files: list[str], rows, folder: Path) -> Path:
     """The training folder from the uploaded files and the (edited) caption table: each image beside a .txt of its
     caption. Every image needs a caption; the message lists those without."""
@@ -100,11 +120,13 @@ def build_data_folder(files: list[str], rows, folder: Path) -> Path:
         raise ValueError("no training images: upload images (and their .txt captions, or a zip), or press "
                          "\"Use demo data\"")
     folder.mkdir(parents=True, exist_ok=True)
-    table = rows.values.tolist() if hasattr(rows, "values") else list(rows or [])
     by_name = {}
-    for row in table:
-        if row and isinstance(row[0], str):
-            by_name[row[0]] = "" if len(row) < 2 or row[1] is None else str(row[1]).strip()
+    for row in table_rows(rows):
+        by_name[row[0]] = row[1].strip()
+    gone = [f for f in files if not Path(f).is_file()]
+    if gone:
+        raise ValueError(f"{len(gone)} of the uploaded images were cleared to keep the server's disk within its cap "
+                         f"(uploads are kept while there is room): upload them again")
     missing = [Path(f).name for f in files if not by_name.get(Path(f).name)]
     if missing:
         raise ValueError(f"{len(missing)} of {len(files)} images have no caption ({', '.join(missing[:5])}"
@@ -129,17 +151,30 @@ class TrainingJob:
     message: str = ""
     result: object = None
     started: float = 0.0
+    previous: TrainingJob | None = None  # the job this browser session ran before: its last finished run stays usable
 
     def __post_init__(self):
         self.stop_event = threading.Event()
 
     @property
+    def name(self) -> str:
+        """The LoRA's or model's name: its folder's, so that PNGs record it (<lora:NAME:1>) and the app shows it."""
+        return f"finetune-{self.id[:8]}"
+
+    @property
     def output(self) -> Path:
-        return self.folder / "output"
+        return self.folder / self.name
 
     @property
     def finished(self) -> bool:
         return self.state in ("done", "stopped", "failed")
+
+    def last_done(self) -> TrainingJob | None:
+        """This job if it finished its steps, else the newest earlier one of its session that did."""
+        job = self
+        while job is not None and job.state != "done":
+            job = job.previous
+        return job
 
     def stop(self):
         self.stop_event.set()
@@ -163,7 +198,8 @@ class TrainingQueue:
     """Fine-tunes one job at a time, in order, each on a thread of its own; the others wait and know their place.
     Generation never waits for training: they only share the CPU."""
 
-    def __init__(self):
+    def __init__(self, trainer=finetune):
+        self.trainer = trainer  # `finetune`, or on ZeroGPU `zerogpu.finetune_in_slots` (same arguments and result)
         self._cond = threading.Condition()
         self._waiting: list[TrainingJob] = []
         self.running: TrainingJob | None = None
@@ -181,6 +217,11 @@ class TrainingQueue:
                 return 0
             return self._waiting.index(job) + (self.running is not None)
 
+    def active_folders(self) -> list[Path]:
+        """The folders of the jobs queued or training: the disk cap never drops them."""
+        with self._cond:
+            return [job.folder for job in [*self._waiting, self.running] if job is not None]
+
     def _run(self, job: TrainingJob):
         with self._cond:
             while self._waiting[0] is not job or self.running is not None:
@@ -197,7 +238,7 @@ class TrainingQueue:
             def progress(step, steps, loss):
                 job.step, job.message = step, f"step {step} of {steps}, loss {loss:.4f}"
 
-            job.result = finetune(job.model, job.folder / "data", job.output, job.recipe, progress=progress,
+            job.result = self.trainer(job.model, job.folder / "data", job.output, job.recipe, progress=progress,
                                   should_stop=job.stop_event.is_set, show_bar=False)
             job.state = "stopped" if job.result.stopped else "done"
             job.message = (f"stopped at step {job.result.step}; the checkpoint is kept" if job.result.stopped
@@ -215,7 +256,7 @@ class TrainingQueue:
             outputs.drop_old_jobs()
 
 
-TRAINING = TrainingQueue()
+TRAINING = TrainingQueue(zerogpu.trainer())
 
 
 def start_finetune(model: str | None, files: list[str], rows, method: str = FINETUNE["method"].default,
@@ -226,11 +267,29 @@ def start_finetune(model: str | None, files: list[str], rows, method: str = FINE
     and `class_prompts` (prior preservation's): prompts one per line, none by default. Every value is checked by
     `settings.FINETUNE`, as the CLI's and the Python API's are."""
     steps = FINETUNE["steps"].check(steps)  # before the checkpoint and preview intervals are made from it
-    recipe = check_recipe(FinetuneRecipe(method=method, steps=steps, rank=rank, lr=None if lr in ("", 0) else lr,
+    lr = None if lr is None or (lr in ("", 0) and not isinstance(lr, bool)) else lr
+    recipe = check_recipe(FinetuneRecipe(method=method, steps=steps, rank=rank, lr=lr,
                                          validation_prompts=prompts_of("validation_prompts", validation_prompt or ""),
                                          class_prompts=prompts_of("class_prompts", class_prompts or ""),
                                          checkpoint_every=max(1, min(100, steps // 4)),
                                          preview_every=max(1, steps // 4)))
+    check_train_cost(dataclasses.asdict(recipe))
+    if not isinstance(files, (list, tuple)) or not all(isinstance(f, (str, Path)) for f in files):
+        raise ValueError("upload the training images again: the list of files is not one this server made")
     folder = outputs.new_folder(outputs.FINETUNE_ROOT / "jobs")
-    build_data_folder(files, rows, folder / "data")
+    try:
+        build_data_folder(files, rows, folder / "data")
+        outputs.hold_finetune_disk([*TRAINING.active_folders(), folder])
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return TRAINING.submit(TrainingJob(folder.name, folder, model, recipe))
+
+
+def resume_finetune(job: TrainingJob) -> TrainingJob:
+    """Queues a stopped job again on its own folder: the trainer continues from the checkpoint it kept, to the same
+    number of steps, as one straight run would have gone."""
+    if job.state != "stopped" or not (job.output / "checkpoints" / "last.pt").is_file():
+        raise ValueError("nothing to resume: \"Resume\" continues a stopped fine-tune from its checkpoint")
+    (job.folder / "finished").unlink(missing_ok=True)  # in training again: drop_old_jobs leaves it alone
+    return TRAINING.submit(TrainingJob(job.id, job.folder, job.model, job.recipe, previous=job.previous))

@@ -76,9 +76,44 @@ def new_folder(root: Path, keep_younger: float | None = None) -> Path:
 
 
 def new_upload_folder() -> Path:
-    """A fresh folder for an upload. Uploads are copied into their job's folder when training starts, so the
-    output TTL is plenty; those under ten minutes old stay (another session may be about to train on them)."""
-    return new_folder(FINETUNE_ROOT / "uploads", keep_younger=600)
+    """A fresh folder for an upload; `hold_finetune_disk` keeps them, with the jobs' folders, within one cap."""
+    return new_folder(FINETUNE_ROOT / "uploads")
+
+
+def upload_cap() -> float:
+    """Bytes that uploads and training jobs may take together: IMAGECRAFT_UPLOAD_MB (default 2048)."""
+    return float(os.environ.get("IMAGECRAFT_UPLOAD_MB", "2048")) * 2**20
+
+
+def hold_finetune_disk(keep=(), incoming: int = 0) -> None:
+    """Drops the oldest upload and job folders under FINETUNE_ROOT, whatever their age, until they and `incoming`
+    more bytes fit in `upload_cap()`; the folders in `keep` (queued and running jobs', an upload being read) stay.
+    A ValueError when what stays does not fit: the server is busy, not the user wrong."""
+    keep = {Path(k).resolve() for k in keep}
+    entries = []
+    for root in (FINETUNE_ROOT / "uploads", FINETUNE_ROOT / "jobs"):
+        for entry in root.iterdir() if root.is_dir() else ():
+            try:
+                size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()) if entry.is_dir() \
+                    else entry.stat().st_size
+                entries.append((entry.stat().st_mtime, size, entry))
+            except OSError:  # removed meanwhile by another request
+                continue
+    entries.sort(key=lambda e: e[0])
+    total, cap = sum(size for _, size, _ in entries) + incoming, upload_cap()
+    for _, size, entry in entries:
+        if total <= cap:
+            break
+        if entry.resolve() in keep:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        total -= size
+    if total > cap:
+        raise ValueError(f"the server's space for uploads and training ({cap / 2**20:,.0f} MB) is taken by the jobs "
+                         f"training now; try again when they finish")
 
 
 def drop_old_jobs():

@@ -8,7 +8,10 @@ import csv
 import hashlib
 import json
 import logging
+import lzma
+import shutil
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +36,14 @@ class Example:
 
 
 def find_examples(folder: str | Path) -> list[Example]:
-    """The folder's images and their captions (see the module's docstring); a ValueError naming what is wrong."""
+    """The folder's images and their captions (see the module's docstring); a ValueError naming what is wrong,
+    including an image without a caption."""
+    return read_examples(folder, require_captions=True)
+
+
+def read_examples(folder: str | Path, require_captions: bool = True) -> list[Example]:
+    """As `find_examples`; with require_captions False an image without one gets the caption "" (the app's upload,
+    whose captions the user may still type). Every image's header is decoded and its size checked (`check_image`)."""
     folder = Path(folder).expanduser()
     if not folder.exists():
         raise ValueError(f"data folder {folder} does not exist")
@@ -42,7 +52,10 @@ def find_examples(folder: str | Path) -> list[Example]:
     root = folder.resolve()
     for name in ("metadata.jsonl", "metadata.csv"):
         if (folder / name).is_file():
-            return _from_metadata(folder / name, root)
+            examples = _from_metadata(folder / name, root, require_captions)
+            for ex in examples:
+                check_image(ex.path, ex.path.relative_to(root).as_posix())
+            return examples
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                     and not any(part.startswith(".") or part in SKIPPED_FOLDERS
                                 for part in p.relative_to(folder).parts[:-1]))
@@ -52,19 +65,18 @@ def find_examples(folder: str | Path) -> list[Example]:
         raise ValueError(f"{folder} holds {len(images)} images; at most {MAX_TRAINING_IMAGES} are allowed")
     examples, missing = [], []
     for path in images:
+        check_image(path, path.relative_to(folder).as_posix())
         text = path.with_suffix(".txt")
-        if not text.is_file():
-            missing.append(path)
-            continue
-        try:
-            caption = text.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"caption {text} cannot be read as UTF-8 text: {e}") from e
+        caption = ""
+        if text.is_file():
+            try:
+                caption = text.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"caption {text.relative_to(folder)} cannot be read as UTF-8 text: {e}") from e
         if not caption:
             missing.append(path)
-            continue
         examples.append(Example(path, caption))
-    if missing:
+    if missing and require_captions:
         names = ", ".join(str(p.relative_to(folder)) for p in missing[:5])
         more = ", ..." if len(missing) > 5 else ""
         raise ValueError(f"{len(missing)} of {len(images)} images have no caption ({names}{more}):"
@@ -73,7 +85,7 @@ def find_examples(folder: str | Path) -> list[Example]:
     return examples
 
 
-def _from_metadata(path: Path, root: Path) -> list[Example]:
+def _from_metadata(path: Path, root: Path, require_captions: bool = True) -> list[Example]:
     rows = []
     try:
         if path.suffix == ".jsonl":
@@ -97,14 +109,14 @@ def _from_metadata(path: Path, root: Path) -> list[Example]:
         name, text = row.get("file_name"), row.get("text")
         if not isinstance(name, str) or not name:
             raise ValueError(f"{path.name}, row {n}: no file_name (each row needs file_name and text)")
-        if not isinstance(text, str) or not text.strip():
+        if (not isinstance(text, str) or not text.strip()) and require_captions:
             raise ValueError(f"{path.name}, row {n}: {name} has no caption (text)")
         image = (path.parent / name).resolve()
         if not image.is_relative_to(root):
             raise ValueError(f"{path.name}, row {n}: {name!r} points outside the data folder")
         if not image.is_file():
             raise ValueError(f"{path.name}, row {n}: no image file {name!r}")
-        examples.append(Example(image, text.strip()))
+        examples.append(Example(image, text.strip() if isinstance(text, str) else ""))
     return examples
 
 
@@ -141,50 +153,183 @@ def load_image(path: Path, size: int) -> Image.Image:
 
 
 MAX_ZIP_BYTES = 1 << 30  # 1 GiB uncompressed
+MAX_ZIP_MEMBERS = 2 * MAX_TRAINING_IMAGES + 16  # entries of any kind, folders included: an image and a caption each
 MAX_ZIP_RATIO = 200  # uncompressed / compressed, per member: more is a zip bomb
+MAX_CAPTION_BYTES = 64 << 10  # a .txt caption (the app keeps 1000 characters of it)
+MAX_METADATA_BYTES = 8 << 20  # metadata.jsonl / .csv: a caption per image for MAX_TRAINING_IMAGES images
+MAX_NAME_BYTES = 255  # one part of a member's path, as most file systems allow
+ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+TEXT_SUFFIXES = (".txt", ".jsonl", ".csv")
 
 
-def extract_zip(archive: str | Path, folder: str | Path, max_bytes: int = MAX_ZIP_BYTES) -> Path:
-    """Extracts the images and captions of a zip into `folder`, refusing path traversal, links, zip bombs and
-    archives over `max_bytes` uncompressed or MAX_TRAINING_IMAGES files."""
-    archive, folder = Path(archive), Path(folder)
+def check_image(path: Path, name: str | None = None) -> tuple[int, int]:
+    """(width, height) of an image file whose header decodes and whose pixel count is within MAX_IMAGE_PIXELS;
+    otherwise a ValueError naming it (`name`, else the file's name: never the server's path)."""
+    name = name or path.name
+    try:
+        with Image.open(path) as image:
+            w, h = image.size
+    except Image.DecompressionBombError:
+        raise ValueError(f"image {name} has far over {MAX_IMAGE_PIXELS // 1_000_000} megapixels, the most "
+                         f"allowed") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for a file that is not an image
+        raise ValueError(f"{name} is not an image that can be read ({type(e).__name__})") from None
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image {name} is {w} x {h} px; at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels are "
+                         f"allowed")
+    return w, h
+
+
+def _zip_plan(zf: zipfile.ZipFile, label: str, max_bytes: int, max_members: int) -> list[zipfile.ZipInfo]:
+    """The members worth unpacking (images and captions), every entry checked from the archive's directory before
+    anything is written: a sentence naming the first one that is refused."""
+    entries = zf.infolist()
+    if len(entries) > max_members:
+        raise ValueError(f"{label} holds {len(entries)} entries; at most {max_members} are allowed")
+    names = [m.filename.replace("\\", "/").rstrip("/") for m in entries]
+    folders = {"/".join(parts[:i]) for n in names for parts in [n.split("/")] for i in range(1, len(parts))}
+    folders |= {n for n, m in zip(names, entries) if m.is_dir()}
+    seen, plan, total = set(), [], 0
+    for m, name in zip(entries, names):
+        def refuse(why):
+            raise ValueError(f"{label}: the entry {m.filename[:80]!r} {why}")
+
+        if name.startswith("/") or ".." in name.split("/") or ":" in name:
+            refuse("points outside the folder it unpacks to")
+        if any(len(part.encode()) > MAX_NAME_BYTES for part in name.split("/")) or len(name) > 1024:
+            refuse(f"has a name longer than file systems allow ({MAX_NAME_BYTES} bytes a part, 1024 in all)")
+        if (m.external_attr >> 16) & 0o170000 == 0o120000:
+            refuse("is a symbolic link; links are not unpacked")
+        if m.is_dir():
+            continue
+        if name in seen:
+            refuse("appears twice")
+        seen.add(name)
+        if name in folders:
+            refuse("is both a file and a folder")
+        suffix = Path(name).suffix.lower()
+        if suffix not in IMAGE_SUFFIXES + TEXT_SUFFIXES:
+            continue
+        if m.flag_bits & 0x1:
+            refuse("is encrypted; unpack it and zip it again without a password")
+        if m.compress_type not in ZIP_METHODS:
+            refuse(f"uses compression method {m.compress_type} (deflate64?), which cannot be read; zip it again "
+                   f"with plain deflate")
+        cap = MAX_CAPTION_BYTES if suffix == ".txt" else MAX_METADATA_BYTES if suffix in TEXT_SUFFIXES else None
+        if cap is not None and m.file_size > cap:
+            refuse(f"is {m.file_size / 2**10:,.0f} KiB; a caption file may hold at most {cap >> 10:,} KiB")
+        if m.compress_size and m.file_size / m.compress_size > MAX_ZIP_RATIO and m.file_size > 1 << 20:
+            refuse(f"expands {m.file_size // m.compress_size}x (a zip bomb?); at most {MAX_ZIP_RATIO}x is allowed")
+        total += m.file_size
+        plan.append(m)
+    if total > max_bytes:
+        raise ValueError(f"{label} unpacks to {total / 2**20:,.0f} MiB; at most {max_bytes / 2**20:,.0f} MiB are "
+                         f"allowed")
+    return plan
+
+
+def _unpack(archive: Path, folder: Path, max_bytes: int, max_members: int) -> None:
+    """Unpacks a zip's images and captions into `folder` (see `extract_zip`); may leave part of them on error."""
+    label = archive.name
     try:
         zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{archive.name} is not a readable zip file: {e}") from e
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{label} is not a readable zip file: {e}") from None
     with zf:
-        members = [m for m in zf.infolist() if not m.is_dir()]
-        if len(members) > 2 * MAX_TRAINING_IMAGES + 2:
-            raise ValueError(f"{archive.name} holds {len(members)} files; at most {2 * MAX_TRAINING_IMAGES + 2} are allowed")
-        total = 0
-        for m in members:
-            name = m.filename
-            if name.startswith(("/", "\\")) or ".." in Path(name.replace("\\", "/")).parts or ":" in name:
-                raise ValueError(f"{archive.name}: the entry {name!r} points outside the folder it unpacks to")
-            if (m.external_attr >> 16) & 0o170000 == 0o120000:
-                raise ValueError(f"{archive.name}: the entry {name!r} is a symbolic link; links are not unpacked")
-            total += m.file_size
-            if m.compress_size and m.file_size / m.compress_size > MAX_ZIP_RATIO and m.file_size > 1 << 20:
-                raise ValueError(f"{archive.name}: the entry {name!r} expands {m.file_size // m.compress_size}x "
-                                 f"(a zip bomb?); at most {MAX_ZIP_RATIO}x is allowed")
-        if total > max_bytes:
-            raise ValueError(f"{archive.name} unpacks to {total / 2**20:.0f} MiB; at most "
-                             f"{max_bytes // 2**20} MiB are allowed")
-        folder.mkdir(parents=True, exist_ok=True)
-        for m in members:
-            suffix = Path(m.filename).suffix.lower()
-            if suffix not in IMAGE_SUFFIXES + (".txt", ".jsonl", ".csv"):
-                continue
-            target = folder / m.filename
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(m) as src, open(target, "wb") as dst:
-                copied = 0
-                while chunk := src.read(1 << 20):
-                    copied += len(chunk)
-                    if copied > m.file_size:  # the header lied about the size
-                        raise ValueError(f"{archive.name}: the entry {m.filename!r} is larger than it says")
-                    dst.write(chunk)
-    return folder
+        for m in _zip_plan(zf, label, max_bytes, max_members):
+            target = folder / m.filename.replace("\\", "/")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(m) as src, open(target, "wb") as dst:
+                    copied = 0
+                    while chunk := src.read(1 << 20):
+                        copied += len(chunk)
+                        if copied > m.file_size:  # the header lied about the size
+                            raise ValueError(f"{label}: the entry {m.filename[:80]!r} is larger than it says")
+                        dst.write(chunk)
+                if copied != m.file_size:
+                    raise ValueError(f"{label}: the entry {m.filename[:80]!r} is smaller than it says")
+            except ValueError:
+                raise
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError,
+                    lzma.LZMAError) as e:
+                why = "is corrupt (its checksum does not match)" if "CRC" in str(e) else \
+                    f"is corrupt (its data cannot be unpacked: {type(e).__name__})"
+                raise ValueError(f"{label}: the entry {m.filename[:80]!r} {why}") from None
+
+
+def extract_zip(archive: str | Path, folder: str | Path, max_bytes: int = MAX_ZIP_BYTES,
+                max_members: int = MAX_ZIP_MEMBERS) -> Path:
+    """Unpacks a zip of captioned images into `folder` (replacing it) and returns it: `take_upload` of one zip,
+    which refuses path traversal, links, encrypted or unreadable members, corrupt data, sizes that lie, a name both a
+    file and a folder, over-long names, zip bombs, big captions, images that do not decode or are too large, and
+    more than `max_bytes` unpacked or `max_members` entries, leaving nothing on disk."""
+    take_upload([archive], folder, max_bytes, max_members, require_captions=False)
+    return Path(folder)
+
+
+def take_upload(paths, folder: str | Path, max_bytes: int = MAX_ZIP_BYTES, max_members: int = MAX_ZIP_MEMBERS,
+                require_captions: bool = True) -> list[Example]:
+    """Training data handed in as files, checked completely before it is accepted: the app's upload and the CLI's
+    --data zip both come here. Images, their .txt captions, metadata.jsonl / metadata.csv and zips of them are
+    copied or unpacked into `folder` (replacing it; one source at its root, several each in a numbered subfolder)
+    and read as `read_examples` reads a folder. `max_bytes` and `max_members` cap the whole upload. A refused
+    upload leaves nothing on disk; every sentence names the file or zip entry, never a server path."""
+    folder, sources = Path(folder), [Path(p) for p in paths]
+    if not sources:
+        raise ValueError("no training data: give images with .txt captions, or a zip of them")
+    staging = folder.with_name(f".{folder.name}.taking")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        loose = [p for p in sources if p.suffix.lower() != ".zip"]
+        names = [p.name for p in loose]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"two files are named {twice[0]!r}: captions are matched by file name, so rename one")
+        if len(loose) > max_members:
+            raise ValueError(f"{len(loose)} files uploaded; at most {max_members} are allowed")
+        used = 0
+        for p in loose:
+            size = p.stat().st_size
+            suffix = p.suffix.lower()
+            if suffix == ".txt" and size > MAX_CAPTION_BYTES:
+                raise ValueError(f"{p.name} is {size / 2**10:,.0f} KiB; a caption file may hold at most "
+                                 f"{MAX_CAPTION_BYTES >> 10:,} KiB")
+            if suffix in TEXT_SUFFIXES and size > MAX_METADATA_BYTES:
+                raise ValueError(f"{p.name} is {size / 2**20:,.0f} MiB; at most {MAX_METADATA_BYTES >> 20} MiB "
+                                 f"are allowed")
+            used += size
+        if used > max_bytes:
+            raise ValueError(f"the upload holds {used / 2**20:,.0f} MiB; at most {max_bytes / 2**20:,.0f} MiB are "
+                             f"allowed")
+        several = len(sources) - len(loose) + bool(loose) > 1
+        parts = []
+        if loose:
+            parts.append(staging / "0" if several else staging)
+            parts[-1].mkdir(exist_ok=True)
+            for p in loose:
+                if p.suffix.lower() in IMAGE_SUFFIXES + TEXT_SUFFIXES:
+                    shutil.copyfile(p, parts[-1] / p.name)
+        for p in sources:
+            if p.suffix.lower() == ".zip":
+                parts.append(staging / str(len(parts)) if several else staging)
+                parts[-1].mkdir(exist_ok=True)
+                _unpack(p, parts[-1], max_bytes - used, max_members)
+                used += sum(f.stat().st_size for f in parts[-1].rglob("*") if f.is_file())
+        examples = []
+        for part in parts:
+            try:
+                examples += read_examples(part, require_captions)
+            except ValueError as e:  # the sentence names our staging folder: say "the upload" instead
+                raise ValueError(str(e).replace(str(part.resolve()), "the upload").replace(str(part), "the upload")
+                                 ) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return [Example(folder / ex.path.resolve().relative_to(staging.resolve()), ex.caption) for ex in examples]
 
 
 def images_digest(examples: list[Example]) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .. import lora as lora_lib
 from ..files import atomic_write
@@ -64,21 +64,28 @@ def previews(pipe, unet, prompts, recipe, ema, base_images, output: Path, step: 
 
 
 def preview_grid(columns, prompts, title: str) -> Image.Image:
-    """Columns of images (one per prompt) side by side under their labels, prompts on the left."""
-    cell = max(128, columns[0][1][0].size[0])
-    label_w, head = 220, 22
-    grid = Image.new("RGB", (label_w + cell * len(columns), head + cell * len(prompts)), (255, 255, 255))
+    """Columns of images (one per prompt) side by side under their labels, each row under its prompt.
+
+    Sized to be read where the app shows it (scaled to about 530 px wide): 16 px text, a top margin under the
+    component's label (which covers the image's top left), and the prompts above their rows rather than in a column
+    of their own beside the images."""
+    cell = max(192, columns[0][1][0].size[0])
+    font = ImageFont.load_default(size=16)
+    top, head, line = 24, 26, 24  # the margin under the app's label, the column labels, each prompt's line
+    width = cell * len(columns)
+    grid = Image.new("RGB", (width, top + head + (line + cell) * len(prompts) + line), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    draw.text((4, 4), title, fill=(0, 0, 0))
     for c, (label, images) in enumerate(columns):
-        draw.text((label_w + c * cell + 4, 4), label, fill=(0, 0, 0))
+        draw.text((c * cell + cell / 2, top + head / 2), label, fill=(0, 0, 0), font=font, anchor="mm")
         for r, image in enumerate(images):
-            grid.paste(image.resize((cell, cell), Image.NEAREST), (label_w + c * cell, head + r * cell))
+            grid.paste(image.resize((cell, cell), Image.NEAREST), (c * cell, top + head + r * (line + cell) + line))
+    # the title below: the app's label covers the top left, its buttons the top right
+    draw.text((4, grid.size[1] - line / 2), title, fill=(90, 90, 90), font=font, anchor="lm")
     for r, prompt in enumerate(prompts):
-        words, lines = prompt.split(), [""]
-        for word in words:
-            lines[-1:] = [lines[-1] + " " + word] if len(lines[-1]) + len(word) < 34 else [lines[-1], word]
-        draw.multiline_text((4, head + r * cell + 4), "\n".join(x.strip() for x in lines[:8]), fill=(0, 0, 0))
+        text = prompt if draw.textlength(prompt, font=font) <= width - 8 else prompt[:70] + "…"
+        while draw.textlength(text, font=font) > width - 8:
+            text = text[:-2] + "…"
+        draw.text((4, top + head + r * (line + cell) + line / 2), text, fill=(0, 0, 0), font=font, anchor="lm")
     return grid
 
 
@@ -146,16 +153,20 @@ def save_full_model(pipe, unet, output: Path) -> list[Path]:
 def model_card(recipe, pipe, examples, history, seconds: float) -> str:
     last = history[-1] if history else [0, float("nan"), 0, None]
     held = [h[3] for h in history if h[3] is not None]
+    base = getattr(pipe, "source", pipe.model_id)  # what loads the base model: a Hub id, a folder or a file
     use = ("```python\nfrom diffusers import StableDiffusionPipeline\n"
-           f"pipe = StableDiffusionPipeline.from_pretrained({pipe.model_id!r})\npipe.load_lora_weights('THIS_FOLDER')\n"
+           f"pipe = StableDiffusionPipeline.from_pretrained({base!r})\npipe.load_lora_weights('THIS_FOLDER')\n"
            "```\n\n```python\nfrom imagecraft import ImageCraftPipeline\n"
-           f"pipe = ImageCraftPipeline.from_pretrained({pipe.model_id!r})\n"
+           f"pipe = ImageCraftPipeline.from_pretrained({base!r})\n"
            "pipe.load_lora('THIS_FOLDER', scale=1.0)\n```"
            "\n\nAUTOMATIC1111 / ComfyUI: copy `lora_kohya.safetensors` into the LoRA folder and write "
            "`<lora:lora_kohya:1>` in the prompt.") if recipe.method == "lora" else (
            "```python\nfrom diffusers import StableDiffusionPipeline\n"
            "pipe = StableDiffusionPipeline.from_pretrained('THIS_FOLDER')\n```")
-    settings = "\n".join(f"| {k} | {str(v).replace('|', '&#124;')} |" for k, v in asdict(recipe).items())
+    # the values used, not the recipe's None for "the default": the learning rate and LoRA alpha it resolved to
+    used = dict(asdict(recipe), lr=recipe.peak_lr, alpha=recipe.lora_alpha if recipe.method == "lora" else None)
+    settings = "\n".join(f"| {k} | {str(v).replace('|', '&#124;')} |" for k, v in used.items() if v is not None
+                         or k not in ("lr", "alpha"))
     return (f"# {'LoRA' if recipe.method == 'lora' else 'Fine-tuned model'} trained with ImageCraft\n\n"
             f"Base model: `{pipe.model_id}` (UNet hash {pipe.model_hash or 'n/a'}). {len(examples)} training images "
             f"at {pipe.default_size} px, {last[0]} steps in {seconds / 60:.1f} min.\n\n"

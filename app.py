@@ -76,7 +76,7 @@ def build_demo() -> gr.Blocks:
             generate = build_generate(default)
             build_attention(generate, default)
             build_finetune(generate, tabs)
-    return demo
+    return h.quiet_gradio_refusals(demo)
 
 
 def build_generate(default) -> GenerateTab:
@@ -112,7 +112,8 @@ def build_generate(default) -> GenerateTab:
                     width = slider(g["width"], value=size)
                     height = slider(g["height"], value=size)
                 with gr.Row():
-                    lora = gr.Dropdown([("none", "none")], value="none", scale=3, elem_id="lora",
+                    lora = gr.Dropdown([("none", "none"), *h.jobs.shared_loras()], value="none", scale=3,
+                                       elem_id="lora",
                                        allow_custom_value=h.models.allowed is None,
                                        label="LoRA (train one in the Fine-tune tab"
                                              + (", or give a LoRA file's path)" if h.models.allowed is None else ")"))
@@ -134,7 +135,7 @@ def build_generate(default) -> GenerateTab:
         # progress, and an error, show on the field they concern: a bad model name marks the Model box only
         load.click(h.on_load_model, model, [status, width, height], api_name="load_model", show_progress_on=model)
         dice.click(h.on_random_seed, None, seed, api_name="random_seed")
-        reuse.click(lambda s: s if s is not None else -1, last_seed, seed, api_name=False)
+        reuse.click(lambda s: int(s) if s else -1, seed_shown, seed, api_name=False)  # none yet: random
         # preprocess=False: the values reach our schema as sent, so a bool, a string or 2.5 for a number gets our
         # sentence instead of being coerced by a component or failing there with a generic error
         generated = gr.on([run.click, prompt.submit], h.on_generate,

@@ -40,6 +40,16 @@ def _add_model_and_sampling(parser: argparse.ArgumentParser) -> None:
                              "not given)")
 
 
+class _DefaultsHelp(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and each flag's default after its help where the help does not say it."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "default" in help or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return help
+        return help + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagecraft", description="ImageCraft: text-to-image with UNet_SD.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -78,10 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--normalize", default="word", choices=["word", "absolute"],
                      help="scale each map to its own maximum, or all to one scale")
 
-    from .train.finetune import build_parser as finetune_parser
+    # the flags only: training itself (torch, diffusers) loads when a command runs
+    from .train import recipe
 
-    finetune_parser(commands.add_parser("finetune", help="fine-tune a model (LoRA or full) on your captioned images",
-                                        formatter_class=argparse.RawDescriptionHelpFormatter))
+    recipe.build_parser(commands.add_parser("finetune", help="fine-tune a model (LoRA or full) on your captioned images",
+                                            description=recipe.__doc__, formatter_class=_DefaultsHelp))
 
     from .serve.deploy import __doc__ as deploy_doc, add_arguments as deploy_arguments
 

@@ -27,15 +27,12 @@ import torch
 from torch import nn
 
 from .port import diffusers_key_map
+from .settings import UNET_TARGETS  # the LoRA target groups, with the other tables
 from .unet import UNet_SD
 
 ADAPTER = "lora"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_NAME = "lora_kohya.safetensors"
-# the UNet modules a LoRA trains, by group: attention projections (the default, as diffusers' and kohya's
-# scripts), the feed-forward, and the transformers' input and output projections
-UNET_TARGETS = {"attn": ("to_q", "to_k", "to_v", "to_out.0"), "ff": ("ff.net.0.proj", "ff.net.2"),
-                "proj": ("proj_in", "proj_out")}
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LYCORIS_MARKERS = ("hada_w1", "hada_w2", "lokr_w1", "lokr_w2", "oft_blocks", "lora_mid", "dora_scale", ".w_norm",
                    "glora_")

@@ -21,8 +21,13 @@ import numbers
 import os
 from dataclasses import dataclass
 
-from .lora import UNET_TARGETS
 from .schedulers import check_scheduler_name
+
+# the UNet modules a LoRA trains, by group: attention projections (the default, as diffusers' and kohya's
+# scripts), the feed-forward, and the transformers' input and output projections. Here rather than in lora.py,
+# which needs torch: the settings tables (and with them the CLI's --help) load without it
+UNET_TARGETS = {"attn": ("to_q", "to_k", "to_v", "to_out.0"), "ff": ("ff.net.0.proj", "ff.net.2"),
+                "proj": ("proj_in", "proj_out")}
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPTS = 64  # prompts in one list-of-prompts call

@@ -382,7 +382,7 @@ def test_every_elem_id_is_unique_and_every_api_name_is_kept():
     assert named == {"generate", "attention", "load_model", "read_png", "random_seed", "finetune", "finetune_status",
                      "finetune_stop", "finetune_use", "finetune_upload", "finetune_demo_data", "finetune_resume"}
     unprocessed = {fn.api_name for fn in demo.fns.values() if not fn.preprocess}
-    assert unprocessed == {"generate", "attention"}  # our schema reads the values as sent
+    assert unprocessed == {"generate", "attention", "finetune"}  # our schemas read the values as sent
 
 
 @pytest.mark.unit
@@ -603,3 +603,15 @@ def test_finetune_second_run_stop_use_and_resume(client):
     assert steps == list(range(1, 41))  # one curve: the resumed run continued the stopped one
     _, lora, _ = client.predict(api_name="/finetune_use")
     assert lora["value"] != done["value"] and Path(lora["value"]).name.startswith("finetune-")
+
+
+@pytest.mark.unit
+def test_ticked_words_keep_the_prompts_order():
+    """A CheckboxGroup appends a re-ticked word to the end of its value; the figures keep the prompt's order."""
+    from types import SimpleNamespace
+
+    from imagecraft.serve.actions import in_prompt_order
+
+    maps = SimpleNamespace(words=lambda: ["a", "blue", "square", "above", "green", "triangle"])
+    assert in_prompt_order(maps, ["a", "square", "green", "blue"]) == ["a", "blue", "square", "green"]
+    assert in_prompt_order(maps, []) == [] and in_prompt_order(maps, None) == []

@@ -18,7 +18,8 @@ from ..loading import DEFAULT_MODEL
 from ..lora import lora_file
 from ..pipeline import ImageCraftPipeline
 from ..png import pipeline_settings, restore_settings
-from ..settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, GENERATION, MAX_IMAGES, check, check_cost, shown
+from ..settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, GENERATION, LORA_SCALE, MAX_IMAGES, check, check_cost,
+                        shown)
 from . import outputs
 from .models import model_lock
 
@@ -66,7 +67,7 @@ def generate(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", s
              guidance: float = DEFAULT_GUIDANCE, seed: int = -1, scheduler: str | None = None, width: int | None = None,
              height: int | None = None, num_images: int = 1, progress: Callable | None = None,
              should_stop: Callable | None = None, lora: str | None = None, lora_scale: float = 1.0,
-             trusted_paths: bool = True, cache_interval: int | None = None):
+             trusted_paths: bool = True, cache_interval: int | None = None, allowed_loras=()):
     """Generates and writes each image as a PNG with its metadata to a fresh folder of its own.
 
     Every value is checked by `imagecraft.settings` (the same schema as the API and CLI), and the request's
@@ -80,12 +81,17 @@ def generate(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", s
     w, h = _size(pipe, width, "width"), _size(pipe, height, "height")
     check_cost(w, h, check("num_inference_steps", steps), check("num_images", num_images), pipe.device,
                pipe.unet.config, pipe.vae_scale_factor)
-    lora_path = check_lora_path(lora, trusted_paths)
+    LORA_SCALE.check(lora_scale)  # also when the LoRA is "none": a bad value is refused, not ignored
+    lora_path = check_lora_path(lora, trusted_paths, allowed_loras)
     lock = model_lock(pipe)
     with lock.exclusive() if lora_path else lock.shared():
         try:
             if lora_path:
-                pipe.load_lora(lora_path, lora_scale)
+                try:
+                    pipe.load_lora(lora_path, lora_scale)
+                except ValueError as e:  # a public server's sentence names the file, not where it is
+                    raise ValueError(str(e) if trusted_paths else str(e).replace(str(lora_path.parent) + "/", "")
+                                     ) from None
             result = pipe(prompt if prompt is not None else "", negative_prompt=negative_prompt or "",
                           num_inference_steps=steps, guidance_scale=guidance, seed=pick_seed(seed),
                           scheduler=scheduler or None, width=w, height=h, num_images=num_images,
@@ -97,22 +103,24 @@ def generate(pipe: ImageCraftPipeline, prompt: str, negative_prompt: str = "", s
     return [str(p) for p in paths], result.seeds[0], result.warnings
 
 
-def check_lora_path(lora, trusted_paths: bool) -> Path | None:
-    """The LoRA a request names, or None for none; a public server (`trusted_paths` False) takes only the
-    fine-tunes it trained itself."""
+def check_lora_path(lora, trusted_paths: bool, allowed=()) -> Path | None:
+    """The LoRA a request names, or None for none; a public server (`trusted_paths` False) takes only those in
+    `allowed` (the session's own fine-tunes and IMAGECRAFT_LORAS), and its sentences name no path and do not say
+    what exists."""
     if lora in (None, "", "none"):
         return None
     if not isinstance(lora, str) or len(lora) > 1000:
         raise ValueError(f"the LoRA must be a path, got {shown(lora)}")
-    path = Path(lora).expanduser()
-    if not trusted_paths:
-        try:
-            inside = path.resolve().is_relative_to((outputs.FINETUNE_ROOT / "jobs").resolve())
-        except (OSError, RuntimeError, ValueError):
-            inside = False
-        if not inside:
-            raise ValueError("this server applies only LoRAs trained here (the Fine-tune tab)")
-    return lora_file(path)
+    if trusted_paths:
+        return lora_file(Path(lora).expanduser())
+    if lora not in allowed:
+        raise ValueError("this server applies only the LoRAs its LoRA box offers: those this session trained in the "
+                         "Fine-tune tab, and the server's own")
+    try:
+        return lora_file(Path(lora))
+    except ValueError:
+        raise ValueError("this LoRA cannot be loaded: its fine-tune has not finished, or was cleared to keep the "
+                         "server's disk within its cap") from None
 
 
 def settings_from_png(path) -> tuple[dict, list[str]]:

@@ -60,6 +60,30 @@ def ui_errors(fn):
     return wrapped
 
 
+def quiet_gradio_refusals(blocks: gr.Blocks) -> gr.Blocks:
+    """Gradio's own checks of a value before any handler runs (a slider's range, a dropdown's choices, a file's
+    type, a malformed value for a component's data model) become one log line like ours, not a traceback: Gradio
+    prints one for every such gr.Error unless its `print_exception` is off (queueing.py), and answers anything else
+    with its generic message. Wraps this app's `preprocess_data`, the one place those checks run."""
+    check = blocks.preprocess_data
+
+    @functools.wraps(check)
+    async def preprocess_data(block_fn, *args, **kwargs):
+        try:
+            return await check(block_fn, *args, **kwargs)
+        except gr.Error as e:
+            log.info("%s refused by Gradio: %s", block_fn.name, str(e.message)[:300])
+            e.print_exception = False
+            raise
+        except Exception as e:  # noqa: BLE001 - a value a component cannot read (pydantic's and its own errors)
+            log.info("%s refused by Gradio: %s: %s", block_fn.name, type(e).__name__, str(e).splitlines()[0][:300])
+            raise gr.Error(as_text(f"a value sent to {block_fn.name} is not one its fields take "
+                                   f"({type(e).__name__})"), print_exception=False) from None
+
+    blocks.preprocess_data = preprocess_data
+    return blocks
+
+
 def _refused(fn, error: Exception) -> gr.Error:
     """One log line, and the sentence as the UI's message (through `as_text`)."""
     log.info("%s refused: %s", fn.__name__, str(error)[:300])
@@ -117,10 +141,12 @@ def on_generate(prompt: str, negative_prompt: str = "", steps: int = DEFAULT_STE
                 guidance: float = DEFAULT_GUIDANCE, seed: int = -1, scheduler: str = "", width: int = 0,
                 height: int = 0, num_images: int = GENERATION["num_images"].default, model: str = BUILTIN,
                 lora: str = "none", lora_scale: float = LORA_SCALE.default,
-                cache_interval: int = GENERATION["cache_interval"].default, progress=gr.Progress()):
+                cache_interval: int = GENERATION["cache_interval"].default, progress=gr.Progress(),
+                request: gr.Request = None):
     """Generates images for a prompt; returns the PNGs (with metadata) and the seed of the first one.
-    width/height 0 and scheduler "" mean the model's own; lora "none" means none (else a LoRA trained in the
-    Fine-tune tab, or any LoRA file on a server without a model allowlist); cache_interval 1 means no DeepCache."""
+    width/height 0 and scheduler "" mean the model's own; lora "none" means none (else a LoRA this session trained
+    in the Fine-tune tab or one of IMAGECRAFT_LORAS, or any LoRA file on a server without a model allowlist);
+    cache_interval 1 means no DeepCache."""
     progress(0, desc="loading model")
     pipe = models.get(model)
     _prune_gradio_cache()
@@ -128,7 +154,8 @@ def on_generate(prompt: str, negative_prompt: str = "", steps: int = DEFAULT_STE
     paths, first_seed, notes = actions.generate(
         pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, width, height, num_images,
         progress=lambda step, total: progress((step, total), desc="sampling"), should_stop=event_cancelled,
-        lora=lora, lora_scale=lora_scale, trusted_paths=models.allowed is None, cache_interval=cache_interval)
+        lora=lora, lora_scale=lora_scale, trusted_paths=models.allowed is None, cache_interval=cache_interval,
+        allowed_loras=jobs.loras_for(getattr(request, "session_hash", None)))
     for note in notes:
         gr.Warning(note)
     return paths, first_seed
@@ -285,7 +312,8 @@ def _status(job) -> str:
 @ui_errors
 def on_finetune(files, table, method: str = FINETUNE["method"].default, steps: int = FINETUNE["steps"].default,
                 rank: int = FINETUNE["rank"].default, lr: float = 0.0, validation_prompt: str = "",
-                model: str = BUILTIN, class_prompts: str = "", job=None, progress=gr.Progress()):
+                model: str = BUILTIN, class_prompts: str = "", job=None, progress=gr.Progress(),
+                request: gr.Request = None):
     """Trains on the uploaded (or demo) images, one job at a time on this server; streams the status, the loss
     curve, the latest previews, the result files (at the end) and the job. lr 0: the method's default. The job
     belongs to this browser session."""
@@ -294,6 +322,7 @@ def on_finetune(files, table, method: str = FINETUNE["method"].default, steps: i
     started = jobs.start_finetune(models.source(model), files or [], table, method, steps, rank, lr or None,
                                   validation_prompt or "", class_prompts or "")
     started.previous = job.last_done() if job is not None else None  # "Use in Generate" falls back to it
+    jobs.own(getattr(request, "session_hash", None), started)  # with a model allowlist, only it applies the LoRA
     log.info("fine-tune job %s queued (%s, %s steps)", started.id[:8], method, steps)
     yield from _follow(started, progress)
 
@@ -349,7 +378,8 @@ def on_use(job) -> dict:
         raise ValueError("train something first: \"Use in Generate\" takes a finished fine-tune")
     if job.recipe.method == "lora":
         name = job.name
-        return dict(lora=gr.update(choices=[("none", "none"), (name, str(job.output))], value=str(job.output)),
+        return dict(lora=gr.update(choices=[("none", "none"), *jobs.shared_loras(), (name, str(job.output))],
+                                   value=str(job.output)),
                     lora_scale=1.0, tabs=gr.Tabs(selected="generate"))
     path = models.allow(job.output)
     return dict(model=gr.update(choices=[*models.choices, path], value=path), tabs=gr.Tabs(selected="generate"))

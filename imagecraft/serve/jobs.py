@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import shutil
 import threading
@@ -89,6 +90,28 @@ def prompts_of(name: str, text: str) -> tuple[str, ...]:
     if not isinstance(text, str):
         raise ValueError(f"{name} must be text, one prompt per line, got {shown(text)}")
     return FINETUNE[name].check([line.strip() for line in text.splitlines() if line.strip()])
+
+
+# --- which LoRAs a session may apply (a server with a model allowlist) ------------------------------------------
+_trained: dict[str, list[Path]] = {}  # session -> the LoRA folders its fine-tunes write
+
+
+def own(session: str | None, job: "TrainingJob") -> None:
+    """Records that `session` trained `job`: on a server with a model allowlist, only it may apply the LoRA."""
+    if session and job.recipe.method == "lora":
+        mine = _trained.setdefault(session, [])
+        mine[:] = [p for p in mine if p.parent.is_dir()] + [job.output]  # forgets the jobs the disk cap dropped
+
+
+def shared_loras() -> list[tuple[str, str]]:
+    """(name, path) of the LoRAs every session may apply: IMAGECRAFT_LORAS, comma-separated paths."""
+    paths = [p.strip() for p in os.environ.get("IMAGECRAFT_LORAS", "").split(",") if p.strip()]
+    return [(Path(p).stem if Path(p).suffix else Path(p).name, p) for p in paths]
+
+
+def loras_for(session: str | None) -> list[str]:
+    """The LoRA paths a session may apply on a server with a model allowlist: those it trained and the shared."""
+    return [str(p) for p in _trained.get(session or "", [])] + [path for _, path in shared_loras()]
 
 
 def table_rows(table) -> list[list[str]]:

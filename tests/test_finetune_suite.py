@@ -1,0 +1,53 @@
+"""The fine-tune concept suite's data and readers: each concept's images are what its caption says, and the readers
+accept the concept's own renders and refuse the world's other shapes."""
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import finetune_suite as suite  # noqa: E402
+from imagecraft import shapes  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+
+def test_the_split_is_fixed_and_pink_is_in_neither():
+    tune = {c.word for c in suite.CONCEPTS if c.split == "tune"}
+    report = {c.word for c in suite.CONCEPTS if c.split == "report"}
+    assert tune and report and not tune & report and "pink" not in tune | report
+    for split in (tune, report):  # every kind in both halves
+        assert {c.kind for c in suite.CONCEPTS if c.word in split} == {"colour", "shape", "style"}
+
+
+@pytest.mark.parametrize("concept", suite.CONCEPTS, ids=lambda c: c.word)
+def test_each_concept_teaches_its_word_and_its_images_read_as_it(concept):
+    pairs = suite.training_set(concept)
+    assert len(pairs) == 24 and all(concept.word in text.split() for text, _ in pairs)
+    assert suite.training_set(concept)[3][0] == pairs[3][0]  # the same data every time
+    for text, image in pairs:
+        words = text.split()
+        if concept.kind == "colour":
+            spec = shapes.parse_prompt(text.replace(concept.word, "red"))
+            spec.objects[0].colour = concept.word
+            assert shapes.score(image, spec, {concept.word: concept.rgb})["colour"]
+        elif concept.kind == "shape":
+            assert suite.shape_right(image, shapes.COLOURS[words[1]], concept.form), text
+        else:
+            assert suite.hollow_right(image, shapes.COLOURS[words[2]]), text
+
+
+def test_the_readers_refuse_the_other_shapes_and_filled_objects():
+    rng = random.Random(3)
+    colour = suite.CONCEPTS[0]  # a colour concept draws filled objects of the world's shapes
+    for shape in shapes.SHAPES:
+        for _ in range(8):
+            spec = suite.spec_for(rng, "red", shape)
+            image = suite.scene(spec, rng, colour, shape)
+            assert not any(suite.shape_right(image, shapes.COLOURS["red"], form)
+                           for form in ("hexagon", "cross", "diamond")), shape
+            assert not suite.hollow_right(image, shapes.COLOURS["red"])
+    assert suite.rate([np.True_, False, True, np.False_]) == 0.5

@@ -400,10 +400,11 @@ def max_train_cost() -> int:
 def train_cost(recipe: dict) -> int:
     """A training job's work in images trained on: steps x batch_size x grad_accum (twice with prior preservation,
     whose class images are trained on beside the data), plus the class images the base model draws first."""
-    prior = bool(recipe.get("class_prompts"))
-    value = lambda name: recipe.get(name, FINETUNE[name].default)  # noqa: E731
-    per_step = value("batch_size") * value("grad_accum") * (2 if prior else 1)
-    return value("steps") * per_step + (value("class_images") if prior else 0)
+    value = {name: recipe.get(name, FINETUNE[name].default)
+             for name in ("steps", "batch_size", "grad_accum", "class_images", "class_prompts")}
+    prior = bool(value["class_prompts"])
+    per_step = value["batch_size"] * value["grad_accum"] * (2 if prior else 1)
+    return value["steps"] * per_step + (value["class_images"] if prior else 0)
 
 
 def check_train_cost(recipe: dict) -> None:

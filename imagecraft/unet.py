@@ -13,6 +13,7 @@ the cross-attention probabilities.
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 from dataclasses import asdict, dataclass
@@ -534,12 +535,14 @@ class UNet_SD(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    # Readers of other checkpoint layouts by name, registered by `imagecraft.port` (importing `imagecraft` does it):
-    # the porting layer depends on the model, never the reverse.
+    # Readers of other checkpoint layouts by name, registered by `imagecraft.port` when it loads: the porting layer
+    # depends on the model, never the reverse, so the model finds its reader by name at call time.
     readers: dict = {}
 
     @classmethod
     def from_diffusers(cls, unet) -> "UNet_SD":
         """A UNet_SD with the config and weights of a diffusers `UNet2DConditionModel` (e.g. `pipe.unet`), ported
         exactly by `imagecraft.port.from_diffusers`."""
+        if "diffusers" not in cls.readers:
+            importlib.import_module(__package__ + ".port")  # registers it
         return cls.readers["diffusers"](unet)

@@ -1184,7 +1184,9 @@ def test_the_cost_grows_with_the_square_of_the_pixels_where_there_is_attention()
                                 attention_levels=(False, True, True), num_heads=(2, 4, 4), context_dim=128)
     convs_only = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
                             attention_levels=(False, False, False), num_heads=(2, 4, 4), context_dim=128)
-    twice = lambda config: unet_work(config, 1024, 1024, 4) / unet_work(config, 512, 512, 4)  # noqa: E731
+    def twice(config):
+        return unet_work(config, 1024, 1024, 4) / unet_work(config, 512, 512, 4)
+
     assert 3.9 < twice(convs_only) < 4.5  # convolutions: linear in the pixels (but the middle block's attention)
     assert twice(builtin_config) > 8  # the built-in model at 1024: its self-attention dominates
     assert 8 < twice(UNetConfig()) < 11  # SD 1.5 at 1024 (latent 128): a step costs about 9 at 512, not 4
@@ -1239,7 +1241,7 @@ def test_lora_scale_is_checked_even_without_a_lora(scale, builtin):
     ("/read_png", "FileData naming /etc/passwd", ""),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_gradio_refusals_log_one_line(name, data, message, app_server, tmp_path, capfd, caplog):
-    client, url, params = app_server
+    client, url, _ = app_server
     caplog.set_level(logging.INFO)
     capfd.readouterr()
     if data.startswith("file of a type"):

@@ -262,10 +262,10 @@ result = zerogpu.finetune_in_slots(sys.argv[1], sys.argv[2], sys.argv[3], Finetu
                                    progress=lambda step, total, loss: steps.append(step))
 print(json.dumps(dict(calls=spaces.CALLS, step=result.step, stopped=result.stopped, steps=steps)))
 '''
-RECIPE = dict(steps=100, checkpoint_every=1000, eval_every=50, preview_every=0, preview_steps=2, batch_size=2)
+RECIPE = dict(steps=400, checkpoint_every=1000, eval_every=100, preview_every=0, preview_steps=2, batch_size=1)
 # seconds: on a 2-core CPU the tiny model's first chunk sets up in 1 to 6 s (torch's first calls), later ones in
-# about 1 s, and a step takes 0.1 to 0.3 s, so that 100 steps need a few slots
-SLOT = 15
+# about 1 s, and a step takes 0.05 to 0.3 s, so that 400 steps need several slots
+SLOT = 30
 
 
 @pytest.mark.integration

@@ -111,3 +111,15 @@ def test_ldm_checkpoint_without_unet_is_refused():
     with pytest.raises(PortingError, match="no key starts with 'model.diffusion_model.'"):
         load_ldm_unet(UNet_SD(UNetConfig.tiny()), {"first_stage_model.x": torch.zeros(1)})
 
+
+
+def test_from_diffusers_works_from_the_model_module_alone():
+    """`UNet_SD.from_diffusers` finds its reader when only imagecraft.unet was imported (port registers it)."""
+    import subprocess
+    import sys
+
+    code = ("from imagecraft.unet import UNet_SD\nfrom imagecraft.testing import SD1_STYLE, random_diffusers_unet\n"
+            "theirs = random_diffusers_unet(**SD1_STYLE)\nours = UNet_SD.from_diffusers(theirs)\n"
+            "print(sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]

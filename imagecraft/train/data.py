@@ -191,8 +191,8 @@ def _zip_plan(zf: zipfile.ZipFile, label: str, max_bytes: int, max_members: int)
     folders |= {n for n, m in zip(names, entries) if m.is_dir()}
     seen, plan, total = set(), [], 0
     for m, name in zip(entries, names):
-        def refuse(why):
-            raise ValueError(f"{label}: the entry {m.filename[:80]!r} {why}")
+        def refuse(why, entry=m):
+            raise ValueError(f"{label}: the entry {entry.filename[:80]!r} {why}")
 
         if name.startswith("/") or ".." in name.split("/") or ":" in name:
             refuse("points outside the folder it unpacks to")

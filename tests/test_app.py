@@ -584,7 +584,8 @@ def test_finetune_second_run_stop_use_and_resume(client):
 
     second = client.submit(rows, "lora", 40, 4, 0.01, "", BUILTIN, "", api_name="/finetune")
     deadline = time.monotonic() + 120
-    while "step" not in client.predict(api_name="/finetune_status") and time.monotonic() < deadline:
+    # the first run's "Done: 4 steps" also says "step": wait for this run's own training line
+    while "of 40" not in client.predict(api_name="/finetune_status") and time.monotonic() < deadline:
         time.sleep(0.2)
     client.predict(api_name="/finetune_stop")
     list(second)

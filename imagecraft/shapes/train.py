@@ -198,12 +198,11 @@ def make_unet(recipe: ShapesRecipe) -> UNet_SD:
 
 def stage_objective(recipe: ShapesRecipe, stage: UNetStage, init_from: str | None) -> dict:
     """What a stage's checkpoint must have been trained for to be resumed."""
-    objective = dict(prediction_type=stage.prediction_type, zero_terminal_snr=stage.zero_terminal_snr,
-                     unet=json.loads(json.dumps(recipe.unet)), text_width=recipe.text.width, init=init_from,
-                     two_share=stage.two_share, layout=stage.layout, mean_target_t=stage.mean_target_t,
-                     max_t=stage.max_t, snr_gamma=stage.snr_gamma, ground_weight=recipe.ground_weight,
-                     made_up_words=recipe.made_up_words, scenes=dict(gap=recipe.scenes.gap, margin=recipe.scenes.margin))
-    return objective
+    return dict(prediction_type=stage.prediction_type, zero_terminal_snr=stage.zero_terminal_snr,
+                unet=json.loads(json.dumps(recipe.unet)), text_width=recipe.text.width, init=init_from,
+                two_share=stage.two_share, layout=stage.layout, mean_target_t=stage.mean_target_t, max_t=stage.max_t,
+                snr_gamma=stage.snr_gamma, ground_weight=recipe.ground_weight, made_up_words=recipe.made_up_words,
+                scenes=dict(gap=recipe.scenes.gap, margin=recipe.scenes.margin))
 
 
 def train_unet(recipe: ShapesRecipe, stage: UNetStage, work: Path, tokenizer, latents, captions, scaling_factor,

@@ -16,6 +16,7 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 
+from ..runtime import PRECISIONS
 from ..schedulers import check_scheduler_name
 from ..unet import UNetConfig
 from . import world
@@ -270,7 +271,7 @@ def check_recipe(recipe: ShapesRecipe) -> ShapesRecipe:
     for label, value in (("vae.lr", vae.lr), ("decoder.lr", recipe.decoder.lr)):
         _positive(label, value)
     check_scheduler_name(recipe.sampler)  # names the valid samplers
-    if recipe.precision not in ("auto", "bf16", "fp32"):
+    if recipe.precision not in PRECISIONS:
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {recipe.precision!r}")
     return recipe
 

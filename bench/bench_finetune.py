@@ -20,6 +20,7 @@ speed: one LoRA training step (forward, backward, AdamW) on the built-in model's
 
 import argparse
 import random
+import shlex
 import statistics
 import sys
 import tempfile
@@ -178,16 +179,33 @@ def speed(args):
           f"(medians of {args.repeats}, interleaved): ratio {a / b:.2f} (target <= 1.0)")
 
 
+# The anchors' defaults as `imagecraft finetune` flags, on our UNet (ported exactly from diffusers', so the same
+# training as their UNet2DConditionModel + peft):
+ANCHORS = {
+    # diffusers' examples/text_to_image/train_text_to_image_lora.py: rank 4 (alpha = rank) on to_q/k/v/out, lr 1e-4
+    # constant (get_scheduler's "constant" ignores --lr_warmup_steps), batch 16, 100 epochs (150 steps of 16 for 24
+    # images), AdamW weight decay 1e-2, gradient clipping 1, no SNR weighting, no flips, no prior preservation
+    "diffusers": "--rank 4 --lr 1e-4 --batch-size 16 --steps 150 --warmup 0 --snr-gamma 0 --targets attn "
+                 "--preserve 0 --validation-images 0",
+    # kohya's sd-scripts train_network.py with networks.lora and no options: dim 4, alpha 1, learning rate 2e-6,
+    # constant, batch 1, 1600 steps, AdamW, clipping 1, LoRA on every linear layer of the UNet's transformers and on
+    # the text encoder (kohya also adapts its MLPs; ours, its attention)
+    "kohya": "--rank 4 --alpha 1 --lr 2e-6 --batch-size 1 --steps 1600 --warmup 0 --snr-gamma 0 "
+             "--targets attn,ff,proj --text-encoder-lora --preserve 0 --validation-images 0",
+}
+
+
 def suite(args):
     """Every concept of the chosen split (bench/finetune_suite.py) with the default recipe (or the overrides)."""
     from bench import finetune_suite
 
+    from imagecraft.train.recipe import build_parser, check_recipe, recipe_from_args
+
     concepts = [c for c in finetune_suite.CONCEPTS if args.split in ("all", c.split)
                 and (not args.concepts or c.word in args.concepts)]
-    recipe = Recipe(seed=0, **{k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("rank", args.rank),
-                                                   ("targets", args.targets and tuple(args.targets.split(","))),
-                                                   ("text_encoder_lora", args.text_encoder_lora or None))
-                               if v is not None})
+    # the recipe as `imagecraft finetune` builds it from its flags: the defaults, or those of --recipe
+    recipe = check_recipe(recipe_from_args(build_parser().parse_args(
+        ["--data", "-", "--output", "-", *shlex.split(ANCHORS.get(args.anchor, "")), *shlex.split(args.recipe)])))
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-suite-"))
     pipe = ImageCraftPipeline.from_pretrained(args.model)
     print(f"suite ({args.split}: {', '.join(c.word for c in concepts)}) on {cpu_name()}, recipe {recipe}")
@@ -212,6 +230,10 @@ def main():
     parser.add_argument("--split", choices=("tune", "report", "all"), default="report",
                         help="the suite's concepts: those defaults are tuned on, or those figures are reported on")
     parser.add_argument("--concepts", nargs="+", default=None, help="only these words of the suite")
+    parser.add_argument("--anchor", choices=tuple(ANCHORS), default=None,
+                        help="suite: another tool's default recipe instead of ours (see ANCHORS)")
+    parser.add_argument("--recipe", default="", help="suite: `imagecraft finetune` flags for the recipe, in one string "
+                                                     "(e.g. \"--steps 200 --preserve 0\"); default: its defaults")
     parser.add_argument("--work", default=None, help="folder for the data and the LoRA (default: a temporary one)")
     parser.add_argument("--save", default=None, help="folder for grids of the pink samples")
     parser.add_argument("--old-prompts", type=int, default=100)

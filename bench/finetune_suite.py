@@ -258,7 +258,8 @@ def run(pipe, recipe, concepts, work: Path, old: list[str], seeds: int = 3, log=
         rates = evaluate(pipe, concept, seeds)
         right, tex = old_prompts(pipe, old)
         pipe.unload_lora()
-        row = dict(concept=concept.word, kind=concept.kind, split=concept.split, steps=result.step, minutes=minutes,
+        row = dict(concept=concept.word, kind=concept.kind, split=concept.split, steps=result.step,
+                   kept=result.kept_step or result.step, minutes=minutes,
                    **rates, old_before=base_right, old_after=right, texture_ratio=tex / base_texture)
         log("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         rows.append(row)

@@ -27,7 +27,8 @@ from .schedulers import check_scheduler_name
 # scripts), the feed-forward, and the transformers' input and output projections. Here rather than in lora.py,
 # which needs torch: the settings tables (and with them the CLI's --help) load without it
 UNET_TARGETS = {"attn": ("to_q", "to_k", "to_v", "to_out.0"), "ff": ("ff.net.0.proj", "ff.net.2"),
-                "proj": ("proj_in", "proj_out")}
+                "proj": ("proj_in", "proj_out"),
+                "conv": ("in_layers.2", "out_layers.3")}  # the ResBlocks' 3x3 convolutions (LoCon's "conv")
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPTS = 64  # prompts in one list-of-prompts call
@@ -225,6 +226,19 @@ LORA_SCALE = Field("lora_scale", "LoRA scale", "float", -4, 4, 1.0, step=0.05, u
 OVERLAY_ALPHA = Field("alpha", "overlay opacity", "float", 0, 1, 0.5, step=0.05, ui="Overlay opacity",
                       help="how opaque the attention map is over the image")
 
+# Prompt-to-Prompt editing (`ImageCraftPipeline.edit`, the CLI's `edit`, the app's Edit panel). The step shares are
+# measured on the built-in model (README, "Editing"); the paper's are 0.8 and 0.4, with DDIM at 50 steps.
+EDIT = _table(
+    Field("cross_steps", "cross_steps", "float", 0, 1, 0.8, step=0.05, ui="Cross-attention steps",
+          help="share of the steps that take the source's cross-attention: more keeps where each word is drawn"),
+    Field("self_steps", "self_steps", "float", 0, 1, 0.4, step=0.05, ui="Self-attention steps",
+          help="share of the steps that take the source's self-attention: more keeps the shapes and the layout"),
+    # -5..5: the paper's reweighting examples go from -2 to 5; past that the word's attention drowns the others
+    Field("reweight", "reweight factor", "float", -5, 5, 1.0, step=0.05, ui="Reweight",
+          help="a word's attention times this: 0 removes the word, 2 doubles it"),
+)
+MAX_EDIT_WORDS = 16  # blend or reweight words in one edit: a prompt of the shapes world has at most 14 words
+
 # The limits of a fine-tune. One per field, for the CLI, the Python API and the app alike; what each one is for:
 FINETUNE = _table(
     Field("method", "method", "choice", default="lora", choices=("lora", "full"), ui="Method",
@@ -313,6 +327,17 @@ FINETUNE = _table(
     # (0, 100]: DreamBooth uses 1
     Field("prior_weight", "prior_weight", "float", 0, 100, 1.0, above_low=True,
           help="weight of the prior-preservation loss"),
+    # Preservation without class prompts: every step also trains the model to predict what the base model predicts
+    # on the same noisy images under the captions with the taught words removed ("a cyan square" -> "a square"),
+    # so the words the data shares with the model keep their meaning. 0..100 as prior_weight.
+    Field("preserve", "preserve", "float", 0, 100, 1.0,
+          help="weight of keeping the base model's predictions under the captions without the taught words; 0: off"),
+    # at most 16 words: a concept is one to three
+    Field("concept_words", "concept_words", "prompts", high=16, default=(), cli="--concept-word",
+          help="a word the data teaches (repeat for more)", unset="the content words in 80% of the captions"),
+    # 0..64 as fixed_batch_images; held out only where at least 8 images stay to train on
+    Field("validation_images", "validation_images", "int", 0, 64, 4,
+          help="images held out of training; the step whose loss on them is lowest is the one saved"),
 )
 
 
@@ -354,6 +379,37 @@ def check_settings(settings: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown settings {unknown}; known: prompt, {', '.join(GENERATION)}")
     return {name: check(name, value) for name, value in settings.items()}
+
+
+def check_edit(values: dict) -> dict:
+    """An edit's parameters (`ImageCraftPipeline.edit`'s keywords but the source) checked and normalised: the edited
+    prompt, the step shares (None: EDIT's defaults), `reweight` a {word: factor} dict and `blend` a list of words
+    (empty: none)."""
+    unknown = sorted(set(values) - {"prompt", "blend", *EDIT})
+    if unknown:
+        raise ValueError(f"unknown edit settings {unknown}; known: prompt, blend, {', '.join(EDIT)}")
+    clean = {name: EDIT[name].check(EDIT[name].default if values.get(name) is None else values[name])
+             for name in ("cross_steps", "self_steps")}
+    if "prompt" in values:
+        clean["prompt"] = check_prompt(values["prompt"])
+    reweight = values.get("reweight") or {}
+    if not isinstance(reweight, dict) or len(reweight) > MAX_EDIT_WORDS or not all(
+            isinstance(w, str) and w.strip() for w in reweight):
+        raise ValueError(f"reweight must be a dict of at most {MAX_EDIT_WORDS} words to factors, e.g. "
+                         f"{{'red': 0.3}}, got {shown(reweight)}")
+    clean["reweight"] = {}
+    for word, factor in reweight.items():
+        try:
+            clean["reweight"][word] = EDIT["reweight"].check(factor)
+        except ValueError:
+            raise ValueError(f"the reweight factor of {shown(word)} must be {EDIT['reweight'].allows}, got "
+                             f"{shown(factor)}") from None
+    blend = values.get("blend") or []
+    if isinstance(blend, str) or not isinstance(blend, (list, tuple)) or len(blend) > MAX_EDIT_WORDS or not all(
+            isinstance(w, str) and w.strip() for w in blend):
+        raise ValueError(f"blend must be a list of at most {MAX_EDIT_WORDS} words, e.g. ['circle'], got {shown(blend)}")
+    clean["blend"] = list(blend)
+    return clean
 
 
 def check_finetune(values: dict) -> dict:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from imagecraft import lora, shapes
+from imagecraft.train.core import load_checkpoint
 from imagecraft.train.data import CLASS_SEED, extract_zip, find_examples, load_image
 from imagecraft.train.finetune import TrainingError, finetune
 from imagecraft.train.recipe import FinetuneRecipe as Recipe, check_recipe
@@ -424,6 +425,97 @@ def test_prior_preservation_trains_on_the_base_models_own_images(model, data, tm
     assert halted.stopped and halted.step == 0 and not (halted_folder / "key.txt").exists()
     done = finetune(model, data, tmp_path / "halted", Recipe(**dict(prior, class_images=9)), show_bar=False)
     assert done.step == 6 and len(find_examples(halted_folder)) == 9
+
+
+# --- what a fine-tune teaches, and what it keeps ----------------------------------------------------------------
+@pytest.mark.unit
+@pytest.mark.parametrize("captions, words", [
+    (["a sks dog on grass", "a photo of sks dog", "sks dog running", "a sks dog", "Sks Dog"], ["sks", "dog"]),
+    (["a teal circle on the left", "a teal square", "an teal circle at the top", "a teal square", "a teal circle"],
+     ["teal"]),
+    (["a red circle", "a blue square", "a green triangle"], []),  # no word is in most captions
+    (["a cat", "a cat", "a cat", "a cat", "a dog"], ["cat"]),  # 80% and more
+    (["a cat", "a cat", "a cat", "a dog", "a dog"], []),  # 60%: shown sometimes, not taught
+    (["the photo of a zorp"], []),  # one caption teaches nothing to tell apart
+    (["on the left of it", "on the top of that"], []),  # function words only
+])
+def test_concept_words_are_the_content_words_in_most_captions(captions, words):
+    from imagecraft.train.data import concept_words
+
+    assert concept_words(captions) == words
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("caption, words, expected", [
+    ("a cyan square on the left", ["cyan"], "a square on the left"),
+    ("A Cyan circle, cyan-ish", ["cyan"], "A circle, cyan-ish"),  # whole words only, any case
+    ("a photo of sks dog", ["sks", "dog"], "a photo of"),
+    ("a red circle", [], "a red circle"),
+])
+def test_without_words_removes_whole_words(caption, words, expected):
+    from imagecraft.train.data import without_words
+
+    assert without_words(caption, words) == expected
+
+
+@pytest.mark.unit
+def test_held_out_images_are_drawn_by_the_seed_and_only_from_enough():
+    from imagecraft.train.finetune import held_out
+
+    a = held_out(24, 4, seed=0)
+    assert len(set(a)) == 4 and a == sorted(a) and all(0 <= i < 24 for i in a) and a == held_out(24, 4, seed=0)
+    assert held_out(24, 4, seed=1) != a
+    assert held_out(11, 4, seed=0) == [] and held_out(12, 4, seed=0) != [] and held_out(24, 0, seed=0) == []
+
+
+def zorp_data(folder: Path, n: int = 12) -> Path:
+    """n scenes of the world whose captions all hold the made-up word "zorp" before the colour."""
+    rng = random.Random(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        _, prompt, image, _ = shapes.sample_scene(rng)
+        Image.fromarray(image).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(prompt.replace("a ", "a zorp ", 1).replace("an ", "a zorp ", 1))
+    return folder
+
+
+@pytest.mark.integration
+def test_preservation_keeps_the_base_model_under_captions_without_the_taught_word(model, tmp_path):
+    data = zorp_data(tmp_path / "data")
+    captions = [ex.caption.replace("zorp ", "") for ex in find_examples(data)][:4]
+    base = ImageCraftPipeline.from_pretrained(model, dtype="fp32")
+    before = np.stack([np.asarray(im, float) for im in base(captions, seed=2, num_inference_steps=4).images])
+    moved = {}
+    for preserve in (0.0, 1.0):
+        recipe = Recipe(**dict(QUICK, steps=30, lr=3e-3, preserve=preserve, validation_images=0, precision="fp32"))
+        out = tmp_path / f"preserve-{preserve:g}"
+        finetune(model, data, out, recipe, show_bar=False)
+        base.load_lora(out)
+        after = np.stack([np.asarray(im, float) for im in base(captions, seed=2, num_inference_steps=4).images])
+        base.unload_lora()
+        moved[preserve] = np.abs(after - before).mean()
+    # the LoRA changes the model's images of the captions without "zorp"; preservation halves that at least
+    assert moved[0.0] > 1 and moved[1.0] < 0.5 * moved[0.0], moved
+
+
+@pytest.mark.integration
+def test_the_step_saved_is_the_one_with_the_lowest_held_out_loss(model, tmp_path):
+    from safetensors.torch import load_file
+
+    data = zorp_data(tmp_path / "data")
+    recipe = dict(QUICK, steps=12, eval_every=2, lr=3e-2, validation_images=4, precision="fp32")
+    result = finetune(model, data, tmp_path / "run", Recipe(**recipe), show_bar=False)
+    held = {h[0]: h[3] for h in result.history if h[3] is not None}
+    assert sorted(held) == list(range(2, 13, 2)) and result.kept_step == min(held, key=held.get)
+    # the saved LoRA is what a run stopped at that step saves: the same training, the same held-out images
+    short = finetune(model, data, tmp_path / "short", Recipe(**dict(recipe, steps=result.kept_step)), show_bar=False)
+    a, b = load_file(tmp_path / "run" / lora.WEIGHT_NAME), load_file(tmp_path / "short" / lora.WEIGHT_NAME)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the last step's weights stay in the checkpoint, which a longer run resumes from
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    last, best = state["state"]["lora"]["unet"], state["state"]["best"]["saved"]["unet"]
+    assert state["state"]["best"]["step"] == result.kept_step and state["step"] == 12
+    assert all(torch.equal(last[n][1], best[n][1]) for n in last) == (result.kept_step == 12)
 
 
 @pytest.mark.integration

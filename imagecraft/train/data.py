@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import lzma
+import re
 import shutil
 import zipfile
 import zlib
@@ -423,3 +424,36 @@ def class_examples(pipe, recipe, folder: Path, rank: int = 0, world: int = 1, wa
     wait()
     return find_examples(folder)
 
+
+
+# --- the words a fine-tune teaches -----------------------------------------------------------------------------
+# Words that carry no concept of their own: never taken for the one a data set teaches.
+FUNCTION_WORDS = frozenset("a an the of on in at to with and or by for from is are this that its his her their "
+                           "into onto over under near".split())
+CONCEPT_SHARE = 0.8  # a word in at least this share of the captions is what the data teaches
+
+
+def words_of(caption: str) -> list[str]:
+    """The caption's words, lower-cased: runs of letters, digits, apostrophes and hyphens."""
+    return re.findall(r"[\w'-]+", caption.lower())
+
+
+def concept_words(captions: list[str]) -> list[str]:
+    """The words a data set teaches, as DreamBooth's identifier ("sks") or a new colour word: the content words in
+    at least CONCEPT_SHARE of the captions (at least two), in the order they first appear. Words the data
+    shows only sometimes (the shapes, the positions) are the ones it must not change."""
+    if len(captions) < 2:
+        return []
+    counts = {}
+    for caption in captions:
+        for word in dict.fromkeys(words_of(caption)):
+            counts[word] = counts.get(word, 0) + 1
+    return [w for w, n in counts.items() if n >= CONCEPT_SHARE * len(captions) and w not in FUNCTION_WORDS]
+
+
+def without_words(caption: str, words) -> str:
+    """The caption with every whole-word occurrence of `words` (any case) removed, spaces tidied."""
+    if not words:
+        return caption
+    pattern = r"(?<![\w'-])(?:" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + r")(?![\w'-])"
+    return " ".join(re.sub(pattern, " ", caption, flags=re.IGNORECASE).split())

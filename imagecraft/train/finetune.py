@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +47,11 @@ from accelerate import Accelerator
 from .. import lora as lora_lib
 from ..loading import ModelLoadError
 from ..pipeline import ImageCraftPipeline
-from ..runtime import training_bf16
+from ..runtime import autocast, training_bf16
 from .core import (Loop, RandomState, TrainingError, check_output_folder, diffusion_loss, noise_scheduler,
                    noised_and_target)
-from .data import class_examples, data_key, encode_images, extract_zip, find_examples, images_digest
+from .data import (class_examples, concept_words, data_key, encode_images, extract_zip, find_examples, images_digest,
+                   without_words)
 from .recipe import FinetuneRecipe, build_parser, check_recipe, recipe_from_args
 from .report import base_previews, export, previews, write_curves
 
@@ -65,9 +67,10 @@ class FinetuneResult:
     step: int
     steps: int
     stopped: bool  # stopped early (Ctrl-C, the app's Stop), resumable
-    history: list = field(default_factory=list)  # [step, loss, lr, fixed-batch loss or None]
+    history: list = field(default_factory=list)  # [step, loss, lr, validation loss or None]
     files: list = field(default_factory=list)
     preview: Path | None = None
+    kept_step: int | None = None  # the step whose weights were saved, when held-out images chose it
 
 
 class LoraState:
@@ -120,6 +123,15 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     latents = latents.to(device)
     captions = [ex.caption for ex in examples]
     prompts = list(recipe.validation_prompts) or captions[:2]
+    held = held_out(len(captions), recipe.validation_images, recipe.seed)
+    train_rows = torch.tensor([i for i in range(len(captions)) if i not in held])
+    words = list(recipe.concept_words) or concept_words(captions)
+    if recipe.preserve:
+        log.info("preserving the base model under the captions without %s",
+                 " ".join(repr(w) for w in words) if words else "any word (no word is in most captions: the empty "
+                                                                 "caption only)")
+    if held:
+        log.info("%d images held out; the step with the lowest loss on them is saved", len(held))
 
     objective = dict(method=recipe.method, rank=recipe.rank, alpha=recipe.lora_alpha, targets=list(recipe.targets),
                      text_encoder_lora=recipe.text_encoder_lora, model=pipe.model_id, model_hash=pipe.model_hash,
@@ -128,6 +140,10 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     if recipe.class_prompts:
         objective["prior"] = dict(prompts=list(recipe.class_prompts), images=recipe.class_images,
                                   weight=recipe.prior_weight)
+    if recipe.preserve:
+        objective["preserve"] = dict(weight=recipe.preserve, words=words)
+    if held:
+        objective["held_out"] = held
     loop = Loop(f"finetune ({recipe.method})", recipe.steps, output / "checkpoints" / "last.pt", objective,
                 lr=recipe.peak_lr, warmup=recipe.warmup, schedule=recipe.lr_schedule, ema_decay=recipe.ema_decay,
                 max_grad_norm=recipe.max_grad_norm, grad_accum=recipe.grad_accum, bf16=bf16,
@@ -153,6 +169,7 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     unet, text_encoder = pipe.unet, pipe.text_encoder
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
+    teacher = copy.deepcopy(unet).eval() if recipe.method == "full" and recipe.preserve else None
     unet.gradient_checkpointing = recipe.gradient_checkpointing
     torch.manual_seed(recipe.seed)  # LoRA's initial A: the same in every process and every run
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -181,14 +198,29 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     def embed(ids):
         return torch.cat([text_encoder(ids[i:i + 64])[0] for i in range(0, len(ids), 64)])
 
-    # token ids of every caption (and of "" for caption dropout) and of the prior images' captions; their contexts
-    # once, when the text encoder does not train
+    # token ids of every caption (and of "" for caption dropout), of the prior images' captions and of the captions
+    # without the taught words; their contexts once, when the text encoder does not train, and the base model's
+    # contexts of the captions without the taught words, the preservation's teacher's (now, before any training)
     ids_all = tokenize(captions + [""])
     prior_ids = tokenize(prior_captions) if prior_captions else None
+    keep_ids = tokenize([without_words(c, words) if words else "" for c in captions]) if recipe.preserve else None
+    keep_base = embed(keep_ids) if keep_ids is not None else None
     contexts = prior_contexts = None
     if not recipe.text_encoder_lora:
         contexts = embed(ids_all)
         prior_contexts = embed(prior_ids) if prior_ids is not None else None
+
+    @torch.no_grad()
+    def base_prediction(xt, t, context):
+        """The base model's prediction: the LoRA at scale 0, or the UNet as it was before a full fine-tune."""
+        with autocast(bf16, device.type):
+            if teacher is not None:
+                return teacher(xt, t, context).float()
+            lora_lib.set_scale(base_unet, 0.0)
+            try:
+                return base_unet(xt, t, context).float()
+            finally:
+                lora_lib.set_scale(base_unet, 1.0)
 
     scheduler = noise_scheduler(config=pipe.scheduler_config)
     alphas = scheduler.alphas_cumprod.to(device)
@@ -196,13 +228,21 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"the model predicts {prediction_type!r}; fine-tuning knows epsilon and v_prediction")
 
-    loop.resume()
     base_unet = unet
+    fixed = fixed_batch(latents, ids_all, contexts, held or list(range(min(recipe.fixed_batch_images, len(captions)))),
+                        scheduler, device)
+    if fixed is not None and keep_ids is not None:  # the base model's predictions, before any training
+        xt, _ = noised_and_target(prediction_type, alphas, fixed["x0"], fixed["noise"], fixed["t"])
+        fixed.update(keep_ids=keep_ids[fixed["index"]], keep_target=base_prediction(xt, fixed["t"],
+                                                                                    keep_base[fixed["index"]]))
+    best = Best(LoraState(unet, text_encoder) if recipe.method == "lora" else ema)
+    if held:
+        loop.state["best"] = best
+    loop.resume()
     unet = loop.prepare(unet)
     if recipe.text_encoder_lora:
         text_encoder = accelerator.prepare(text_encoder)
 
-    fixed = fixed_batch(latents, ids_all, contexts, recipe, scheduler, device)
     n_data = len(captions)
     global_batch = recipe.batch_size * world
     steps_total = scheduler.config.num_train_timesteps
@@ -210,7 +250,7 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     def batch_loss(step):
         # one global batch drawn from the shared generator, each process taking its slice: the same samples, noise
         # and timesteps as one process with the whole batch
-        draws = [torch.randint(0, n_data, (global_batch,), generator=generator),  # images
+        draws = [train_rows[torch.randint(0, len(train_rows), (global_batch,), generator=generator)],  # images
                  torch.randn((global_batch, *latents.shape[1:]), generator=generator),  # noise
                  torch.randint(0, steps_total, (global_batch,), generator=generator),  # timesteps
                  torch.rand(global_batch, generator=generator) < recipe.caption_dropout,  # captions dropped
@@ -221,10 +261,17 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
                       torch.randn((global_batch, *latents.shape[1:]), generator=generator),
                       torch.randint(0, steps_total, (global_batch,), generator=generator),
                       torch.randn((global_batch, latents.shape[1], 1, 1), generator=generator)]
+        n_keep = 0
+        if keep_ids is not None:  # as many images again under the captions without the taught words
+            draws += [train_rows[torch.randint(0, len(train_rows), (global_batch,), generator=generator)],
+                      torch.randn((global_batch, *latents.shape[1:]), generator=generator),
+                      torch.randint(0, steps_total, (global_batch,), generator=generator)]
+            n_keep = 3
         mine = slice(rank * recipe.batch_size, (rank + 1) * recipe.batch_size)
-        return compute_loss(*[v[mine].to(device) for v in draws])
+        draws = [v[mine].to(device) for v in draws]
+        return compute_loss(*draws[:len(draws) - n_keep], keep=draws[len(draws) - n_keep:])
 
-    def compute_loss(index, noise, t, drop, flipped, offset, *prior):
+    def compute_loss(index, noise, t, drop, flipped, offset, *prior, keep=()):
         x0 = latents[index]
         if recipe.flip:
             x0 = torch.where(flipped.view(-1, 1, 1, 1), latents[index + n_data], x0)
@@ -237,12 +284,22 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
             context = None if context is None else torch.cat([context, prior_contexts[p_index]])
         noise = noise + recipe.noise_offset * offset  # offset noise: one value per sample and channel
         xt, target = noised_and_target(prediction_type, alphas, x0, noise, t)
+        if keep:  # preservation: the base model's prediction under the caption without the taught words
+            k_index, k_noise, k_t = keep
+            k_xt, _ = noised_and_target(prediction_type, alphas, latents[k_index], k_noise, k_t)
+            xt, t, target = torch.cat([xt, k_xt]), torch.cat([t, k_t]), torch.cat(
+                [target, base_prediction(k_xt, k_t, keep_base[k_index])])
+            ids = torch.cat([ids, keep_ids[k_index]])
+            context = None if context is None else torch.cat([context, keep_base[k_index]])
         pred = unet(xt, t, context if context is not None else text_encoder(ids)[0])
-        n = len(index)
+        n, m = len(index), len(index) + (len(prior[0]) if prior else 0)
         loss = diffusion_loss(pred[:n], target[:n], prediction_type, alphas, t[:n], recipe.snr_gamma)
         if prior:
-            loss = loss + recipe.prior_weight * diffusion_loss(pred[n:], target[n:], prediction_type, alphas, t[n:],
-                                                               recipe.snr_gamma)
+            loss = loss + recipe.prior_weight * diffusion_loss(pred[n:m], target[n:m], prediction_type, alphas,
+                                                               t[n:m], recipe.snr_gamma)
+        if keep:
+            loss = loss + recipe.preserve * diffusion_loss(pred[m:], target[m:], prediction_type, alphas, t[m:],
+                                                           recipe.snr_gamma)
         return loss
 
     def evaluate(step, loss, lr):
@@ -250,6 +307,8 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
             return [None]
         value = fixed_batch_loss(unet, text_encoder, fixed, prediction_type, alphas, recipe)
         unet.train()
+        if held and value is not None:
+            best.offer(step, value)
         return [value]
 
     result = FinetuneResult(output, recipe.method, loop.step, recipe.steps, False, loop.history)
@@ -273,26 +332,60 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
         result.stopped = True
         return result
     unet.eval()
+    if held and best.step is not None:
+        if best.step != loop.step:
+            best.restore()
+            log.info("saving step %d, whose loss on the held-out images (%.4f) is the lowest", best.step, best.value)
+        result.kept_step = best.step
     if main_process:
         result.preview = previews(pipe, base_unet, prompts, recipe, ema, base_images, output, loop.step)
         write_curves(output, loop.history)
         result.files = export(pipe, base_unet, text_encoder if recipe.text_encoder_lora else None, ema, recipe,
-                              output, examples, loop.history, loop.seconds)
+                              output, examples, loop.history, loop.seconds, result.kept_step)
     accelerator.wait_for_everyone()
     return result
 
 
-def fixed_batch(latents, ids_all, contexts, recipe, scheduler, device):
-    """A fixed batch: the first images at five fixed timesteps each, with fixed noise. Its loss moves only when the
-    model does, free of the batch-to-batch noise of the training loss; the images are training images, so it shows
-    fitting, not generalisation."""
-    n = min(recipe.fixed_batch_images, len(ids_all) - 1)
-    if n == 0:
+def held_out(n: int, count: int, seed: int) -> list[int]:
+    """The images held out of training to choose the step saved: `count` of the n, drawn with the seed; none where
+    fewer than 8 would be left to train on."""
+    if count <= 0 or n - count < 8:
+        return []
+    return sorted(random.Random(seed).sample(range(n), count))
+
+
+class Best:
+    """The weights at the step with the lowest validation loss so far (LoRA's A and B, or the full fine-tune's
+    EMA UNet), as a checkpoint entry."""
+
+    def __init__(self, weights):
+        self.weights, self.step, self.value, self.saved = weights, None, float("inf"), None
+
+    def offer(self, step: int, value: float):
+        if value < self.value:
+            self.step, self.value = step, value
+            self.saved = copy.deepcopy(self.weights.state_dict())
+
+    def restore(self):
+        self.weights.load_state_dict(self.saved)
+
+    def state_dict(self) -> dict:
+        return dict(step=self.step, value=self.value, saved=self.saved)
+
+    def load_state_dict(self, state: dict):
+        self.step, self.value, self.saved = state["step"], state["value"], state["saved"]
+
+
+def fixed_batch(latents, ids_all, contexts, rows: list[int], scheduler, device):
+    """A fixed batch: the images of `rows` (the held-out ones, or the first training images) at five fixed timesteps
+    each, with fixed noise. Its loss moves only when the model does, free of the batch-to-batch noise of the
+    training loss; on held-out images it measures generalisation, on training images only fitting."""
+    if not rows:
         return None
     generator = torch.Generator().manual_seed(12345)
     steps = scheduler.config.num_train_timesteps
-    t = torch.tensor([int(steps * f) for f in (0.1, 0.3, 0.5, 0.7, 0.9)] * n)
-    index = torch.arange(n).repeat_interleave(5)
+    t = torch.tensor([int(steps * f) for f in (0.1, 0.3, 0.5, 0.7, 0.9)] * len(rows))
+    index = torch.tensor(rows).repeat_interleave(5)
     noise = torch.randn((len(index), *latents.shape[1:]), generator=generator)
     index = index.to(device)
     return dict(x0=latents[index], noise=noise.to(device), t=t.to(device), index=index, ids=ids_all[index],
@@ -301,14 +394,21 @@ def fixed_batch(latents, ids_all, contexts, recipe, scheduler, device):
 
 @torch.no_grad()
 def fixed_batch_loss(unet, text_encoder, batch, prediction_type, alphas, recipe) -> float | None:
-    """The loss on the fixed batch (`fixed_batch`); None without one."""
+    """The loss on the fixed batch (`fixed_batch`), the preservation's term included as in training; None without
+    one."""
     if batch is None:
         return None
     unet.eval()
     xt, target = noised_and_target(prediction_type, alphas, batch["x0"], batch["noise"], batch["t"])
+    t = batch["t"]
     context = batch["contexts"] if batch["contexts"] is not None else text_encoder(batch["ids"])[0]
-    pred = unet(xt, batch["t"], context)
-    return float(diffusion_loss(pred, target, prediction_type, alphas, batch["t"], recipe.snr_gamma))
+    pred = unet(xt, t, context)
+    loss = float(diffusion_loss(pred, target, prediction_type, alphas, t, recipe.snr_gamma))
+    if "keep_target" in batch:
+        pred = unet(xt, t, text_encoder(batch["keep_ids"])[0])
+        loss += recipe.preserve * float(diffusion_loss(pred, batch["keep_target"], prediction_type, alphas, t,
+                                                       recipe.snr_gamma))
+    return loss
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------

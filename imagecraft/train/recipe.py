@@ -53,6 +53,9 @@ class FinetuneRecipe:
     class_prompts: tuple = _default("class_prompts")  # prior preservation; (): off
     class_images: int = _default("class_images")
     prior_weight: float = _default("prior_weight")
+    preserve: float = _default("preserve")
+    concept_words: tuple = _default("concept_words")  # (): `data.concept_words` of the captions
+    validation_images: int = _default("validation_images")
 
     @property
     def peak_lr(self) -> float:
@@ -90,6 +93,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def recipe_from_args(args) -> FinetuneRecipe:
     values = {name: getattr(args, name) for name in FINETUNE}
     values["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    for name in ("validation_prompts", "class_prompts"):
+    for name in ("validation_prompts", "class_prompts", "concept_words"):
         values[name] = tuple(values[name] or ())
     return FinetuneRecipe(**values)

@@ -90,7 +90,8 @@ def preview_grid(columns, prompts, title: str) -> Image.Image:
 
 
 def write_curves(output: Path, history):
-    """loss.csv (step, loss, lr, fixed-batch loss) and loss.png, both atomically."""
+    """loss.csv (step, loss, lr, fixed-batch loss: on the held-out images where there are) and loss.png, both
+    atomically."""
     text = io.StringIO()
     writer = csv.writer(text)
     writer.writerow(["step", "loss", "lr", "fixed_batch_loss"])
@@ -117,7 +118,7 @@ def plot_loss(history):
             ax.plot(steps[k - 1:], smooth, color="#1f77b4", label=f"mean of {k} steps")
         held = [(h[0], h[3]) for h in history if h[3] is not None]
         if held:
-            ax.plot(*zip(*held), "o-", color="#d62728", markersize=3, label="loss on a fixed batch (same images, noise, timesteps)")
+            ax.plot(*zip(*held), "o-", color="#d62728", markersize=3, label="fixed-batch loss: held-out images (else training ones), fixed noise and timesteps")
         ax.legend(fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -126,7 +127,8 @@ def plot_loss(history):
     return figure
 
 
-def export(pipe, unet, text_encoder, ema, recipe, output: Path, examples, history, seconds: float) -> list[Path]:
+def export(pipe, unet, text_encoder, ema, recipe, output: Path, examples, history, seconds: float,
+           kept: int | None = None) -> list[Path]:
     info = dict(base_model=pipe.model_id, base_hash=pipe.model_hash, steps=recipe.steps, images=len(examples),
                 method=recipe.method)
     if recipe.method == "lora":
@@ -136,7 +138,7 @@ def export(pipe, unet, text_encoder, ema, recipe, output: Path, examples, histor
         files = save_full_model(pipe, ema, output)
     card = output / "README.md"
     with atomic_write(card) as f:
-        f.write(model_card(recipe, pipe, examples, history, seconds).encode())
+        f.write(model_card(recipe, pipe, examples, history, seconds, kept).encode())
     return files + [card]
 
 
@@ -150,7 +152,7 @@ def save_full_model(pipe, unet, output: Path) -> list[Path]:
     return [output / "model_index.json"]
 
 
-def model_card(recipe, pipe, examples, history, seconds: float) -> str:
+def model_card(recipe, pipe, examples, history, seconds: float, kept: int | None = None) -> str:
     last = history[-1] if history else [0, float("nan"), 0, None]
     held = [h[3] for h in history if h[3] is not None]
     base = getattr(pipe, "source", pipe.model_id)  # what loads the base model: a Hub id, a folder or a file
@@ -172,6 +174,8 @@ def model_card(recipe, pipe, examples, history, seconds: float) -> str:
             f"at {pipe.default_size} px, {last[0]} steps in {seconds / 60:.1f} min.\n\n"
             f"Final training loss {last[1]:.4f}"
             + (f", loss on a fixed batch {held[0]:.4f} at the first evaluation and {held[-1]:.4f} at the last" if held else "")
+            + (f"; the weights saved are step {kept}'s, where the loss on the held-out images was lowest"
+               if kept is not None else "")
             + ". The curve is in `loss.png` and `loss.csv`; previews (base model, LoRA at 0.5 and 1) are in "
               "`previews/`.\n\n## Use\n\n" + use + "\n\n## Recipe\n\n| setting | value |\n|---|---|\n"
             + settings + "\n")

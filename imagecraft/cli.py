@@ -5,6 +5,7 @@
     imagecraft generate --from-png out.png                # regenerate an image from its metadata
     imagecraft generate --prompt "a pink circle" --lora my-lora/:0.8    # with a LoRA at scale 0.8
     imagecraft attention --prompt "a blue square above a green triangle" --seed 7 --output fig.png --npz maps.npz
+    imagecraft edit --from-png out.png --prompt "a blue circle on the left" --blend circle --output edit.png
     imagecraft finetune --data my-images/ --output my-lora/              # see `imagecraft finetune --help`
     imagecraft deploy --space you/imagecraft --dry-run                   # see `imagecraft deploy --help`
 """
@@ -18,19 +19,23 @@ from contextlib import contextmanager
 
 from .files import check_writable
 from .schedulers import SCHEDULERS
-from .settings import GENERATION, OVERLAY_ALPHA
+from .settings import EDIT, GENERATION, OVERLAY_ALPHA
 
 
 def _add_model_and_sampling(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="the built-in model (default), a diffusers folder, a Hub id or a .safetensors single file")
-    parser.add_argument("--config", default=None,
-                        help="for a single-file model: a diffusers folder or Hub id with its tokenizer and configs")
     parser.add_argument("--prompt", default=None, help="what to draw; empty means unconditional")
     # every flag's default is None: a value not given comes from --from-png, else from the pipeline (the table's)
     for name in ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "scheduler", "width", "height"):
         GENERATION[name].add_flag(parser, when_absent=True, **({"choices": list(SCHEDULERS)} if name == "scheduler"
                                                                else {}))
+    _add_model(parser)
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="the built-in model (default), a diffusers folder, a Hub id or a .safetensors single file")
+    parser.add_argument("--config", default=None,
+                        help="for a single-file model: a diffusers folder or Hub id with its tokenizer and configs")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps; detected when not given")
     parser.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto when not given: fp16 on CUDA, bf16 on a CPU with native bf16 (AMX, AVX-512 bf16), "
@@ -87,6 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
     OVERLAY_ALPHA.add_flag(att)
     att.add_argument("--normalize", default="word", choices=["word", "absolute"],
                      help="scale each map to its own maximum, or all to one scale")
+
+    edit = commands.add_parser("edit", help="edit an image by editing its prompt (Prompt-to-Prompt)",
+                               formatter_class=_DefaultsHelp,
+                               description="Draws the PNG's picture again beside the edited prompt's, keeping its "
+                                           "layout: swap a word, add words, reweight a word, or change only the "
+                                           "blend words' region.")
+    edit.add_argument("--from-png", default=None,
+                      help="the PNG to edit: one ImageCraft made (drawn again from its settings; of an edit, its "
+                           "source, and the edit's settings unless flags are given), or any picture with --invert")
+    edit.add_argument("--prompt", default=None, help="the edited prompt (of an edited PNG: its own when not given)")
+    edit.add_argument("--blend", nargs="+", default=None, metavar="WORD",
+                      help="words of either prompt whose region alone may change; the rest of the picture is kept")
+    edit.add_argument("--reweight", nargs="+", default=None, metavar="WORD=FACTOR",
+                      help=f"scale a word's attention, e.g. red=0.3 (0 removes it; {EDIT['reweight'].span})")
+    for name in ("cross_steps", "self_steps"):
+        EDIT[name].add_flag(edit, when_absent=True)
+    edit.add_argument("--invert", action="store_true",
+                      help="the PNG is a picture ImageCraft did not draw: invert it (DDIM with null-text "
+                           "optimisation) under --source-prompt, then edit that")
+    edit.add_argument("--source-prompt", default=None, help="with --invert: what the picture shows")
+    edit.add_argument("--output", default="edit.png", help="the edited image (PNG with the edit's settings)")
+    _add_model(edit)
 
     # the flags only: training itself (torch, diffusers) loads when a command runs
     from .train import recipe
@@ -154,6 +181,56 @@ def generate(args) -> list:
         paths = result.save(args.output)
     for path, seed in zip(paths, result.seeds):
         print(f"{path}  seed={seed}")
+    return paths
+
+
+def parse_reweight(items: list[str] | None) -> dict:
+    """--reweight's WORD=FACTOR items as a dict (checked by `settings.check_edit`)."""
+    out = {}
+    for item in items or []:
+        word, sep, factor = item.rpartition("=")
+        try:
+            out[word] = float(factor) if sep and word.strip() else None
+        except ValueError:
+            out[word] = None
+        if out[word] is None:
+            raise ValueError(f"--reweight takes WORD=FACTOR, e.g. red=0.3, got {item!r}")
+    return out
+
+
+def edit(args) -> list:
+    """Edits a PNG's picture by editing its prompt and writes the edited image."""
+    from functools import partial
+
+    from .png import check_png_path, restore_edit, restore_source
+    from .settings import check_edit
+
+    if not args.from_png:
+        raise ValueError("give --from-png: the PNG to edit")
+    if args.invert and not (args.source_prompt and args.source_prompt.strip()):
+        raise ValueError("--invert needs --source-prompt: what the picture shows")
+    if args.source_prompt and not args.invert:
+        raise ValueError("--source-prompt goes with --invert; a PNG ImageCraft made has its own prompt")
+    # everything checked before the model loads: the PNG, the edit's settings, the output
+    stored = {} if args.invert else (restore_edit(args.from_png) or {})
+    if not args.invert:
+        restore_source(args.from_png)  # a PNG that cannot be drawn again says so now
+    given = dict(prompt=args.prompt, reweight=parse_reweight(args.reweight) if args.reweight else None,
+                 blend=args.blend, cross_steps=args.cross_steps, self_steps=args.self_steps)
+    settings = check_edit({k: given[k] if given[k] is not None else stored.get(k) for k in given})
+    if "prompt" not in settings:
+        raise ValueError("give --prompt: the edited prompt")
+    check_png_path(check_writable(args.output, "--output"), "--output")
+
+    pipe = load(args)
+    source = pipe.invert(args.from_png, args.source_prompt) if args.invert else args.from_png
+    if args.invert:
+        print(f"inverted in {source.seconds:.1f} s, drawn again at {source.psnr:.1f} dB PSNR", file=sys.stderr)
+    result = sample(partial(pipe.edit, source), **settings)
+    with writing(args.output):
+        paths = result.save(args.output)
+    for path in paths:
+        print(path)
     return paths
 
 
@@ -280,6 +357,8 @@ def main(argv=None) -> int:
             generate(args)
         elif args.command == "attention":
             attention(args)
+        elif args.command == "edit":
+            edit(args)
     except (ValueError, FileNotFoundError) as e:  # our errors are ValueErrors with a sentence for the user
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import time
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,11 +24,14 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import loading, lora
-from .explain.capture import capture as capture_attention, check_memory as check_attention_memory
-from .png import pipeline_settings, restore_settings, save_png
+from .explain import edit as p2p
+from .explain.capture import (capture as capture_attention, check_memory as check_attention_memory,
+                              cross_attention_layers, new_recorder)
+from .png import pipeline_settings, restore_edit, restore_settings, restore_source, save_png
+from .prompts import PromptTokens, encode as encode_weighted, tokenize as tokenize_weighted
 from .port import config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet
 from .schedulers import check_scheduler_name, make_scheduler, scheduler_name_of
-from .settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, LORA_SCALE, MAX_SEED, check_settings
+from .settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, LORA_SCALE, MAX_SEED, check_edit, check_settings
 from .runtime import check_device, resolve_dtype
 from .unet import FeatureCache, UNet_SD
 
@@ -273,21 +277,21 @@ class ImageCraftPipeline:
         clean["scheduler"] = clean["scheduler"] or check_scheduler_name(self.default_scheduler)
         return clean
 
-    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
-        """CLIP hidden states (B, max_length, dim) of the prompts, padded and truncated as diffusers does."""
-        notes = []
-        limit = self.tokenizer.model_max_length
-        for prompt in prompts:
-            n = len(self.tokenizer(prompt).input_ids)
-            if n > limit:
-                note = (f"the prompt is {n} tokens long; the text encoder takes {limit}, so the last {n - limit} "
-                        f"were dropped: {prompt[:60]!r}...")
-                if note not in notes:
-                    notes.append(note)
-                    warnings.warn(note, stacklevel=3)
-        ids = self.tokenizer(prompts, padding="max_length", max_length=limit, truncation=True,
-                             return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0].to(self.dtype), notes
+    def prompt_tokens(self, prompt: str) -> PromptTokens:
+        """The prompt parsed for AUTOMATIC1111's weighting and tokenised into chunks of the text encoder's window:
+        ids, weights, and where each token sits in the encoded context (`imagecraft.prompts`)."""
+        return tokenize_weighted(self.tokenizer, prompt)
+
+    def encode_prompt(self, prompts: list[str | PromptTokens], chunks: int = 1) -> tuple[torch.Tensor, list[str]]:
+        """CLIP hidden states (B, n x window, dim) of the prompts with AUTOMATIC1111's weighting, and notes (with a
+        warning each) on unbalanced brackets. A prompt that fits the window (77 tokens for SD, start and end
+        included) is one chunk, the same bytes as diffusers' encoding when it has no weights; a longer one is
+        encoded in chunks (`imagecraft.prompts`). All get n = max(chunks, the longest's) chunks."""
+        tokenized = [p if isinstance(p, PromptTokens) else self.prompt_tokens(p) for p in prompts]
+        notes = list(dict.fromkeys(note for p in tokenized for note in p.notes))
+        for note in notes:
+            warnings.warn(note, stacklevel=3)
+        return encode_weighted(self.text_encoder, tokenized, chunks).to(self.dtype), notes
 
     @torch.inference_mode()
     def __call__(self, prompt: str | list[str], negative_prompt: str | None = "",
@@ -298,10 +302,13 @@ class ImageCraftPipeline:
         """Generates `num_images` images for `prompt`.
 
         Args:
-            prompt: the text; "" means unconditional. Longer than the text encoder's limit (77 tokens for SD)
-                is truncated, with a warning that says how many tokens were dropped. A list of prompts makes
-                one image each (num_images is then ignored).
-            negative_prompt: what to steer away from (classifier-free guidance's unconditional half).
+            prompt: the text; "" means unconditional. AUTOMATIC1111's weighting applies: `(word)` x1.1, `[word]`
+                /1.1, `(some words:0.8)`, `\\(` for a literal bracket, BREAK (`imagecraft.prompts`); an
+                unbalanced bracket is read as AUTOMATIC1111 reads it, with a warning naming it. Longer than the
+                text encoder's window (77 tokens for SD) is encoded in chunks of the window. A list of prompts
+                makes one image each (num_images is then ignored).
+            negative_prompt: what to steer away from (classifier-free guidance's unconditional half); weighted
+                and chunked as the prompt, and padded with empty chunks to the prompt's number (or it to its).
             num_inference_steps: 1..150 sampling steps.
             guidance_scale: classifier-free guidance (settings.DEFAULT_GUIDANCE, measured); <= 1 turns it off.
             seed: image i uses seed + i, so it equals a single-image call with that seed; random when None.
@@ -337,10 +344,13 @@ class ImageCraftPipeline:
         num_images = len(prompts)
         seeds = [(seed + i) % (MAX_SEED + 1) for i in range(num_images)]
 
-        context, notes = self.encode_prompt(prompts)
+        parsed = {p: self.prompt_tokens(p) for p in dict.fromkeys([*prompts, negative_prompt])}
+        tokenized, negative_tokens = [parsed[p] for p in prompts], parsed[negative_prompt]
         guided = guidance_scale > 1.0
+        chunks = max(len(t.chunks) for t in [*tokenized, *([negative_tokens] if guided else [])])
+        context, notes = self.encode_prompt(tokenized, chunks)
         if guided:
-            negative, more = self.encode_prompt([negative_prompt] * num_images)
+            negative, more = self.encode_prompt([negative_tokens] * num_images, chunks)
             notes += [n for n in more if n not in notes]
             context = torch.cat([negative, context])
 
@@ -359,7 +369,7 @@ class ImageCraftPipeline:
         if attention:
             if attention is not True:
                 raise ValueError(f"attention must be True or False, got {attention!r}")
-            capture = self._attention_capture(prompts, negative_prompt, guided, len(sched.timesteps), shape,
+            capture = self._attention_capture(tokenized, negative_tokens, guided, len(sched.timesteps), shape,
                                               (height, width))
             with capture as attention_maps:
                 latents = denoise(self.unet, sched, latents, context, guidance_scale, generators, callback)
@@ -377,22 +387,19 @@ class ImageCraftPipeline:
         return GenerationResult(images, seeds, records, notes, attention_maps)
 
     def tokens(self, prompt: str) -> tuple[list[str], int]:
-        """The tokens the text encoder sees for `prompt` (start and end tokens included, truncated to its
-        limit) and how many were dropped."""
-        limit = self.tokenizer.model_max_length
-        full = self.tokenizer(prompt).input_ids
-        ids = self.tokenizer(prompt, truncation=True, max_length=limit).input_ids
-        return self.tokenizer.convert_ids_to_tokens(ids), max(0, len(full) - limit)
+        """The tokens of `prompt` that attention maps show: the start token, every chunk's tokens without the
+        weighting syntax, the end token; and how many were dropped (0: long prompts are encoded in chunks)."""
+        return self.tokenizer.convert_ids_to_tokens(self.prompt_tokens(prompt).ids), 0
 
-    def _attention_capture(self, prompts, negative_prompt, guided, steps, shape, image_size):
-        if any(not p.strip() for p in prompts):
+    def _attention_capture(self, tokenized, negative_tokens, guided, steps, shape, image_size):
+        if any(not t.ids[1:-1] for t in tokenized):
             raise ValueError("attention maps need a prompt with words; the prompt is empty")
-        split = [self.tokens(p) for p in prompts]
-        tokens = [t for t, _ in split]
-        negative = [self.tokens(negative_prompt)[0]] * len(prompts)
-        check_attention_memory(len(prompts), steps, tokens, negative, guided, self.unet, shape[2:])
-        return capture_attention(self.unet, tokens, negative, guided, shape[2:], image_size, prompts, negative_prompt,
-                                 truncated=[dropped for _, dropped in split])
+        tokens = [self.tokenizer.convert_ids_to_tokens(t.ids) for t in tokenized]
+        negative = [self.tokenizer.convert_ids_to_tokens(negative_tokens.ids)] * len(tokenized)
+        check_attention_memory(len(tokenized), steps, tokens, negative, guided, self.unet, shape[2:])
+        positions = ([t.positions for t in tokenized], [negative_tokens.positions] * len(tokenized))
+        return capture_attention(self.unet, tokens, negative, guided, shape[2:], image_size,
+                                 [t.prompt for t in tokenized], negative_tokens.prompt, positions=positions)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         latents = latents.to(self.vae_dtype) / self.vae.config.scaling_factor
@@ -435,6 +442,251 @@ class ImageCraftPipeline:
         settings, notes = restore_settings(png)
         if "prompt" not in settings:
             raise ValueError(f"the PNG gives no prompt ImageCraft can use ({'; '.join(notes)})")
+        edit = restore_edit(png)
+        if edit is not None:  # a Prompt-to-Prompt edit: made again from its source
+            return self.edit(png, **edit)
         result = self(**pipeline_settings(settings))
         result.warnings[:0] = notes
         return result
+
+    # --- Prompt-to-Prompt editing and inversion (the mechanism is imagecraft.explain.edit) --------------------------
+    @torch.inference_mode()
+    def edit(self, source, prompt: str | list[str], *, reweight: dict | None = None, blend: list[str] | None = None,
+             cross_steps: float | None = None, self_steps: float | None = None, attention: bool = False,
+             callback: Callable | None = None) -> GenerationResult:
+        """Edits images by editing their prompt, keeping what the prompt keeps (Prompt-to-Prompt, Hertz et al. 2022).
+
+            src = pipe("a red circle on the left", seed=3)
+            pipe.edit(src, "a blue circle on the left")                         # a word swapped: the colour changes
+            pipe.edit(src, "a red circle on the left on a black background")    # words added
+            pipe.edit(src, "a red circle on the left", reweight={"red": 0.3})   # one word's attention scaled
+            pipe.edit(src, "a blue circle on the left", blend=["circle"])       # only the circle's region changes
+
+        Args:
+            source: a GenerationResult (each of its images is edited), an ImageCraft PNG (a path or PIL image; of an
+                edit, its source is edited), or `invert`'s result for any other picture. The source is drawn again
+                with its own seed, latents, sampler and settings, beside the edit; same prompt and no reweight
+                give the source's images bit for bit.
+            prompt: the edited prompt, one for all images or one per image. Words are aligned with the source's
+                (`explain.edit.align`): a kept or swapped word draws where its source word drew, an added one is free.
+            reweight: {word of the edited prompt: factor} scales its attention (0 removes it; -5 to 5).
+            blend: words of either prompt; only their region changes, the source's latents are kept elsewhere.
+            cross_steps, self_steps: the shares of the steps that take the source's cross- and self-attention
+                (`settings.EDIT`'s defaults, measured on the built-in model).
+            attention: also record the edited images' own cross-attention maps (`result.attention`).
+            callback: `callback(step, total, latents)` after each step, with the edited images' latents.
+        Returns a GenerationResult of the edited images with the source's seeds; each record holds the edit, so its
+        PNG is made again by `reproduce`. DeepCache (the source's cache_interval) applies to both passes.
+        """
+        check_callback(callback)
+        records, inversion, notes = self._edit_source(source)
+        e = check_edit(dict(prompt=prompt, reweight=reweight, blend=blend, cross_steps=cross_steps,
+                            self_steps=self_steps))
+        batch = len(records)
+        targets = [e["prompt"]] * batch if isinstance(e["prompt"], str) else e["prompt"]
+        if len(targets) != batch:
+            raise ValueError(f"give one edited prompt, or one per source image ({batch}), got {len(targets)}")
+        s = records[0]
+        guided = s["guidance_scale"] > 1.0
+        cache_interval = s.get("cache_interval") or 1
+        if attention and attention is not True:
+            raise ValueError(f"attention must be True or False, got {attention!r}")
+        if attention and cache_interval > 1:
+            raise ValueError("attention maps need every layer at every step, and this source was made with "
+                             "DeepCache (cache_interval > 1): edit with attention=False")
+        context, sources, edited, more = self._edit_contexts([r["prompt"] for r in records], targets,
+                                                             s["negative_prompt"], guided)
+        notes += [n for n in more if n not in notes]
+        plan = p2p.plan_edit(sources, edited, e["reweight"], e["blend"], e["cross_steps"], e["self_steps"])
+        sched = self._scheduler(s["scheduler"], s["num_inference_steps"])
+        shape = (batch, self.unet.config.in_channels, s["height"] // self.vae_scale_factor,
+                 s["width"] // self.vae_scale_factor)
+        if inversion is None:  # the source's noise, drawn twice: the target's generators stay level with the source's
+            (latents, generators), (twin, twins) = (self._noise([r["seed"] for r in records], shape, sched)
+                                                    for _ in range(2))
+            latents, generators = torch.cat([latents, twin]), generators + twins
+        else:
+            latents, generators = inversion.latents.to(self.device, self.dtype).repeat(2, 1, 1, 1), None
+        steps = len(sched.timesteps)
+        blending = None if plan.blend is None else p2p.LocalBlend(
+            plan.blend, p2p.blend_layers(self.unet, shape[2:]), shape[2:], p2p.step_count(p2p.BLEND_START, steps))
+        recorder, finish = (self._edit_recorder(edited, s["negative_prompt"], guided, steps, shape)
+                            if attention else (None, None))
+        run = p2p.EditRun(self.unet, plan.to(self.device), batch, guided, steps, cache_interval,
+                          None if inversion is None else inversion.uncond.to(self.device) if inversion.uncond is not None
+                          else None, blending, recorder)
+        with p2p.editing(run):
+            latents = denoise(run, sched, latents, context, s["guidance_scale"], generators, run.callback(callback))
+        latents = latents[batch:]
+        self.check_finite(latents, "sampling")
+        images = self.decode(latents)
+        record = self.record(sched=sched, **{k: s[k] for k in ("negative_prompt", "num_inference_steps",
+                                                              "guidance_scale", "width", "height", "scheduler")},
+                             **({"cache_interval": cache_interval} if cache_interval > 1 else {}))
+        out = []
+        for r, target in zip(records, targets):
+            edit = dict(source_prompt=r["prompt"], cross_steps=e["cross_steps"], self_steps=e["self_steps"],
+                        reweight=e["reweight"], blend=e["blend"], **({"inverted": True} if inversion else {}))
+            out.append(dict(record, prompt=target, seed=r.get("seed"), edit=edit))
+        return GenerationResult(images, [r.get("seed") for r in records], out, notes, finish() if finish else None)
+
+    def invert(self, image, prompt: str, *, negative_prompt: str = "", num_inference_steps: int | None = None,
+               guidance_scale: float | None = None, null_text: bool | None = None,
+               callback: Callable | None = None) -> "p2p.Inversion":
+        """Makes a picture editable that ImageCraft did not draw (another tool's, or one drawn by hand): DDIM
+        inversion under `prompt`, then null-text optimisation (Mokady et al. 2022) so that guided sampling draws the
+        picture again; `edit` takes the result as its source.
+
+            inv = pipe.invert("drawing.png", "a red circle on the left")
+            inv.psnr                                         # how closely it is drawn again, in dB
+            pipe.edit(inv, "a blue circle on the left")
+
+        Args:
+            image: a PIL image or an image file; its sides multiples of the VAE's factor, 64 to 2048 px.
+            prompt: what the picture shows, in the words the model knows.
+            negative_prompt: the negative prompt edits of it use (null-text starts from its embedding).
+            num_inference_steps: DDIM steps of the inversion and of its edits (default: the generation default).
+            guidance_scale: the guidance its edits run at (default: the generation default).
+            null_text: optimise the unconditional embedding per step (True), or not (False: plain DDIM inversion,
+                which draws the picture again only without guidance); None: when guidance is on.
+            callback: `callback(step, total, latents)` after each inversion and optimisation step.
+        Returns an `Inversion` with the picture drawn again (`images`), its PSNR against `image` and the seconds.
+        """
+        started = time.perf_counter()
+        check_callback(callback)
+        if isinstance(image, (str, Path)):
+            with Image.open(image) as opened:
+                image = opened.convert("RGB")
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"image must be a PIL image or an image file, got {type(image).__name__}")
+        image = image.convert("RGB")
+        s = self.check_settings(prompt=prompt, negative_prompt=negative_prompt, width=image.width, height=image.height,
+                                num_inference_steps=DEFAULT_STEPS if num_inference_steps is None else num_inference_steps,
+                                guidance_scale=DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale)
+        if not isinstance(s["prompt"], str):
+            raise ValueError("invert takes one picture and one prompt")
+        guided = s["guidance_scale"] > 1.0
+        null_text = guided if null_text is None else null_text
+        if null_text is not True and null_text is not False:
+            raise ValueError(f"null_text must be True, False or None, got {null_text!r}")
+        if null_text and not guided:
+            raise ValueError("null-text optimisation fits the guided step: use guidance_scale above 1 with it")
+        sched = self._scheduler("ddim", s["num_inference_steps"])
+        with torch.no_grad():
+            pixels = self.image_processor.preprocess(image).to(self.device, self.vae_dtype)  # (1, 3, H, W) in [-1, 1]
+            z0 = (self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor).to(self.dtype)
+            parsed = [self.prompt_tokens(p) for p in (s["prompt"], s["negative_prompt"])]
+            chunks = max(len(p.chunks) for p in parsed[: 1 + guided])
+            (cond, notes), (negative, _) = (self.encode_prompt([p], chunks) for p in parsed)
+            path = p2p.ddim_invert(self.unet, sched, z0, cond, callback)
+        uncond = (p2p.null_text(self.unet, sched, path, cond, negative, s["guidance_scale"], callback=callback)
+                  if null_text else None)
+        latents = path[-1].to(self.dtype)
+        with torch.no_grad():
+            unet = self.unet if uncond is None else p2p.NullTextUNet(self.unet, uncond.to(self.device))
+            drawn = denoise(unet, sched, latents, torch.cat([negative, cond]) if guided else cond,
+                            s["guidance_scale"], None)
+            images = self.decode(drawn)
+        record = self.record(sched=sched, prompt=s["prompt"], negative_prompt=s["negative_prompt"],
+                             num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
+                             width=s["width"], height=s["height"], scheduler="ddim")
+        return p2p.Inversion(images, [record], latents.cpu(), None if uncond is None else uncond.cpu(),
+                             p2p.psnr(images[0], image), time.perf_counter() - started, notes)
+
+    def _edit_source(self, source) -> tuple[list[dict], "p2p.Inversion | None", list[str]]:
+        """(per image the settings that draw the source, the inversion or None, notes)."""
+        if isinstance(source, p2p.Inversion):
+            return [dict(r) for r in source.records], source, list(source.warnings)
+        if isinstance(source, GenerationResult):
+            made, notes = source.records, []
+        elif isinstance(source, (str, Path, Image.Image)):
+            settings, notes = restore_source(source)
+            made = [settings]
+        else:
+            raise ValueError(f"source must be a GenerationResult, an ImageCraft PNG (a path or PIL image) or the "
+                             f"result of invert(), got {type(source).__name__}")
+        if not made:
+            raise ValueError("the source has no images to edit")
+        records = []
+        for r in made:
+            clean = self.check_settings(**pipeline_settings(r))
+            if clean["seed"] is None:
+                raise ValueError("the source gives no seed, so its picture cannot be drawn again")
+            records.append(clean)
+        if len({tuple((k, v) for k, v in r.items() if k not in ("prompt", "seed")) for r in records}) > 1:
+            raise ValueError("the source's images differ in settings other than prompt and seed; edit them apart")
+        differs = self._made_elsewhere(made[0])
+        if differs:
+            notes.append(f"the source was made with {differs}, so it is drawn again a little differently here and the "
+                         f"edit starts from that")
+        return records, None, notes
+
+    def _made_elsewhere(self, record: dict) -> str:
+        """What of the model, dtype and LoRA that made a record differs from this pipeline's, in words ("" if none)."""
+        found = []
+        if record.get("model_hash") and self.model_hash and record["model_hash"] != self.model_hash:
+            found.append(f"the model {record.get('model')!r} (hash {record['model_hash']})")
+        if record.get("dtype") and record["dtype"] != str(self.dtype).replace("torch.", ""):
+            found.append(f"dtype {record['dtype']}")
+        mine = {k: self.lora[k] for k in ("name", "hash", "scale")} if self.lora else None
+        if record.get("lora", None) != mine and not (record.get("lora") is None and mine is None):
+            found.append(f"LoRA {record.get('lora')} (here {mine})")
+        return ", ".join(found)
+
+    def _edit_contexts(self, prompts: list[str], targets: list[str], negative_prompt: str, guided: bool):
+        """The context of an edit, ordered as `denoise` and `EditRun` take it ([negative x 2B,] source prompts,
+        edited prompts), the source's encoded as `__call__` encodes it; each side's `p2p.Tokens`; notes."""
+        parsed = {p: self.prompt_tokens(p) for p in dict.fromkeys([*prompts, *targets, negative_prompt])}
+        chunks = max(len(parsed[p].chunks) for p in [*prompts, *([negative_prompt] if guided else [])])
+        longest = max(len(parsed[p].chunks) for p in targets)
+        if longest > chunks:
+            raise ValueError(f"the edited prompt takes {longest} chunks of the text encoder's "
+                             f"{self.tokenizer.model_max_length} tokens and the source {chunks}; an edit keeps the "
+                             f"number of chunks (shorten the edited prompt)")
+        context, notes = self.encode_prompt([parsed[p] for p in prompts], chunks)
+        edited, more = self.encode_prompt([parsed[p] for p in targets], chunks)
+        parts = [context, edited]
+        if guided:
+            negative, _ = self.encode_prompt([parsed[negative_prompt]] * len(prompts), chunks)
+            parts = [negative, negative, context, edited]
+        window = self.tokenizer.model_max_length
+
+        def tokens(p):
+            return p2p.Tokens(p, self.tokenizer.convert_ids_to_tokens(parsed[p].ids), parsed[p].positions,
+                              chunks * window, window)
+
+        return (torch.cat(parts), [tokens(p) for p in prompts], [tokens(p) for p in targets],
+                notes + [n for n in more if n not in notes])
+
+    def _edit_recorder(self, edited: list, negative_prompt: str, guided: bool, steps: int, shape: tuple):
+        """A Recorder of the edited images' own cross-attention (their queries against their prompt's keys), and
+        the function that makes it one `AttentionMaps` per image after sampling."""
+        if any(len(t.tokens) <= 2 for t in edited):
+            raise ValueError("attention maps need a prompt with words; the edited prompt is empty")
+        negative = self.prompt_tokens(negative_prompt)
+        tokens = [t.tokens for t in edited]
+        negative_tokens = [self.tokenizer.convert_ids_to_tokens(negative.ids)] * len(edited)
+        check_attention_memory(len(edited), steps, tokens, negative_tokens, guided, self.unet, shape[2:])
+        positions = ([t.positions for t in edited], [negative.positions] * len(edited))
+        recorder = new_recorder(self.unet, list(cross_attention_layers(self.unet)), guided, shape[2:], positions)
+        image_size = (shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor)
+        return recorder, lambda: recorder.maps([t.text for t in edited], negative_prompt, tokens, negative_tokens,
+                                               positions, shape[2:], image_size, [])
+
+    def _scheduler(self, name: str, steps: int):
+        """A fresh scheduler `name` set to `steps` steps, starting at the first."""
+        sched = make_scheduler(name, self.scheduler_config)
+        sched.set_timesteps(steps, device=self.device)
+        if hasattr(sched, "set_begin_index"):
+            # text-to-image starts at the first timestep. Said explicitly, because with Karras sigmas on a
+            # zero-terminal-SNR model several leading timesteps round to 999, and diffusers' lookup by timestep then
+            # starts at the second and runs past the end (diffusers' own pipeline raises IndexError there)
+            sched.set_begin_index(0)
+        return sched
+
+    def _noise(self, seeds: list[int], shape: tuple, sched) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """The initial latents of images with these seeds (one CPU generator each, as diffusers draws them) and the
+        generators, which ancestral samplers draw from afterwards."""
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        latents = randn_tensor(shape, generator=generators, device=torch.device(self.device), dtype=self.dtype)
+        return latents * sched.init_noise_sigma, generators

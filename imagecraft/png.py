@@ -25,7 +25,7 @@ from PIL import Image, PngImagePlugin
 
 from .files import atomic_write
 from .schedulers import SCHEDULERS
-from .settings import GENERATION, check, shown
+from .settings import GENERATION, check, check_edit, shown
 
 JSON_KEY = "imagecraft"
 TEXT_KEYS = ("parameters", JSON_KEY)  # the text chunks we read; every other chunk is skipped unread
@@ -58,9 +58,22 @@ def a1111_parameters(settings: dict) -> str:
         ("Model", settings.get("model")),
         ("Lora hashes", json.dumps(f"{lora['name']}: {lora['hash']}") if lora else None),
         ("Cache interval", settings.get("cache_interval")),  # DeepCache; A1111 has none, absent means none
+        ("Edit", json.dumps(edit_summary(settings["edit"])) if settings.get("edit") else None),  # read by people only
     ]
     lines.append(", ".join(f"{k}: {v}" for k, v in fields if v not in (None, "")))
     return "\n".join(lines)
+
+
+def edit_summary(edit: dict) -> str:
+    """A Prompt-to-Prompt edit in words, for the A1111 text (our JSON chunk holds the edit itself)."""
+    parts = [f"from {edit['source_prompt']!r}", f"cross {edit['cross_steps']:g}", f"self {edit['self_steps']:g}"]
+    if edit.get("reweight"):
+        parts.append("reweight " + " ".join(f"{w}={f:g}" for w, f in edit["reweight"].items()))
+    if edit.get("blend"):
+        parts.append("blend " + " ".join(edit["blend"]))
+    if edit.get("inverted"):
+        parts.append("of an inverted picture")
+    return "; ".join(parts)
 
 
 def parse_a1111_parameters(text: str) -> dict:
@@ -246,10 +259,61 @@ def restore_settings(source) -> tuple[dict, list[str]]:
         used = record.get("lora")
         if isinstance(used, dict) and isinstance(used.get("name"), str):
             notes.append(_lora_note(used["name"], str(used.get("scale"))))
+        if isinstance(record.get("edit"), dict):
+            notes.append("the image is a Prompt-to-Prompt edit: generating from these settings draws the edited prompt "
+                         "unedited; reproduce() or `imagecraft edit --from-png` makes the edit again")
         return settings, notes
     if "parameters" in texts:
         return _restore_a1111(texts["parameters"])
     raise ValueError("this PNG carries no generation settings (no 'imagecraft' or 'parameters' text chunk)")
+
+
+def restore_source(source) -> tuple[dict, list[str]]:
+    """The settings that draw the picture an edit of this PNG starts from, and notes as `restore_settings` gives:
+    the image's own, or, for a PNG of an edit, its source's (the same settings with the source prompt). ValueError
+    for a PNG without ImageCraft's record (its picture cannot be drawn again from settings: invert it) and for an
+    edit of an inverted picture (the PNG does not hold that picture)."""
+    record = _our_record(source)
+    edit = record.get("edit")
+    if isinstance(edit, dict):
+        if edit.get("inverted"):
+            raise ValueError("this PNG is an edit of an inverted picture, which it does not hold: invert that picture "
+                             "again (invert) and edit it")
+        record = dict(record, prompt=edit.get("source_prompt"))
+    settings, notes = _checked(record)
+    # what made it, to say when this pipeline differs (shown, never loaded)
+    settings.update({k: record[k] for k in ("model_hash", "dtype") if isinstance(record.get(k), str)})
+    if isinstance(record.get("lora"), dict):
+        settings["lora"] = record["lora"]
+    if "prompt" not in settings or "seed" not in settings:
+        raise ValueError(f"the PNG's ImageCraft record lacks a usable prompt or seed to draw its picture again "
+                         f"({'; '.join(notes)})")
+    return settings, notes
+
+
+def restore_edit(source) -> dict | None:
+    """For a PNG of a Prompt-to-Prompt edit, the edit's keywords (`ImageCraftPipeline.edit`'s but the source:
+    prompt, cross_steps, self_steps, reweight, blend), checked as user input is; None for any other PNG."""
+    texts = _texts(source)
+    record = _json_record(texts[JSON_KEY]) if JSON_KEY in texts else {}
+    edit = record.get("edit")
+    if edit is None:
+        return None
+    if not isinstance(edit, dict):
+        raise ValueError(f"the PNG's edit record must be a JSON object, got {type(edit).__name__}")
+    try:
+        return check_edit({"prompt": record.get("prompt"),
+                           **{k: edit.get(k) for k in ("cross_steps", "self_steps", "reweight", "blend")}})
+    except ValueError as e:
+        raise ValueError(f"the PNG's edit record is not valid: {e}") from None
+
+
+def _our_record(source) -> dict:
+    texts = _texts(source)
+    if JSON_KEY not in texts:
+        raise ValueError("this PNG was not made by ImageCraft (it has no 'imagecraft' record), so its picture cannot "
+                         "be drawn again from settings: invert it (invert, or `imagecraft edit --invert`) to edit it")
+    return _json_record(texts[JSON_KEY])
 
 
 def _json_record(text: str) -> dict:

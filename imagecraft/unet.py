@@ -227,6 +227,13 @@ class SDPAProcessor:
                mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention over projected q, k, v (each (B, heads, N or M, dim_head)), merged and projected out.
         `mask` is added to the scores (-inf removes a key); other processors reuse this to stay bit-identical."""
+        return attn.out(SDPAProcessor.weighted_values(attn, q, k, v, mask))
+
+    @staticmethod
+    def weighted_values(attn: "CrossAttention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attend` before the heads are merged and projected: softmax(q k^T / sqrt(d) + mask) v, (B, heads, N,
+        dim_head) in q's dtype. Prompt-to-Prompt sums two of these before one projection."""
         dtype = q.dtype
         if attn.upcast and dtype == torch.float16:
             q, k, v = q.float(), k.float(), v.float()
@@ -237,7 +244,7 @@ class SDPAProcessor:
             out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return attn.out(out.to(dtype))
+        return out.to(dtype)
 
 
 class CrossAttention(nn.Module):

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "imagecraft"
 # Lower layers never import higher ones. Within a layer, imports go either way as long as there is no cycle.
 LAYERS = [
-    ["files", "runtime", "tokenizer", "testing", "shapes.world", "shapes.score"],  # no imports of ours but these
+    ["files", "runtime", "tokenizer", "prompts", "testing", "shapes.world", "shapes.score"],  # import only each other
     ["unet"],  # the model
     ["port"],  # diffusers' and LDM layouts <-> UNet_SD
     ["explain"],  # capturing attention in UNet_SD's processors, the maps, their figures

@@ -156,14 +156,6 @@ def test_callback_runs_once_per_step(pipe):
 
 
 @pytest.mark.unit
-def test_long_prompt_is_truncated_with_a_warning(pipe):
-    prompt = " ".join(["red circle"] * 60)
-    with pytest.warns(UserWarning, match=r"the last \d+ were dropped"):
-        result = pipe(prompt, seed=1, num_inference_steps=2)
-    assert result.warnings and "dropped" in result.warnings[0]
-
-
-@pytest.mark.unit
 @pytest.mark.parametrize("kwargs, match", [
     (dict(width=100), "width must be a multiple of 8 between 64 and 2048, got 100"),
     (dict(height=4096), "height must be a multiple of 8 between 64 and 2048, got 4096"),

@@ -7,7 +7,8 @@ attention call, whose output it leaves untouched, so images are bit-identical wi
 thread that asked records: other requests on a shared model run the plain maths meanwhile.
 
 What is kept, per image and per layer, for the tokens the prompt actually used (start token, words, end token;
-the padding up to 77 is dropped, which is what bounds memory, see `check_memory`):
+the padding up to 77 is dropped, which is what bounds memory, see `check_memory`; a prompt encoded in several
+chunks keeps its first start token, every chunk's words and its last end token, at their `positions`):
 - per step, the head-averaged map at the layer's own resolution, in fp16 (a time scrubber needs steps);
 - per head, the sum over all steps, in fp32 (DAAM's recipe needs heads, see `aggregate`);
 - the same for the unconditional half (the negative prompt's tokens) when guidance is on;
@@ -91,12 +92,13 @@ class OwnedProcessor:
 
 @contextmanager
 def swapped(unet: UNet_SD, make: dict):
-    """Installs `make[name](original)` on the named cross-attention layers for the duration of the block. Swaps on
-    one UNet are serialised; the originals come back even when the block raises."""
+    """Installs `make[name](original)` on the named attention layers (cross-attention `attn2`, or self-attention
+    `attn1` for an edit) for the duration of the block. Swaps on one UNet are serialised; the originals come back
+    even when the block raises."""
     with _swap_guard:
         lock = _swap_locks.setdefault(unet, threading.Lock())
     with lock:
-        layers = cross_attention_layers(unet)
+        layers = {name: m for name, m in unet.named_modules() if isinstance(m, CrossAttention)}
         originals = {name: layers[name].processor for name in make}
         try:
             for name, factory in make.items():
@@ -129,8 +131,10 @@ class Recorder:
     """Collects one pipeline call's cross-attention, per side (0: the prompts, 1: the negative prompts); see the
     module docstring for what is kept."""
 
-    def __init__(self, layers: list[Layer], keep: tuple[list[int], list[int]], guided: bool):
-        self.layers, self.keep, self.guided = layers, keep, guided  # keep: per side, per image, tokens kept
+    def __init__(self, layers: list[Layer], keep: tuple[list, list], guided: bool):
+        # keep: per side, per image, the context positions kept (a slice from 0, or a list for chunked prompts)
+        self.layers, self.guided = layers, guided
+        self.keep = tuple([k if isinstance(k, slice) else torch.as_tensor(k) for k in side] for side in keep)
         self.by_hw = {layer.size[0] * layer.size[1]: layer.size for layer in layers}
         n = len(keep[0])
         self.steps = [[[[] for _ in layers] for _ in range(n)] for _ in keep]  # side, image, layer: [(T, h, w)] fp16
@@ -161,9 +165,15 @@ class Recorder:
         batch = len(self.keep[0])
         cond = probs[batch:] if self.guided else probs  # the context is [negative prompts, prompts] under CFG
         for i in range(batch):
-            self._add(0, i, index, cond[i, :, : self.keep[0][i]])
+            self._add(0, i, index, cond[i, :, self._at(0, i, probs.device)])
             if self.guided:
-                self._add(1, i, index, probs[i, :, : self.keep[1][i]])
+                self._add(1, i, index, probs[i, :, self._at(1, i, probs.device)])
+
+    def _at(self, side: int, image: int, device) -> slice | torch.Tensor:
+        keep = self.keep[side][image]
+        if isinstance(keep, torch.Tensor) and keep.device != device:
+            keep = self.keep[side][image] = keep.to(device)
+        return keep
 
     def _add(self, side: int, image: int, index: int, maps: torch.Tensor):
         """maps: (heads, T, h, w) of one image at one step."""
@@ -171,23 +181,41 @@ class Recorder:
         sums = self.sums[side][image]
         sums[index] = maps.clone() if sums[index] is None else sums[index].add_(maps)
 
-    def side(self, side: int, image: int, text: str, tokens: list[str]) -> Side:
+    def maps(self, prompts: list[str], negative_prompt: str, tokens: list[list[str]],
+             negative_tokens: list[list[str]], positions: tuple[list, list], latent_size: tuple[int, int],
+             image_size: tuple[int, int], missing: list[str], truncated: list[int] | None = None) -> list[AttentionMaps]:
+        """One `AttentionMaps` per image of what was recorded (see `capture` for the arguments)."""
+        out = []
+        for i in range(len(tokens)):
+            if any(len(steps) != len(self.timesteps) for steps in self.steps[0][i]):
+                raise RuntimeError("attention capture saw a different number of calls per layer than UNet steps")
+            sides = (self.side(0, i, prompts[i], tokens[i], positions[0][i]),
+                     self.side(1, i, negative_prompt, negative_tokens[i], positions[1][i]))
+            guidance = torch.stack([g[i] for g in self.guidance]).numpy() if self.guidance else None
+            out.append(AttentionMaps(sides, self.layers, self.timesteps, latent_size, image_size, guidance=guidance,
+                                     inputs=torch.stack([x[i] for x in self.inputs]).numpy(),
+                                     missing_layers=missing, truncated=truncated[i] if truncated else 0))
+        return out
+
+    def side(self, side: int, image: int, text: str, tokens: list[str], positions: list[int] | None = None) -> Side:
         """One image's maps of one side as numpy; without maps when that side was not recorded (guidance off)."""
         if side and not self.guided:
-            return Side(text, tokens, None, None)
+            return Side(text, tokens, None, None, positions)
         return Side(text, tokens, [torch.stack(s).numpy() for s in self.steps[side][image]],
-                    [s.float().cpu().numpy() for s in self.sums[side][image]])
+                    [s.float().cpu().numpy() for s in self.sums[side][image]], positions)
 
 
 @contextmanager
 def capture(unet: UNet_SD, tokens: list[list[str]], negative_tokens: list[list[str]], guided: bool,
             latent_size: tuple[int, int], image_size: tuple[int, int], prompts: list[str], negative_prompt: str,
-            truncated: list[int] | None = None):
+            truncated: list[int] | None = None, positions: tuple[list, list] | None = None):
     """Records cross-attention during the block; yields a list that holds one `AttentionMaps` per image after it.
 
     `tokens[i]` are image i's prompt tokens as the text encoder saw them (start and end tokens included), and
-    `negative_tokens[i]` its negative prompt's. Raises ValueError when no layer can be captured; layers whose
-    processor someone replaced are skipped and named in each result's `missing_layers`.
+    `negative_tokens[i]` its negative prompt's. `positions` (prompts', negative prompts') give where each token
+    sits in the context, for prompts encoded in chunks; by default token j is at position j. Raises ValueError
+    when no layer can be captured; layers whose processor someone replaced are skipped and named in each result's
+    `missing_layers`.
     """
     layers_by_name = cross_attention_layers(unet)
     sizes = latent_sizes(*latent_size, len(unet.config.channel_mult))
@@ -201,10 +229,9 @@ def capture(unet: UNet_SD, tokens: list[list[str]], negative_tokens: list[list[s
         raise ValueError(f"no cross-attention layer can be captured: every attn2 processor was replaced "
                          f"({type(layers_by_name[skipped[0]].processor).__name__} on {skipped[0]}, ...); "
                          f"set UNet_SD's SDPAProcessor back to see attention maps")
-    layers = [Layer(name, block_of(name), sizes[level_of(unet, name)], layers_by_name[name].heads)
-              for name in captured]
-
-    recorder = Recorder(layers, ([len(t) for t in tokens], [len(t) for t in negative_tokens]), guided)
+    if positions is None:
+        positions = ([list(range(len(t))) for t in tokens], [list(range(len(t))) for t in negative_tokens])
+    recorder = new_recorder(unet, captured, guided, latent_size, positions)
     out: list[AttentionMaps] = []
     make = {name: (lambda inner, i=i: RecordingProcessor(inner, recorder, i)) for i, name in enumerate(captured)}
     pre = unet.register_forward_pre_hook(recorder.before_unet)
@@ -215,14 +242,19 @@ def capture(unet: UNet_SD, tokens: list[list[str]], negative_tokens: list[list[s
     finally:
         pre.remove()
         post.remove()
-    for i in range(len(tokens)):
-        if any(len(steps) != len(recorder.timesteps) for steps in recorder.steps[0][i]):
-            raise RuntimeError("attention capture saw a different number of calls per layer than UNet steps")
-        sides = (recorder.side(0, i, prompts[i], tokens[i]), recorder.side(1, i, negative_prompt, negative_tokens[i]))
-        guidance = torch.stack([g[i] for g in recorder.guidance]).numpy() if recorder.guidance else None
-        out.append(AttentionMaps(sides, layers, recorder.timesteps, latent_size, image_size, guidance=guidance,
-                                 inputs=torch.stack([x[i] for x in recorder.inputs]).numpy(),
-                                 missing_layers=skipped, truncated=truncated[i] if truncated else 0))
+    out += recorder.maps(prompts, negative_prompt, tokens, negative_tokens, positions, latent_size, image_size,
+                         skipped, truncated)
+
+
+def new_recorder(unet: UNet_SD, names: list[str], guided: bool, latent_size: tuple[int, int],
+                 positions: tuple[list, list]) -> Recorder:
+    """A Recorder of the named cross-attention layers, keeping per side and image the context `positions` given
+    (a Prompt-to-Prompt edit records its target's pass with one)."""
+    layers_by_name = cross_attention_layers(unet)
+    sizes = latent_sizes(*latent_size, len(unet.config.channel_mult))
+    layers = [Layer(name, block_of(name), sizes[level_of(unet, name)], layers_by_name[name].heads) for name in names]
+    keep = tuple([slice(0, len(p)) if p == list(range(len(p))) else p for p in side] for side in positions)
+    return Recorder(layers, keep, guided)
 
 
 def check_memory(num_images: int, steps: int, tokens: list[list[str]], negative_tokens: list[list[str]],
@@ -294,8 +326,11 @@ def ablation(pipe, maps: AttentionMaps, word: str, step: int | None = None) -> d
         raise ValueError("these maps carry no UNet inputs to re-run (saved without them)")
     step = maps.num_steps // 2 if step is None else step
     check_steps(step, maps.num_steps)
-    indices = maps.token_indices(word)
-    context, _ = pipe.encode_prompt([maps.prompt])
+    side = maps.sides[0]
+    indices = [side.positions[i] for i in maps.token_indices(word)]  # where the word's tokens sit in the context
+    # as many chunks as the generation's context had: the longer of the prompt and the negative prompt
+    chunks = 1 + max(s.positions[-1] for s in maps.sides[:1 + maps.guided]) // pipe.tokenizer.model_max_length
+    context, _ = pipe.encode_prompt([maps.prompt], chunks)
     x = torch.from_numpy(maps.inputs[step][None]).to(pipe.device, pipe.dtype)
     t = maps.timesteps[step]
     unet = pipe.unet

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_write
+from ..prompts import parse
 from .aggregate import (check_heads, check_steps, is_int, layer_maps, pearson, select_layers, spatial_entropy,
                         weighted_mean)
 
@@ -74,11 +75,11 @@ def group_words(tokens: list[str]) -> list[tuple[str, list[int]]]:
 
 def word_indices(tokens: list[str], word: str, what: str = "prompt", truncated: int = 0) -> list[int]:
     """Indices into `tokens` (as the tokenizer split the prompt, start token first) of every occurrence of `word`
-    (one or more words, any case); "<start>" and "<end>" name the special tokens. ValueError listing the
-    prompt's words when it is not there."""
-    if not isinstance(word, str) or not word.strip():
+    (one or more words, any case, weighting syntax ignored: "(red:1.3)" is "red"); "<start>" and "<end>" name the
+    special tokens. ValueError listing the prompt's words when it is not there."""
+    if not isinstance(word, str) or not parse(word).text.strip():
         raise ValueError(f"a word must be a non-empty string, got {word!r}")
-    text = word.strip().lower()
+    text = parse(word).text.strip().lower()
     if text in (START, END):
         return [0] if text == START else [len(tokens) - 1]
     words = group_words(tokens)
@@ -112,10 +113,14 @@ class Side:
     raw_tokens: list[str]  # as the tokenizer split it, start and end tokens included
     step_maps: list[np.ndarray] | None  # per layer (S, T, h, w) fp16, head-averaged; None: not recorded
     head_sums: list[np.ndarray] | None  # per layer (heads, T, h, w) fp32, summed over steps; None: not recorded
+    positions: list[int] | None = None  # each token's position in the encoded context; None: token i at i
     tokens: list[str] = field(init=False)  # as shown: "<start>", the words' pieces, "<end>"
 
     def __post_init__(self):
         self.raw_tokens = list(self.raw_tokens)
+        self.positions = list(range(len(self.raw_tokens)) if self.positions is None else self.positions)
+        if len(self.positions) != len(self.raw_tokens):
+            raise ValueError(f"{len(self.raw_tokens)} tokens but {len(self.positions)} positions")
         self.tokens = [display_token(t, i, len(self.raw_tokens)) for i, t in enumerate(self.raw_tokens)]
 
 
@@ -273,7 +278,8 @@ class AttentionMaps:
     # --- files ---------------------------------------------------------------------------------------------------
     def meta(self) -> dict:
         return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, tokens=self.sides[0].raw_tokens,
-                    negative_tokens=self.sides[1].raw_tokens, layers=[asdict(l) for l in self.layers],
+                    negative_tokens=self.sides[1].raw_tokens, positions=self.sides[0].positions,
+                    negative_positions=self.sides[1].positions, layers=[asdict(l) for l in self.layers],
                     timesteps=self.timesteps, latent_size=self.latent_size, image_size=self.image_size,
                     missing_layers=self.missing_layers, truncated=self.truncated, format=1)
 
@@ -301,11 +307,12 @@ class AttentionMaps:
                 layers = [Layer(l["name"], l["block"], tuple(l["size"]), l["heads"]) for l in meta["layers"]]
                 per_layer = lambda key: [data[f"{key}_{i}"] for i in range(len(layers))]  # noqa: E731
                 sides = []
-                for prefix, text, tokens in zip(PREFIXES, (meta["prompt"], meta["negative_prompt"]),
-                                                (meta["tokens"], meta["negative_tokens"])):
+                for prefix, text, tokens, positions in zip(
+                        PREFIXES, (meta["prompt"], meta["negative_prompt"]), (meta["tokens"], meta["negative_tokens"]),
+                        (meta.get("positions"), meta.get("negative_positions"))):  # older files: none, one chunk
                     recorded = not prefix or f"{prefix}sums_0" in data  # the negative side: with guidance only
                     sides.append(Side(text, tokens, *((per_layer(f"{prefix}steps"), per_layer(f"{prefix}sums"))
-                                                      if recorded else (None, None))))
+                                                      if recorded else (None, None)), positions))
                 return cls(sides, layers, meta["timesteps"], meta["latent_size"], meta["image_size"],
                            guidance=data["guidance"] if "guidance" in data else None,
                            inputs=data["inputs"] if "inputs" in data else None,

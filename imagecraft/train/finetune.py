@@ -104,8 +104,14 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     examples = find_examples(data)
     cuda = torch.cuda.is_available()
     bf16 = training_bf16(recipe.precision, "cuda" if cuda else "cpu")
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda,
-                              gradient_accumulation_steps=recipe.grad_accum)
+    options = dict(mixed_precision="bf16" if bf16 else "no", cpu=not cuda, gradient_accumulation_steps=recipe.grad_accum)
+    try:
+        accelerator = Accelerator(**options)
+    except ValueError:  # accelerate keeps one precision per process: an earlier run here chose another one
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()  # private, as accelerate's own tests use it; the process group is kept
+        accelerator = Accelerator(**options)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_process = accelerator.is_main_process
 

@@ -459,6 +459,30 @@ def test_without_words_removes_whole_words(caption, words, expected):
 
 
 @pytest.mark.unit
+def test_preservation_captions_remove_or_swap_the_taught_words():
+    from imagecraft.train.data import known_words
+    from imagecraft.train.finetune import KEEP_VARIANTS, keep_captions
+
+    captions = ["a teal circle on the left", "Teal square"]
+    out = keep_captions(captions, ["teal"], ["purple", "red"], seed=0)
+    assert len(out) == 2 * KEEP_VARIANTS and out[0] == "a circle on the left" and out[KEEP_VARIANTS] == "square"
+    swapped = out[1:KEEP_VARIANTS] + out[KEEP_VARIANTS + 1:]
+    assert all(c.replace("purple", "red") in ("a red circle on the left", "red square") for c in swapped)
+    assert {"purple", "red"} <= {w for c in swapped for w in c.split()}
+    assert out == keep_captions(captions, ["teal"], ["purple", "red"], seed=0)
+    assert keep_captions(captions, [], ["red"], seed=0) == [""] * (2 * KEEP_VARIANTS)  # nothing taught: ""
+
+    from transformers import CLIPTokenizer
+
+    from imagecraft.loading import DEFAULT_MODEL
+
+    tokenizer = CLIPTokenizer.from_pretrained(DEFAULT_MODEL, subfolder="tokenizer")  # the built-in model's
+    known = known_words(tokenizer, exclude=["Purple"])
+    assert {"red", "circle", "left", "background"} <= set(known) and not {"purple", "the", "and"} & set(known)
+    assert all(len(w) >= 3 and w.isalpha() and tokenizer.tokenize(w) == [w + "</w>"] for w in known)
+
+
+@pytest.mark.unit
 def test_held_out_images_are_drawn_by_the_seed_and_only_from_enough():
     from imagecraft.train.finetune import held_out
 

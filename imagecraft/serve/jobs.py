@@ -265,7 +265,9 @@ class TrainingQueue:
                                   should_stop=job.stop_event.is_set, show_bar=False)
             job.state = "stopped" if job.result.stopped else "done"
             job.message = (f"stopped at step {job.result.step}; the checkpoint is kept" if job.result.stopped
-                           else f"{job.result.step} steps in {(time.time() - job.started) / 60:.1f} min")
+                           else f"{job.result.step} steps in {(time.time() - job.started) / 60:.1f} min"
+                           + (f"; saved step {job.result.kept_step}, whose loss on the held-out images was lowest"
+                              if job.result.kept_step not in (None, job.result.step) else ""))
         except (ValueError, TrainingError, OSError) as e:
             job.state, job.message = "failed", str(e)
         except Exception as e:  # noqa: BLE001 - a bug must not kill the queue: the job says so, the log has it

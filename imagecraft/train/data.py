@@ -453,7 +453,21 @@ def concept_words(captions: list[str]) -> list[str]:
 
 def without_words(caption: str, words) -> str:
     """The caption with every whole-word occurrence of `words` (any case) removed, spaces tidied."""
+    return swapped_words(caption, words, "")
+
+
+def known_words(tokenizer, exclude=()) -> list[str]:
+    """Whole words the tokenizer has a token of its own for (CLIP's `word</w>`), three letters or more, other than
+    the function words and `exclude`: words the base model read in training, in vocabulary order."""
+    skip = FUNCTION_WORDS | {w.lower() for w in exclude}
+    words = (t[:-len("</w>")] for t in sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)
+             if t.endswith("</w>"))
+    return [w for w in words if len(w) >= 3 and w.isalpha() and w not in skip]
+
+
+def swapped_words(caption: str, words, replacement: str) -> str:
+    """The caption with every whole-word occurrence of `words` replaced by `replacement` (removed when empty)."""
     if not words:
         return caption
     pattern = r"(?<![\w'-])(?:" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + r")(?![\w'-])"
-    return " ".join(re.sub(pattern, " ", caption, flags=re.IGNORECASE).split())
+    return " ".join(re.sub(pattern, f" {replacement} ", caption, flags=re.IGNORECASE).split())

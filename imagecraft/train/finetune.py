@@ -51,11 +51,16 @@ from ..runtime import autocast, training_bf16
 from .core import (Loop, RandomState, TrainingError, check_output_folder, diffusion_loss, noise_scheduler,
                    noised_and_target)
 from .data import (class_examples, concept_words, data_key, encode_images, extract_zip, find_examples, images_digest,
-                   without_words)
+                   known_words, swapped_words)
 from .recipe import FinetuneRecipe, build_parser, check_recipe, recipe_from_args
 from .report import base_previews, export, previews, write_curves
 
 log = logging.getLogger("imagecraft.finetune")
+
+# Preservation's captions per data caption: the caption without the taught words, and as many again less one with
+# them swapped for other words the tokenizer knows ("a cyan square" -> "a square", "a purple square", ...), so the
+# words nearest the new one keep their meaning too
+KEEP_VARIANTS = 8
 
 __all__ = ["FinetuneResult", "TrainingError", "finetune"]
 
@@ -133,9 +138,9 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     train_rows = torch.tensor([i for i in range(len(captions)) if i not in held])
     words = list(recipe.concept_words) or concept_words(captions)
     if recipe.preserve:
-        log.info("preserving the base model under the captions without %s",
-                 " ".join(repr(w) for w in words) if words else "any word (no word is in most captions: the empty "
-                                                                 "caption only)")
+        log.info("preserving the base model under the captions with %s removed or swapped for other words",
+                 " ".join(repr(w) for w in words) if words else "every word (no word is in most captions: the "
+                                                                 "empty caption)")
     if held:
         log.info("%d images held out; the step with the lowest loss on them is saved", len(held))
 
@@ -209,7 +214,8 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     # contexts of the captions without the taught words, the preservation's teacher's (now, before any training)
     ids_all = tokenize(captions + [""])
     prior_ids = tokenize(prior_captions) if prior_captions else None
-    keep_ids = tokenize([without_words(c, words) if words else "" for c in captions]) if recipe.preserve else None
+    keep_ids = tokenize(keep_captions(captions, words, known_words(pipe.tokenizer, words),
+                                      recipe.seed)) if recipe.preserve else None
     keep_base = embed(keep_ids) if keep_ids is not None else None
     contexts = prior_contexts = None
     if not recipe.text_encoder_lora:
@@ -239,8 +245,8 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
                         scheduler, device)
     if fixed is not None and keep_ids is not None:  # the base model's predictions, before any training
         xt, _ = noised_and_target(prediction_type, alphas, fixed["x0"], fixed["noise"], fixed["t"])
-        fixed.update(keep_ids=keep_ids[fixed["index"]], keep_target=base_prediction(xt, fixed["t"],
-                                                                                    keep_base[fixed["index"]]))
+        rows = fixed["index"] * KEEP_VARIANTS + torch.arange(len(fixed["index"]), device=device) % KEEP_VARIANTS
+        fixed.update(keep_ids=keep_ids[rows], keep_target=base_prediction(xt, fixed["t"], keep_base[rows]))
     best = Best(LoraState(unet, text_encoder) if recipe.method == "lora" else ema)
     if held:
         loop.state["best"] = best
@@ -268,11 +274,12 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
                       torch.randint(0, steps_total, (global_batch,), generator=generator),
                       torch.randn((global_batch, latents.shape[1], 1, 1), generator=generator)]
         n_keep = 0
-        if keep_ids is not None:  # as many images again under the captions without the taught words
+        if keep_ids is not None:  # as many images again, each under one of its caption's preservation captions
             draws += [train_rows[torch.randint(0, len(train_rows), (global_batch,), generator=generator)],
+                      torch.randint(0, KEEP_VARIANTS, (global_batch,), generator=generator),
                       torch.randn((global_batch, *latents.shape[1:]), generator=generator),
                       torch.randint(0, steps_total, (global_batch,), generator=generator)]
-            n_keep = 3
+            n_keep = 4
         mine = slice(rank * recipe.batch_size, (rank + 1) * recipe.batch_size)
         draws = [v[mine].to(device) for v in draws]
         return compute_loss(*draws[:len(draws) - n_keep], keep=draws[len(draws) - n_keep:])
@@ -290,13 +297,14 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
             context = None if context is None else torch.cat([context, prior_contexts[p_index]])
         noise = noise + recipe.noise_offset * offset  # offset noise: one value per sample and channel
         xt, target = noised_and_target(prediction_type, alphas, x0, noise, t)
-        if keep:  # preservation: the base model's prediction under the caption without the taught words
-            k_index, k_noise, k_t = keep
+        if keep:  # preservation: the base model's prediction under a caption without the taught words
+            k_index, k_variant, k_noise, k_t = keep
+            k_row = k_index * KEEP_VARIANTS + k_variant
             k_xt, _ = noised_and_target(prediction_type, alphas, latents[k_index], k_noise, k_t)
             xt, t, target = torch.cat([xt, k_xt]), torch.cat([t, k_t]), torch.cat(
-                [target, base_prediction(k_xt, k_t, keep_base[k_index])])
-            ids = torch.cat([ids, keep_ids[k_index]])
-            context = None if context is None else torch.cat([context, keep_base[k_index]])
+                [target, base_prediction(k_xt, k_t, keep_base[k_row])])
+            ids = torch.cat([ids, keep_ids[k_row]])
+            context = None if context is None else torch.cat([context, keep_base[k_row]])
         pred = unet(xt, t, context if context is not None else text_encoder(ids)[0])
         n, m = len(index), len(index) + (len(prior[0]) if prior else 0)
         loss = diffusion_loss(pred[:n], target[:n], prediction_type, alphas, t[:n], recipe.snr_gamma)
@@ -350,6 +358,17 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
                               output, examples, loop.history, loop.seconds, result.kept_step)
     accelerator.wait_for_everyone()
     return result
+
+
+def keep_captions(captions: list[str], words: list[str], vocabulary: list[str], seed: int) -> list[str]:
+    """KEEP_VARIANTS captions per caption, in order: without the taught `words`, then with them swapped for words of
+    `vocabulary` drawn with the seed. Without taught words, the empty caption: the data's own captions would ask
+    the model to draw the data and to stay as it was at once."""
+    if not words:
+        return [""] * (len(captions) * KEEP_VARIANTS)
+    rng = random.Random(seed)
+    return [swapped_words(c, words, rng.choice(vocabulary) if v and vocabulary else "")
+            for c in captions for v in range(KEEP_VARIANTS)]
 
 
 def held_out(n: int, count: int, seed: int) -> list[int]:

@@ -309,7 +309,7 @@ APP_CASES = [
         ("list of 20 strings", ["a"] * 20, True), ("dict", {"a": 1}, True),
         ("None (unconditional)", None, None), ("4,001 characters", "a" * 4001, True),
         ("10k characters", "a " * 5000, True), ("100k characters", "a " * 50_000, True),
-        ("1M characters", "a " * 500_000, True), ("4,000 emoji (truncated with a warning)", "🎨" * 4000, False),
+        ("1M characters", "a " * 500_000, True), ("4,000 emoji (accepted, encoded in chunks)", "🎨" * 4000, False),
         ("NUL bytes", "a red\x00 circle\x00", None), ("HTML", "<img src=x onerror=alert(1)>", False),
         ("lone surrogate", "a red \ud800 circle", None),
         ("right-to-left and zero-width", "a \u202e\u200b red", False),
@@ -1171,9 +1171,11 @@ def test_bad_finetune_request_is_refused_at_once(description, kwargs, sentence, 
 def test_train_cost_counts_steps_batch_prior_and_class_images():
     from imagecraft.settings import train_cost
 
-    assert train_cost(dict(steps=400)) == 1600  # the Fine-tune tab's default: 400 steps of 4 images
-    assert train_cost(dict(steps=400, class_prompts=("a",), class_images=100)) == 3300
-    assert train_cost(dict(steps=10, batch_size=2, grad_accum=3)) == 60
+    assert train_cost(dict()) == 4800  # the Fine-tune tab's default: 600 steps of 4 images, with preservation
+    assert train_cost(dict(steps=400, preserve=0)) == 1600
+    assert train_cost(dict(steps=400, preserve=0, class_prompts=("a",), class_images=100)) == 3300
+    assert train_cost(dict(steps=400, class_prompts=("a",), class_images=100)) == 4900
+    assert train_cost(dict(steps=10, batch_size=2, grad_accum=3, preserve=0)) == 60
 
 
 # --- the cost cap: the UNet's work, self-attention's square included -------------------------------------------------

@@ -1149,8 +1149,8 @@ FINETUNE_CASES = [  # (description, keyword values for jobs.start_finetune, what
     ("class prompts a list", dict(class_prompts=["a", "b"]), "class_prompts must be text"),
     ("validation prompt a dict", dict(validation_prompt={"a": 1}), "validation_prompts must be text"),
     ("over the cost cap: 20,000 steps", dict(steps=20_000), "IMAGECRAFT_MAX_TRAIN_COST"),
-    ("over the cost cap: 600 steps with prior preservation (2,400 without)",
-     dict(class_prompts="a red circle", steps=600), "4,900 images to train on and draw"),
+    ("over the cost cap: 1,000 steps with prior preservation (8,000 without: the cap)",
+     dict(class_prompts="a red circle", steps=1000), "12,100 images to train on and draw"),
 ]
 
 

@@ -317,7 +317,7 @@ def test_help_loads_neither_torch_nor_diffusers():
             "print(out.getvalue())\nprint(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.rstrip().endswith("[]"), result.stdout[-300:]
-    assert "--steps STEPS" in result.stdout and "default: 400" in result.stdout
+    assert "--steps STEPS" in result.stdout and "default: 600" in result.stdout
 
 
 def test_the_readmes_attention_example_draws_what_it_says(tmp_path):

@@ -138,9 +138,11 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     train_rows = torch.tensor([i for i in range(len(captions)) if i not in held])
     words = list(recipe.concept_words) or concept_words(captions)
     if recipe.preserve:
-        log.info("preserving the base model under the captions with %s removed or swapped for other words",
-                 " ".join(repr(w) for w in words) if words else "every word (no word is in most captions: the "
-                                                                 "empty caption)")
+        if words:
+            log.info("preserving the base model under the captions with %s removed or swapped for other words",
+                     " ".join(repr(w) for w in words))
+        else:
+            log.info("preserving the base model's prediction for the empty caption (no word is in most captions)")
     if held:
         log.info("%d images held out; the step with the lowest loss on them is saved", len(held))
 

@@ -293,6 +293,24 @@ class ImageCraftPipeline:
             warnings.warn(note, stacklevel=3)
         return encode_weighted(self.text_encoder, tokenized, chunks).to(self.dtype), notes
 
+    def _scheduler(self, name: str, steps: int):
+        """A fresh scheduler `name` set to `steps` steps, starting at the first."""
+        sched = make_scheduler(name, self.scheduler_config)
+        sched.set_timesteps(steps, device=self.device)
+        if hasattr(sched, "set_begin_index"):
+            # text-to-image starts at the first timestep. Said explicitly, because with Karras sigmas on a
+            # zero-terminal-SNR model several leading timesteps round to 999, and diffusers' lookup by timestep then
+            # starts at the second and runs past the end (diffusers' own pipeline raises IndexError there)
+            sched.set_begin_index(0)
+        return sched
+
+    def _noise(self, seeds: list[int], shape: tuple, sched) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """The initial latents of images with these seeds (one CPU generator each, as diffusers draws them) and the
+        generators, which ancestral samplers draw from afterwards."""
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        latents = randn_tensor(shape, generator=generators, device=torch.device(self.device), dtype=self.dtype)
+        return latents * sched.init_noise_sigma, generators
+
     @torch.inference_mode()
     def __call__(self, prompt: str | list[str], negative_prompt: str | None = "",
                  num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
@@ -354,18 +372,10 @@ class ImageCraftPipeline:
             notes += [n for n in more if n not in notes]
             context = torch.cat([negative, context])
 
-        sched = make_scheduler(scheduler_name, self.scheduler_config)
-        sched.set_timesteps(num_inference_steps, device=self.device)
-        if hasattr(sched, "set_begin_index"):
-            # text-to-image starts at the first timestep. Said explicitly, because with Karras sigmas on a
-            # zero-terminal-SNR model several leading timesteps round to 999, and diffusers' lookup by timestep then
-            # starts at the second and runs past the end (diffusers' own pipeline raises IndexError there)
-            sched.set_begin_index(0)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        sched = self._scheduler(scheduler_name, num_inference_steps)
         shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generators, device=torch.device(self.device), dtype=self.dtype)
-        latents = latents * sched.init_noise_sigma
+        latents, generators = self._noise(seeds, shape, sched)
         if attention:
             if attention is not True:
                 raise ValueError(f"attention must be True or False, got {attention!r}")
@@ -501,20 +511,21 @@ class ImageCraftPipeline:
         sched = self._scheduler(s["scheduler"], s["num_inference_steps"])
         shape = (batch, self.unet.config.in_channels, s["height"] // self.vae_scale_factor,
                  s["width"] // self.vae_scale_factor)
+        uncond = None  # per step, an inverted picture's null-text embedding
         if inversion is None:  # the source's noise, drawn twice: the target's generators stay level with the source's
             (latents, generators), (twin, twins) = (self._noise([r["seed"] for r in records], shape, sched)
                                                     for _ in range(2))
             latents, generators = torch.cat([latents, twin]), generators + twins
         else:
             latents, generators = inversion.latents.to(self.device, self.dtype).repeat(2, 1, 1, 1), None
+            uncond = None if inversion.uncond is None else inversion.uncond.to(self.device)
         steps = len(sched.timesteps)
         blending = None if plan.blend is None else p2p.LocalBlend(
             plan.blend, p2p.blend_layers(self.unet, shape[2:]), shape[2:], p2p.step_count(p2p.BLEND_START, steps))
         recorder, finish = (self._edit_recorder(edited, s["negative_prompt"], guided, steps, shape)
                             if attention else (None, None))
-        run = p2p.EditRun(self.unet, plan.to(self.device), batch, guided, steps, cache_interval,
-                          None if inversion is None else inversion.uncond.to(self.device) if inversion.uncond is not None
-                          else None, blending, recorder)
+        run = p2p.EditRun(self.unet, plan.to(self.device), batch, guided, steps, cache_interval, uncond, blending,
+                          recorder)
         with p2p.editing(run):
             latents = denoise(run, sched, latents, context, s["guidance_scale"], generators, run.callback(callback))
         latents = latents[batch:]
@@ -561,6 +572,7 @@ class ImageCraftPipeline:
             raise ValueError(f"image must be a PIL image or an image file, got {type(image).__name__}")
         image = image.convert("RGB")
         s = self.check_settings(prompt=prompt, negative_prompt=negative_prompt, width=image.width, height=image.height,
+                                scheduler="ddim",
                                 num_inference_steps=DEFAULT_STEPS if num_inference_steps is None else num_inference_steps,
                                 guidance_scale=DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale)
         if not isinstance(s["prompt"], str):
@@ -672,21 +684,3 @@ class ImageCraftPipeline:
         image_size = (shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor)
         return recorder, lambda: recorder.maps([t.text for t in edited], negative_prompt, tokens, negative_tokens,
                                                positions, shape[2:], image_size, [])
-
-    def _scheduler(self, name: str, steps: int):
-        """A fresh scheduler `name` set to `steps` steps, starting at the first."""
-        sched = make_scheduler(name, self.scheduler_config)
-        sched.set_timesteps(steps, device=self.device)
-        if hasattr(sched, "set_begin_index"):
-            # text-to-image starts at the first timestep. Said explicitly, because with Karras sigmas on a
-            # zero-terminal-SNR model several leading timesteps round to 999, and diffusers' lookup by timestep then
-            # starts at the second and runs past the end (diffusers' own pipeline raises IndexError there)
-            sched.set_begin_index(0)
-        return sched
-
-    def _noise(self, seeds: list[int], shape: tuple, sched) -> tuple[torch.Tensor, list[torch.Generator]]:
-        """The initial latents of images with these seeds (one CPU generator each, as diffusers draws them) and the
-        generators, which ancestral samplers draw from afterwards."""
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        latents = randn_tensor(shape, generator=generators, device=torch.device(self.device), dtype=self.dtype)
-        return latents * sched.init_noise_sigma, generators

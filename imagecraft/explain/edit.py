@@ -9,12 +9,16 @@ at each step lets the target borrow the source's attention:
   source's, carried across by a token alignment (`align`). A word the edit keeps, or swaps for another ("red" ->
   "blue"), takes the map of its source word, so the blue circle is drawn where the red one was; a word the edit adds
   keeps its own map (the paper's refinement); a word split into several pieces shares its source word's map among
-  them. `reweight` scales a word's attention (the paper's reweighting), within the same steps.
+  them. `reweight` scales a word's attention (the paper's reweighting) on every step: within the cross steps the
+  borrowed map's, after them the target's own (the paper's code stops at the cross steps; measured on the built-in
+  model, a colour word at 0 then lowers the object's saturation 0.835 -> 0.671, monotone in 92% of scenes, against
+  0.508 and 100% on every step).
 - self-attention, for the first `self_steps`: the target's self-attention maps are the source's, in layers of at
   most 32x32 positions as in the paper's code. This is what keeps shapes and layout.
 - local blend (`blend` words): from `BLEND_START` of the steps on, the target's latents are the source's outside the
   region where the blend words' cross-attention (source and target, mean over the steps so far) reaches
-  `BLEND_THRESHOLD` of its maximum.
+  `BLEND_THRESHOLD` of its maximum, grown by `BLEND_DILATE` latent pixels (the paper max-pools its maps for the
+  same reason: a mask that hugs the object leaves the source's colour on its rim).
 
 Attention with the source's probabilities and the target's values is attention with the source's queries and keys
 and the target's values: softmax(q_s k_s^T) (M v_t), where M carries the target's values to the source's token
@@ -55,7 +59,7 @@ from .maps import group_words, word_indices
 SELF_MAX_POSITIONS = 32 * 32  # self-attention is injected in layers of at most this many positions (the paper's code)
 BLEND_START = 0.2  # the share of the steps before the local blend starts (the paper's code)
 BLEND_THRESHOLD = 0.3  # of the blend map's maximum (the paper's code)
-REWEIGHT_ALL_STEPS = False  # experiment
+BLEND_DILATE = 1  # latent pixels the mask grows by
 BLEND_MAX_SIDE = 16  # blend maps: the down and up blocks' cross-attention of at most 16x16 (the paper's: 16x16 at 512 px)
 
 
@@ -173,19 +177,14 @@ class EditPlan:
 
     def __post_init__(self):
         own = torch.stack([a.own for a in self.alignments])  # (B, L_t)
-        self.plain = all(a.identity for a in self.alignments) and bool((self.weights == 1).all())
+        self.reweighted = not bool((self.weights == 1).all())
+        self.plain = all(a.identity for a in self.alignments) and not self.reweighted
         self.mixes = torch.stack([a.mapper for a in self.alignments]) * (self.weights * ~own)[:, None, :]
         self.owns = (self.weights * own) if bool(own.any()) else None
 
-    @property
-    def reweighted(self) -> bool:
-        return not bool((self.weights == 1).all())
-
-    def weights_of(self, v):
-        return self.weights.to(v.device, v.dtype)[:, None, :, None]
 
     def to(self, device) -> "EditPlan":
-        self.mixes = self.mixes.to(device)
+        self.weights, self.mixes = self.weights.to(device), self.mixes.to(device)
         self.owns = None if self.owns is None else self.owns.to(device)
         return self
 
@@ -195,6 +194,10 @@ class EditPlan:
         if self.plain:
             return v
         return torch.einsum("bst,bhtd->bhsd", self.mixes.to(v.dtype), v)
+
+    def reweight_values(self, v: torch.Tensor) -> torch.Tensor:
+        """The target's values (B, heads, L_t, d) times `reweight`'s factors: its own attention, reweighted."""
+        return v * self.weights.to(v.dtype)[:, None, :, None]
 
     def own_values(self, v: torch.Tensor) -> torch.Tensor | None:
         """The target's values (B, heads, L_t, d) of the tokens that keep their own attention, the others zero."""
@@ -262,8 +265,8 @@ class EditProcessor(OwnedProcessor):
         if self.cross and edit.blend is not None:
             edit.blend.add(1, self.index, q[rows], k[rows])
         if not edit.injects(self.cross, q.shape[2]):
-            if self.cross and REWEIGHT_ALL_STEPS and edit.plan.reweighted:
-                return SDPAProcessor.attend(attn, q, k, _swap_rows(v, rows, v[rows] * edit.plan.weights_of(v)))
+            if self.cross and edit.plan.reweighted:  # reweighting holds after the cross steps, on its own maps
+                return SDPAProcessor.attend(attn, q, k, _swap_rows(v, rows, edit.plan.reweight_values(v[rows])))
             return SDPAProcessor.attend(attn, q, k, v)
         q_s, k_s = self.kept
         if not self.cross:
@@ -313,7 +316,8 @@ class LocalBlend:
                                        mode="bilinear", align_corners=False) for i, s in sums.items()]
             m = torch.stack(upsampled).mean(0)  # (B, 1, h, w)
             masks.append(m >= self.threshold * m.amax(dim=(2, 3), keepdim=True))
-        return (masks[0] | masks[1]).float()
+        mask = (masks[0] | masks[1]).float()
+        return F.max_pool2d(mask, 2 * BLEND_DILATE + 1, stride=1, padding=BLEND_DILATE) if BLEND_DILATE else mask
 
     def apply(self, step: int, latents: torch.Tensor, batch: int) -> None:
         """After step `step`: the target's latents (the second half) blended into the source's, in place."""

@@ -217,9 +217,10 @@ def edit(args) -> list:
         restore_source(args.from_png)  # a PNG that cannot be drawn again says so now
     given = dict(prompt=args.prompt, reweight=parse_reweight(args.reweight) if args.reweight else None,
                  blend=args.blend, cross_steps=args.cross_steps, self_steps=args.self_steps)
-    settings = check_edit({k: given[k] if given[k] is not None else stored.get(k) for k in given})
-    if "prompt" not in settings:
+    merged = {k: given[k] if given[k] is not None else stored.get(k) for k in given}
+    if merged["prompt"] is None:
         raise ValueError("give --prompt: the edited prompt")
+    settings = check_edit(merged)
     check_png_path(check_writable(args.output, "--output"), "--output")
 
     pipe = load(args)

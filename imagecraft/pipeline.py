@@ -593,7 +593,9 @@ class ImageCraftPipeline:
             path = p2p.ddim_invert(self.unet, sched, z0, cond, callback)
         uncond = (p2p.null_text(self.unet, sched, path, cond, negative, s["guidance_scale"], callback=callback)
                   if null_text else None)
-        latents = path[-1].to(self.dtype)
+        # contiguous: the VAE's latents come channels-last, and it decodes those with other rounding than the
+        # contiguous latents an edit draws
+        latents = path[-1].to(self.dtype).contiguous()
         with torch.no_grad():
             unet = self.unet if uncond is None else p2p.NullTextUNet(self.unet, uncond.to(self.device))
             drawn = denoise(unet, sched, latents, torch.cat([negative, cond]) if guided else cond,
@@ -610,7 +612,15 @@ class ImageCraftPipeline:
         if isinstance(source, p2p.Inversion):
             return [dict(r) for r in source.records], source, list(source.warnings)
         if isinstance(source, GenerationResult):
-            made, notes = source.records, []
+            made, notes = [], []
+            for r in source.records:  # an edit's image is edited from its source, as its PNG is
+                edit = r.get("edit")
+                if edit and edit.get("inverted"):
+                    raise ValueError("this result is an edit of an inverted picture: edit the inversion itself")
+                made.append(dict(r, prompt=edit["source_prompt"]) if edit else r)
+                note = f"the source is an edit of {edit['source_prompt']!r}; this edit starts from that" if edit else ""
+                if note and note not in notes:
+                    notes.append(note)
         elif isinstance(source, (str, Path, Image.Image)):
             settings, notes = restore_source(source)
             made = [settings]

@@ -281,6 +281,8 @@ def restore_source(source) -> tuple[dict, list[str]]:
                              "again (invert) and edit it")
         record = dict(record, prompt=edit.get("source_prompt"))
     settings, notes = _checked(record)
+    if isinstance(edit, dict):
+        notes.append(f"the PNG is an edit of {shown(edit.get('source_prompt'))}; this edit starts from that")
     # what made it, to say when this pipeline differs (shown, never loaded)
     settings.update({k: record[k] for k in ("model_hash", "dtype") if isinstance(record.get(k), str)})
     if isinstance(record.get("lora"), dict):

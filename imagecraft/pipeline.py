@@ -31,7 +31,7 @@ from .png import pipeline_settings, restore_edit, restore_settings, restore_sour
 from .prompts import PromptTokens, encode as encode_weighted, tokenize as tokenize_weighted
 from .port import config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet
 from .schedulers import check_scheduler_name, make_scheduler, scheduler_name_of
-from .settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, LORA_SCALE, MAX_SEED, check_edit, check_settings
+from .settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, INVERT_GUIDANCE, LORA_SCALE, MAX_SEED, check_edit, check_settings
 from .runtime import check_device, resolve_dtype
 from .unet import FeatureCache, UNet_SD
 
@@ -557,7 +557,8 @@ class ImageCraftPipeline:
             prompt: what the picture shows, in the words the model knows.
             negative_prompt: the negative prompt edits of it use (null-text starts from its embedding).
             num_inference_steps: DDIM steps of the inversion and of its edits (default: the generation default).
-            guidance_scale: the guidance its edits run at (default: the generation default).
+            guidance_scale: the guidance its edits run at (default: settings.INVERT_GUIDANCE, measured: edits at
+                higher guidance draw the object larger than the picture's).
             null_text: optimise the unconditional embedding per step (True), or not (False: plain DDIM inversion,
                 which draws the picture again only without guidance); None: when guidance is on.
             callback: `callback(step, total, latents)` after each inversion and optimisation step.
@@ -574,7 +575,7 @@ class ImageCraftPipeline:
         s = self.check_settings(prompt=prompt, negative_prompt=negative_prompt, width=image.width, height=image.height,
                                 scheduler="ddim",
                                 num_inference_steps=DEFAULT_STEPS if num_inference_steps is None else num_inference_steps,
-                                guidance_scale=DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale)
+                                guidance_scale=INVERT_GUIDANCE if guidance_scale is None else guidance_scale)
         if not isinstance(s["prompt"], str):
             raise ValueError("invert takes one picture and one prompt")
         guided = s["guidance_scale"] > 1.0

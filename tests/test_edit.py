@@ -466,11 +466,6 @@ def test_inverting_a_picture_of_the_world_draws_it_again_and_edits_it(builtin):
     inv = builtin.invert(picture, prompt_of(spec))
     assert inv.psnr >= 25, inv.psnr  # measured: see the README's inversion row
     assert score(inv.images[0], prompt_of(spec))["all"]
-    # a plain edit of an inverted picture keeps where the object is and takes the new colour, but draws the object
-    # larger and rounder than the picture's (null-text embeddings fit the source's prompt, not the edit's): the
-    # shape is checked with a local blend, which keeps the picture around the object
-    plain = score(builtin.edit(inv, "a blue square on the left").images[0], "a blue square on the left")
-    assert plain["colour"] and plain["position"] and plain["count"], plain
-    out = builtin.edit(inv, "a blue square on the left", blend=["square"])
+    out = builtin.edit(inv, "a blue square on the left")
     assert score(out.images[0], "a blue square on the left")["all"]
-    assert iou(object_mask(out.images[0]), object_mask(picture)) >= 0.7
+    assert iou(object_mask(out.images[0]), object_mask(picture)) >= 0.7  # the object keeps its size

@@ -37,6 +37,13 @@ from dataclasses import dataclass
 
 import torch
 
+# Tokens one prompt may fill, counted in whole chunks: 16 chunks of SD's 75, 40 of the built-in model's 30. That is
+# about 4,000 characters of English under CLIP's tokenizer (settings.MAX_PROMPT_CHARS), and 4,000 of the shapes
+# world's words under the built-in one (960 tokens). Each chunk is one more text-encoder pass and a window more keys
+# in every cross-attention layer, so emoji (several tokens a character) or a run of BREAKs, which could make
+# hundreds of chunks, are refused.
+MAX_TOKENS = 1200
+
 ROUND, SQUARE = 1.1, 1 / 1.1  # (word) and [word]
 TOKEN = re.compile(r"""
     \\[()\[\]\\]                                      # an escaped bracket or backslash: the character
@@ -209,6 +216,11 @@ def tokenize(tokenizer, prompt: str) -> PromptTokens:
                 chunks[-1].append((token, weight))
     if len(chunks) > 1 and not chunks[-1]:  # a trailing BREAK starts no chunk
         chunks.pop()
+    most = MAX_TOKENS // (window - 2)
+    if len(chunks) > most:
+        raise ValueError(f"the prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} makes {len(chunks)} chunks of "
+                         f"{window - 2} tokens; at most {most} are read ({most * (window - 2)} tokens): shorten it or "
+                         "use fewer BREAKs")
     notes = [f"{prompt[:60]!r}{'...' if len(prompt) > 60 else ''}: {note}" for note in parsed.notes]
     special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     return PromptTokens(prompt, [[i for i, _ in c] for c in chunks], [[w for _, w in c] for c in chunks], notes,

@@ -32,7 +32,7 @@ UNET_TARGETS = {"attn": ("to_q", "to_k", "to_v", "to_out.0"), "ff": ("ff.net.0.p
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPTS = 64  # prompts in one list-of-prompts call
-MAX_PROMPT_CHARS = 4000  # CLIP reads 77 tokens (about 300 characters); more is truncated anyway
+MAX_PROMPT_CHARS = 4000  # about 1,000 tokens of English; prompts.MAX_TOKENS caps the tokens
 MAX_IMAGES = 16
 # Sampling steps when none are given (pipeline, CLI, app). The fastest setting within 2 points of the best accuracy
 # on the built-in model's speed/quality frontier (bench/bench_speed_quality.py, docs/figures.md); also
@@ -359,7 +359,7 @@ def check_prompt(prompt) -> str | list[str]:
         raise ValueError(f"prompt must be a string or a list of 1 to {MAX_PROMPTS} strings, got {shown(prompt)}")
     long = [len(p) for p in prompts if len(p) > MAX_PROMPT_CHARS]
     if long:
-        raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters (the text encoder reads about 300), "
+        raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters, "
                          f"got {long[0]}")
     for p in prompts:
         _check_unicode("prompt", p)

@@ -199,6 +199,21 @@ def test_a_prompt_that_fits_is_tokenised_as_diffusers_does(tokenizer, prompt):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("prompt", ["red " * 1000, "BREAK " * 600, "\U0001f3a8" * 2000])
+def test_a_prompt_of_too_many_chunks_is_one_sentence(tokenizer, prompt):
+    with pytest.raises(ValueError, match=r"makes \d+ chunks of 75 tokens; at most 16 are read \(1200 tokens\)"):
+        tokenize(tokenizer, prompt)
+
+
+@pytest.mark.unit
+def test_the_longest_prompt_of_the_world_is_read(tokenizer):
+    from imagecraft.settings import MAX_PROMPT_CHARS
+
+    prompt = ("a red circle on the left " * 200)[:MAX_PROMPT_CHARS]
+    assert len(tokenize(tokenizer, prompt).chunks) <= 16
+
+
+@pytest.mark.unit
 def test_long_prompts_are_cut_into_chunks_each_with_its_start_and_end(tokenizer):
     ids = tokenizer(LONG, add_special_tokens=False).input_ids
     assert len(ids) > 75

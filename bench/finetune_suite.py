@@ -242,6 +242,16 @@ def old_prompts(pipe, prompts, steps: int = 25, guidance: float = 5.0) -> tuple[
     return right, texture(images, prompts)
 
 
+def trained(pipe, output: Path, recipe):
+    """The fine-tuned model: `pipe` with the LoRA loaded, or the model folder a full fine-tune wrote."""
+    if recipe.method == "full":
+        from imagecraft.pipeline import ImageCraftPipeline
+
+        return ImageCraftPipeline.from_pretrained(output, dtype=pipe.dtype)
+    pipe.load_lora(output)
+    return pipe
+
+
 def run(pipe, recipe, concepts, work: Path, old: list[str], seeds: int = 3, log=print) -> list[dict]:
     """Trains `recipe` on each concept (from the base model in `pipe`) and measures it; one row per concept."""
     from imagecraft.train.finetune import finetune
@@ -254,9 +264,9 @@ def run(pipe, recipe, concepts, work: Path, old: list[str], seeds: int = 3, log=
         started = time.perf_counter()
         result = finetune(None, data, work / concept.word / "lora", recipe, show_bar=False)
         minutes = (time.perf_counter() - started) / 60
-        pipe.load_lora(work / concept.word / "lora")
-        rates = evaluate(pipe, concept, seeds)
-        right, tex = old_prompts(pipe, old)
+        tuned = trained(pipe, work / concept.word / "lora", recipe)
+        rates = evaluate(tuned, concept, seeds)
+        right, tex = old_prompts(tuned, old)
         pipe.unload_lora()
         row = dict(concept=concept.word, kind=concept.kind, split=concept.split, steps=result.step,
                    kept=result.kept_step or result.step, minutes=minutes,

@@ -1,12 +1,16 @@
-"""What bad input costs a running server: stalls, memory and disk, each against `python app.py` in a subprocess.
+"""What bad input and training cost a running server: stalls, memory, disk, generation while a fine-tune trains and
+disk under hostile uploads, each against `python app.py` in a subprocess.
 
-    python bench/server_load.py                                # all three, about 10 minutes on 2 cores
+    python bench/server_load.py                                # all five, about 20 minutes on 2 cores
     python bench/server_load.py --only stall                   # ping latency while hostile requests are served
     python bench/server_load.py --only memory                  # server RSS over 100 /load_model spellings
     python bench/server_load.py --only disk --disk-requests 1000   # outputs under IMAGECRAFT_OUTPUT_MB=5
     python bench/server_load.py --only disk --disk-mb 1            # a tighter cap, to see it act
+    python bench/server_load.py --only training                # generation latency while a fine-tune trains
+    python bench/server_load.py --only uploads --uploads 1000  # the fine-tune folders under IMAGECRAFT_UPLOAD_MB=5
 
-Whether each bad input is refused with a sentence is a test: tests/test_bad_input.py.
+Whether each bad input is refused with a sentence is a test: tests/test_bad_input.py (bench/probe_counts.py counts
+its outcomes).
 
 Stall. IMAGECRAFT_CONCURRENCY=2; a thread calls /random_seed every 50 ms and records each latency while hostile
 requests that cost the server work which is not their own generation go in one at a time (three times each), then
@@ -25,13 +29,30 @@ what pruning costs over 10,000 kept outputs. Target: the outputs stay within the
 cache is reported as it is (the app prunes it to the same cap but keeps files under five minutes old; delete_cache
 sweeps it hourly).
 
+Training. A server with IMAGECRAFT_SHARE_CORES=1 (the default: the trainer gives way to requests between steps,
+serve/jobs.py's CoreShare) and one with 0 (both run side by side), unless --sharing picks one. One-image generations
+(the built-in model's defaults, a fixed seed, a pause of 1-1.5 s between them, so that each arrives mid-step) before
+a fine-tune, while it trains (LoRA on the demo data) and after it is stopped: the medians and the ratio while
+training / without. Target: at most 2x. Then, the fine-tune still training, 16 generations queued at once while
+/random_seed is pinged every 50 ms: the worst ping against a quiet baseline, and the training steps taken meanwhile.
+Target: the worst stall at most 0.5 s.
+
+Uploads. IMAGECRAFT_UPLOAD_MB=5, a private TMPDIR and GRADIO_TEMP_DIR; N /finetune_upload calls cycling through the
+hostile uploads of tests/test_bad_input.py (imagecraft.testing) and uploads that are accepted (zips of noise images,
+to fill the cap; one larger than it), plus /finetune_demo_data. Reported per kind: refused with a sentence, accepted,
+generic errors; the fine-tune folders' size at most (sampled every 0.2 s) and at the end against the cap; Gradio's
+cache, where the uploaded files themselves land, as it is.
+
 The servers import the checkout as it is when they start: run this on a checkout nobody is editing.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import random
+import re
 import shutil
 import socket
 import statistics
@@ -47,7 +68,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from imagecraft.testing import png_chunk, png_with  # noqa: E402
+from imagecraft.testing import hostile_loose, hostile_zips, png_chunk, png_with, zip_of  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -372,12 +393,205 @@ def prune_cost(root: Path, entries: int):
           f"(outputs and Gradio's cache); 500 MB of 64x64 PNGs is ~90,000")
 
 
+# --- generation while a fine-tune trains -----------------------------------------------------------------------------
+def generations(client, n: int, rng: random.Random) -> list[float]:
+    """Seconds of each of `n` one-image generations (the built-in defaults, one seed), 1-1.5 s apart."""
+    seconds = []
+    for _ in range(n):
+        time.sleep(1.0 + 0.5 * rng.random())
+        start = time.perf_counter()
+        answer = attempt(client, "/generate", prompt="a red circle", seed=7)
+        seconds.append(time.perf_counter() - start)
+        if answer != "ok":
+            raise SystemExit(f"a generation failed: {answer}")
+    return seconds
+
+
+def training_step(client) -> tuple[str, int]:
+    """The fine-tune's status line and its step (0 before the first)."""
+    status = client.predict(api_name="/finetune_status")
+    found = re.search(r"step (\d+) of", status)
+    return status, int(found.group(1)) if found else 0
+
+
+def training(args, work: Path, sharing: str):
+    print(f"\n== training: one-image generations with and without a fine-tune training, IMAGECRAFT_SHARE_CORES="
+          f"{sharing} ==")
+    print(load())
+    rng, tmp = random.Random(0), work / f"training-{sharing}-tmp"
+    tmp.mkdir()
+    with Server(work, f"training-{sharing}", IMAGECRAFT_SHARE_CORES=sharing, IMAGECRAFT_MAX_TRAIN_COST="1000000",
+                TMPDIR=str(tmp), GRADIO_TEMP_DIR=str(work / f"training-{sharing}-gradio")) as server:
+        client, trainer = server.client(), server.client()
+        attempt(client, "/generate", prompt="warm up", seed=7)
+        pinger = Pinger(server)
+        pinger.start()
+        time.sleep(6)
+        pinger.done.set()
+        pinger.join()
+        quiet_pings = [lat for _, lat in pinger.pings[10:]]
+        ping_base = statistics.median(quiet_pings)
+        before = generations(client, args.generations, rng)
+
+        rows = trainer.predict(api_name="/finetune_demo_data")[0]
+        job = trainer.submit(rows, "lora", args.train_steps, 4, 0, "", BUILTIN, "", api_name="/finetune")
+        deadline = time.time() + 300
+        while training_step(trainer)[1] < 2:  # past the setup (model, latents, base previews)
+            if job.done() or time.time() > deadline:
+                raise SystemExit(f"the fine-tune did not start: {training_step(trainer)[0]}")
+            time.sleep(0.5)
+        first_step = training_step(trainer)[1]
+        start = time.perf_counter()
+        during = generations(client, args.generations, rng)
+        seconds = time.perf_counter() - start
+        status, step = training_step(trainer)
+        trained = "Training" in status
+        steps_during = step - first_step
+
+        pinger = Pinger(server)
+        pinger.start()
+        time.sleep(3)
+        queued_from = training_step(trainer)[1]
+        start = time.perf_counter()
+        queued = [client.submit(prompt="a red circle", seed=i, api_name="/generate") for i in range(16)]
+        for q in queued:
+            q.result()
+        stop = time.perf_counter()
+        time.sleep(0.5)
+        pinger.done.set()
+        pinger.join()
+        status, queued_to = training_step(trainer)
+        trained = trained and "Training" in status
+        worst = max(pinger.during(start, stop))
+
+        trainer.predict(api_name="/finetune_stop")
+        deadline = time.time() + 120
+        while not job.done() and time.time() < deadline:
+            time.sleep(0.5)
+        after = generations(client, args.generations, rng)
+        tracebacks = server.tracebacks()
+
+    without = statistics.median(before + after)
+    ratio = statistics.median(during) / without
+    print(f"one-image generation (built-in defaults), median of {args.generations} each: before training "
+          f"{statistics.median(before):.2f} s, after {statistics.median(after):.2f} s, while training "
+          f"{statistics.median(during):.2f} s (max {max(during):.2f} s) -> {ratio:.2f}x the median without "
+          f"(target <= 2x: {'met' if ratio <= 2 else 'MISSED'})")
+    print(f"the fine-tune took {steps_during} steps in those {seconds:.0f} s ({steps_during / seconds:.2f} steps/s)"
+          + ("" if trained else "; it was NOT training throughout (finished or failed): raise --train-steps"))
+    print(f"16 generations queued at once: served in {stop - start:.1f} s; /random_seed worst {worst * 1000:.0f} ms "
+          f"against a quiet median of {ping_base * 1000:.0f} ms: a stall of {worst - ping_base:.2f} s (target <= "
+          f"0.5 s: {'met' if worst - ping_base <= 0.5 else 'MISSED'}); the fine-tune took {queued_to - queued_from} "
+          f"steps meanwhile; server tracebacks logged: {tracebacks}")
+    return ratio, worst - ping_base
+
+
+# --- hostile uploads under the disk cap -------------------------------------------------------------------------------
+def noise_zip(images: int, side: int, seed: int) -> bytes:
+    """A zip of `images` captioned noise PNGs of side x side (noise does not compress: ~3 bytes a pixel)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    members = {}
+    for i in range(images):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG")
+        members |= {f"noise-{i}.png": buffer.getvalue(), f"noise-{i}.txt": "a noisy square"}
+    return zip_of(members)
+
+
+def upload_kinds(work: Path) -> dict[str, list[Path]]:
+    """Each kind of upload, as the files one /finetune_upload sends; "accepted: ..." kinds should be accepted."""
+    folder = work / "uploads"
+    folder.mkdir()
+    kinds = {}
+    for name, (data, _) in hostile_zips().items():
+        kinds[f"zip: {name}"] = [folder / f"{len(kinds):02d}.zip"]
+        kinds[f"zip: {name}"][0].write_bytes(data)
+    for name, files in hostile_loose().items():
+        (folder / f"{len(kinds):02d}").mkdir()
+        kinds[f"loose: {name}"] = [folder / f"{len(kinds):02d}" / file for file in files]
+        for path, data in zip(kinds[f"loose: {name}"], files.values()):
+            path.write_bytes(data)
+    for name, data in {"accepted: 12 noise images of 128x128 (~0.6 MB)": noise_zip(12, 128, 0),
+                       "accepted: 4 noise images of 512x512 (~3 MB)": noise_zip(4, 512, 1),
+                       "larger than the cap: 8 of 512x512 (~6 MB)": noise_zip(8, 512, 2)}.items():
+        kinds[name] = [folder / f"{len(kinds):02d}.zip"]
+        kinds[name][0].write_bytes(data)
+    kinds["accepted: the demo data (/finetune_demo_data)"] = []
+    return kinds
+
+
+def uploads(args, work: Path):
+    from gradio_client import handle_file
+
+    n, cap = args.uploads, args.upload_mb
+    print(f"\n== uploads: {n} /finetune_upload calls, hostile and not, with IMAGECRAFT_UPLOAD_MB={cap:g} ==")
+    print(load())
+    kinds = upload_kinds(work)
+    tmp, cache = work / "uploads-tmp", work / "uploads-gradio"
+    tmp.mkdir()
+    cache.mkdir()
+    finetune_root = tmp / "imagecraft-finetune"
+    answers: dict[str, list[str]] = {kind: [] for kind in kinds}
+    with Server(work, "uploads", TMPDIR=str(tmp), GRADIO_TEMP_DIR=str(cache),
+                IMAGECRAFT_UPLOAD_MB=f"{cap:g}") as server:
+        peak, done = [0.0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], folder_size(finetune_root))
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        client, names, start = server.client(), list(kinds), time.perf_counter()
+        for i in range(n):
+            kind = names[i % len(names)]
+            if kinds[kind]:
+                answer = attempt(client, "/finetune_upload", files=[handle_file(str(p)) for p in kinds[kind]])
+            else:
+                answer = attempt(client, "/finetune_demo_data")
+            answers[kind].append(answer)
+            if (i + 1) % 100 == 0:
+                print(f"  {i + 1} uploads, {time.perf_counter() - start:.0f} s: fine-tune folders "
+                      f"{folder_size(finetune_root):.2f} MB, Gradio cache {folder_size(cache):.1f} MB", flush=True)
+        done.set()
+        sampler.join()
+        seconds = time.perf_counter() - start
+        end_mb, cache_mb = folder_size(finetune_root), folder_size(cache)
+        peak_mb = max(peak[0], end_mb)
+        tracebacks = server.tracebacks()
+    print(f"{'kind':58} {'sent':>4} {'ok':>4} {'refused':>7} {'generic':>7}  first answer")
+    wrong = 0
+    for kind, got in answers.items():
+        ok = got.count("ok")
+        generic = sum("upstream Gradio app has raised an exception" in a for a in got)
+        wrong += ok if not kind.startswith("accepted") else len(got) - ok
+        print(f"{short(kind, 58):58} {len(got):4d} {ok:4d} {len(got) - ok:7d} {generic:7d}  "
+              f"{short(got[0] if got else '', 60)}")
+    print(f"{n} calls in {seconds:.0f} s; {wrong} answered other than expected; server tracebacks logged: {tracebacks}")
+    print(f"fine-tune folders (uploads and jobs): {end_mb:.2f} MB at the end, at most {peak_mb:.2f} MB (cap {cap:g} "
+          f"MB: {'met' if peak_mb <= cap else 'MISSED'})")
+    print(f"Gradio cache (GRADIO_TEMP_DIR), where uploaded files land before the app reads them: {cache_mb:.1f} MB "
+          f"at the end ({cache_mb / n * 1024:.0f} KB per call)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", nargs="+", choices=["stall", "memory", "disk"], default=["stall", "memory", "disk"])
+    scenarios = ["stall", "memory", "disk", "training", "uploads"]
+    parser.add_argument("--only", nargs="+", choices=scenarios, default=scenarios)
     parser.add_argument("--stall-repeats", type=int, default=3, help="times each hostile request is sent")
     parser.add_argument("--disk-requests", type=int, default=1000)
     parser.add_argument("--disk-mb", type=float, default=5, help="IMAGECRAFT_OUTPUT_MB for the disk run")
+    parser.add_argument("--generations", type=int, default=20, help="one-image generations per training phase")
+    parser.add_argument("--train-steps", type=int, default=3000,
+                        help="the fine-tune's steps: enough to train throughout (it is stopped at the end)")
+    parser.add_argument("--sharing", choices=["both", "1", "0"], default="both",
+                        help="IMAGECRAFT_SHARE_CORES of the training servers")
+    parser.add_argument("--uploads", type=int, default=1000)
+    parser.add_argument("--upload-mb", type=float, default=5, help="IMAGECRAFT_UPLOAD_MB for the uploads run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (server logs, files made)")
     args = parser.parse_args()
 
@@ -389,6 +603,15 @@ def main():
             memory(args, work)
         if "disk" in args.only:
             disk(args, work)
+        if "training" in args.only:
+            found = {sharing: training(args, work, sharing) for sharing in
+                     (["1", "0"] if args.sharing == "both" else [args.sharing])}
+            if len(found) == 2:
+                print("\nwhile training, IMAGECRAFT_SHARE_CORES=1 against =0: generation "
+                      + " vs ".join(f"{ratio:.2f}x" for ratio, _ in found.values()) + " the quiet median; worst stall "
+                      + " vs ".join(f"{stall:.2f} s" for _, stall in found.values()))
+        if "uploads" in args.only:
+            uploads(args, work)
     finally:
         if args.keep:
             print(f"kept {work}")

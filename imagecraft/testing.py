@@ -1,4 +1,5 @@
-"""Tiny random Stable Diffusion models and hand-made PNG chunks, for the tests and the benchmarks.
+"""Tiny random Stable Diffusion models, hand-made PNG chunks and hostile training uploads, for the tests and the
+benchmarks.
 
 It sits in the package, not in tests/, because tests/ and bench/ both need it and a benchmark never imports
 tests/; bench/common.py would do for what only the benchmarks use. Nothing else in imagecraft imports it.
@@ -6,6 +7,7 @@ tests/; bench/common.py would do for what only the benchmarks use. Nothing else 
 
 import io
 import struct
+import zipfile
 import zlib
 
 import torch
@@ -87,3 +89,79 @@ def png_with(*chunks: bytes) -> bytes:
     Image.new("RGB", (8, 8)).save(buffer, "PNG")
     png = buffer.getvalue()
     return png[:33] + b"".join(chunks) + png[33:]
+
+
+# --- training uploads a server must refuse (tests/test_bad_input.py, bench/server_load.py --only uploads) ---------
+def tiny_png(size=(8, 8)) -> bytes:
+    """A red PNG of `size`."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def huge_png_header(w=20000, h=20000) -> bytes:
+    """A PNG that says it is w x h: its header only, with one tiny (wrong) IDAT."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        png_chunk(b"IEND", b"")
+
+
+def zip_of(members: dict, method: int = 0) -> bytes:
+    """A zip of {name: bytes or text}, stored (method 0) or deflated (8)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", method) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buffer.getvalue()
+
+
+def patched(data: bytes, member: int, local: dict, central: dict) -> bytes:
+    """A zip with fields of its `member`-th local and central header overwritten: {offset: (struct format, value)}."""
+    data = bytearray(data)
+    for signature, fields in ((b"PK\x03\x04", local), (b"PK\x01\x02", central)):
+        at_ = -1
+        for _ in range(member + 1):
+            at_ = data.index(signature, at_ + 1)
+        for offset, (fmt, value) in fields.items():
+            struct.pack_into(fmt, data, at_ + offset, value)
+    return bytes(data)
+
+
+def corrupted(data: bytes, marker: bytes) -> bytes:
+    """`data` with the first byte of `marker` inside it flipped (a member's stored content)."""
+    at_ = data.index(marker)
+    return data[:at_] + bytes([data[at_] ^ 0xFF]) + data[at_ + 1:]
+
+
+def hostile_zips() -> dict[str, tuple[bytes, str | None]]:
+    """Zips a training upload must refuse, by name: (the bytes, the entry the refusal must name, or None)."""
+    captioned = {"a.png": tiny_png(), "a.txt": "a red square"}
+    stored = b"a caption long enough to corrupt"
+    return {
+        "encrypted": (patched(zip_of(captioned), 0, {6: ("<H", 1)}, {8: ("<H", 1)}), "a.png"),
+        "deflate64": (patched(zip_of(captioned, 8), 0, {8: ("<H", 9)}, {10: ("<H", 9)}), "a.png"),
+        "crc mismatch": (corrupted(zip_of({**captioned, "a.txt": stored}), stored), "a.txt"),
+        "corrupt deflate": (corrupted(zip_of({"a.png": tiny_png(), "a.txt": "x" * 5000}, 8), b"\xed\xc1"), None),
+        "size says smaller": (patched(zip_of({**captioned, "a.txt": stored}), 1, {22: ("<I", 4)},
+                                      {24: ("<I", 4)}), "a.txt"),
+        "size says larger": (patched(zip_of({**captioned, "a.txt": stored}), 1, {22: ("<I", 5000)},
+                                     {24: ("<I", 5000)}), "a.txt"),
+        "file and folder of one name": (zip_of({**captioned, "a.png/b.png": tiny_png()}), "a.png"),
+        "over-long name": (zip_of({**captioned, "x" * 300 + ".png": tiny_png()}), "xxxx"),
+        "250 zero-filled 1 MiB captions": (zip_of({f"{i}.txt": b"\0" * (1 << 20) for i in range(250)}, 8), "0.txt"),
+        "20000x20000 PNG": (zip_of({**captioned, "big.png": huge_png_header()}), "big.png"),
+        "text named .png": (zip_of({**captioned, "fake.png": b"not an image at all"}), "fake.png"),
+        "10,100 entries": (zip_of({f"{i}.md": b"" for i in range(10_100)} | captioned), None),
+        "entry twice": (patched(zip_of({"a.png": tiny_png(), "b.png": tiny_png()}), 1, {30: ("5s", b"a.png")},
+                                {46: ("5s", b"a.png")}), "a.png"),
+        "not a zip": (b"PK\x03\x04 not really", None),
+    }
+
+
+def hostile_loose() -> dict[str, dict[str, bytes]]:
+    """Loose files (not zipped) a training upload must refuse, by name: {file name: bytes}."""
+    return {
+        "text named .png": {"fake.png": b"not an image"},
+        "20000x20000 PNG": {"big.png": huge_png_header(), "big.txt": b"huge"},
+        "caption of 1 MiB": {"a.png": tiny_png(), "a.txt": b"\0" * (1 << 20)},
+    }

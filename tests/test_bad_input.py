@@ -20,6 +20,7 @@ What bad input costs a running server (stalls, memory, disk) is measured by benc
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -53,7 +54,7 @@ from imagecraft.explain.maps import AttentionMaps
 from imagecraft.loading import DEFAULT_MODEL
 from imagecraft.pipeline import ImageCraftPipeline
 from imagecraft.serve.models import BUILTIN, ModelCache
-from imagecraft.testing import png_chunk, png_with
+from imagecraft.testing import hostile_loose, hostile_zips, png_chunk, png_with, tiny_png, zip_of
 from imagecraft.unet import UNetConfig
 
 pytestmark = pytest.mark.integration
@@ -837,78 +838,10 @@ def test_python(case, files, targets, monkeypatch):
 
 
 # --- training uploads: the app's Fine-tune upload, the CLI's --data zip, take_upload --------------------------------
-# Hostile zips built here. Every refusal must be a sentence that names the entry (where there is one), quotes no
-# server path, and leaves nothing on disk.
-def tiny_png(size=(8, 8)) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    Image.new("RGB", size, (200, 30, 30)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def huge_png_header(w=20000, h=20000) -> bytes:
-    """A PNG that says it is w x h: its header only, with one tiny (wrong) IDAT."""
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
-        png_chunk(b"IEND", b"")
-
-
-def zip_of(members: dict, method: int = 0) -> bytes:
-    import io
-    import zipfile
-
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", method) as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-    return buffer.getvalue()
-
-
-def patched(data: bytes, member: int, local: dict, central: dict) -> bytes:
-    """A zip with fields of its `member`-th local and central header overwritten: {offset: (struct format, value)}."""
-    data = bytearray(data)
-    for signature, fields in ((b"PK\x03\x04", local), (b"PK\x01\x02", central)):
-        at_ = -1
-        for _ in range(member + 1):
-            at_ = data.index(signature, at_ + 1)
-        for offset, (fmt, value) in fields.items():
-            struct.pack_into(fmt, data, at_ + offset, value)
-    return bytes(data)
-
-
-def corrupted(data: bytes, marker: bytes) -> bytes:
-    """`data` with the first byte of `marker` inside it flipped (a member's stored content)."""
-    at_ = data.index(marker)
-    return data[:at_] + bytes([data[at_] ^ 0xFF]) + data[at_ + 1:]
-
-
-CAPTIONED = {"a.png": tiny_png(), "a.txt": "a red square"}
-STORED_TEXT = b"a caption long enough to corrupt"
-ZIPS = {  # name: (bytes, the entry the sentence must name, or None); all to be refused
-    "encrypted": (patched(zip_of(CAPTIONED), 0, {6: ("<H", 1)}, {8: ("<H", 1)}), "a.png"),
-    "deflate64": (patched(zip_of(CAPTIONED, 8), 0, {8: ("<H", 9)}, {10: ("<H", 9)}), "a.png"),
-    "crc mismatch": (corrupted(zip_of({**CAPTIONED, "a.txt": STORED_TEXT}), STORED_TEXT), "a.txt"),
-    "corrupt deflate": (corrupted(zip_of({"a.png": tiny_png(), "a.txt": "x" * 5000}, 8), b"\xed\xc1"), None),
-    "size says smaller": (patched(zip_of({**CAPTIONED, "a.txt": STORED_TEXT}), 1, {22: ("<I", 4)},
-                                  {24: ("<I", 4)}), "a.txt"),
-    "size says larger": (patched(zip_of({**CAPTIONED, "a.txt": STORED_TEXT}), 1, {22: ("<I", 5000)},
-                                 {24: ("<I", 5000)}), "a.txt"),
-    "file and folder of one name": (zip_of({**CAPTIONED, "a.png/b.png": tiny_png()}), "a.png"),
-    "over-long name": (zip_of({**CAPTIONED, "x" * 300 + ".png": tiny_png()}), "xxxx"),
-    "250 zero-filled 1 MiB captions": (zip_of({f"{i}.txt": b"\0" * (1 << 20) for i in range(250)}, 8), "0.txt"),
-    "20000x20000 PNG": (zip_of({**CAPTIONED, "big.png": huge_png_header()}), "big.png"),
-    "text named .png": (zip_of({**CAPTIONED, "fake.png": b"not an image at all"}), "fake.png"),
-    "10,100 entries": (zip_of({f"{i}.md": b"" for i in range(10_100)} | CAPTIONED), None),
-    "entry twice": (patched(zip_of({"a.png": tiny_png(), "b.png": tiny_png()}), 1,
-                                                  {30: ("5s", b"a.png")}, {46: ("5s", b"a.png")}), "a.png"),
-    "not a zip": (b"PK\x03\x04 not really", None),
-}
-LOOSE = {  # loose files (not zipped) to be refused
-    "text named .png": {"fake.png": b"not an image"},
-    "20000x20000 PNG": {"big.png": huge_png_header(), "big.txt": b"huge"},
-    "caption of 1 MiB": {"a.png": tiny_png(), "a.txt": b"\0" * (1 << 20)},
-}
+# Hostile zips from imagecraft.testing. Every refusal must be a sentence that names the entry (where there is one),
+# quotes no server path, and leaves nothing on disk.
+ZIPS = hostile_zips()  # name: (bytes, the entry the sentence must name, or None); all to be refused
+LOOSE = hostile_loose()  # loose files (not zipped) to be refused
 UPLOAD_CASES = [(entrance, kind) for kind in ZIPS for entrance in ("app", "cli")] + \
     [("app", "loose: " + kind) for kind in LOOSE]
 
@@ -1017,6 +950,41 @@ def test_uploads_and_jobs_stay_within_one_disk_cap(tmp_path, upload_root, monkey
     with pytest.raises(ValueError, match="taken by the jobs training now"):
         jobs.read_upload([str(tmp_path / "n.png"), str(tmp_path / "n.txt")])
     assert (active / "data.bin").is_file()
+
+
+def test_an_upload_gets_the_room_it_says_it_needs_and_no_more(tmp_path, upload_root, monkeypatch):
+    """Under a 1 MB cap: a zip that unpacks to more than the room is refused before anything is dropped; one that
+    fits has the oldest uploads dropped for it; the demo set is held to the cap as well."""
+    from imagecraft.serve import jobs
+
+    monkeypatch.setenv("IMAGECRAFT_UPLOAD_MB", "1")
+    rng = np.random.default_rng(0)
+
+    def noise_zip(name: str, images: int) -> str:  # ~120 KB a PNG
+        members = {}
+        for i in range(images):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(buffer, "PNG")
+            members |= {f"{i}.png": buffer.getvalue(), f"{i}.txt": "noise"}
+        (tmp_path / name).write_bytes(zip_of(members))
+        return str(tmp_path / name)
+
+    def used() -> int:
+        return sum(f.stat().st_size for f in upload_root.rglob("*") if f.is_file())
+
+    small, big = noise_zip("small.zip", 3), noise_zip("big.zip", 10)
+    _, first = jobs.read_upload([small])
+    with pytest.raises(ValueError, match=r"the upload unpacks to 1\.\d MB; the server has room for 1\.0 MB of "
+                                         r"uploads now \(IMAGECRAFT_UPLOAD_MB\)"):
+        jobs.read_upload([big])
+    assert all(Path(f).is_file() for f in first)  # nothing was dropped for the refused upload
+    for _ in range(3):
+        jobs.read_upload([small])
+        assert used() <= 2**20
+    assert not any(Path(f).is_file() for f in first)  # the oldest made room
+    for _ in range(60):  # ~5.5 KB each, on top of ~1 MB of uploads
+        jobs.demo_data()
+        assert used() <= 2**20
 
 
 # --- LoRA files: validated on load, whatever the entrance ------------------------------------------------------------

@@ -236,3 +236,66 @@ def test_prior_preservation_prompts_are_checked_line_by_line():
 
     demo = jobs.demo_class_prompts()  # every colour and shape but the held-out pairs, which it never learnt
     assert len(demo) == len(shapes.COLOURS) * len(shapes.SHAPES) - len(shapes.HELD_OUT) and "an orange circle" in demo
+
+
+@pytest.mark.unit
+def test_a_fine_tune_takes_no_step_while_a_request_runs_a_model(tmp_path, monkeypatch):
+    """On a CPU the trainer gives way at the step boundary (jobs.CoreShare): while a request is in flight it waits,
+    and its status says so; it goes on once the request ends. The request and the trainer each wait for the other's
+    signal, so the order of events is the proof (no clock is read)."""
+    import threading
+    from types import SimpleNamespace
+
+    from imagecraft.train.recipe import FinetuneRecipe
+
+    monkeypatch.setattr(outputs, "FINETUNE_ROOT", tmp_path)
+    cores = jobs.CoreShare(settle=0.0, max_wait=600)
+    events, at_step_2, in_request = [], threading.Event(), threading.Event()
+
+    def trainer(model, data, output, recipe, progress, should_stop, show_bar):
+        for step in range(1, recipe.steps + 1):
+            events.append(f"step {step}")
+            progress(step, recipe.steps, 0.1)
+            if step == 2:
+                at_step_2.set()
+                assert in_request.wait(60)  # a request arrived during step 2
+            should_stop()
+        return SimpleNamespace(stopped=False, step=recipe.steps, kept_step=None, files=[])
+
+    def generation():  # what a handler decorated with `handlers.gpu` runs
+        in_request.set()
+        events.append("request starts")
+        for _ in range(6000):  # until the trainer waits at the step boundary (a minute at most)
+            if cores.waits:
+                break
+            time.sleep(0.01)
+        events.append(f"request ends; the job says: {job.message}")
+
+    (tmp_path / "job").mkdir()
+    job = jobs.TrainingJob("job", tmp_path / "job", None, FinetuneRecipe(steps=4))
+    queue = jobs.TrainingQueue(trainer, cores)
+    queue.submit(job)
+    assert at_step_2.wait(60)
+    cores.serves(generation)()
+    for _ in range(6000):
+        if job.finished:
+            break
+        time.sleep(0.01)
+    assert job.state == "done", job.message
+    assert events == ["step 1", "step 2", "request starts",
+                      "request ends; the job says: step 2 of 4, loss 0.1000 (paused while the server generates images)",
+                      "step 3", "step 4"]
+    assert cores.serving == 0 and cores.waits == 1
+
+
+@pytest.mark.unit
+def test_generation_handlers_count_as_requests_the_trainer_gives_way_to(monkeypatch):
+    from imagecraft.serve import handlers
+
+    seen = []
+    monkeypatch.setattr(handlers.models, "get", lambda model: None)
+    monkeypatch.setattr(handlers, "_prune_gradio_cache", lambda: None)
+    monkeypatch.setattr(handlers.actions, "generate",
+                        lambda *args, **kwargs: (seen.append(jobs.CORES.serving), ([], 1, []))[1])
+    assert handlers.on_generate("a red circle") == ([], 1)
+    assert seen == [1] and jobs.CORES.serving == 0

@@ -2,25 +2,30 @@
 and train one job at a time.
 
 Module state: TRAINING, the one training queue of this process (fine-tunes run one at a time, each on a thread of
-its own, whoever submits them), and the jobs it holds. Their folders live under `outputs.FINETUNE_ROOT`.
+its own, whoever submits them), and the jobs it holds; CORES, which has a fine-tune give way to the requests that run
+a model; `_disk`, which lets one upload or job at a time write under `outputs.FINETUNE_ROOT`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import logging
 import os
 import random
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from ..settings import FINETUNE, check_train_cost, shown
-from ..train.data import take_upload
+from ..train.data import take_upload, upload_bytes
 from ..train.finetune import TrainingError, finetune
 from ..train.recipe import FinetuneRecipe, check_recipe
 from .. import shapes
@@ -30,48 +35,54 @@ MAX_UPLOAD_IMAGES = 200  # a Space trains on a shared CPU: a few dozen images is
 MAX_UPLOAD_ZIP_BYTES = 256 * 2**20  # what one upload (its files, its zips unpacked) may take on disk
 MAX_UPLOAD_MEMBERS = 2 * MAX_UPLOAD_IMAGES + 16  # files, or entries of one zip: an image and a caption each
 log = logging.getLogger("imagecraft.serve")
+_disk = threading.Lock()  # one upload, demo set or job folder written under FINETUNE_ROOT at a time
 
 
 def read_upload(paths) -> tuple[list[list[str]], list[str]]:
     """The caption table and the image files of an upload: images, their same-name .txt captions, metadata.jsonl /
     metadata.csv, and zips of them, checked completely now by `take_upload` (as the CLI's --data) into a fresh
     folder, which stays only if the upload is accepted. Rows are [file name, caption, note]; the note flags a
-    missing caption. Uploads and jobs are held to one disk cap (`outputs.hold_finetune_disk`)."""
+    missing caption. Uploads and jobs are held to one disk cap (`outputs.hold_finetune_disk`): room is made for
+    what the upload says it unpacks to, and it may unpack no more than that room."""
     if not paths:
         return [], []
     sources = [Path(p if isinstance(p, (str, Path)) else getattr(p, "name", p))
                for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
-    outputs.hold_finetune_disk(TRAINING.active_folders(), incoming=sum(p.stat().st_size for p in sources
-                                                                         if p.is_file()))
-    folder = outputs.new_upload_folder()
-    try:
-        examples = take_upload(sources, folder, max_bytes=MAX_UPLOAD_ZIP_BYTES, max_members=MAX_UPLOAD_MEMBERS,
-                               require_captions=False)
-        names = [ex.path.name for ex in examples]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise ValueError(f"two images are named {twice[0]!r}: the caption table matches captions by file name, "
-                             f"so rename one of them")
-        if len(examples) > MAX_UPLOAD_IMAGES:
-            raise ValueError(f"{len(examples)} images uploaded; the Fine-tune tab takes at most {MAX_UPLOAD_IMAGES}")
-        outputs.hold_finetune_disk([*TRAINING.active_folders(), folder])
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    with _disk:  # the room made for this upload stays its own while it unpacks
+        need = upload_bytes(sources, MAX_UPLOAD_ZIP_BYTES, MAX_UPLOAD_MEMBERS)  # every zip's directory checked
+        room = outputs.hold_finetune_disk(TRAINING.active_folders(), incoming=need)
+        folder = outputs.new_upload_folder()
+        try:
+            examples = take_upload(sources, folder, max_bytes=min(MAX_UPLOAD_ZIP_BYTES, room),
+                                   max_members=MAX_UPLOAD_MEMBERS, require_captions=False)
+            names = [ex.path.name for ex in examples]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"two images are named {twice[0]!r}: the caption table matches captions by file "
+                                 f"name, so rename one of them")
+            if len(examples) > MAX_UPLOAD_IMAGES:
+                raise ValueError(f"{len(examples)} images uploaded; the Fine-tune tab takes at most "
+                                 f"{MAX_UPLOAD_IMAGES}")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
     rows = [[ex.path.name, ex.caption[:1000], "" if ex.caption else "missing caption"] for ex in examples]
     return rows, [str(ex.path) for ex in examples]
 
 
 def demo_data(n: int = 24, seed: int = 0) -> tuple[list[list[str]], list[str]]:
     """The demo set: n images of pink circles and squares, a colour the built-in model does not know, captioned in
-    its grammar; written as PNGs to a fresh folder. Returns the caption table and the files."""
-    folder = outputs.new_upload_folder()
+    its grammar; written as PNGs to a fresh folder, held to the disk cap as an upload is. Returns the caption table
+    and the files."""
     rows, files = [], []
-    for i, (caption, image) in enumerate(shapes.colour_word_scenes(random.Random(seed), n, "pink")):
-        path = folder / f"pink-{i:02d}.png"
-        Image.fromarray(image).save(path)
-        rows.append([path.name, caption, ""])
-        files.append(str(path))
+    with _disk:
+        folder = outputs.new_upload_folder()
+        for i, (caption, image) in enumerate(shapes.colour_word_scenes(random.Random(seed), n, "pink")):
+            path = folder / f"pink-{i:02d}.png"
+            Image.fromarray(image).save(path)
+            rows.append([path.name, caption, ""])
+            files.append(str(path))
+        outputs.hold_finetune_disk([*TRAINING.active_folders(), folder])
     return rows, files
 
 
@@ -217,12 +228,92 @@ class TrainingJob:
             [str(p) for p in (self.output / "loss.csv", self.output / "loss.png") if p.exists()]
 
 
+class CoreShare:
+    """Requests first: a fine-tune that trains on the CPU serving the app's requests gives way to them.
+
+    A fine-tune is a thread of this process. Side by side with a generation, both run torch's threads on the same
+    cores (2 on a basic Space) and take turns at the GIL, so every request slows down while a job trains
+    (bench/server_load.py --only training measures it, with and without this). Giving training fewer threads is not
+    an option: torch's thread count is one setting for the whole process, generation's included. So the trainer
+    waits instead, at the step boundary: every handler that runs a model counts itself in `serving` while it runs
+    (`serves`, through `handlers.gpu`), and the trainer, after each step (`give_way`), waits while any is counted
+    and `settle` seconds after the last ended, so that queued requests run back to back. A request that arrives
+    mid-step waits for the rest of that step only. After `max_wait` seconds of waiting the trainer takes one step
+    regardless, so that a busy server still trains, slowly. Off (`active` False) where training has a GPU of its
+    own (CUDA, ZeroGPU) or IMAGECRAFT_SHARE_CORES is 0.
+    """
+
+    def __init__(self, active: bool = True, settle: float = 0.2, max_wait: float = 10.0):
+        self.active, self.settle, self.max_wait = active, settle, max_wait
+        self._cond = threading.Condition()
+        self.serving = 0  # requests running a model now
+        self._ended = 0.0  # time.monotonic() when the last one ended
+        self.waits = 0  # times the trainer waited for requests
+
+    @contextmanager
+    def request(self):
+        """One request running a model, for the duration of the block."""
+        with self._cond:
+            self.serving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.serving -= 1
+                self._ended = time.monotonic()
+                self._cond.notify_all()
+
+    def serves(self, fn):
+        """`fn` (a handler; a generator function too) counted as a request while it runs."""
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def streamed(*args, **kwargs):
+                with self.request():
+                    yield from fn(*args, **kwargs)
+
+            return streamed
+
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            with self.request():
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    @property
+    def busy(self) -> bool:
+        """Whether a trainer would wait now."""
+        return self.active and (self.serving > 0 or time.monotonic() < self._ended + self.settle)
+
+    def give_way(self, stop=None) -> float:
+        """The trainer's, between steps: waits while requests run and `settle` s after the last, at most `max_wait` s
+        or until `stop()` says so; returns the seconds waited."""
+        if not self.busy:
+            return 0.0
+        start = time.monotonic()
+        with self._cond:
+            self.waits += 1
+            while not (stop is not None and stop()):
+                now = time.monotonic()
+                left = self.max_wait - (now - start)
+                calm = 0.25 if self.serving else self._ended + self.settle - now  # 0.25: how often `stop` is asked
+                if calm <= 0 or left <= 0:
+                    break
+                self._cond.wait(timeout=min(calm, left, 0.25))
+        return time.monotonic() - start
+
+
+CORES = CoreShare(active=not zerogpu.ZERO_GPU and not torch.cuda.is_available()
+                  and os.environ.get("IMAGECRAFT_SHARE_CORES", "1") != "0")
+
+
 class TrainingQueue:
     """Fine-tunes one job at a time, in order, each on a thread of its own; the others wait and know their place.
-    Generation never waits for training: they only share the CPU."""
+    Generation never waits for training: on a CPU the trainer waits for it instead (`CoreShare`)."""
 
-    def __init__(self, trainer=finetune):
+    def __init__(self, trainer=finetune, cores: CoreShare | None = None):
         self.trainer = trainer  # `finetune`, or on ZeroGPU `zerogpu.finetune_in_slots` (same arguments and result)
+        self.cores = cores or CORES  # whom the trainer gives way to between steps
         self._cond = threading.Condition()
         self._waiting: list[TrainingJob] = []
         self.running: TrainingJob | None = None
@@ -261,8 +352,14 @@ class TrainingQueue:
             def progress(step, steps, loss):
                 job.step, job.message = step, f"step {step} of {steps}, loss {loss:.4f}"
 
+            def should_stop():  # after every step, and between batches of prior-preservation images
+                if self.cores.busy:
+                    job.message = job.message.split(" (")[0] + " (paused while the server generates images)"
+                self.cores.give_way(job.stop_event.is_set)
+                return job.stop_event.is_set()
+
             job.result = self.trainer(job.model, job.folder / "data", job.output, job.recipe, progress=progress,
-                                  should_stop=job.stop_event.is_set, show_bar=False)
+                                      should_stop=should_stop, show_bar=False)
             job.state = "stopped" if job.result.stopped else "done"
             job.message = (f"stopped at step {job.result.step}; the checkpoint is kept" if job.result.stopped
                            else f"{job.result.step} steps in {(time.time() - job.started) / 60:.1f} min"
@@ -301,13 +398,14 @@ def start_finetune(model: str | None, files: list[str], rows, method: str = FINE
     check_train_cost(dataclasses.asdict(recipe))
     if not isinstance(files, (list, tuple)) or not all(isinstance(f, (str, Path)) for f in files):
         raise ValueError("upload the training images again: the list of files is not one this server made")
-    folder = outputs.new_folder(outputs.FINETUNE_ROOT / "jobs")
-    try:
-        build_data_folder(files, rows, folder / "data")
-        outputs.hold_finetune_disk([*TRAINING.active_folders(), folder])
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    with _disk:
+        folder = outputs.new_folder(outputs.FINETUNE_ROOT / "jobs")
+        try:
+            build_data_folder(files, rows, folder / "data")
+            outputs.hold_finetune_disk([*TRAINING.active_folders(), folder])
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
     return TRAINING.submit(TrainingJob(folder.name, folder, model, recipe))
 
 

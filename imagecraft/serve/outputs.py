@@ -85,10 +85,12 @@ def upload_cap() -> float:
     return float(os.environ.get("IMAGECRAFT_UPLOAD_MB", "2048")) * 2**20
 
 
-def hold_finetune_disk(keep=(), incoming: int = 0) -> None:
+def hold_finetune_disk(keep=(), incoming: int = 0) -> int:
     """Drops the oldest upload and job folders under FINETUNE_ROOT, whatever their age, until they and `incoming`
     more bytes fit in `upload_cap()`; the folders in `keep` (queued and running jobs', an upload being read) stay.
-    A ValueError when what stays does not fit: the server is busy, not the user wrong."""
+    Returns the room the incoming bytes have (at least `incoming`). A ValueError, with nothing dropped, when `keep`
+    and `incoming` together do not fit: the jobs training take the room, or the upload is larger than the room it
+    could have."""
     keep = {Path(k).resolve() for k in keep}
     entries = []
     for root in (FINETUNE_ROOT / "uploads", FINETUNE_ROOT / "jobs"):
@@ -100,7 +102,15 @@ def hold_finetune_disk(keep=(), incoming: int = 0) -> None:
             except OSError:  # removed meanwhile by another request
                 continue
     entries.sort(key=lambda e: e[0])
-    total, cap = sum(size for _, size, _ in entries) + incoming, upload_cap()
+    cap = upload_cap()
+    kept = sum(size for _, size, entry in entries if entry.resolve() in keep)
+    if kept > cap:
+        raise ValueError(f"the server's space for uploads and training ({cap / 2**20:,.0f} MB) is taken by the jobs "
+                         f"training now; try again when they finish")
+    if kept + incoming > cap:
+        raise ValueError(f"the upload unpacks to {incoming / 2**20:,.1f} MB; the server has room for "
+                         f"{(cap - kept) / 2**20:,.1f} MB of uploads now (IMAGECRAFT_UPLOAD_MB)")
+    total = sum(size for _, size, _ in entries) + incoming
     for _, size, entry in entries:
         if total <= cap:
             break
@@ -111,9 +121,7 @@ def hold_finetune_disk(keep=(), incoming: int = 0) -> None:
         else:
             entry.unlink(missing_ok=True)
         total -= size
-    if total > cap:
-        raise ValueError(f"the server's space for uploads and training ({cap / 2**20:,.0f} MB) is taken by the jobs "
-                         f"training now; try again when they finish")
+    return int(cap - total + incoming)
 
 
 def drop_old_jobs():

@@ -269,6 +269,27 @@ def extract_zip(archive: str | Path, folder: str | Path, max_bytes: int = MAX_ZI
     return Path(folder)
 
 
+def upload_bytes(paths, max_bytes: int = MAX_ZIP_BYTES, max_members: int = MAX_ZIP_MEMBERS) -> int:
+    """What `take_upload` would write for these files, from their sizes and their zips' directories, which are
+    checked first as `take_upload` checks them (the same sentences, before anything is written). A server makes room
+    for this much before it unpacks; a zip that cannot be opened counts 0 (`take_upload` refuses it)."""
+    total = 0
+    for p in map(Path, paths):
+        if p.suffix.lower() != ".zip":
+            total += p.stat().st_size if p.suffix.lower() in IMAGE_SUFFIXES + TEXT_SUFFIXES else 0
+            continue
+        try:
+            zf = zipfile.ZipFile(p)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            continue
+        with zf:
+            total += sum(m.file_size for m in _zip_plan(zf, p.name, max_bytes, max_members))
+    if total > max_bytes:
+        raise ValueError(f"the upload unpacks to {total / 2**20:,.0f} MiB; at most {max_bytes / 2**20:,.0f} MiB are "
+                         f"allowed")
+    return total
+
+
 def take_upload(paths, folder: str | Path, max_bytes: int = MAX_ZIP_BYTES, max_members: int = MAX_ZIP_MEMBERS,
                 require_captions: bool = True) -> list[Example]:
     """Training data handed in as files, checked completely before it is accepted: the app's upload and the CLI's

@@ -3,8 +3,9 @@
     python app.py                      # http://127.0.0.1:7860, the built-in model, offline, on the CPU
     IMAGECRAFT_CONCURRENCY=2 python app.py
 
-Layout and wiring only: one `build_<tab>()` per tab, each event wired beside its components. What each event does
-lives in `imagecraft.serve.handlers`; sliders take their range, step, default and label from `imagecraft.settings`.
+Layout and wiring only: one `build_<tab>()` per tab (and `build_edit()` for the Attention tab's Edit panel), each
+event wired beside its components. What each event does lives in `imagecraft.serve.handlers`; sliders take their
+range, step, default and label from `imagecraft.settings`.
 Every action has a stable api_name for gradio_client.
 """
 
@@ -24,9 +25,11 @@ import gradio as gr
 from imagecraft.schedulers import SCHEDULERS
 from imagecraft.serve import handlers as h
 from imagecraft.serve.handlers import models  # noqa: F401  (app.models: the shared model cache)
+from imagecraft.serve.actions import AMPLIFY
 from imagecraft.serve.models import BUILTIN
 from imagecraft.serve.zerogpu import hardware_notes
-from imagecraft.settings import DEFAULT_STEPS, FINETUNE, GENERATION, LORA_SCALE, LR_BY_METHOD, OVERLAY_ALPHA, Field
+from imagecraft.settings import (DEFAULT_STEPS, EDIT, FINETUNE, GENERATION, LORA_SCALE, LR_BY_METHOD, MAX_EDIT_WORDS,
+                                 OVERLAY_ALPHA, Field)
 
 EXAMPLES = [
     "a red circle on the left",
@@ -37,10 +40,14 @@ EXAMPLES = [
     "a purple triangle on the right",  # a colour-shape pair the model never saw in training
 ]
 # small images scale up as crisp pixels
-CSS = "#gallery img, #training-gallery img { image-rendering: pixelated; }"
+CSS = ("#gallery img, #training-gallery img { image-rendering: pixelated; } "
+       # the Edit panel's pictures fill their boxes (Gradio's Image never scales a picture up), as crisp pixels
+       "#edit-source img, #edit-result img, #edit-difference img "
+       "{ width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }")
 COLORMAPS = ["jet", "viridis", "inferno", "magma", "turbo", "gray"]
 SCHEDULER_CHOICES = [(display, short) for short, (display, _, _) in SCHEDULERS.items()]
 METHODS = {"lora": "LoRA", "full": "Full fine-tune"}  # FINETUNE's methods as the app names them
+PICTURES = [".png", ".jpg", ".jpeg", ".webp"]  # what the Edit panel takes (others are refused by name)
 
 
 def hardware_note(tab: str) -> None:
@@ -59,11 +66,13 @@ def slider(field: Field, **options) -> gr.Slider:
 @dataclass
 class GenerateTab:
     """What the other tabs use of the Generate tab."""
-    settings: list  # prompt, negative prompt, steps, guidance, seed used, sampler, width, height, model
+    settings: list  # prompt, negative prompt, steps, guidance, seed used, sampler, width, height, model, LoRA, scale
     generated: object  # the generate event, which the Attention tab follows
     model: gr.Dropdown
     lora: gr.Dropdown
     lora_scale: gr.Slider
+    gallery: gr.Gallery
+    fields: dict  # the fields a PNG's settings fill, by /generate's parameter names
 
 
 def build_demo() -> gr.Blocks:
@@ -74,7 +83,7 @@ def build_demo() -> gr.Blocks:
                     "The built-in model draws circles, squares and triangles in eight colours: try the examples.")
         with gr.Tabs() as tabs:
             generate = build_generate(default)
-            build_attention(generate, default)
+            build_attention(generate, default, tabs)
             build_finetune(generate, tabs)
     return h.quiet_gradio_refusals(demo)
 
@@ -153,11 +162,11 @@ def build_generate(default) -> GenerateTab:
         png.upload(h.on_png, png, [png_settings, png_notes], api_name="read_png", show_progress="hidden").success(
             h.to_components(h.png_fields, restored), png_settings, list(restored.values()), api_name=False,
             show_progress="hidden")
-    return GenerateTab([prompt, negative, steps, guidance, last_seed, scheduler, width, height, model], generated,
-                       model, lora, lora_scale)
+    return GenerateTab([prompt, negative, steps, guidance, last_seed, scheduler, width, height, model, lora,
+                        lora_scale], generated, model, lora, lora_scale, gallery, restored)
 
 
-def build_attention(generate: GenerateTab, default) -> None:
+def build_attention(generate: GenerateTab, default, tabs: gr.Tabs) -> None:
     g = GENERATION
     with gr.Tab("Attention", id="attention"):
         hardware_note("attention")
@@ -179,6 +188,7 @@ def build_attention(generate: GenerateTab, default) -> None:
                 width = gr.Number(value=0, precision=0, visible=False)
                 height = gr.Number(value=0, precision=0, visible=False)
                 model = gr.Textbox(BUILTIN, visible=False)
+                lora, lora_scale = gr.Textbox("none", visible=False), gr.Number(LORA_SCALE.default, visible=False)
                 explain = gr.Button("Explain the last image", variant="primary", elem_id="explain-button")
                 words = gr.CheckboxGroup([], label="Words to show", elem_id="attention-words")
                 with gr.Row():
@@ -205,16 +215,22 @@ def build_attention(generate: GenerateTab, default) -> None:
                 with gr.Row():
                     npz = gr.File(label="Maps (.npz, AttentionMaps.load)")
                     png = gr.File(label="Figure (PNG)")
+                with gr.Column(visible=False) as lora_view:  # while the settings followed name a LoRA
+                    compare = gr.Button("What the LoRA changed: the ticked words at LoRA scale 0 and 1",
+                                        elem_id="attention-lora-button")
+                    lora_figure = gr.Image(label="Without the LoRA (scale 0) and with it (scale 1)", type="filepath",
+                                           elem_id="attention-lora")
         state = gr.State(None)
+        edit_source = gr.State(None)  # what the Edit panel edits: the explained image, until a picture is dropped
 
         # after each generation this tab takes its settings (with the seed used), ready to explain it
-        inputs = [prompt, negative, steps, guidance, seed, scheduler, width, height, model]
+        inputs = [prompt, negative, steps, guidance, seed, scheduler, width, height, model, lora, lora_scale]
         generate.generated.success(lambda *values: values, generate.settings, inputs, api_name=False)
         shown = {"state": state, "figure": figure, "image": image, "npz": npz, "png": png, "words": words,
                  "resolution": resolution, "heads": heads, "step_from": step_from, "step_to": step_to,
-                 "step": step, "pixel": pixel, "step_figure": step_figure}
-        explain.click(h.to_components(h.on_attention, shown), inputs, list(shown.values()), api_name="attention",
-                      preprocess=False, show_progress_on=figure)
+                 "step": step, "pixel": pixel, "step_figure": step_figure, "edit_source": edit_source}
+        explained = explain.click(h.to_components(h.on_attention, shown), inputs, list(shown.values()),
+                                  api_name="attention", preprocess=False, show_progress_on=figure)
         # every control redraws from the stored maps (no model call)
         filters, looks = [blocks, resolution, step_from, step_to, heads], [alpha, cmap, normalize]
         # a redraw takes a moment: its progress shows as the small timer only, the figure stays in view meanwhile
@@ -225,6 +241,74 @@ def build_attention(generate: GenerateTab, default) -> None:
               [state, words, step, blocks, resolution, *looks], step_figure, api_name=False, show_progress="minimal")
         # the chart of the clicked pixel, and the image with that pixel marked
         image.select(h.on_pixel, [state, *filters], [pixel, image], api_name=False, show_progress_on=pixel)
+        # with a LoRA in the settings followed: the ticked words' maps without it and with it
+        lora.change(h.lora_shown, lora, lora_view, api_name=False, show_progress="hidden")
+        compare.click(h.on_lora_compare, [*inputs[:-1], words, *looks], lora_figure, api_name="attention_lora",
+                      preprocess=False, show_progress_on=lora_figure)
+        build_edit(explained, edit_source, model, generate, tabs)
+
+
+def build_edit(explained, source: gr.State, model: gr.Textbox, generate: GenerateTab, tabs: gr.Tabs) -> None:
+    """The Attention tab's Edit panel: the explained image, or a picture dropped here, edited by editing its prompt
+    (Prompt-to-Prompt)."""
+    e = EDIT
+    gr.Markdown("### Edit: change words, keep the picture\nEdit the explained image, or a picture you drop here, by "
+                "editing its prompt: swap a word (*red* to *blue*) or add some, and the rest of the picture stays. "
+                "A word to blend changes only its own region; reweighting scales a word's attention (0 removes it).")
+    status = gr.Markdown("Explain an image above, or drop a picture, to edit it.", elem_id="edit-status")
+    with gr.Row():
+        upload = gr.File(label="Or edit a picture: a PNG ImageCraft made, or any other (inverted first)",
+                         file_types=PICTURES, type="filepath", height=140, scale=2, elem_id="edit-upload")
+        with gr.Column(scale=3):
+            shows = gr.Textbox("", label="What the picture shows (to invert a picture ImageCraft did not make)",
+                               placeholder="a red circle on the left", elem_id="edit-shows")
+            invert = gr.Button("Invert", elem_id="invert-button")
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox("", label="Edited prompt", lines=2, elem_id="edit-prompt")
+            blend = gr.CheckboxGroup([], label="Words to blend: only their region changes", elem_id="edit-blend")
+            reweight_words = gr.CheckboxGroup([], label="Words to reweight", elem_id="edit-reweight-words")
+            factors = [slider(e["reweight"], visible=False, elem_id=f"edit-reweight-{i}")
+                       for i in range(MAX_EDIT_WORDS)]  # one per ticked word (on_reweight_slots)
+            cross = slider(e["cross_steps"], info=e["cross_steps"].help)
+            self_steps = slider(e["self_steps"], info=e["self_steps"].help)
+            with gr.Row():
+                run = gr.Button("Edit", variant="primary", elem_id="edit-button")
+                use = gr.Button("Use in Generate", elem_id="edit-use")
+        with gr.Column(scale=3):
+            with gr.Row():  # the PNGs as served: the edit's holds its settings
+                source_image, edit_image, difference = (
+                    gr.Image(label=label, type="filepath", interactive=False, height=240, elem_id=f"edit-{name}")
+                    for name, label in (("source", "Source"), ("result", "Edit"),
+                                        ("difference", f"Difference x{AMPLIFY}")))
+            edit_maps = gr.Image(label="Attention of the changed words in the edit", type="filepath",
+                                 elem_id="edit-maps")
+    result, slots = gr.State(None), gr.State([])
+    reweight = gr.JSON({}, visible=False)  # the sliders as {word: factor}, what the "edit" API takes
+
+    view = {"source": source, "source_image": source_image, "status": status, "prompt": prompt, "blend": blend,
+            "reweight_words": reweight_words, "edit_image": edit_image, "difference": difference,
+            "edit_maps": edit_maps, "result": result}
+    explained.success(h.to_components(h.on_edit_explained, view), source, list(view.values()), api_name=False,
+                      show_progress="hidden")
+    uploaded = dict(view, shows=shows)
+    upload.upload(h.to_components(h.on_edit_upload, uploaded), [upload, model], list(uploaded.values()),
+                  api_name="edit_upload", show_progress_on=source_image)
+    # progress shows where the source appears once it is drawn again (a PNG of ours) or inverted
+    invert.click(h.to_components(h.on_invert, view), [upload, shows, model], list(view.values()), api_name="invert",
+                 show_progress_on=source_image)
+    # the words to tick follow the edited prompt as it is typed; the sliders follow the ticks
+    prompt.change(h.on_edit_words, [source, prompt, blend, reweight_words], [blend, reweight_words], api_name=False,
+                  show_progress="hidden", trigger_mode="always_last")
+    reweight_words.change(h.on_reweight_slots, [reweight_words, slots, *factors], [slots, *factors], api_name=False,
+                          show_progress="hidden")
+    edited = {"edit_image": edit_image, "difference": difference, "edit_maps": edit_maps, "result": result}
+    run.click(h.reweight_of, [slots, *factors], reweight, api_name=False, show_progress="hidden", queue=False).success(
+        h.to_components(h.on_edit, edited), [source, prompt, blend, reweight, cross, self_steps],
+        list(edited.values()), api_name="edit", preprocess=False, show_progress_on=edit_image)
+    into_generate = {**generate.fields, "gallery": generate.gallery, "tabs": tabs}
+    use.click(h.to_components(h.on_edit_use, into_generate), result, list(into_generate.values()), api_name=False,
+              show_progress_on=edit_image)  # a refusal marks the edit, not the Generate tab
 
 
 def build_finetune(generate: GenerateTab, tabs: gr.Tabs) -> None:

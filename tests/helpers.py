@@ -52,7 +52,7 @@ def serve_app(concurrency: int):
 
     demo = app.build_demo()
     port = free_port()
-    demo.queue(default_concurrency_limit=concurrency).launch(server_name="127.0.0.1", server_port=port,
+    demo.queue(default_concurrency_limit=concurrency).launch(server_name="127.0.0.1", server_port=port, css=app.CSS,
                                                               prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/"

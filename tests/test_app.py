@@ -373,6 +373,278 @@ def test_browser_generates_then_explains_a_word(url):
         page.screenshot(path=str(ARTIFACTS / "attention-tab.png"), full_page=True)
 
 
+# --- the Edit panel (Prompt-to-Prompt) and the LoRA comparison in the Attention tab ---------------------------------
+def rgb(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def object_mask(picture: np.ndarray, grow: int = 0) -> np.ndarray:
+    """The shapes world's objects: pixels away from the background colour (the picture's most common one), grown by
+    `grow` pixels."""
+    from scipy import ndimage
+
+    background = np.median(picture.reshape(-1, 3), axis=0)
+    mask = np.abs(picture - background).max(-1) > 40
+    return ndimage.binary_dilation(mask, iterations=grow) if grow else mask
+
+
+def assert_only_the_object_changed(source: np.ndarray, edited: np.ndarray, most: int = 6):
+    """A colour swap with blend: the object turned from red to blue, and every pixel more than 3 px from it is the
+    source's within `most` levels, 99% of them within 3 (measured on the built-in model: at most 5, 99% within 2;
+    for an inverted picture at most 11)."""
+    obj, near = object_mask(source), object_mask(source, grow=3)
+    assert obj.sum() > 100, "no object in the source"
+    red, blue = source[obj].mean(0), edited[obj].mean(0)
+    assert red[0] > red[2] + 100 and blue[2] > blue[0] + 100, (red, blue)
+    outside = np.abs(edited - source).max(-1)[~near]
+    assert outside.max() <= most and np.percentile(outside, 99) <= 3, (outside.max(), np.percentile(outside, 99))
+
+
+@pytest.mark.integration
+def test_edit_api_edits_the_explained_image(client):
+    """After /attention the explained image is the Edit panel's source: /edit swaps the colour inside the object's
+    region only, its difference image is taken against the explained image, and the changed word's map comes with
+    it. The same prompt gives the source back bit for bit; an ImageCraft PNG dropped in is edited the same way."""
+    prompt = "a red circle on the left"
+    gallery, _ = client.predict(prompt, seed=3, api_name="/generate")
+    generated = rgb(image_path(gallery[0]))
+    client.predict(prompt, seed=3, api_name="/attention")
+    edit, difference, maps = client.predict("a blue circle on the left", ["circle"], {}, api_name="/edit")
+    edited = rgb(edit)
+    assert_only_the_object_changed(generated, edited)
+    assert np.array_equal(rgb(difference), np.clip(np.abs(edited - generated) * 4, 0, 255))  # against the source
+    record = json.loads(Image.open(edit).text["imagecraft"])
+    assert record["prompt"] == "a blue circle on the left" and record["seed"] == 3
+    assert record["edit"] == {"source_prompt": prompt, "cross_steps": 0.8, "self_steps": 0.4, "reweight": {},
+                              "blend": ["circle"]}
+    assert Image.open(maps).size[0] > 2 * 64 * 2  # the edit and the map of "blue", the word it changed
+
+    same, difference, _ = client.predict(prompt, [], {}, api_name="/edit")
+    assert np.array_equal(rgb(same), generated) and rgb(difference).max() == 0  # the identity edit
+    faded = rgb(client.predict(prompt, [], {"red": 0.0}, api_name="/edit")[0])  # "red" reweighted to 0
+    obj = object_mask(generated)
+    assert np.ptp(faded[obj].mean(0)) < np.ptp(generated[obj].mean(0)) - 30  # the object lost colour
+
+    from gradio_client import handle_file
+
+    source, status, prefilled = client.predict(handle_file(image_path(gallery[0])), api_name="/edit_upload")[:3]
+    assert np.array_equal(rgb(source), generated) and "drawn again from its settings" in status and prefilled == prompt
+    again = client.predict("a blue circle on the left", ["circle"], {}, 0.8, 0.4, api_name="/edit")[0]
+    assert np.array_equal(rgb(again), edited)
+
+
+@pytest.mark.integration
+def test_invert_api_makes_any_picture_editable(client, tmp_path):
+    """A picture ImageCraft did not make (here one of its pictures without metadata, at twice the size) waits for
+    /invert under what it shows; then /edit swaps the colour of the object only."""
+    from gradio_client import handle_file
+
+    gallery, _ = client.predict("a red circle on the left", seed=11, api_name="/generate")
+    picture = Image.open(image_path(gallery[0])).convert("RGB")
+    picture.resize((128, 128), Image.NEAREST).save(tmp_path / "drawn-elsewhere.png")  # no metadata
+    shown, status = client.predict(handle_file(str(tmp_path / "drawn-elsewhere.png")), api_name="/edit_upload")[:2]
+    assert "ImageCraft did not make this picture" in status and Image.open(shown).size == (128, 128)
+
+    source, status, prefilled = client.predict(handle_file(str(tmp_path / "drawn-elsewhere.png")),
+                                               "a red circle on the left", api_name="/invert")[:3]
+    assert status.startswith("**Inverted**") and prefilled == "a red circle on the left"
+    psnr = float(status.split(" dB PSNR")[0].rsplit(" ", 1)[1])
+    assert psnr > 30, status  # measured 36 dB on such pictures
+    inverted = rgb(source)
+    assert inverted.shape == (64, 64, 3)  # inverted at the size the model draws
+    edit = client.predict("a blue circle on the left", ["circle"], {}, api_name="/edit")[0]
+    assert_only_the_object_changed(inverted, rgb(edit), most=16)
+    assert json.loads(Image.open(edit).text["imagecraft"])["edit"]["inverted"] is True
+
+
+@pytest.mark.integration
+def test_edit_bad_input_gets_one_sentence(url, tmp_path, capfd):
+    """Every bad value gets one sentence naming it, never a traceback, and the panel keeps working."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(url, verbose=False)  # a session of its own: nothing explained yet
+    with pytest.raises(AppError, match="nothing to edit yet: press \"Explain the last image\""):
+        client.predict("a blue circle", api_name="/edit")
+    client.predict("a red circle on the left", seed=5, steps=8, api_name="/attention")
+    for args, message in [
+        (("",), "type the edited prompt"),
+        (("   ",), "type the edited prompt"),
+        (("a blue circle on the left", ["dog"]), "the blend word 'dog' is in neither the source prompt nor the "
+                                                 "edited prompt; their words are: a, red, circle, on, the, left, blue"),
+        (("a blue circle on the left", [], {"blue": 9}), "the reweight factor of 'blue' must be a number from -5 to "
+                                                         "5, got 9"),
+        (("a blue circle on the left", [], {"red": 0.5}), "'red' is not in the edited prompt; its words are: a, "
+                                                          "blue, circle, on, the, left"),
+        (("a blue circle on the left", [], {}, 2), "cross_steps must be"),
+        (("a blue circle on the left", "circle"), "blend must be a list"),
+    ]:
+        with pytest.raises(AppError, match=message):
+            client.predict(*args, api_name="/edit")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    (tmp_path / "fake.png").write_text("not a picture either")
+    with pytest.raises(AppError, match="Invalid file type"):
+        client.predict(handle_file(str(tmp_path / "notes.txt")), api_name="/edit_upload")
+    for endpoint, args in (("/edit_upload", ()), ("/invert", ("a red circle",))):
+        with pytest.raises(AppError, match="this file is not a picture ImageCraft can read: drop a PNG, JPEG or WebP"):
+            client.predict(handle_file(str(tmp_path / "fake.png")), *args, api_name=endpoint)
+    Image.new("RGB", (64, 64), (149, 149, 149)).save(tmp_path / "grey.png")
+    with pytest.raises(AppError, match="say what the picture shows first"):
+        client.predict(handle_file(str(tmp_path / "grey.png")), "", api_name="/invert")
+    assert len(client.predict("a blue circle on the left", api_name="/edit")) == 3  # still editing
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.integration
+def test_an_edit_stops_when_its_request_is_cancelled():
+    """The edit's step callback asks `should_stop` after every step, as generation does; the model is left as it
+    was (the next generation is unchanged)."""
+    from imagecraft.serve import actions
+
+    pipe = app.models.get(None)
+    source = actions.source_of(actions.explain(pipe, "a red circle on the left", seed=3, steps=6), BUILTIN)
+    before = pipe("a green square", seed=1, num_inference_steps=4).images[0]
+    steps = []
+    with pytest.raises(actions.Cancelled, match="stopped after step 2 of 6"):
+        actions.edit(pipe, source, "a blue circle on the left", progress=lambda step, total: steps.append(step),
+                     should_stop=lambda: len(steps) >= 2)
+    assert steps == [1, 2]
+    after = pipe("a green square", seed=1, num_inference_steps=4).images[0]
+    assert np.array_equal(np.asarray(before), np.asarray(after))
+
+
+@pytest.mark.unit
+def test_the_changed_words_and_the_reweight_sliders():
+    """The maps shown are the words an edit swaps, adds or reweights (else its blend words, else all); the reweight
+    sliders follow the ticked words, each keeping its factor while its word stays ticked."""
+    from imagecraft.serve.actions import changed_words
+    from imagecraft.serve.handlers import on_reweight_slots, reweight_of
+
+    words = "a red circle on the left".split()
+    assert changed_words(words, "a blue circle on the left".split(), {}, []) == ["blue"]
+    assert changed_words(words, "a red circle on the left on a black background".split(), {}, []) == [
+        "on", "a", "black", "background"]
+    assert changed_words(words, words, {"(red:1.2)": 0.3}, []) == ["red"]
+    assert changed_words(words, words, {}, ["circle"]) == ["circle"]
+    assert changed_words(words, words, {}, []) == words
+
+    slots, *sliders = on_reweight_slots(["red", "left"], [], *[1.0] * 4)
+    assert slots == ["red", "left"] and [s["visible"] for s in sliders] == [True, True, False, False]
+    assert sliders[0]["label"] == "Reweight 'red'" and sliders[0]["value"] == 1.0
+    slots, *sliders = on_reweight_slots(["left"], ["red", "left"], 0.3, 2.5, 1.0, 1.0)  # "red" unticked
+    assert slots == ["left"] and sliders[0]["value"] == 2.5 and not sliders[1]["visible"]
+    assert reweight_of(["red", "left"], 0.3, 2.5, 1.0, 1.0) == {"red": 0.3, "left": 2.5}
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_browser_edits_a_colour_only_where_it_should(url):
+    """Generate, explain, then in the Edit panel: "a red circle on the left" -> "a blue circle on the left" with the
+    circle blended. The circle turns blue and the background stays within a few levels; while the edit runs the
+    source stays in view; the result, its difference and the changed word's map are shown whole; "Use in Generate"
+    takes the edit there."""
+    with browser_page("edit-failure.png", viewport={"width": 1400, "height": 1500}) as page:
+        page.goto(url, wait_until="load")
+        page.locator("#generate-button").wait_for(state="visible", timeout=60_000)
+        page.get_by_label("Prompt", exact=True).fill("a red circle on the left")
+        page.get_by_label("Seed (-1: random)").first.fill("3")
+        steps = page.get_by_label("number input for Sampling steps").first
+        steps.fill("60")  # an edit of a few seconds, long enough to see it running
+        steps.press("Enter")
+        page.locator("#generate-button").click()
+        page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
+
+        page.get_by_role("tab", name="Attention").click()
+        page.locator("#explain-button").click()
+        page.locator("#attention-figure img").wait_for(state="visible", timeout=120_000)
+        edit_prompt = page.locator("#edit-prompt textarea")
+        page.wait_for_function("() => document.querySelector('#edit-prompt textarea').value === "
+                               "'a red circle on the left'", timeout=60_000)  # prefilled with the explained prompt
+        page.locator("#edit-source img").wait_for(state="visible", timeout=30_000)
+        edit_prompt.fill("a blue circle on the left")
+        blend = page.locator("#edit-blend")
+        blend.get_by_label("blue", exact=True).wait_for(timeout=30_000)  # the words follow the edited prompt
+        blend.get_by_label("circle", exact=True).check()
+        page.locator("#edit-button").scroll_into_view_if_needed()
+        page.locator("#edit-button").click()
+
+        page.locator("#edit-result").get_by_text("editing").wait_for(timeout=60_000)
+        page.locator("#edit-result").scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "edit-running.png"))
+        assert page.evaluate(ON_TOP, "#edit-source img")  # the source stays in view while the edit runs
+
+        for elem_id in ("edit-result", "edit-difference", "edit-maps"):
+            page.locator(f"#{elem_id} img").wait_for(state="visible", timeout=120_000)
+        page.wait_for_function("() => ['edit-source', 'edit-result', 'edit-difference', 'edit-maps'].every(id => {"
+                               "const i = document.querySelector(`#${id} img`); "
+                               "return i && i.complete && i.naturalWidth > 0; })", timeout=30_000)
+        time.sleep(1.0)  # the event has ended: whatever it marks is marked now
+        assert page.evaluate(ERROR_BADGES) == []
+        for elem_id in ("edit-source", "edit-result", "edit-difference", "edit-maps"):
+            assert page.evaluate(ON_TOP, f"#{elem_id} img"), elem_id
+            shown = page.locator(f"#{elem_id} img").evaluate(SHOWN)
+            assert shown["seen"][0] >= shown["drawn"][0] - 1 and shown["seen"][1] >= shown["drawn"][1] - 1, \
+                (elem_id, shown)
+        assert_bars_cover_blank(page, "edit-maps")
+        page.locator("#edit-result").scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "edit-panel.png"))
+        page.screenshot(path=str(ARTIFACTS / "edit-tab.png"), full_page=True)
+
+        def served(elem_id):
+            body = page.request.get(page.locator(f"#{elem_id} img").get_attribute("src")).body()
+            return np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), dtype=np.int16)
+
+        assert_only_the_object_changed(served("edit-source"), served("edit-result"))
+
+        page.locator("#edit-use").click()
+        page.locator("#generate-button").wait_for(state="visible", timeout=30_000)
+        page.wait_for_function("p => [...document.querySelectorAll('textarea')].some(t => t.value === p)",
+                               arg="a blue circle on the left", timeout=30_000)
+        assert page.get_by_label("Prompt", exact=True).input_value() == "a blue circle on the left"
+        src = page.locator("#gallery img").first.get_attribute("src")
+        record = json.loads(Image.open(io.BytesIO(page.request.get(src).body())).text["imagecraft"])
+        assert record["edit"]["blend"] == ["circle"]  # the gallery holds the edit's PNG
+
+
+@pytest.fixture(scope="module")
+def random_lora(tmp_path_factory) -> str:
+    """A LoRA for the built-in model on every attention projection, random, strong enough to move where words look."""
+    import copy
+
+    import torch
+
+    from imagecraft import lora
+
+    unet = copy.deepcopy(app.models.get(None).unet)
+    lora.add_lora(unet, lora.unet_targets(unet), rank=4, alpha=4)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora.lora_layers(unet).values():
+            b = layer.lora_B[lora.ADAPTER].weight
+            b.copy_(torch.randn(b.shape, generator=generator) * 0.1)
+    folder = tmp_path_factory.mktemp("random-lora")
+    lora.save(folder, unet)
+    return str(folder / lora.WEIGHT_NAME)
+
+
+@pytest.mark.integration
+def test_attention_follows_the_lora_and_compares_it_at_0_and_1(client, random_lora):
+    """/attention draws the image with the LoRA of the settings it follows; /attention_lora shows the ticked words'
+    maps at LoRA scale 0 and 1 side by side (two panels a word, two words a row)."""
+    from gradio_client.exceptions import AppError
+
+    prompt = "a blue square above a green triangle"
+    base = client.predict(prompt, seed=8, steps=10, api_name="/attention")[1]
+    tuned = client.predict(prompt, seed=8, steps=10, lora=random_lora, lora_scale=1.0, api_name="/attention")[1]
+    assert not np.array_equal(rgb(base), rgb(tuned))
+    figure = client.predict(prompt, seed=8, steps=10, lora=random_lora, words=["square", "green"],
+                            api_name="/attention_lora")
+    width, height = Image.open(figure).size
+    assert width > 800 and 400 < height < width  # the images, then "square" and "green": two pairs a row
+    with pytest.raises(AppError, match="pick a LoRA in the Generate tab first"):
+        client.predict(prompt, seed=8, steps=10, api_name="/attention_lora")
+
+
 @pytest.mark.unit
 def test_every_elem_id_is_unique_and_every_api_name_is_kept():
     demo = app.build_demo()
@@ -380,9 +652,10 @@ def test_every_elem_id_is_unique_and_every_api_name_is_kept():
     assert len(ids) == len(set(ids)) and {"gallery", "training-gallery"} <= set(ids)
     named = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
     assert named == {"generate", "attention", "load_model", "read_png", "random_seed", "finetune", "finetune_status",
-                     "finetune_stop", "finetune_use", "finetune_upload", "finetune_demo_data", "finetune_resume"}
-    unprocessed = {fn.api_name for fn in demo.fns.values() if not fn.preprocess}
-    assert unprocessed == {"generate", "attention", "finetune"}  # our schemas read the values as sent
+                     "finetune_stop", "finetune_use", "finetune_upload", "finetune_demo_data", "finetune_resume",
+                     "attention_lora", "edit_upload", "invert", "edit"}
+    unprocessed = {fn.api_name for fn in demo.fns.values() if not fn.preprocess}  # our schemas read them as sent
+    assert unprocessed == {"generate", "attention", "finetune", "attention_lora", "edit"}
 
 
 @pytest.mark.unit

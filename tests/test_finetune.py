@@ -532,7 +532,7 @@ def test_the_step_saved_is_the_one_with_the_lowest_held_out_loss(model, tmp_path
     held = {h[0]: h[3] for h in result.history if h[3] is not None}
     assert sorted(held) == list(range(2, 13, 2)) and result.kept_step == min(held, key=held.get)
     # the saved LoRA is what a run stopped at that step saves: the same training, the same held-out images
-    short = finetune(model, data, tmp_path / "short", Recipe(**dict(recipe, steps=result.kept_step)), show_bar=False)
+    finetune(model, data, tmp_path / "short", Recipe(**dict(recipe, steps=result.kept_step)), show_bar=False)
     a, b = load_file(tmp_path / "run" / lora.WEIGHT_NAME), load_file(tmp_path / "short" / lora.WEIGHT_NAME)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the last step's weights stay in the checkpoint, which a longer run resumes from

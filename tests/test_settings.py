@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from imagecraft.schedulers import SCHEDULERS
-from imagecraft.settings import (FINETUNE, GENERATION, LORA_SCALE, MAX_PROMPT_CHARS, OVERLAY_ALPHA, check,
+from imagecraft.settings import (EDIT, FINETUNE, GENERATION, LORA_SCALE, MAX_PROMPT_CHARS, OVERLAY_ALPHA, check,
                                  check_cost, check_finetune, check_settings)
 
 pytestmark = pytest.mark.unit
@@ -155,7 +155,7 @@ def test_every_slider_and_flag_agrees_with_the_table():
     from imagecraft.cli import build_parser
     from imagecraft.train.recipe import build_parser as finetune_parser
 
-    fields = [*GENERATION.values(), *FINETUNE.values(), LORA_SCALE, OVERLAY_ALPHA]
+    fields = [*GENERATION.values(), *FINETUNE.values(), *EDIT.values(), LORA_SCALE, OVERLAY_ALPHA]
     by_label = {f.ui: f for f in fields if f.ui}
     assert len(by_label) == len([f for f in fields if f.ui])  # one field per label
     size = app.models.get(None).default_size
@@ -172,7 +172,8 @@ def test_every_slider_and_flag_agrees_with_the_table():
         if isinstance(block, gr.Radio) and block.label == FINETUNE["method"].ui:
             assert [value for _, value in block.choices] == list(FINETUNE["method"].choices)
     assert {GENERATION[n].ui for n in ("num_inference_steps", "guidance_scale", "num_images", "cache_interval",
-                                       "width", "height")} | {FINETUNE["steps"].ui, FINETUNE["rank"].ui} <= seen
+                                       "width", "height")} | {FINETUNE["steps"].ui, FINETUNE["rank"].ui} | \
+        {field.ui for field in EDIT.values()} <= seen
 
     import argparse
 

@@ -218,7 +218,6 @@ def capture(unet: UNet_SD, tokens: list[list[str]], negative_tokens: list[list[s
     `missing_layers`.
     """
     layers_by_name = cross_attention_layers(unet)
-    sizes = latent_sizes(*latent_size, len(unet.config.channel_mult))
     captured, skipped = [], []
     for name, module in layers_by_name.items():
         if type(module.processor) is SDPAProcessor:

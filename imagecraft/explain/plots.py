@@ -81,6 +81,29 @@ def plot_overlay(image: Image.Image, maps: AttentionMaps, words: list[str] | Non
     return fig
 
 
+def plot_side_by_side(drawn: list[tuple[Image.Image, AttentionMaps]], words: list[str],
+                      labels: tuple[str, str] = ("a", "b"), cmap: str = "jet", alpha: float = 0.5,
+                      normalize: str = "word", pairs_per_row: int = 2, **filters) -> Figure:
+    """Two images of one prompt drawn differently (a LoRA at scale 0 and 1), then each word's map over both, in
+    pairs side by side. A word's two maps share one scale ("word"), or every map shares one ("absolute"), so a
+    brighter map means more attention in that image, not a different colour scale."""
+    _check(cmap, alpha, normalize)
+    if len(drawn) != 2 or len(labels) != 2:
+        raise ValueError("plot_side_by_side compares two images")
+    if not words:
+        raise ValueError("no words to plot")
+    heats = [[maps.word(w, **filters) for w in words] for _, maps in drawn]
+    tops = [max(float(a.max()), float(b.max())) for a, b in zip(*heats)]
+    tops = tops if normalize == "word" else [max(tops)] * len(tops)
+    fig, axes = _grid(2 * (len(words) + 1), 2 * pairs_per_row)
+    for side, ((image, _), label) in enumerate(zip(drawn, labels)):
+        axes[side].imshow(image, interpolation=_interpolation(image))
+        axes[side].set_title(label, fontsize=14)
+        for k, (word, top) in enumerate(zip(words, tops), start=1):
+            _overlay(axes[2 * k + side], image, heats[side][k - 1], top, cmap, alpha, f"{word}: {label}")
+    return fig
+
+
 def plot_grid(image: Image.Image, maps: AttentionMaps, **kwargs) -> Figure:
     """Every word of the prompt (and the start and end tokens), one panel each."""
     words = [*maps.words(kwargs.get("negative", False)), "<end>"]

@@ -22,14 +22,18 @@ from pathlib import Path
 import gradio as gr
 
 from ..schedulers import SCHEDULERS
-from ..settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, FINETUNE, GENERATION, LORA_SCALE
+from ..settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, EDIT, FINETUNE, GENERATION, LORA_SCALE, OVERLAY_ALPHA
 from . import actions, jobs, outputs, zerogpu
 from .models import BUILTIN, ModelCache
 
 log = logging.getLogger("imagecraft.app")
 models = ModelCache(device=os.environ.get("IMAGECRAFT_DEVICE"), dtype=os.environ.get("IMAGECRAFT_DTYPE"))
 
-gpu = zerogpu.spaces_gpu()  # on a ZeroGPU Space, `spaces.GPU` attaches a GPU for the duration of each call
+
+def gpu(fn):
+    """For a handler that runs a model: on a ZeroGPU Space `spaces.GPU` attaches a GPU for the duration of each call;
+    on a CPU server a fine-tune gives way while it runs (`jobs.CoreShare`)."""
+    return jobs.CORES.serves(zerogpu.spaces_gpu()(fn))
 
 
 # --- Gradio's side: errors, cancellation, outputs by name ------------------------------------------------------
@@ -134,6 +138,13 @@ def _prune_gradio_cache():
     outputs.prune(Path(get_upload_folder()), keep_younger=300)
 
 
+def _loras(request) -> dict:
+    """Which LoRAs a request may apply: any file on a server without a model allowlist, else those its session
+    trained and the server's own (`actions.check_lora_path`)."""
+    return dict(trusted_paths=models.allowed is None,
+                allowed_loras=jobs.loras_for(getattr(request, "session_hash", None)))
+
+
 # --- the Generate tab -------------------------------------------------------------------------------------------
 @gpu
 @ui_errors
@@ -154,8 +165,7 @@ def on_generate(prompt: str, negative_prompt: str = "", steps: int = DEFAULT_STE
     paths, first_seed, notes = actions.generate(
         pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, width, height, num_images,
         progress=lambda step, total: progress((step, total), desc="sampling"), should_stop=event_cancelled,
-        lora=lora, lora_scale=lora_scale, trusted_paths=models.allowed is None, cache_interval=cache_interval,
-        allowed_loras=jobs.loras_for(getattr(request, "session_hash", None)))
+        lora=lora, lora_scale=lora_scale, cache_interval=cache_interval, **_loras(request))
     for note in notes:
         gr.Warning(note)
     return paths, first_seed
@@ -206,17 +216,19 @@ def on_random_seed():
 @ui_errors
 def on_attention(prompt: str, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
                  guidance: float = DEFAULT_GUIDANCE, seed: int = -1, scheduler: str = "", width: int = 0,
-                 height: int = 0, model: str = BUILTIN, progress=gr.Progress()) -> dict:
-    """Generates the image again with its cross-attention (the same pixels as Generate gives for these settings)
-    and shows every word's map: the overlay figure, the image (scaled up for clicking), the maps (.npz), the figure
-    (PNG), the controls filled for this prompt and the first step's maps."""
+                 height: int = 0, model: str = BUILTIN, lora: str = "none", lora_scale: float = LORA_SCALE.default,
+                 progress=gr.Progress(), request: gr.Request = None) -> dict:
+    """Generates the image again with its cross-attention (the same pixels as Generate gives for these settings,
+    the LoRA included) and shows every word's map: the overlay figure, the image (scaled up for clicking), the maps
+    (.npz), the figure (PNG), the controls filled for this prompt and the first step's maps. The explained image
+    becomes the Edit panel's source (for an API client too: "edit" then edits it)."""
     progress(0, desc="loading model")
     pipe = models.get(model)
     _prune_gradio_cache()
     explained = actions.explain(
         pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, width, height,
         progress=lambda step, total: progress((step, total), desc="sampling with attention"),
-        should_stop=event_cancelled)
+        should_stop=event_cancelled, lora=lora, lora_scale=lora_scale, **_loras(request))
     maps = explained.maps
     words = maps.words()
     figure = actions.draw_attention(explained, words, {})
@@ -230,7 +242,7 @@ def on_attention(prompt: str, negative_prompt: str = "", steps: int = DEFAULT_ST
                 step_from=gr.update(maximum=max(last - 1, 1), value=0, interactive=last > 1),
                 step_to=gr.update(maximum=max(last, 2), value=last, interactive=last > 1),
                 step=gr.update(maximum=max(last - 1, 1), value=0, interactive=last > 1), pixel=None,
-                step_figure=actions.draw_step(explained, words, 0, {}))
+                step_figure=actions.draw_step(explained, words, 0, {}), edit_source=actions.source_of(explained, model))
 
 
 def _filters(explained, blocks, resolution, step_from, step_to, heads):
@@ -267,6 +279,157 @@ def on_pixel(explained, blocks, resolution, step_from, step_to, heads, evt: gr.S
         return gr.skip(), gr.skip()
     x, y = explained.pixel(evt.index[0], evt.index[1])
     return actions.draw_pixel(explained, x, y, _filters(explained, blocks, resolution, step_from, step_to, heads))
+
+
+@gpu
+@ui_errors
+def on_lora_compare(prompt: str, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
+                    guidance: float = DEFAULT_GUIDANCE, seed: int = -1, scheduler: str = "", width: int = 0,
+                    height: int = 0, model: str = BUILTIN, lora: str = "none", words: list | None = None,
+                    alpha: float = OVERLAY_ALPHA.default, cmap: str = "jet", normalize: str = "word",
+                    progress=gr.Progress(), request: gr.Request = None) -> str:
+    """What a LoRA changed in where words look: the image at LoRA scale 0 and 1 (one seed), and each ticked word's
+    map (every word when none is ticked) over both, side by side."""
+    progress(0, desc="loading model")
+    pipe = models.get(model)
+    _prune_gradio_cache()
+    return actions.compare_lora(
+        pipe, prompt, negative_prompt, steps, guidance, seed, scheduler or None, width, height, lora, words or [],
+        alpha, cmap, normalize, progress=lambda step, total: progress((step, total), desc="sampling at LoRA 0 and 1"),
+        should_stop=event_cancelled, **_loras(request))
+
+
+def lora_shown(lora) -> dict:
+    """The LoRA comparison is offered while the settings followed name a LoRA."""
+    return gr.update(visible=lora not in (None, "", "none"))
+
+
+# --- the Edit panel (in the Attention tab) -------------------------------------------------------------------------
+def _markdown_text(text: str) -> str:
+    """The user's text inside Markdown: no HTML, and no character that Markdown reads as formatting."""
+    return "".join("\\" + c if c in "\\`*_[](){}#+!|~" else c for c in html.escape(text))
+
+
+def _edit_view(source: actions.EditSource | None, image: str, status: str) -> dict:
+    """The panel filled for a new source: its picture, the edited prompt prefilled with its prompt, its words to
+    blend and reweight (none ticked), the last edit cleared. No source: a picture waiting to be inverted."""
+    words = actions.prompt_words(models.get(source.model), source.prompt) if source is not None else []
+    return dict(source=source, source_image=image, status=status, prompt=source.prompt if source else "",
+                blend=gr.update(choices=words, value=[]), reweight_words=gr.update(choices=words, value=[]),
+                edit_image=None, difference=None, edit_maps=None, result=None)
+
+
+@ui_errors
+def on_edit_explained(source) -> dict | None:
+    """After "Explain the last image" (which made the explained image the Edit panel's source): the panel filled."""
+    if source is None:
+        return None
+    return _edit_view(source, source.image_path, f"Editing the explained image: *{_markdown_text(source.prompt)}*.")
+
+
+@gpu
+@ui_errors
+def on_edit_upload(picture, model: str = BUILTIN, progress=gr.Progress()) -> dict:
+    """A picture to edit. A PNG that ImageCraft made is drawn again from its settings and becomes the source; any
+    other picture waits for "Invert", under what the user says it shows."""
+    progress(0, desc="loading model")
+    pipe = models.get(model)
+    source, image, notes = actions.load_source(
+        pipe, picture, model, progress=lambda step, total: progress((step, total), desc="drawing the PNG again"),
+        should_stop=event_cancelled)
+    for note in notes:
+        gr.Warning(as_text(note))
+    if source is not None:
+        return dict(_edit_view(source, image, f"Editing the PNG, drawn again from its settings: "
+                                              f"*{_markdown_text(source.prompt)}*."), shows=source.prompt)
+    return _edit_view(None, image, "**ImageCraft did not make this picture**: say what it shows, in the words the "
+                                   "model knows, and press **Invert** to make it editable.")
+
+
+@gpu
+@ui_errors
+def on_invert(picture, prompt: str, model: str = BUILTIN, progress=gr.Progress()) -> dict:
+    """Makes a picture editable that ImageCraft did not make: DDIM inversion with null-text optimisation under
+    `prompt` (what it shows). The source becomes the picture as the inversion draws it again."""
+    progress(0, desc="loading model")
+    pipe = models.get(model)
+    _prune_gradio_cache()
+    source, notes = actions.invert(pipe, picture, prompt, model,
+                                   progress=lambda step, total: progress((step, total), desc="inverting"),
+                                   should_stop=event_cancelled)
+    for note in notes:
+        gr.Warning(as_text(note))
+    inversion = source.edit_from
+    return _edit_view(source, source.image_path, f"**Inverted** in {inversion.seconds:.1f} s: drawn again at "
+                                                 f"{inversion.psnr:.1f} dB PSNR (the source shown). Edit its prompt.")
+
+
+def _kept(ticked, choices: list[str]) -> list[str]:
+    return [w for w in choices if w in set(ticked or [])]
+
+
+@ui_errors
+def on_edit_words(source, prompt: str, blend, reweight_words) -> tuple:
+    """The words to tick, following the edited prompt as it is typed: to blend, those of both prompts; to reweight,
+    the edited prompt's (ticks kept where the word still is)."""
+    if source is None or not isinstance(prompt, str):
+        return gr.skip(), gr.skip()
+    pipe = models.get(source.model)
+    try:
+        edited = actions.prompt_words(pipe, prompt)
+    except ValueError:  # a prompt being typed can be over the limit for a moment: its words then wait
+        return gr.skip(), gr.skip()
+    both = list(dict.fromkeys([*actions.prompt_words(pipe, source.prompt), *edited]))
+    return (gr.update(choices=both, value=_kept(blend, both)),
+            gr.update(choices=edited, value=_kept(reweight_words, edited)))
+
+
+def on_reweight_slots(words, slots, *factors) -> tuple:
+    """One reweight slider per ticked word, in the order ticked, each keeping its factor while its word stays
+    ticked; the words the sliders stand for, then every slider."""
+    kept = dict(zip(slots or [], factors))
+    words = list(words or [])[:len(factors)]
+    shown = [gr.update(visible=True, label=f"{EDIT['reweight'].ui} '{w}'", value=kept.get(w, EDIT['reweight'].default))
+             for w in words]
+    return (words, *shown, *[gr.update(visible=False)] * (len(factors) - len(words)))
+
+
+def reweight_of(slots, *factors) -> dict:
+    """The sliders as the {word: factor} that "edit" takes."""
+    return dict(zip(slots or [], factors))
+
+
+@gpu
+@ui_errors
+def on_edit(source, prompt: str, blend: list | None = None, reweight: dict | None = None,
+            cross_steps: float = EDIT["cross_steps"].default, self_steps: float = EDIT["self_steps"].default,
+            progress=gr.Progress()) -> dict:
+    """Edits the source (the explained image, an uploaded ImageCraft PNG, or an inverted picture) by editing its
+    prompt, with Prompt-to-Prompt: the edited image (a PNG holding the edit), its difference from the source
+    (amplified), and the changed words' maps over it. `blend`: words whose region alone changes; `reweight`:
+    {word: factor} scales a word's attention; the step shares: how long the source's cross- and self-attention
+    are kept."""
+    pipe = models.get(source.model) if source is not None else None
+    _prune_gradio_cache()
+    edited = actions.edit(pipe, source, prompt, blend, reweight, cross_steps, self_steps,
+                          progress=lambda step, total: progress((step, total), desc="editing"),
+                          should_stop=event_cancelled, trusted_paths=models.allowed is None)
+    for note in edited.notes:
+        gr.Warning(as_text(note))
+    return dict(edit_image=edited.path, difference=edited.difference, edit_maps=edited.maps, result=edited.path)
+
+
+@ui_errors
+def on_edit_use(result) -> dict:
+    """Sends the edited image to the Generate tab: into its gallery (to download, with the edit in its metadata),
+    and its settings into the fields (Generate then draws the edited prompt afresh, unedited)."""
+    if result is None:
+        raise ValueError("edit first: \"Use in Generate\" takes the edited image")
+    settings, notes = actions.settings_from_png(result)
+    for note in notes:
+        gr.Info(as_text(note))
+    return dict(gallery=[result], tabs=gr.Tabs(selected="generate"),
+                **{_GENERATE_NAMES.get(name, name): value for name, value in settings.items()})
 
 
 # --- the Fine-tune tab ------------------------------------------------------------------------------------------

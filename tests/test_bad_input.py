@@ -987,6 +987,34 @@ def test_an_upload_gets_the_room_it_says_it_needs_and_no_more(tmp_path, upload_r
         assert used() <= 2**20
 
 
+
+@pytest.mark.parametrize("kind", ["accepted", "refused"])
+def test_an_upload_leaves_no_copy_in_gradios_cache(tmp_path, upload_root, monkeypatch, kind):
+    """Gradio copies every upload into its cache before the handler runs; the handler deletes those copies once the
+    upload is taken into its own capped folder, or refused, so hostile uploads cannot fill the disk between Gradio's
+    hourly sweeps."""
+    import gradio as gr
+
+    from imagecraft.serve import handlers
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    cached = tmp_path / "gradio" / "0123abcd"  # Gradio's layout: a folder per file, named by its hash
+    cached.mkdir(parents=True)
+    if kind == "accepted":
+        Image.new("RGB", (32, 32), "red").save(cached / "a.png")
+        (cached / "a.txt").write_text("a red square")
+    else:
+        (cached / "a.png").write_text("not a picture")
+    files = [str(p) for p in sorted(cached.iterdir())]
+    if kind == "accepted":
+        assert handlers.on_upload(files)["note"] == "1 images, all captioned"
+        assert any(upload_root.rglob("a.png"))  # the server's own copy stays
+    else:
+        with pytest.raises(gr.Error):
+            handlers.on_upload(files)
+    assert not cached.exists()
+
+
 # --- LoRA files: validated on load, whatever the entrance ------------------------------------------------------------
 KOHYA = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"  # a 128 x 128 Linear of the built-in
 PEFT = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"

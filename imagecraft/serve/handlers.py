@@ -445,10 +445,28 @@ def _data_view(rows, files) -> dict:
 @ui_errors
 def on_upload(files) -> dict:
     """Images with same-name .txt captions, or zips of them: the caption table (editable) and the images."""
-    rows, images = jobs.read_upload(files)
+    try:
+        rows, images = jobs.read_upload(files)
+    finally:
+        _drop_gradio_copies(files)
     if files and not images:
         raise ValueError("no images in the upload: add .png, .jpg or .webp files (with .txt captions), or a zip")
     return _data_view(rows, images)
+
+
+def _drop_gradio_copies(files) -> None:
+    """Deletes Gradio's cached copies of an upload once `read_upload` has taken what it keeps into its own folder
+    (held to IMAGECRAFT_UPLOAD_MB) or refused it: otherwise each upload, refused ones included, would stay in
+    Gradio's cache until its hourly sweep, outside any cap."""
+    from gradio.utils import get_upload_folder
+
+    cache = Path(get_upload_folder()).resolve()
+    for f in files if isinstance(files, (list, tuple)) else [files] if files else []:
+        path = Path(f if isinstance(f, (str, Path)) else getattr(f, "name", "")).resolve()
+        if path.is_file() and cache in path.parents:
+            path.unlink(missing_ok=True)
+            if path.parent != cache and not any(path.parent.iterdir()):
+                path.parent.rmdir()  # Gradio keeps each file in a folder named by its hash
 
 
 @ui_errors

@@ -54,3 +54,32 @@ def test_bench_quality_says_why_shapes_were_not_read():
     assert shape_errors([plus], ["a red square and a red circle"]) == "circle 1/1, fit 1; square 0/1"
     bar = image(("red", square), ("red", (44, 52, 34, 58)))
     assert shape_errors([bar], ["a red square and a red circle"]) == "circle 1/1, other 1; square 0/1"
+
+
+def run_edit(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "bench_edit.py"), *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("args, message", [
+    (["--colour", "0"], "--colour must be 1 or more, got 0"),
+    (["--grid", "grid.jpg"], "--grid must be a .png name, got 'grid.jpg'"),
+    (["--only"], "nothing to do: name sections with --only, or give --grid"),
+])
+def test_bench_edit_refuses_what_it_cannot_measure(args, message):
+    result = run_edit(*args)
+    assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.integration
+def test_bench_edit_prints_its_table_with_targets_and_verdicts():
+    """One colour swap and one timed round on the built-in model: the table names each target and says pass or
+    FAIL beside it."""
+    result = run_edit("--split", "tune", "--only", "colour", "time", "--colour", "1", "--reps", "1")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "colour swap: " in out and "sources right of 1" in out
+    assert "split tune: built-in model" in out and "cross_steps 0.8, self_steps 0.4" in out
+    row = next(line for line in out.splitlines() if "time: edit / generation" in line)
+    assert "<= 2.2x" in row and row.rstrip().endswith(("pass", "FAIL"))

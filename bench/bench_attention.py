@@ -48,15 +48,8 @@ SECTIONS = ("pointing", "time", "sd15", "memory")
 
 
 def objects_with_masks(image) -> list[dict]:
-    """`shapes.read_objects`' objects, each with its (64, 64) bool `mask`: the same palette classes and the same
-    components, in the same order."""
-    background, objects = shapes.read_objects(image)
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (64, 64, 3)
-    assert pixels.shape[:2] == (shapes.SIZE, shapes.SIZE), pixels.shape
-    classes = ((pixels[:, :, None] - shapes._PALETTE) ** 2).sum(-1).argmin(-1)  # (64, 64) palette index
-    masks = shapes._components(classes != shapes._PALETTE_NAMES.index(background))
-    assert len(masks) == len(objects)
-    return [dict(o, mask=m) for o, m in zip(objects, masks)]
+    """`shapes.read_objects`' objects, each with its (64, 64) bool `mask`."""
+    return shapes.read_objects(image, masks=True)[1]
 
 
 def word_targets(spec: shapes.Spec, found: list[dict]) -> dict | None:

@@ -50,7 +50,6 @@ from bench.common import interleaved
 from imagecraft import shapes
 from imagecraft.pipeline import ImageCraftPipeline
 from imagecraft.settings import EDIT, INVERT_GUIDANCE
-from imagecraft.shapes.score import _PALETTE, _PALETTE_NAMES, _components
 
 SECTIONS = ("colour", "shape", "two", "reweight", "time", "invert")
 WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)  # the reweight curve
@@ -78,14 +77,8 @@ SPLITS = {
 
 # --- reading the pictures ---------------------------------------------------------------------------------------------
 def objects_with_masks(image) -> list[dict]:
-    """`shapes.read_objects`' objects, each with its (64, 64) bool `mask`: the same palette classes and components,
-    in the same order. (bench_attention's copy reads `shapes._PALETTE`, which `from .score import *` does not export.)"""
-    background, objects = shapes.read_objects(image)
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (64, 64, 3)
-    classes = ((pixels[:, :, None] - _PALETTE) ** 2).sum(-1).argmin(-1)  # (64, 64) palette index
-    masks = _components(classes != _PALETTE_NAMES.index(background))
-    assert len(masks) == len(objects)
-    return [dict(o, mask=m) for o, m in zip(objects, masks)]
+    """`shapes.read_objects`' objects, each with its (64, 64) bool `mask`."""
+    return shapes.read_objects(image, masks=True)[1]
 
 
 def object_mask(image) -> np.ndarray:

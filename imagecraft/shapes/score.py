@@ -118,10 +118,10 @@ def _relation_ok(relation: str | None, a: dict, b: dict) -> bool:
     return {"to the left of": a["cx"] < b["cx"], "above": a["cy"] < b["cy"], "and": True, None: False}[relation]
 
 
-def read_objects(image, palette: dict | None = None) -> tuple[str, list[dict]]:
-    """(background colour name, objects as dicts with colour, shape, fault (read_shape's), cx, cy, area) found in an
-    image. Each pixel takes the nearest of the world's colours and gray, and of `palette` (extra colours by name,
-    e.g. pink)."""
+def read_objects(image, palette: dict | None = None, masks: bool = False) -> tuple[str, list[dict]]:
+    """(background colour name, objects as dicts with colour, shape, fault (read_shape's), cx, cy, area, and with
+    `masks` their (64, 64) bool `mask`) found in an image. Each pixel takes the nearest of the world's colours and
+    gray, and of `palette` (extra colours by name, e.g. pink)."""
     names, colours = list(_PALETTE_NAMES), _PALETTE
     if palette:
         names += list(palette)
@@ -141,7 +141,8 @@ def read_objects(image, palette: dict | None = None) -> tuple[str, list[dict]]:
         # the centre of the bounding box, as objects are placed (a triangle's centroid sits lower)
         shape, fault = read_shape(comp)
         objects.append(dict(colour=names[colour], shape=shape, fault=fault,
-                            cx=(xs.min() + xs.max() + 1) / 2, cy=(ys.min() + ys.max() + 1) / 2, area=int(comp.sum())))
+                            cx=(xs.min() + xs.max() + 1) / 2, cy=(ys.min() + ys.max() + 1) / 2, area=int(comp.sum()),
+                            **({"mask": comp} if masks else {})))
     return names[background], objects
 
 

@@ -528,9 +528,11 @@ class ImageCraftPipeline:
                           recorder)
         with p2p.editing(run):
             latents = denoise(run, sched, latents, context, s["guidance_scale"], generators, run.callback(callback))
-        latents = latents[batch:]
+        sources, latents = latents[:batch], latents[batch:]
         self.check_finite(latents, "sampling")
         images = self.decode(latents)
+        if blending is not None and blending.last_mask is not None:
+            images = p2p.composite(self.decode(sources), images, blending.last_mask)
         record = self.record(sched=sched, **{k: s[k] for k in ("negative_prompt", "num_inference_steps",
                                                               "guidance_scale", "width", "height", "scheduler")},
                              **({"cache_interval": cache_interval} if cache_interval > 1 else {}))

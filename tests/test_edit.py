@@ -429,6 +429,19 @@ def test_a_blend_keeps_the_pixels_outside_the_object(builtin):
 
 
 @pytest.mark.integration
+def test_a_blend_leaves_the_other_objects_pixels_as_they_were(builtin):
+    from imagecraft.shapes.score import read_objects, score
+
+    source = "a red circle to the left of a blue square"
+    for seed in (4, 5):
+        src = builtin(source, seed=seed)
+        out = builtin.edit(src, "a green circle to the left of a blue square", blend=["circle"])
+        assert score(out.images[0], "a green circle to the left of a blue square")["all"]
+        square = next(o["mask"] for o in read_objects(src.images[0], masks=True)[1] if o["colour"] == "blue")
+        assert np.array_equal(pixels(out.images[0])[square], pixels(src.images[0])[square])
+
+
+@pytest.mark.integration
 def test_reweighting_a_colour_word_down_lowers_the_objects_saturation(builtin):
     def saturation(image, mask):
         px = pixels(image)[mask] / 255

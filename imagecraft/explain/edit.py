@@ -18,7 +18,8 @@ at each step lets the target borrow the source's attention:
 - local blend (`blend` words): from `BLEND_START` of the steps on, the target's latents are the source's outside the
   region where the blend words' cross-attention (source and target, mean over the steps so far) reaches
   `BLEND_THRESHOLD` of its maximum, grown by `BLEND_DILATE` latent pixels (the paper max-pools its maps for the
-  same reason: a mask that hugs the object leaves the source's colour on its rim).
+  same reason: a mask that hugs the object leaves the source's colour on its rim). The decoded edit then takes the
+  source's pixels outside the last mask (`composite`), so nothing outside the region changes at all.
 
 Attention with the source's probabilities and the target's values is attention with the source's queries and keys
 and the target's values: softmax(q_s k_s^T) (M v_t), where M carries the target's values to the source's token
@@ -48,6 +49,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -328,6 +330,17 @@ class LocalBlend:
         self.last_mask = mask = self.mask().to(latents.device, latents.dtype)
         source, target = latents[:batch], latents[batch:]
         target.copy_(source + mask * (target - source))
+
+
+def composite(sources: list[Image.Image], edits: list[Image.Image], mask: torch.Tensor) -> list[Image.Image]:
+    """The edited images with the source's own pixels outside the blend's last mask (B, 1, h, w) on the latent grid.
+    The blend already keeps the source's latents there, but the VAE's decoder mixes the whole grid (its mid-block
+    attention is global), so without this a blended edit still moves pixels far from the region by a few levels."""
+    out = []
+    for source, edit, m in zip(sources, edits, mask.float().cpu()):
+        inside = F.interpolate(m[None], size=(edit.height, edit.width), mode="nearest")[0, 0].numpy() > 0.5
+        out.append(Image.fromarray(np.where(inside[..., None], np.asarray(edit), np.asarray(source))))
+    return out
 
 
 def blend_layers(unet: UNet_SD, latent_size: tuple[int, int]) -> dict[int, tuple[int, int]]:

@@ -297,8 +297,9 @@ def build_edit(explained, source: gr.State, model: gr.Textbox, generate: Generat
     # progress shows where the source appears once it is drawn again (a PNG of ours) or inverted
     invert.click(h.to_components(h.on_invert, view), [upload, shows, model], list(view.values()), api_name="invert",
                  show_progress_on=source_image)
-    # the words to tick follow the edited prompt as it is typed; the sliders follow the ticks
-    prompt.change(h.on_edit_words, [source, prompt, blend, reweight_words], [blend, reweight_words], api_name=False,
+    # the words to tick and the cross-attention share follow the edited prompt as it is typed; the sliders the ticks
+    prompt.change(h.on_edit_words, [source, prompt, blend, reweight_words], [blend, reweight_words, cross],
+                  api_name=False,
                   show_progress="hidden", trigger_mode="always_last")
     reweight_words.change(h.on_reweight_slots, [reweight_words, slots, *factors], [slots, *factors], api_name=False,
                           show_progress="hidden")

@@ -49,9 +49,9 @@ from bench.bench_attention import environment
 from bench.common import interleaved
 from imagecraft import shapes
 from imagecraft.pipeline import ImageCraftPipeline
-from imagecraft.settings import EDIT, INVERT_GUIDANCE
+from imagecraft.settings import EDIT, INVERT_GUIDANCE, SWAP_CROSS_STEPS
 
-SECTIONS = ("colour", "shape", "two", "reweight", "time", "invert")
+SECTIONS = ("colour", "shape", "two", "refine", "reweight", "time", "invert")
 WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)  # the reweight curve
 NEAR = 4  # /255: a pixel counts as unchanged within this
 RIM = 2  # px an object's mask grows by before "outside the object" starts
@@ -300,6 +300,33 @@ class Bench:
                      f"{min(m[key + 'interior']):.1%}; with the rim {np.mean(m[key + 'share']):.1%} within {NEAR}/255)",
                      ">= 90%", np.mean(m[key + "pixels"]) >= 0.90)
 
+    def refine(self):
+        """Words added: "a C S P" -> "a C S P on a B background", B one of the split's colours other than C."""
+        s = self.split
+
+        def make(rng):
+            colour = rng.choice(s.colours)
+            prompt = one_prompt(colour, rng.choice(shapes.SHAPES), rng.choice(s.positions))
+            background = rng.choice([c for c in s.colours if c != colour])
+            article = "an" if background[0] in "aeiou" else "a"
+            return prompt, f"{prompt} on {article} {background} background"
+
+        kept, dropped = self.sources(self.args.refine, 4000, make)
+        m = {"all": [], "iou": [], "cross": []}
+        for src, _, target in kept:
+            out = self.pipe.edit(src, target, **self.steps)
+            m["all"].append(right(out.images[0], target))
+            m["iou"].append(iou(object_mask(src.images[0]), object_mask(out.images[0])))
+            m["cross"].append(out.records[0]["edit"]["cross_steps"])
+        n = len(kept)
+        print(f"\nrefinement: {n} sources right of {self.args.refine} ({dropped} dropped)")
+        if not n:
+            return
+        self.row(f"refinement (a background added; cross_steps {sorted(set(m['cross']))}): edit right", n,
+                 f"{np.mean(m['all']):.1%}")
+        self.row("refinement: object mask IoU with the source's", n, f"{np.mean(m['iou']):.3f} (median "
+                 f"{np.median(m['iou']):.2f})")
+
     def reweight(self):
         s = self.split
         chromatic = [c for c in s.colours if c not in ("white", "black")]
@@ -445,11 +472,14 @@ def main():
     parser.add_argument("--colour", type=int, default=60, help="colour-swap cases")
     parser.add_argument("--shape", type=int, default=40, help="shape-swap cases")
     parser.add_argument("--two", type=int, default=40, help="two-object cases")
+    parser.add_argument("--refine", type=int, default=24, help="refinement cases (a background added)")
     parser.add_argument("--reweight", type=int, default=16, help="reweight scenes")
     parser.add_argument("--invert", type=int, default=8, help="pictures to invert")
     parser.add_argument("--reps", type=int, default=7, help="timed calls of each kind")
     parser.add_argument("--cross-steps", type=float, default=None,
-                        help=f"every edit's cross_steps (default: settings', {EDIT['cross_steps'].default})")
+                        help="every edit's cross_steps (default: as pipe.edit chooses, settings.edit_cross_steps: "
+                             f"{SWAP_CROSS_STEPS} for a swap or reweight, {EDIT['cross_steps'].default} when words "
+                             "are added)")
     parser.add_argument("--self-steps", type=float, default=None,
                         help=f"every edit's self_steps (default: settings', {EDIT['self_steps'].default})")
     parser.add_argument("--invert-guidance", type=float, default=None,
@@ -471,7 +501,7 @@ def main():
         if section in args.only:
             getattr(bench, section)()
     if bench.rows:
-        cross = EDIT["cross_steps"].default if args.cross_steps is None else args.cross_steps
+        cross = ("by the edit" if args.cross_steps is None else args.cross_steps)
         self_ = EDIT["self_steps"].default if args.self_steps is None else args.self_steps
         bench.table(f"split {args.split}: built-in model, {pipe.dtype}, cross_steps {cross}, self_steps {self_}")
     if args.grid:

@@ -31,7 +31,8 @@ from .png import pipeline_settings, restore_edit, restore_settings, restore_sour
 from .prompts import PromptTokens, encode as encode_weighted, tokenize as tokenize_weighted
 from .port import config_from_diffusers, load_ldm_unet, load_pipe_into_our_UNet
 from .schedulers import check_scheduler_name, make_scheduler, scheduler_name_of
-from .settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, INVERT_GUIDANCE, LORA_SCALE, MAX_SEED, check_edit, check_settings
+from .settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, INVERT_GUIDANCE, LORA_SCALE, MAX_SEED, check_edit,
+                       check_settings, edit_cross_steps)
 from .runtime import check_device, resolve_dtype
 from .unet import FeatureCache, UNet_SD
 
@@ -482,7 +483,8 @@ class ImageCraftPipeline:
             reweight: {word of the edited prompt: factor} scales its attention (0 removes it; -5 to 5).
             blend: words of either prompt; only their region changes, the source's latents are kept elsewhere.
             cross_steps, self_steps: the shares of the steps that take the source's cross- and self-attention
-                (`settings.EDIT`'s defaults, measured on the built-in model).
+                (`settings.EDIT`, measured on the built-in model; cross_steps by default 1.0 for an edit that only
+                swaps or reweights words, 0.8 for one that adds words: `settings.edit_cross_steps`).
             attention: also record the edited images' own cross-attention maps (`result.attention`).
             callback: `callback(step, total, latents)` after each step, with the edited images' latents.
         Returns a GenerationResult of the edited images with the source's seeds; each record holds the edit, so its
@@ -508,6 +510,8 @@ class ImageCraftPipeline:
                                                              s["negative_prompt"], guided)
         notes += [n for n in more if n not in notes]
         plan = p2p.plan_edit(sources, edited, e["reweight"], e["blend"], e["cross_steps"], e["self_steps"])
+        if plan.cross_steps is None:  # chosen by the edit: a swap keeps the source's maps longer than a refinement
+            plan.cross_steps = edit_cross_steps(any(a.adds_words for a in plan.alignments))
         sched = self._scheduler(s["scheduler"], s["num_inference_steps"])
         shape = (batch, self.unet.config.in_channels, s["height"] // self.vae_scale_factor,
                  s["width"] // self.vae_scale_factor)
@@ -538,7 +542,7 @@ class ImageCraftPipeline:
                              **({"cache_interval": cache_interval} if cache_interval > 1 else {}))
         out = []
         for r, target in zip(records, targets):
-            edit = dict(source_prompt=r["prompt"], cross_steps=e["cross_steps"], self_steps=e["self_steps"],
+            edit = dict(source_prompt=r["prompt"], cross_steps=plan.cross_steps, self_steps=e["self_steps"],
                         reweight=e["reweight"], blend=e["blend"], **({"inverted": True} if inversion else {}))
             out.append(dict(record, prompt=target, seed=r.get("seed"), edit=edit))
         return GenerationResult(images, [r.get("seed") for r in records], out, notes, finish() if finish else None)

@@ -234,18 +234,29 @@ OVERLAY_ALPHA = Field("alpha", "overlay opacity", "float", 0, 1, 0.5, step=0.05,
 # Prompt-to-Prompt editing (`ImageCraftPipeline.edit`, the CLI's `edit`, the app's Edit panel). The step shares are
 # measured on the built-in model (README, "Editing"); the paper's are 0.8 and 0.4, with DDIM at 50 steps.
 EDIT = _table(
-    # cross_steps 0.8 and self_steps 0.4, the paper's. On bench_edit's tuning cases cross 1.0 keeps a colour swap's
-    # object closer (mask IoU 0.851 against 0.804), but an edit that adds words then cannot draw them: "... on a
-    # white background" left the background gray in 3 of 4 refinements, where 0.8 and 0.9 drew all 4. Self 0.6 and
-    # 0.8 changed the swaps' IoU by < 0.01.
+    # cross_steps, when none is given, depends on the edit (`edit_cross_steps`): 1.0 for an edit that only swaps or
+    # reweights words, 0.8 (the paper's, this field's default) for one that adds words. Measured with
+    # bench/bench_edit.py on its tuning cases: 1.0 keeps a swapped object closer (mask IoU 0.851 against 0.804), but
+    # an edit that adds words then cannot draw them ("... on a white background" left the background gray in 3 of 4
+    # refinements, where 0.8 and 0.9 drew all 4). self_steps 0.4, the paper's: 0.6 and 0.8 changed the swaps' IoU
+    # by < 0.01.
     Field("cross_steps", "cross_steps", "float", 0, 1, 0.8, step=0.05, ui="Cross-attention steps",
-          help="share of the steps that take the source's cross-attention: more keeps where each word is drawn"),
+          help="share of the steps that take the source's cross-attention: more keeps where each word is drawn; "
+               "when not given, 1.0 for an edit that only swaps or reweights words and 0.8 when it adds words"),
     Field("self_steps", "self_steps", "float", 0, 1, 0.4, step=0.05, ui="Self-attention steps",
           help="share of the steps that take the source's self-attention: more keeps the shapes and the layout"),
     # -5..5: the paper's reweighting examples go from -2 to 5; past that the word's attention drowns the others
     Field("reweight", "reweight factor", "float", -5, 5, 1.0, step=0.05, ui="Reweight",
           help="a word's attention times this: 0 removes the word, 2 doubles it"),
 )
+SWAP_CROSS_STEPS = 1.0  # cross_steps of an edit that adds no words, when none is given (see EDIT)
+
+
+def edit_cross_steps(adds_words: bool) -> float:
+    """An edit's cross_steps when none is given: EDIT's default for one that adds words, else SWAP_CROSS_STEPS."""
+    return EDIT["cross_steps"].default if adds_words else SWAP_CROSS_STEPS
+
+
 MAX_EDIT_WORDS = 16  # blend or reweight words in one edit: a prompt of the shapes world has at most 14 words
 
 # The limits of a fine-tune. One per field, for the CLI, the Python API and the app alike; what each one is for:
@@ -397,13 +408,16 @@ def check_settings(settings: dict) -> dict:
 
 def check_edit(values: dict) -> dict:
     """An edit's parameters (`ImageCraftPipeline.edit`'s keywords but the source) checked and normalised: the edited
-    prompt, the step shares (None: EDIT's defaults), `reweight` a {word: factor} dict and `blend` a list of words
-    (empty: none)."""
+    prompt, the step shares (self_steps None: EDIT's default; cross_steps None stays, for the edit to choose by
+    `edit_cross_steps`), `reweight` a {word: factor} dict and `blend` a list of words (empty: none)."""
     unknown = sorted(set(values) - {"prompt", "blend", *EDIT})
     if unknown:
         raise ValueError(f"unknown edit settings {unknown}; known: prompt, blend, {', '.join(EDIT)}")
-    clean = {name: EDIT[name].check(EDIT[name].default if values.get(name) is None else values[name])
-             for name in ("cross_steps", "self_steps")}
+    clean = {"self_steps": EDIT["self_steps"].check(EDIT["self_steps"].default if values.get("self_steps") is None
+                                                    else values["self_steps"]),
+             # None: chosen by the edit (`edit_cross_steps`)
+             "cross_steps": None if values.get("cross_steps") is None else EDIT["cross_steps"].check(
+                 values["cross_steps"])}
     if "prompt" in values:
         clean["prompt"] = check_prompt(values["prompt"])
     reweight = values.get("reweight") or {}

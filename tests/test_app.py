@@ -531,6 +531,13 @@ def test_the_changed_words_and_the_reweight_sliders():
     assert changed_words(words, words, {}, ["circle"]) == ["circle"]
     assert changed_words(words, words, {}, []) == words
 
+    from imagecraft.serve.actions import edit_cross_steps_for
+
+    # the cross-attention share follows the edit's kind, as pipe.edit chooses it: a swap 1.0, added words 0.8
+    assert edit_cross_steps_for(words, "a blue circle on the left".split()) == 1.0
+    assert edit_cross_steps_for(words, words) == 1.0
+    assert edit_cross_steps_for(words, "a red circle on the left on a black background".split()) == 0.8
+
     slots, *sliders = on_reweight_slots(["red", "left"], [], *[1.0] * 4)
     assert slots == ["red", "left"] and [s["visible"] for s in sliders] == [True, True, False, False]
     assert sliders[0]["label"] == "Reweight 'red'" and sliders[0]["value"] == 1.0

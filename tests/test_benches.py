@@ -80,6 +80,6 @@ def test_bench_edit_prints_its_table_with_targets_and_verdicts():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "colour swap: " in out and "sources right of 1" in out
-    assert "split tune: built-in model" in out and "cross_steps 0.8, self_steps 0.4" in out
+    assert "split tune: built-in model" in out and "cross_steps by the edit, self_steps 0.4" in out
     row = next(line for line in out.splitlines() if "time: edit / generation" in line)
     assert "<= 2.2x" in row and row.rstrip().endswith(("pass", "FAIL"))

@@ -178,6 +178,20 @@ def test_no_injection_is_the_edited_prompt_drawn_plainly_and_injection_keeps_mor
 
 
 @pytest.mark.unit
+def test_the_cross_steps_follow_the_edit_unless_given(tiny_sd1_pipe):
+    src = tiny_sd1_pipe(PROMPT, seed=3, num_inference_steps=5)
+    swap = tiny_sd1_pipe.edit(src, "a blue circle on the left")
+    refine = tiny_sd1_pipe.edit(src, PROMPT + " on a black background")
+    given = tiny_sd1_pipe.edit(src, "a blue circle on the left", cross_steps=0.8)
+    assert swap.records[0]["edit"]["cross_steps"] == 1.0 and refine.records[0]["edit"]["cross_steps"] == 0.8
+    assert given.records[0]["edit"]["cross_steps"] == 0.8 and not same(given.images[0], swap.images[0])
+    reweighted = tiny_sd1_pipe.edit(src, PROMPT, reweight={"red": 0.5})
+    assert reweighted.records[0]["edit"]["cross_steps"] == 1.0
+    again = tiny_sd1_pipe.edit(src, "a blue circle on the left", cross_steps=1.0)
+    assert same(again.images[0], swap.images[0])
+
+
+@pytest.mark.unit
 def test_reweight_changes_the_picture(tiny_sd1_pipe):
     src = tiny_sd1_pipe(PROMPT, seed=3, num_inference_steps=6)
     assert not same(tiny_sd1_pipe.edit(src, PROMPT, reweight={"red": 0.0}).images[0], src.images[0])

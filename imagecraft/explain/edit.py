@@ -119,6 +119,11 @@ class Alignment:
     pairs: list[tuple[str | None, str | None]]  # the words as aligned: (source word or None, target word or None)
 
     @property
+    def adds_words(self) -> bool:
+        """Whether the target has words the source has not (a refinement), not only swapped or kept ones."""
+        return any(s is None and t is not None for s, t in self.pairs)
+
+    @property
     def identity(self) -> bool:
         return (self.mapper.shape[0] == self.mapper.shape[1] and not bool(self.own.any())
                 and torch.equal(self.mapper, torch.eye(self.mapper.shape[0])))
@@ -171,7 +176,7 @@ class EditPlan:
 
     alignments: list[Alignment]
     weights: torch.Tensor  # (B, L_target): `reweight`'s factors on the target's positions, 1 elsewhere
-    cross_steps: float  # share of the steps whose cross-attention is injected
+    cross_steps: float | None  # share of the steps whose cross-attention is injected (None: the caller chooses)
     self_steps: float  # share of the steps whose self-attention is injected
     blend: tuple[list[list[int]], list[list[int]]] | None = None  # per side (source, target), per image: positions
     reweighted: bool = field(init=False)  # some weight is not 1

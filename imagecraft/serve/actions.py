@@ -27,7 +27,7 @@ from ..pipeline import ImageCraftPipeline
 from ..png import JSON_KEY, LABELS, PNG_SIGNATURE, pipeline_settings, read_png_texts, restore_settings, restore_source
 from ..prompts import parse
 from ..settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, GENERATION, LORA_SCALE, MAX_IMAGES, check, check_cost,
-                        check_edit, shown)
+                        check_edit, edit_cross_steps, shown)
 from . import outputs
 from .models import model_lock
 
@@ -361,6 +361,11 @@ def _edit_settings(record: dict) -> dict:
     return {"width": record["width"], "height": record["height"],
             "num_inference_steps": record["num_inference_steps"],
             "cache_interval": record.get("cache_interval") or 1}
+
+
+def edit_cross_steps_for(source_words: list[str], edited_words: list[str]) -> float:
+    """The cross_steps `pipe.edit` takes by default for an edit between these words (`settings.edit_cross_steps`)."""
+    return edit_cross_steps(any(i is None for i, _ in align_words(source_words, edited_words)))
 
 
 def prompt_words(pipe: ImageCraftPipeline, prompt: str) -> list[str]:

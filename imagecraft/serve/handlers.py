@@ -371,17 +371,20 @@ def _kept(ticked, choices: list[str]) -> list[str]:
 @ui_errors
 def on_edit_words(source, prompt: str, blend, reweight_words) -> tuple:
     """The words to tick, following the edited prompt as it is typed: to blend, those of both prompts; to reweight,
-    the edited prompt's (ticks kept where the word still is)."""
+    the edited prompt's (ticks kept where the word still is); and the cross-attention share the edit's kind takes
+    (`settings.edit_cross_steps`: 1.0 for a swap, 0.8 once words are added)."""
     if source is None or not isinstance(prompt, str):
-        return gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), gr.skip()
     pipe = models.get(source.model)
     try:
         edited = actions.prompt_words(pipe, prompt)
     except ValueError:  # a prompt being typed can be over the limit for a moment: its words then wait
-        return gr.skip(), gr.skip()
-    both = list(dict.fromkeys([*actions.prompt_words(pipe, source.prompt), *edited]))
+        return gr.skip(), gr.skip(), gr.skip()
+    original = actions.prompt_words(pipe, source.prompt)
+    both = list(dict.fromkeys([*original, *edited]))
     return (gr.update(choices=both, value=_kept(blend, both)),
-            gr.update(choices=edited, value=_kept(reweight_words, edited)))
+            gr.update(choices=edited, value=_kept(reweight_words, edited)),
+            gr.update(value=actions.edit_cross_steps_for(original, edited)))
 
 
 def on_reweight_slots(words, slots, *factors) -> tuple:

@@ -299,8 +299,7 @@ def build_edit(explained, source: gr.State, model: gr.Textbox, generate: Generat
                  show_progress_on=source_image)
     # the words to tick and the cross-attention share follow the edited prompt as it is typed; the sliders the ticks
     prompt.change(h.on_edit_words, [source, prompt, blend, reweight_words], [blend, reweight_words, cross],
-                  api_name=False,
-                  show_progress="hidden", trigger_mode="always_last")
+                  api_name=False, show_progress="hidden", trigger_mode="always_last")
     reweight_words.change(h.on_reweight_slots, [reweight_words, slots, *factors], [slots, *factors], api_name=False,
                           show_progress="hidden")
     edited = {"edit_image": edit_image, "difference": difference, "edit_maps": edit_maps, "result": result}

@@ -241,7 +241,7 @@ EDIT = _table(
     # 0.8). self_steps 0.4, the paper's: 0.6 and 0.8 changed the swaps' IoU by < 0.01.
     Field("cross_steps", "cross_steps", "float", 0, 1, 0.8, step=0.05, ui="Cross-attention steps",
           help="share of the steps that take the source's cross-attention: more keeps where each word is drawn; "
-               "when not given, 1.0 for an edit that only swaps or reweights words and 0.8 when it adds words"),
+               "the default follows the edit: 1.0 when it only swaps or reweights words, 0.8 when it adds words"),
     Field("self_steps", "self_steps", "float", 0, 1, 0.4, step=0.05, ui="Self-attention steps",
           help="share of the steps that take the source's self-attention: more keeps the shapes and the layout"),
     # -5..5: the paper's reweighting examples go from -2 to 5; past that the word's attention drowns the others

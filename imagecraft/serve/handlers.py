@@ -463,9 +463,10 @@ def _drop_gradio_copies(files) -> None:
     Gradio's cache until its hourly sweep, outside any cap."""
     from gradio.utils import get_upload_folder
 
+    if not files:
+        return
     cache = Path(get_upload_folder()).resolve()
-    for f in files if isinstance(files, (list, tuple)) else [files] if files else []:
-        path = Path(f if isinstance(f, (str, Path)) else getattr(f, "name", "")).resolve()
+    for path in (p.resolve() for p in jobs.upload_paths(files)):
         if path.is_file() and cache in path.parents:
             path.unlink(missing_ok=True)
             if path.parent != cache and not any(path.parent.iterdir()):

@@ -38,6 +38,12 @@ log = logging.getLogger("imagecraft.serve")
 _disk = threading.Lock()  # one upload, demo set or job folder written under FINETUNE_ROOT at a time
 
 
+def upload_paths(paths) -> list[Path]:
+    """An upload's files as paths: Gradio gives one path or a list, of strings or of file objects with a `.name`."""
+    return [Path(p if isinstance(p, (str, Path)) else getattr(p, "name", p))
+            for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
+
+
 def read_upload(paths) -> tuple[list[list[str]], list[str]]:
     """The caption table and the image files of an upload: images, their same-name .txt captions, metadata.jsonl /
     metadata.csv, and zips of them, checked completely now by `take_upload` (as the CLI's --data) into a fresh
@@ -46,8 +52,7 @@ def read_upload(paths) -> tuple[list[list[str]], list[str]]:
     what the upload says it unpacks to, and it may unpack no more than that room."""
     if not paths:
         return [], []
-    sources = [Path(p if isinstance(p, (str, Path)) else getattr(p, "name", p))
-               for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
+    sources = upload_paths(paths)
     with _disk:  # the room made for this upload stays its own while it unpacks
         need = upload_bytes(sources, MAX_UPLOAD_ZIP_BYTES, MAX_UPLOAD_MEMBERS)  # every zip's directory checked
         room = outputs.hold_finetune_disk(TRAINING.active_folders(), incoming=need)

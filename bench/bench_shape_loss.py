@@ -5,6 +5,12 @@ low-noise steps; at strength 1 the model draws it from pure noise.
 
     python bench/bench_shape_loss.py                      # the built-in model, 24 scenes per shape
     python bench/bench_shape_loss.py --model PATH --per-shape 48 --strengths 0.2 0.6 1.0
+    python bench/bench_shape_loss.py --new-shape pentagon hexagon diamond cross   # shapes the world lacks
+
+With --new-shape, the scenes are the fine-tune suite's (bench/finetune_suite.py): one object of that shape in the
+colours a fine-tune shows it in, named by its word ("a red hexagon on the left"), read by the suite's shape test
+(mask IoU >= 0.80 with the ideal and better than every other shape). A fine-tuned model folder (`--method full`)
+shows how much of the low-noise drawing a fine-tune relearnt.
 """
 
 import argparse
@@ -29,12 +35,16 @@ def main():
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--new-shape", nargs="+", default=None, metavar="FORM",
+                        help="the suite's scenes of these shapes instead of the world's")
     args = parser.parse_args()
     from diffusers import StableDiffusionImg2ImgPipeline
 
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(args.model, safety_checker=None,
                                                           requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    if args.new_shape:
+        return new_shapes(pipe, args)
     rng, scenes = random.Random(7), []
     for shape in shapes.SHAPES:
         for _ in range(args.per_shape):
@@ -64,6 +74,34 @@ def main():
     for name, right in rows.items():
         counts = [sum(r for (s, _, _), r in zip(scenes, right) if s == shape) for shape in shapes.SHAPES]
         print(f"  {name:<15} " + " / ".join(f"{n}/{args.per_shape}" for n in counts))
+
+
+def new_shapes(pipe, args):
+    from bench import finetune_suite as suite
+
+    print(f"{args.model}: {args.per_shape} one-object scenes per new shape (the suite's), {args.steps} steps, guidance "
+          f"{args.guidance}; right: the suite's shape test")
+    for form in args.new_shape:
+        concept = suite.Concept(form, "shape", "-", form=form)
+        rng = random.Random(7)
+        specs = [suite.spec_for(rng, suite.KNOWN[i % len(suite.KNOWN)], form) for i in range(args.per_shape)]
+        images = np.stack([suite.scene(spec, random.Random(i), concept, form) for i, spec in enumerate(specs)])
+        prompts = [shapes.prompt_of(spec) for spec in specs]
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+
+        def right(drawn):
+            return sum(suite.shape_right(np.asarray(im), shapes.COLOURS[spec.objects[0].colour], form)
+                       for im, spec in zip(drawn, specs))
+
+        cells = [f"VAE round trip {right(round_trip(pipe.vae, images))}/{len(specs)}"]
+        for strength in args.strengths:
+            generators = [torch.Generator().manual_seed(i) for i in range(len(specs))]
+            drawn = pipe(prompts, image=latents, strength=strength, num_inference_steps=args.steps,
+                         guidance_scale=args.guidance, generator=generators).images
+            cells.append(f"strength {strength:g} {right(drawn)}/{len(specs)}")
+        print(f"  {form:<9} " + ", ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

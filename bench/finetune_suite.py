@@ -46,7 +46,9 @@ class Concept:
 CONCEPTS = (
     Concept("teal", "colour", "tune", rgb=(0, 128, 128)),
     Concept("magenta", "colour", "tune", rgb=(230, 0, 230)),
+    Concept("navy", "colour", "tune", rgb=(20, 30, 110)),  # between two known colours (blue, black)
     Concept("diamond", "shape", "tune", form="diamond"),
+    Concept("pentagon", "shape", "tune", form="pentagon"),  # nearly round, as hexagon is; diamond is a turned square
     Concept("hollow", "style", "tune"),
     Concept("cyan", "colour", "report", rgb=(0, 210, 210)),
     Concept("brown", "colour", "report", rgb=(120, 70, 20)),

@@ -479,6 +479,7 @@ def test_preservation_captions_remove_or_swap_the_taught_words():
     tokenizer = CLIPTokenizer.from_pretrained(DEFAULT_MODEL, subfolder="tokenizer")  # the built-in model's
     known = known_words(tokenizer, exclude=["Purple"])
     assert {"red", "circle", "left", "background"} <= set(known) and not {"purple", "the", "and"} & set(known)
+    assert not {"ange", "rple", "rcle"} & set(known)  # BPE's pieces of "orange", "purple", "circle"
     assert all(len(w) >= 3 and w.isalpha() and tokenizer.tokenize(w) == [w + "</w>"] for w in known)
 
 

@@ -48,6 +48,6 @@ def test_the_readers_refuse_the_other_shapes_and_filled_objects():
             spec = suite.spec_for(rng, "red", shape)
             image = suite.scene(spec, rng, colour, shape)
             assert not any(suite.shape_right(image, shapes.COLOURS["red"], form)
-                           for form in ("hexagon", "cross", "diamond")), shape
+                           for form in ("hexagon", "cross", "diamond", "pentagon")), shape
             assert not suite.hollow_right(image, shapes.COLOURS["red"])
     assert suite.rate([np.True_, False, True, np.False_]) == 0.5

@@ -479,11 +479,15 @@ def without_words(caption: str, words) -> str:
 
 def known_words(tokenizer, exclude=()) -> list[str]:
     """Whole words the tokenizer has a token of its own for (CLIP's `word</w>`), three letters or more, other than
-    the function words and `exclude`: words the base model read in training, in vocabulary order."""
+    the function words and `exclude`: words the base model read in training, in vocabulary order. A word that ends
+    another such word is left out: BPE keeps the pieces it builds words from ("ange" of "orange"), which no caption
+    holds alone; in a large vocabulary this drops a few real words too, among tens of thousands."""
     skip = FUNCTION_WORDS | {w.lower() for w in exclude}
-    words = (t[:-len("</w>")] for t in sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)
-             if t.endswith("</w>"))
-    return [w for w in words if len(w) >= 3 and w.isalpha() and w not in skip]
+    words = [t[:-len("</w>")] for t in sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)
+             if t.endswith("</w>")]
+    words = [w for w in words if len(w) >= 3 and w.isalpha()]
+    suffixes = {w[i:] for w in words for i in range(1, len(w) - 2)}
+    return [w for w in words if w not in skip and w not in suffixes]
 
 
 def swapped_words(caption: str, words, replacement: str) -> str:

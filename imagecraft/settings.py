@@ -282,15 +282,18 @@ FINETUNE = _table(
     Field("warmup", "warmup", "int", 0, MAX_TRAINING_STEPS, 20, help="steps of linear learning-rate warm-up"),
     # 1..128: above half a projection's width a LoRA holds more weights than the layer it adapts (2 x rank x 320
     # against 320 x 320 for SD 1.5's narrowest attention), so a larger rank is a full fine-tune done badly.
-    # 4 (diffusers' and kohya's default too), measured on the suite's tuning colours (teal / magenta; new colour on
-    # the shapes shown, on triangles never shown, the model's own prompts 98.3% before, texture against the base):
-    # rank 8: 100/100, 90/80, 95.0/83.3, 2.0/2.6x; rank 4: 100/100, 90/70, 98.3/95.0, 1.8/2.1x; rank 2: 45/80,
-    # 90/50; rank 1: 15/-, 80/-. A smaller rank leaves the model less room to change what the data does not show
+    # 4 (diffusers' and kohya's default too), chosen on the suite's tuning colours (teal / magenta / navy: the new
+    # colour on the shapes shown; on triangles never shown; the model's own prompts after, 98.3% before):
+    # rank 8: 100/100/100, 90/80/70, 95.0/83.3/95.0; rank 4: 100/100/100, 90/70/70, 98.3/95.0/98.3; rank 2 (teal /
+    # magenta): 45/80, 90/50. On the reporting colours rank 4 kept the old prompts but drew the new colours on 68.3%
+    # of the shapes shown, against rank 8's 90.0% (chartreuse 35%; docs/figures.md)
     Field("rank", "rank", "int", 1, 128, 4, ui="LoRA rank", help="LoRA rank"),
     # (0, 256]: the LoRA's scale is alpha / rank, and recipes set alpha to the rank (scale 1), half of it, or 1;
     # twice the largest rank covers them all
     Field("alpha", "alpha", "float", 0, 256, optional=True, above_low=True, help="LoRA alpha (scale alpha / rank)",
           unset="the rank"),
+    # the attention projections: the cross-attention's keys and values alone (Custom Diffusion's) kept less of the
+    # model on the tuning colours (magenta's old prompts 56.7% at lr 5e-4)
     Field("targets", "targets", "choices", default=("attn",), choices=tuple(UNET_TARGETS),
           help="LoRA targets in the UNet, comma-separated"),
     Field("text_encoder_lora", "text_encoder_lora", "bool", default=False,
@@ -355,9 +358,9 @@ FINETUNE = _table(
     # Preservation without class prompts: every step also trains the model to predict what the base model predicts
     # on the same noisy images under the captions with the taught words removed or swapped for known ones ("a cyan
     # square" -> "a square", "a purple square"), so the words the data shares with the model keep their meaning.
-    # 0..100 as prior_weight. 0.3, measured on the suite's tuning concepts (at rank 8): at 1 the old prompts held (98.3% before,
-    # 98.3 and 95.0% after) but the new colour was learnt on 65-85% of objects; at 0.3 (600 steps) on 100%, the old
-    # prompts 96.7 and 83.3%; at 0, 96.7 and 88.3%
+    # 0..100 as prior_weight. 0.3, measured on the suite's tuning concepts at rank 8: at 1 the old prompts held
+    # (98.3% before, 98.3 and 95.0% after) but the new colour was learnt on 65-85% of objects; at 0.3 (600 steps) on
+    # 100%, the old prompts 96.7 and 83.3%; at 0, 96.7 and 88.3%
     # Tried on the tuning concepts and not kept, none better on both the new word and the old prompts: the base
     # model's own images (drawn from these captions) in place of half the data's; the empty caption among the
     # captions; half the preservation's timesteps below 250; the taught word as a new token of its own whose

@@ -55,9 +55,7 @@ def main():
             _, prompt, image, _ = shapes.sample_scene(rng, spec=spec)
             scenes.append((shape, prompt, image))
     images = np.stack([image for _, _, image in scenes])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():  # the posterior means, as the model was trained on
-        latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+    latents = encode(pipe, images)
     round_trips = round_trip(pipe.vae, images)
     print(f"{args.model}: {args.per_shape} one-object scenes per shape, {args.steps} steps, guidance {args.guidance}, "
           f"{type(pipe.scheduler).__name__}; shapes read right (circle / square / triangle)")
@@ -76,6 +74,13 @@ def main():
         print(f"  {name:<15} " + " / ".join(f"{n}/{args.per_shape}" for n in counts))
 
 
+@torch.no_grad()
+def encode(pipe, images: np.ndarray) -> torch.Tensor:
+    """(N, 64, 64, 3) uint8 scenes as scaled latents: the posterior means, as the model was trained on."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
 def new_shapes(pipe, args):
     from bench import finetune_suite as suite
 
@@ -87,9 +92,7 @@ def new_shapes(pipe, args):
         specs = [suite.spec_for(rng, suite.KNOWN[i % len(suite.KNOWN)], form) for i in range(args.per_shape)]
         images = np.stack([suite.scene(spec, random.Random(i), concept, form) for i, spec in enumerate(specs)])
         prompts = [shapes.prompt_of(spec) for spec in specs]
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        with torch.no_grad():
-            latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        latents = encode(pipe, images)
 
         def right(drawn):
             return sum(suite.shape_right(np.asarray(im), shapes.COLOURS[spec.objects[0].colour], form)

@@ -83,3 +83,17 @@ def test_bench_edit_prints_its_table_with_targets_and_verdicts():
     assert "split tune: built-in model" in out and "cross_steps by the edit, self_steps 0.4" in out
     row = next(line for line in out.splitlines() if "time: edit / generation" in line)
     assert "<= 2.2x" in row and row.rstrip().endswith(("pass", "FAIL"))
+
+
+@pytest.mark.integration
+def test_bench_shape_loss_reads_new_shapes_through_the_vae_and_the_model():
+    """--new-shape: the suite's scenes of a shape the world lacks come back through the VAE alone (the built-in
+    VAE returns diamonds) and are counted after the model finishes them from a strength."""
+    import re
+
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_shape_loss.py"), "--new-shape", "diamond",
+                             "--per-shape", "4", "--strengths", "0.2", "--steps", "5"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    row = re.search(r"diamond +VAE round trip (\d)/4, strength 0.2 (\d)/4", result.stdout)
+    assert row and row[1] == "4", result.stdout

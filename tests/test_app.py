@@ -538,6 +538,18 @@ def test_the_changed_words_and_the_reweight_sliders():
     assert edit_cross_steps_for(words, words) == 1.0
     assert edit_cross_steps_for(words, "a red circle on the left on a black background".split()) == 0.8
 
+    # the panel reads every occurrence of a word, as pipe.edit aligns them: words added that the prompt already has
+    # are still added, while the checkboxes list each word once
+    from imagecraft.serve.actions import EditSource
+    from imagecraft.serve.handlers import on_edit_words
+    from imagecraft.serve.models import BUILTIN
+
+    source = EditSource("unused.png", "a red circle on the left", BUILTIN, {}, "unused.png")
+    blend, reweight, cross = on_edit_words(source, "a red circle on the left on the left", [], [])
+    assert cross["value"] == 0.8 and reweight["choices"] == ["a", "red", "circle", "on", "the", "left"]
+    assert blend["choices"] == reweight["choices"]
+    assert on_edit_words(source, "a blue circle on the left", [], [])[2]["value"] == 1.0
+
     slots, *sliders = on_reweight_slots(["red", "left"], [], *[1.0] * 4)
     assert slots == ["red", "left"] and [s["visible"] for s in sliders] == [True, True, False, False]
     assert sliders[0]["label"] == "Reweight 'red'" and sliders[0]["value"] == 1.0

@@ -368,10 +368,12 @@ def edit_cross_steps_for(source_words: list[str], edited_words: list[str]) -> fl
     return edit_cross_steps(any(i is None for i, _ in align_words(source_words, edited_words)))
 
 
-def prompt_words(pipe: ImageCraftPipeline, prompt: str) -> list[str]:
-    """A prompt's words as the attention maps name them (weighting syntax left out), each once, in order."""
+def prompt_words(pipe: ImageCraftPipeline, prompt: str, each_once: bool = True) -> list[str]:
+    """A prompt's words as the attention maps name them (weighting syntax left out), in order: each once, or every
+    occurrence (as an edit aligns them)."""
     tokens, _ = pipe.tokens(prompt)
-    return list(dict.fromkeys(word for word, _ in group_words(tokens)))
+    words = [word for word, _ in group_words(tokens)]
+    return list(dict.fromkeys(words)) if each_once else words
 
 
 def source_of(explained: Explained, model: str) -> EditSource:

@@ -377,13 +377,13 @@ def on_edit_words(source, prompt: str, blend, reweight_words) -> tuple:
         return gr.skip(), gr.skip(), gr.skip()
     pipe = models.get(source.model)
     try:
-        edited = actions.prompt_words(pipe, prompt)
+        edited = actions.prompt_words(pipe, prompt, each_once=False)
     except ValueError:  # a prompt being typed can be over the limit for a moment: its words then wait
         return gr.skip(), gr.skip(), gr.skip()
-    original = actions.prompt_words(pipe, source.prompt)
-    both = list(dict.fromkeys([*original, *edited]))
+    original = actions.prompt_words(pipe, source.prompt, each_once=False)  # every occurrence, as `pipe.edit` aligns
+    both, own = list(dict.fromkeys([*original, *edited])), list(dict.fromkeys(edited))
     return (gr.update(choices=both, value=_kept(blend, both)),
-            gr.update(choices=edited, value=_kept(reweight_words, edited)),
+            gr.update(choices=own, value=_kept(reweight_words, own)),
             gr.update(value=actions.edit_cross_steps_for(original, edited)))
 
 

@@ -320,9 +320,9 @@ def build_finetune(generate: GenerateTab, tabs: gr.Tabs) -> None:
                     "trains on your images under their captions with the new word removed or swapped for words the "
                     "model knows, towards what the base model draws there; and 4 images are held out, so the step "
                     "saved is the one whose loss on them was lowest. The new word is the one in (almost) every "
-                    "caption. A LoRA (rank 4 by default) teaches a new colour or style; on the built-in model a "
-                    "new shape needs a full fine-tune, and a nearly round one is not learnt without damage (README, "
-                    "fine-tuning). One training job runs at a time on this server; yours belongs to this browser tab. "
+                    "caption. On the built-in model a LoRA (rank 4 by default) teaches a new colour, not a new "
+                    "shape or style; a full fine-tune taught a diamond, but not a nearly round shape without damage "
+                    "(README, fine-tuning). One training job runs at a time on this server; yours belongs to this browser tab. "
                     "\"Use demo data\" teaches the built-in model the colour word *pink*, which it has never seen.")
         with gr.Row():
             with gr.Column(scale=3):

@@ -7,6 +7,7 @@ diffusers on the same weights.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import random
 import time
@@ -23,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from . import loading, lora
+from . import embeddings, loading, lora
 from .explain import edit as p2p
 from .explain.capture import (capture as capture_attention, check_memory as check_attention_memory,
                               cross_attention_layers, new_recorder)
@@ -143,7 +144,9 @@ class ImageCraftPipeline:
         self.vae_scale_factor = vae_scale_factor(vae.config.block_out_channels)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.default_size = sample_size * self.vae_scale_factor  # the model's trained image size
-        self.lora: dict | None = None  # the LoRA applied by load_lora: name, hash, scale, path
+        self.lora: dict | None = None  # the LoRA applied by load_lora: name, hash, scale, path, words
+        self._base_vocabulary = None  # (tokenizer, embedding rows) before load_lora added words of their own
+        self._words = {}  # the loaded LoRA's word embeddings, {word: (1, dim)}: on at any scale but 0
         self.source = model_id  # what from_pretrained loads this from (set there: a Hub id, folder or file)
 
     # --- loading --------------------------------------------------------------------------------------------
@@ -240,16 +243,44 @@ class ImageCraftPipeline:
         Args:
             path: a `.safetensors` LoRA file, or a folder holding `pytorch_lora_weights.safetensors` (what
                 `imagecraft finetune` and diffusers write); diffusers/PEFT and kohya (A1111) SD 1.x/2.x layouts.
+                Word embeddings in an `embeddings` folder beside the file (what `imagecraft finetune` writes for
+                the words it taught) load with it: each word then reads as its trained vector, at any scale but 0.
             scale: how much of it: 0 is the base model, 1 the LoRA as trained; from -4 to 4.
-        Returns the applied LoRA's name, hash, scale and path, which the PNG metadata records. A file for another
-        base model, or a LyCORIS file, is refused with a `lora.LoraError` that says why.
+        Returns the applied LoRA's name, hash, scale, path and words, which the PNG metadata records. A file for
+        another base model, or a LyCORIS file, is refused with a `lora.LoraError` (an embedding that does not fit,
+        `embeddings.EmbeddingError`) that says why.
         """
         scale = LORA_SCALE.check(scale)
         file = lora.lora_file(path)
+        files = embeddings.files_beside(file)
+        rows = embeddings.read(files, self.text_encoder.get_input_embeddings().weight.shape[1])
+        self._words = {}
+        self._set_words({})  # the base vocabulary, to check the words against and to apply the LoRA to
+        taken = [w for w in rows if w in self.tokenizer.get_vocab()]
+        if taken:
+            raise embeddings.EmbeddingError(f"the tokenizer already has a token {taken[0]!r}; an embedding's word "
+                                            f"must be new to it")
         lora.apply(file, self.unet, self.text_encoder, scale)
+        self._words = rows
+        self._set_words(rows if scale else {})
         name = file.parent.name if file.name == lora.WEIGHT_NAME else file.stem
-        self.lora = dict(name=name, hash=loading.file_hash([file]), scale=scale, path=str(file))
+        self.lora = dict(name=name, hash=loading.file_hash([file] + files), scale=scale, path=str(file),
+                         words=list(rows))
         return dict(self.lora)
+
+    def _set_words(self, rows: dict):
+        """Gives each word of `rows` ({word: (1, dim)}) a token of its own with that embedding, after undoing
+        the last call's: the tokenizer is a copy, so unloading restores the base model's exactly."""
+        if self._base_vocabulary is not None:
+            self.tokenizer, n = self._base_vocabulary
+            self.text_encoder.resize_token_embeddings(n, mean_resizing=False)
+            self._base_vocabulary = None
+        if rows:
+            base = (self.tokenizer, self.text_encoder.get_input_embeddings().weight.shape[0])
+            self.tokenizer = copy.deepcopy(self.tokenizer)
+            ids = embeddings.add_word_tokens(self.tokenizer, self.text_encoder, list(rows))
+            self._base_vocabulary = base
+            embeddings.set_rows(self.text_encoder, ids, rows)
 
     def set_lora_scale(self, scale: float):
         """Changes the loaded LoRA's scale without reloading it."""
@@ -258,12 +289,15 @@ class ImageCraftPipeline:
         scale = LORA_SCALE.check(scale)
         lora.set_scale(self.unet, scale)
         lora.set_scale(self.text_encoder, scale)
+        self._set_words(self._words if scale else {})  # at 0 the base model exactly, its tokenizer too
         self.lora["scale"] = scale
 
     def unload_lora(self):
         """Removes the LoRA: the model is the base model again, exactly."""
         lora.remove_lora(self.unet)
         lora.remove_lora(self.text_encoder)
+        self._words = {}
+        self._set_words({})
         self.lora = None
 
     # --- generation -----------------------------------------------------------------------------------------

@@ -512,7 +512,7 @@ def test_preservation_keeps_the_base_model_under_captions_without_the_taught_wor
     before = np.stack([np.asarray(im, float) for im in base(captions, seed=2, num_inference_steps=4).images])
     moved = {}
     for preserve in (0.0, 1.0):
-        recipe = Recipe(**dict(QUICK, steps=30, lr=3e-3, preserve=preserve, validation_images=0, precision="fp32"))
+        recipe = Recipe(**dict(QUICK, steps=30, lr=3e-3, preserve=preserve, validation_images=0, precision="fp32", word_token=False))
         out = tmp_path / f"preserve-{preserve:g}"
         finetune(model, data, out, recipe, show_bar=False)
         base.load_lora(out)
@@ -521,6 +521,80 @@ def test_preservation_keeps_the_base_model_under_captions_without_the_taught_wor
         moved[preserve] = np.abs(after - before).mean()
     # the LoRA changes the model's images of the captions without "zorp"; preservation halves that at least
     assert moved[0.0] > 1 and moved[1.0] < 0.5 * moved[0.0], moved
+
+
+@pytest.mark.integration
+def test_the_taught_word_gets_a_trained_token_that_plain_diffusers_loads(model, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    data = zorp_data(tmp_path / "data")
+    out = tmp_path / "out"
+    recipe = Recipe(**dict(QUICK, steps=12, lr=3e-3, embedding_lr=0.05, validation_images=0, precision="fp32"))
+    finetune(model, data, out, recipe, show_bar=False)
+    ours = ImageCraftPipeline.from_pretrained(model, dtype="fp32")
+    dim = ours.text_encoder.get_input_embeddings().weight.shape[1]
+    state = load_file(out / "embeddings" / "zorp.safetensors")
+    assert list(state) == ["zorp"] and state["zorp"].shape == (1, dim)
+    # the checkpoint carries the word's embedding, so a resumed run goes on from it
+    assert torch.equal(load_checkpoint(out / "checkpoints" / "last.pt")["lora"]["words"]["zorp"], state["zorp"])
+    zorp, plain = "a zorp red circle on the left", "a red circle on the left"
+    base_zorp, base_plain = images(ours, zorp), images(ours, plain)
+    vocabulary = len(ours.tokenizer)
+    context = ours.encode_prompt([plain])[0]
+    info = ours.load_lora(out)
+    assert info["words"] == ["zorp"] and len(ours.tokenizer) == vocabulary + 1
+    assert len(ours.tokenizer("a zorp", add_special_tokens=False).input_ids) == 2  # one token for the word
+    assert torch.equal(ours.encode_prompt([plain])[0], context)  # a prompt without it encodes as before
+    with_lora = images(ours, zorp)
+    assert np.abs(with_lora - base_zorp).mean() > 0.01
+    theirs = StableDiffusionPipeline.from_pretrained(model)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_lora_weights(out)
+    theirs.load_textual_inversion(out / "embeddings" / "zorp.safetensors")
+    assert np.abs(diffusers_images(theirs, zorp) - with_lora).max() < 1e-3
+    card = (out / "README.md").read_text()
+    assert "load_textual_inversion('THIS_FOLDER/embeddings/zorp.safetensors')" in card and "`zorp`" in card
+    # at scale 0 the base model, its tokenizer too; back at 1 the LoRA and the word's vector again
+    ours.set_lora_scale(0.0)
+    assert len(ours.tokenizer) == vocabulary and np.array_equal(images(ours, zorp), base_zorp)
+    ours.set_lora_scale(1.0)
+    assert np.abs(images(ours, zorp) - with_lora).max() < 1e-6
+    # unloading gives the base model back exactly, its tokenizer too
+    ours.unload_lora()
+    assert len(ours.tokenizer) == vocabulary and ours.lora is None
+    assert np.array_equal(images(ours, zorp), base_zorp) and np.array_equal(images(ours, plain), base_plain)
+    # without a token of its own the word is read as its pieces and nothing is written for it
+    finetune(model, data, tmp_path / "plain", Recipe(**dict(QUICK, steps=2, word_token=False, validation_images=0)),
+             show_bar=False)
+    assert not (tmp_path / "plain" / "embeddings").exists()
+
+
+@pytest.mark.integration
+def test_embedding_files_that_do_not_fit_are_refused_by_name(model, tmp_path):
+    from safetensors.torch import save_file
+
+    ours = ImageCraftPipeline.from_pretrained(model, dtype="fp32")
+    random_lora(ours)
+    lora.save(tmp_path, ours.unet, ours.text_encoder)
+    ours.unload_lora()
+    dim = ours.text_encoder.get_input_embeddings().weight.shape[1]
+    (tmp_path / "embeddings").mkdir()
+    bad = tmp_path / "embeddings" / "zorp.safetensors"
+    cases = [({"zorp": torch.zeros(1, dim + 1)}, "one vector"), ({"zorp": torch.zeros(3, dim)}, "one vector"),
+             ({"a": torch.zeros(1, dim), "b": torch.zeros(1, dim)}, "holds 2 tensors"),
+             ({"zorp": torch.full((1, dim), float("nan"))}, "NaN"), ({"red</w>": torch.zeros(1, dim)}, "already has")]
+    base = images(ours)
+    for state, message in cases:
+        save_file(state, str(bad))
+        with pytest.raises(ValueError, match=message):
+            ours.load_lora(tmp_path)
+        assert ours.lora is None or ours.lora.get("words") == []
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        ours.load_lora(tmp_path)
+    ours.unload_lora()
+    assert np.array_equal(images(ours), base)
 
 
 @pytest.mark.integration

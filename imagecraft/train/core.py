@@ -260,8 +260,8 @@ class Loop:
         try:
             while self.step < self.steps:
                 lr = self.lr_now()
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                for group in self.optimizer.param_groups:  # a group's lr_scale: its peak against the loop's
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 losses = []
                 for _ in range(self.grad_accum):
                     losses.append(self._descend(batch_loss, lr, last_saved))

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from .. import lora as lora_lib
+from .. import embeddings, lora as lora_lib
 from ..loading import ModelLoadError
 from ..pipeline import ImageCraftPipeline
 from ..runtime import autocast, training_bf16
@@ -53,7 +53,7 @@ from .core import (Loop, RandomState, TrainingError, check_output_folder, diffus
 from .data import (class_examples, concept_words, data_key, encode_images, extract_zip, find_examples, images_digest,
                    known_words, swapped_words)
 from .recipe import FinetuneRecipe, build_parser, check_recipe, recipe_from_args
-from .report import base_previews, export, previews, write_curves
+from .report import export, previews, sample, write_curves
 
 log = logging.getLogger("imagecraft.finetune")
 
@@ -79,14 +79,18 @@ class FinetuneResult:
 
 
 class LoraState:
-    """The LoRA weights of the UNet and the text encoder as a checkpoint entry: {layer: (A, B)} per model."""
+    """The LoRA weights of the UNet and the text encoder as a checkpoint entry: {layer: (A, B)} per model, and the
+    embeddings of the words given tokens of their own ({word: (1, dim)})."""
 
-    def __init__(self, unet, text_encoder):
+    def __init__(self, unet, text_encoder, word_ids: dict[str, int] | None = None):
         self.models = {"unet": unet, "text_encoder": text_encoder}
+        self.word_ids = word_ids or {}
 
     def state_dict(self) -> dict:
-        return {key: {n: (a, b) for n, (a, b, _) in lora_lib.lora_weights(model).items()}
-                for key, model in self.models.items()}
+        state = {key: {n: (a.clone(), b.clone()) for n, (a, b, _) in lora_lib.lora_weights(model).items()}
+                 for key, model in self.models.items()}
+        state["words"] = embeddings.word_rows(self.models["text_encoder"], self.word_ids)
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, state: dict):
@@ -95,6 +99,7 @@ class LoraState:
             for name, (a, b) in state.get(key, {}).items():
                 layers[name].lora_A[lora_lib.ADAPTER].weight.copy_(a)
                 layers[name].lora_B[lora_lib.ADAPTER].weight.copy_(b)
+        embeddings.set_rows(self.models["text_encoder"], self.word_ids, state.get("words", {}))
 
 
 def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress=None, should_stop=None,
@@ -137,6 +142,20 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     held = held_out(len(captions), recipe.validation_images, recipe.seed)
     train_rows = torch.tensor([i for i in range(len(captions)) if i not in held])
     words = list(recipe.concept_words) or concept_words(captions)
+    # the base model's previews, before any word or LoRA is added
+    base_images = sample(pipe, pipe.unet, prompts, recipe) if main_process else None
+    # the taught words as tokens of their own, whose embeddings train (LoRA only: a full fine-tune's folder keeps
+    # the base tokenizer)
+    word_ids = {}
+    if recipe.method == "lora" and recipe.word_token and words:
+        vocabulary = known_words(pipe.tokenizer, words)  # the swap words for preservation: the base vocabulary's
+        word_ids = embeddings.add_word_tokens(pipe.tokenizer, pipe.text_encoder, words)
+        log.info("the taught words get tokens of their own: %s", " ".join(repr(w) for w in word_ids) or "none")
+        if len(word_ids) < len(words):
+            log.info("already tokens of the tokenizer, so read as they are: %s",
+                     " ".join(repr(w) for w in words if w not in word_ids))
+    else:
+        vocabulary = known_words(pipe.tokenizer, words)
     if recipe.preserve:
         if words:
             log.info("preserving the base model under the captions with %s removed or swapped for other words",
@@ -148,6 +167,7 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
 
     objective = dict(method=recipe.method, rank=recipe.rank, alpha=recipe.lora_alpha, targets=list(recipe.targets),
                      text_encoder_lora=recipe.text_encoder_lora, model=pipe.model_id, model_hash=pipe.model_hash,
+                     word_tokens=list(word_ids), embedding_lr=recipe.embedding_lr if word_ids else None,
                      data=data_key(digest, size, recipe.flip, "")[:12], batch=recipe.batch_size * world,
                      grad_accum=recipe.grad_accum, seed=recipe.seed)
     if recipe.class_prompts:
@@ -194,14 +214,22 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
             lora_lib.add_lora(text_encoder, lora_lib.target_names(text_encoder, lora_lib.TEXT_TARGETS), recipe.rank,
                               recipe.lora_alpha, gaussian=True)
         ema = None
-        loop.state = {"lora": LoraState(unet, text_encoder), "generator": RandomState(generator)}
+        loop.state = {"lora": LoraState(unet, text_encoder, word_ids), "generator": RandomState(generator)}
     else:
         unet.requires_grad_(True)
         ema = copy.deepcopy(unet).requires_grad_(False)
         loop.state = {"unet": unet, "generator": RandomState(generator)}
         loop.ema = {"unet": (unet, ema)}
-    loop.params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
-    loop.optimizer = torch.optim.AdamW(loop.params, lr=recipe.peak_lr, weight_decay=recipe.weight_decay)
+    groups = [dict(params=[p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad])]
+    if word_ids:  # the embedding table trains, only the new words' rows: their gradient alone is kept, no decay
+        table = text_encoder.get_input_embeddings().weight
+        table.requires_grad_(True)
+        trained_rows = torch.zeros(len(table), 1, device=table.device)
+        trained_rows[list(word_ids.values())] = 1
+        table.register_hook(lambda grad: grad * trained_rows.to(grad.dtype))
+        groups.append(dict(params=[table], weight_decay=0.0, lr_scale=recipe.embedding_lr / recipe.peak_lr))
+    loop.params = [p for g in groups for p in g["params"]]
+    loop.optimizer = torch.optim.AdamW(groups, lr=recipe.peak_lr, weight_decay=recipe.weight_decay)
 
     def tokenize(texts):
         return pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
@@ -216,11 +244,11 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     # contexts of the captions without the taught words, the preservation's teacher's (now, before any training)
     ids_all = tokenize(captions + [""])
     prior_ids = tokenize(prior_captions) if prior_captions else None
-    keep_ids = tokenize(keep_captions(captions, words, known_words(pipe.tokenizer, words),
-                                      recipe.seed)) if recipe.preserve else None
+    keep_ids = tokenize(keep_captions(captions, words, vocabulary, recipe.seed)) if recipe.preserve else None
     keep_base = embed(keep_ids) if keep_ids is not None else None
     contexts = prior_contexts = None
-    if not recipe.text_encoder_lora:
+    text_trains = recipe.text_encoder_lora or bool(word_ids)
+    if not text_trains:
         contexts = embed(ids_all)
         prior_contexts = embed(prior_ids) if prior_ids is not None else None
 
@@ -249,12 +277,12 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
         xt, _ = noised_and_target(prediction_type, alphas, fixed["x0"], fixed["noise"], fixed["t"])
         rows = fixed["index"] * KEEP_VARIANTS + torch.arange(len(fixed["index"]), device=device) % KEEP_VARIANTS
         fixed.update(keep_ids=keep_ids[rows], keep_target=base_prediction(xt, fixed["t"], keep_base[rows]))
-    best = Best(LoraState(unet, text_encoder) if recipe.method == "lora" else ema)
+    best = Best(LoraState(unet, text_encoder, word_ids) if recipe.method == "lora" else ema)
     if held:
         loop.state["best"] = best
     loop.resume()
     unet = loop.prepare(unet)
-    if recipe.text_encoder_lora:
+    if text_trains:
         text_encoder = accelerator.prepare(text_encoder)
 
     n_data = len(captions)
@@ -328,7 +356,6 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
         return [value]
 
     result = FinetuneResult(output, recipe.method, loop.step, recipe.steps, False, loop.history)
-    base_images = base_previews(pipe, base_unet, prompts, recipe, ema) if main_process else None
 
     def after_step(step, steps, loss):
         if main_process and recipe.preview_every and step % recipe.preview_every == 0 and step < steps:
@@ -357,7 +384,7 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
         result.preview = previews(pipe, base_unet, prompts, recipe, ema, base_images, output, loop.step)
         write_curves(output, loop.history)
         result.files = export(pipe, base_unet, text_encoder if recipe.text_encoder_lora else None, ema, recipe,
-                              output, examples, loop.history, loop.seconds, result.kept_step)
+                              output, examples, loop.history, loop.seconds, result.kept_step, word_ids)
     accelerator.wait_for_everyone()
     return result
 

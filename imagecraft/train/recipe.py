@@ -33,6 +33,8 @@ class FinetuneRecipe:
     alpha: float | None = _default("alpha")  # None: the rank (LoRA scale 1)
     targets: tuple = _default("targets")
     text_encoder_lora: bool = _default("text_encoder_lora")
+    word_token: bool = _default("word_token")
+    embedding_lr: float = _default("embedding_lr")
     snr_gamma: float = _default("snr_gamma")
     noise_offset: float = _default("noise_offset")
     max_grad_norm: float = _default("max_grad_norm")

@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from .. import lora as lora_lib
+from .. import embeddings, lora as lora_lib
 from ..files import atomic_write
 from ..port import to_diffusers
 from ..schedulers import make_scheduler
@@ -35,15 +35,6 @@ def sample(pipe, unet, prompts, recipe) -> list[Image.Image]:
     finally:
         pipe.unet = original
         unet.train(was_training)
-
-
-def base_previews(pipe, unet, prompts, recipe, ema):
-    if recipe.method == "lora":
-        lora_lib.set_scale(unet, 0.0)
-        images = sample(pipe, unet, prompts, recipe)
-        lora_lib.set_scale(unet, 1.0)
-        return images
-    return sample(pipe, ema, prompts, recipe)  # before training the EMA is the base model
 
 
 def previews(pipe, unet, prompts, recipe, ema, base_images, output: Path, step: int) -> Path:
@@ -128,17 +119,18 @@ def plot_loss(history):
 
 
 def export(pipe, unet, text_encoder, ema, recipe, output: Path, examples, history, seconds: float,
-           kept: int | None = None) -> list[Path]:
+           kept: int | None = None, word_ids: dict[str, int] | None = None) -> list[Path]:
     info = dict(base_model=pipe.model_id, base_hash=pipe.model_hash, steps=recipe.steps, images=len(examples),
                 method=recipe.method)
     if recipe.method == "lora":
         files = lora_lib.save(output, unet, text_encoder,
                               extra_metadata={"imagecraft_" + k: v for k, v in info.items()})
+        files += embeddings.save(output, pipe.text_encoder, word_ids or {})
     else:
         files = save_full_model(pipe, ema, output)
     card = output / "README.md"
     with atomic_write(card) as f:
-        f.write(model_card(recipe, pipe, examples, history, seconds, kept).encode())
+        f.write(model_card(recipe, pipe, examples, history, seconds, kept, list(word_ids or {})).encode())
     return files + [card]
 
 
@@ -152,17 +144,19 @@ def save_full_model(pipe, unet, output: Path) -> list[Path]:
     return [output / "model_index.json"]
 
 
-def model_card(recipe, pipe, examples, history, seconds: float, kept: int | None = None) -> str:
+def model_card(recipe, pipe, examples, history, seconds: float, kept: int | None = None, words=()) -> str:
     last = history[-1] if history else [0, float("nan"), 0, None]
     held = [h[3] for h in history if h[3] is not None]
     base = getattr(pipe, "source", pipe.model_id)  # what loads the base model: a Hub id, a folder or a file
     use = ("```python\nfrom diffusers import StableDiffusionPipeline\n"
            f"pipe = StableDiffusionPipeline.from_pretrained({base!r})\npipe.load_lora_weights('THIS_FOLDER')\n"
-           "```\n\n```python\nfrom imagecraft import ImageCraftPipeline\n"
+           + "".join(f"pipe.load_textual_inversion('THIS_FOLDER/embeddings/{w}.safetensors')\n" for w in words)
+           + "```\n\n```python\nfrom imagecraft import ImageCraftPipeline\n"
            f"pipe = ImageCraftPipeline.from_pretrained({base!r})\n"
-           "pipe.load_lora('THIS_FOLDER', scale=1.0)\n```"
-           "\n\nAUTOMATIC1111 / ComfyUI: copy `lora_kohya.safetensors` into the LoRA folder and write "
-           "`<lora:lora_kohya:1>` in the prompt.") if recipe.method == "lora" else (
+           "pipe.load_lora('THIS_FOLDER', scale=1.0)  # and the words' embeddings beside it\n```"
+           "\n\nAUTOMATIC1111 / ComfyUI: copy `lora_kohya.safetensors` into the LoRA folder"
+           + (" and the files of `embeddings/` into the embeddings folder" if words else "")
+           + " and write `<lora:lora_kohya:1>` in the prompt.") if recipe.method == "lora" else (
            "```python\nfrom diffusers import StableDiffusionPipeline\n"
            "pipe = StableDiffusionPipeline.from_pretrained('THIS_FOLDER')\n```")
     # the values used, not the recipe's None for "the default": the learning rate and LoRA alpha it resolved to
@@ -176,6 +170,9 @@ def model_card(recipe, pipe, examples, history, seconds: float, kept: int | None
             + (f", loss on a fixed batch {held[0]:.4f} at the first evaluation and {held[-1]:.4f} at the last" if held else "")
             + (f"; the weights saved are step {kept}'s, where the loss on the held-out images was lowest"
                if kept is not None else "")
+            + (f". The taught word{'s' if len(words) > 1 else ''} {', '.join(f'`{w}`' for w in words)} "
+               f"{'have tokens' if len(words) > 1 else 'has a token'} of {'their' if len(words) > 1 else 'its'} own "
+               "with a trained embedding (`embeddings/`), loaded with the LoRA" if words else "")
             + ". The curve is in `loss.png` and `loss.csv`; previews (base model, LoRA at 0.5 and 1) are in "
               "`previews/`.\n\n## Use\n\n" + use + "\n\n## Recipe\n\n| setting | value |\n|---|---|\n"
             + settings + "\n")

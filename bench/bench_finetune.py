@@ -19,6 +19,7 @@ speed: one LoRA training step (forward, backward, AdamW) on the built-in model's
 """
 
 import argparse
+import dataclasses
 import random
 import shlex
 import statistics
@@ -51,6 +52,15 @@ def cpu_name() -> str:
     return "unknown CPU"
 
 
+def flags_recipe(args) -> Recipe:
+    """The recipe as `imagecraft finetune` builds it from its flags: the defaults, or those of --recipe (after an
+    anchor's)."""
+    from imagecraft.train.recipe import build_parser, check_recipe, recipe_from_args
+
+    return check_recipe(recipe_from_args(build_parser().parse_args(
+        ["--data", "-", "--output", "-", *shlex.split(ANCHORS.get(args.anchor, "")), *shlex.split(args.recipe)])))
+
+
 def teach(args):
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-finetune-"))
     data = work / "data"
@@ -58,10 +68,10 @@ def teach(args):
     for i, (caption, image) in enumerate(shapes.colour_word_scenes(random.Random(0), 24, "pink")):
         Image.fromarray(image).save(data / f"{i:02d}.png")
         (data / f"{i:02d}.txt").write_text(caption)
-    recipe = Recipe(seed=0, **{k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("rank", args.rank),
-                                                   ("targets", args.targets and tuple(args.targets.split(","))),
-                                                   ("text_encoder_lora", args.text_encoder_lora or None))
-                               if v is not None})
+    recipe = dataclasses.replace(flags_recipe(args), seed=0, **{
+        k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("rank", args.rank),
+                          ("targets", args.targets and tuple(args.targets.split(","))),
+                          ("text_encoder_lora", args.text_encoder_lora or None)) if v is not None})
     if args.prior:  # prior preservation on the app demo's prompts: every old colour and shape, one object each
         recipe.class_prompts, recipe.class_images = tuple(jobs.demo_class_prompts()), args.prior
     started = time.perf_counter()
@@ -186,12 +196,12 @@ ANCHORS = {
     # constant (get_scheduler's "constant" ignores --lr_warmup_steps), batch 16, 100 epochs (150 steps of 16 for 24
     # images), AdamW weight decay 1e-2, gradient clipping 1, no SNR weighting, no flips, no prior preservation
     "diffusers": "--rank 4 --lr 1e-4 --batch-size 16 --steps 150 --warmup 0 --snr-gamma 0 --targets attn "
-                 "--preserve 0 --validation-images 0 --no-word-token",
+                 "--preserve 0 --validation-images 0",
     # kohya's sd-scripts train_network.py with networks.lora and no options: dim 4, alpha 1, learning rate 2e-6,
     # constant, batch 1, 1600 steps, AdamW, clipping 1, LoRA on every linear layer of the UNet's transformers and on
     # the text encoder (kohya also adapts its MLPs; ours, its attention)
     "kohya": "--rank 4 --alpha 1 --lr 2e-6 --batch-size 1 --steps 1600 --warmup 0 --snr-gamma 0 "
-             "--targets attn,ff,proj --text-encoder-lora --preserve 0 --validation-images 0 --no-word-token",
+             "--targets attn,ff,proj --text-encoder-lora --preserve 0 --validation-images 0",
 }
 
 
@@ -199,13 +209,9 @@ def suite(args):
     """Every concept of the chosen split (bench/finetune_suite.py) with the default recipe (or the overrides)."""
     from bench import finetune_suite
 
-    from imagecraft.train.recipe import build_parser, check_recipe, recipe_from_args
-
     concepts = [c for c in finetune_suite.CONCEPTS if args.split in ("all", c.split)
                 and (not args.concepts or c.word in args.concepts)]
-    # the recipe as `imagecraft finetune` builds it from its flags: the defaults, or those of --recipe
-    recipe = check_recipe(recipe_from_args(build_parser().parse_args(
-        ["--data", "-", "--output", "-", *shlex.split(ANCHORS.get(args.anchor, "")), *shlex.split(args.recipe)])))
+    recipe = flags_recipe(args)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-suite-"))
     pipe = ImageCraftPipeline.from_pretrained(args.model)
     print(f"suite ({args.split}: {', '.join(c.word for c in concepts)}) on {cpu_name()}, recipe {recipe}")
@@ -232,7 +238,7 @@ def main():
     parser.add_argument("--concepts", nargs="+", default=None, help="only these words of the suite")
     parser.add_argument("--anchor", choices=tuple(ANCHORS), default=None,
                         help="suite: another tool's default recipe instead of ours (see ANCHORS)")
-    parser.add_argument("--recipe", default="", help="suite: `imagecraft finetune` flags for the recipe, in one string "
+    parser.add_argument("--recipe", default="", help="`imagecraft finetune` flags for the recipe, in one string "
                                                      "(e.g. \"--steps 200 --preserve 0\"); default: its defaults")
     parser.add_argument("--work", default=None, help="folder for the data and the LoRA (default: a temporary one)")
     parser.add_argument("--save", default=None, help="folder for grids of the pink samples")

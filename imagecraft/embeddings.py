@@ -24,7 +24,6 @@ def add_word_tokens(tokenizer, text_encoder, words) -> dict[str, int]:
     """Adds each of `words` that the tokenizer has no entry for as a token of its own, its input embedding
     initialised to the mean of the pieces the tokenizer split the word into (so training starts from the word as it
     was read). Returns {word: token id} for the words added; a word the vocabulary already holds is left out."""
-    table = text_encoder.get_input_embeddings().weight
     pieces = {w: tokenizer(w, add_special_tokens=False).input_ids for w in words if w not in tokenizer.get_vocab()}
     if not pieces:
         return {}
@@ -52,7 +51,9 @@ def set_rows(text_encoder, ids: dict[str, int], rows: dict[str, torch.Tensor]):
 
 
 def save(folder: Path, text_encoder, ids: dict[str, int]) -> list[Path]:
-    """One file per word under folder/embeddings (see the module's docstring)."""
+    """One file per word under folder/embeddings (see the module's docstring); nothing without words."""
+    if not ids:
+        return []
     out = Path(folder) / FOLDER
     out.mkdir(parents=True, exist_ok=True)
     files = []

@@ -16,7 +16,6 @@ Numbers: an integer field takes ints and numpy ints, and a float only when it is
 
 from __future__ import annotations
 
-import argparse
 import math
 import numbers
 import os
@@ -27,10 +26,10 @@ from .schedulers import check_scheduler_name
 # the UNet modules a LoRA trains, by group: attention projections (the default, as diffusers' and kohya's
 # scripts), the feed-forward, and the transformers' input and output projections. Here rather than in lora.py,
 # which needs torch: the settings tables (and with them the CLI's --help) load without it
-UNET_TARGETS = {"kv": ("attn2.to_k", "attn2.to_v"),  # the cross-attention's keys and values (Custom Diffusion's)
-                "attn": ("to_q", "to_k", "to_v", "to_out.0"), "ff": ("ff.net.0.proj", "ff.net.2"),
+UNET_TARGETS = {"attn": ("to_q", "to_k", "to_v", "to_out.0"), "ff": ("ff.net.0.proj", "ff.net.2"),
                 "proj": ("proj_in", "proj_out"),
-                "conv": ("in_layers.2", "out_layers.3")}  # the ResBlocks' 3x3 convolutions (LoCon's "conv")
+                "conv": ("in_layers.2", "out_layers.3"),  # the ResBlocks' 3x3 convolutions (LoCon's "conv")
+                "kv": ("attn2.to_k", "attn2.to_v")}  # the cross-attention's keys and values (Custom Diffusion's)
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPTS = 64  # prompts in one list-of-prompts call
@@ -54,7 +53,7 @@ INVERT_GUIDANCE = 1.5
 MAX_TRAINING_STEPS = 20_000  # see FINETUNE's steps
 MAX_TRAINING_IMAGES = 5000  # images in a fine-tune's data folder
 # The peak learning rate when none is given: measured on the built-in model (bench/bench_finetune.py)
-LR_BY_METHOD = {"lora": 5e-5, "full": 5e-5}
+LR_BY_METHOD = {"lora": 1e-4, "full": 5e-5}
 
 # How an error says what is allowed, per kind; a Field's own `allowed` replaces it. {low}, {high}, {step} and
 # {choices} are filled in from the Field, so no limit is written twice.
@@ -190,8 +189,8 @@ class Field:
         flag's default is None, the value then comes from elsewhere (a PNG's, the pipeline's own)."""
         options = dict(default=None if when_absent else self.default,
                        help=self.flag_help(when_absent).replace("%", "%%"))  # argparse formats help with %
-        if self.kind == "bool":  # --flag, or --flag / --no-flag where the default is on
-            options["action"] = argparse.BooleanOptionalAction if self.default else "store_true"
+        if self.kind == "bool":
+            options["action"] = "store_true"
         elif self.kind in ("int", "float"):
             options["type"] = int if self.kind == "int" else float
         elif self.kind == "choice":
@@ -263,14 +262,13 @@ MAX_EDIT_WORDS = 16  # blend or reweight words in one edit: a prompt of the shap
 # The limits of a fine-tune. One per field, for the CLI, the Python API and the app alike; what each one is for:
 FINETUNE = _table(
     Field("method", "method", "choice", default="lora", choices=("lora", "full"), ui="Method",
-          help="lora: low-rank adapters (peft) on the UNet's cross-attention (and the taught words' embeddings); "
-               "full: the whole UNet, with EMA"),
+          help="lora: low-rank adapters (peft) on the UNet's attention projections; full: the whole UNet, with EMA"),
     # 20,000: above the longest published SD fine-tunes (DreamBooth and LoRA recipes run 500-3,000 steps, diffusers'
     # full text-to-image example 15,000); longer is pretraining, and on a server one job already holds the
     # one-at-a-time training queue for hours
-    # 600 (5 min on a 2-core CPU at most): on the suite's tuning colours (bench/finetune_suite.py) 400 steps learnt
-    # 65-85% of objects with the earlier recipe, 1,000 damaged the old prompts (magenta 81.7%); the held-out images
-    # choose the step within the 600
+    # 600: chosen with preserve on the suite's tuning concepts (bench/finetune_suite.py; teal, magenta): at 400 with
+    # preserve 1 the new colour was right on 65-85% of objects, at 600 with preserve 0.3 on 100%; 1,000 (rank 4)
+    # damaged magenta's old prompts (81.7%)
     Field("steps", "steps", "int", 1, MAX_TRAINING_STEPS, 600, ui="Training steps", help="optimizer steps"),
     # batch_size and grad_accum up to 256: far above what a fine-tune uses (the built-in model trains at 4), so
     # they only catch a typo before the data is encoded
@@ -288,31 +286,34 @@ FINETUNE = _table(
     Field("warmup", "warmup", "int", 0, MAX_TRAINING_STEPS, 20, help="steps of linear learning-rate warm-up"),
     # 1..128: above half a projection's width a LoRA holds more weights than the layer it adapts (2 x rank x 320
     # against 320 x 320 for SD 1.5's narrowest attention), so a larger rank is a full fine-tune done badly.
-    # 8, chosen on the suite's tuning colours with the defaults around it (teal / magenta / navy: the new colour on
-    # the shapes shown; on triangles never shown; the model's own prompts after, 98.3% before; texture against the
-    # base's): rank 8: 95/100/95, 90/100/90, 98.3/96.7/98.3, 1.03/1.27/1.07x; rank 4: 90/60/100, 90/70/90,
-    # 98.3/98.3/96.7, 1.03/1.13/1.08x
-    Field("rank", "rank", "int", 1, 128, 8, ui="LoRA rank", help="LoRA rank"),
+    # 4 (diffusers' and kohya's default too), chosen on the suite's tuning colours (teal / magenta / navy: the new
+    # colour on the shapes shown; on triangles never shown; the model's own prompts after, 98.3% before):
+    # rank 8: 100/100/100, 90/80/70, 95.0/83.3/95.0; rank 4: 100/100/100, 90/70/70, 98.3/95.0/98.3; rank 2 (teal /
+    # magenta): 45/80, 90/50. On the reporting colours rank 4 kept the old prompts but drew the new colours on 68.3%
+    # of the shapes shown, against rank 8's 90.0% (chartreuse 35%; docs/figures.md)
+    Field("rank", "rank", "int", 1, 128, 4, ui="LoRA rank", help="LoRA rank"),
     # (0, 256]: the LoRA's scale is alpha / rank, and recipes set alpha to the rank (scale 1), half of it, or 1;
     # twice the largest rank covers them all
     Field("alpha", "alpha", "float", 0, 256, optional=True, above_low=True, help="LoRA alpha (scale alpha / rank)",
           unset="the rank"),
-    # the cross-attention's keys and values (Custom Diffusion's), at lr 5e-5, beside the taught words' own tokens
-    # (`word_token`): the only weights through which the text reaches the image, so what the LoRA learns is read
-    # where a prompt's words are. On the tuning colours (rank 4, no preservation) every attention projection at lr
-    # 1e-4 (the earlier default, with preservation 0.3) left the fills 1.8-2.1x as mottled as the base's, the keys
-    # and values 1.03-1.13x; at lr 1e-4 they reached 1.16-2.17x (magenta's)
-    Field("targets", "targets", "choices", default=("kv",), choices=tuple(UNET_TARGETS),
+    # every attention projection. The cross-attention's keys and values alone (Custom Diffusion's; `kv`) are the
+    # flat recipe's (`word_token`); without tokens of their own, at lr 5e-4, they kept less of the model on the
+    # tuning colours (magenta's old prompts 56.7%)
+    Field("targets", "targets", "choices", default=("attn",), choices=tuple(UNET_TARGETS),
           help="LoRA targets in the UNet, comma-separated"),
     Field("text_encoder_lora", "text_encoder_lora", "bool", default=False,
           help="LoRA on the text encoder's attention too"),
     # Pivotal tuning (cloneofsimo's lora, diffusers' advanced DreamBooth LoRA script: textual inversion beside a
-    # LoRA): the taught words read as new vectors, so prompts without them encode exactly as before and the LoRA has
-    # a key of their own to act on. On the suite's tuning colours the embedding alone (no LoRA) drew teal and navy
-    # (95 and 100% of the shapes shown) but not magenta (0%, a dull pink): a vector the UNet reads cannot reach a
-    # colour it never drew; beside a LoRA on the keys and values it did (100%). A learnt embedding grows to 3-4x the
-    # length of the words the text encoder was trained on; capping it at their length drew no magenta at all (0%)
-    Field("word_token", "word_token", "bool", default=True,
+    # LoRA): the taught words read as new vectors, so prompts without them encode exactly as before. With a rank-8
+    # LoRA on the cross-attention's keys and values at lr 5e-5, no preservation and no held-out images (the flat
+    # recipe) the model's own objects stay flat (1.04x the base's texture on the reporting concepts, old prompts
+    # 98.3 -> 98.9%) and cyan and chartreuse were learnt (100% of the shapes shown), but not reliably: magenta on
+    # 25, 100 and 30% with seeds 0-2, teal 80%, pink in the app's demo 57.8% (the defaults: 100%); so it is not the
+    # default. Stronger LoRAs in it learnt magenta and mottled the model as the defaults do (lr 1e-4: 2.4x; 1,000
+    # steps: 2.1x). The embedding alone (no LoRA) drew teal and navy but not magenta (a dull pink); capping its
+    # length at the vocabulary's (it grows 3-4x longer) drew no magenta at all; beside the default LoRA (rank 8,
+    # preservation 0.3) it cost magenta's old prompts (83.3 -> 68.3%)
+    Field("word_token", "word_token", "bool", default=False,
           help="the taught words get tokens of their own whose embeddings train (LoRA only)"),
     # (0, 1]: textual inversion's recipes use 5e-4 to 5e-3 at batch 1-4
     Field("embedding_lr", "embedding_lr", "float", 0, 1, 5e-3, above_low=True,
@@ -377,21 +378,21 @@ FINETUNE = _table(
     # Preservation without class prompts: every step also trains the model to predict what the base model predicts
     # on the same noisy images under the captions with the taught words removed or swapped for known ones ("a cyan
     # square" -> "a square", "a purple square"), so the words the data shares with the model keep their meaning.
-    # 0..100 as prior_weight. Off by default since the taught words have tokens of their own (`word_token`): prompts
-    # without them encode exactly as before, and on the tuning colours (rank 4, keys and values, lr 5e-5) preserve 1
-    # drew teal on 55% of the shapes shown against 90% off (0.3: 55%; the captions without the word only, no swaps:
-    # 55%; 300 steps of the embedding alone first: 50%), the old prompts 98.3% either way. With every attention
-    # projection and no tokens of their own (the earlier defaults) 0.3 was the best weight: at 1 the new colour was
-    # learnt on 65-85% of objects, at 0 the old prompts fell to 88.3% (magenta)
-    Field("preserve", "preserve", "float", 0, 100, 0.0,
+    # 0..100 as prior_weight. 0.3, measured on the suite's tuning concepts at rank 8: at 1 the old prompts held
+    # (98.3% before, 98.3 and 95.0% after) but the new colour was learnt on 65-85% of objects; at 0.3 (600 steps) on
+    # 100%, the old prompts 96.7 and 83.3%; at 0, 96.7 and 88.3%
+    # Tried on the tuning concepts and not kept, none better on both the new word and the old prompts: the base
+    # model's own images (drawn from these captions) in place of half the data's; the empty caption among the
+    # captions; half the preservation's timesteps below 250. In the flat recipe (`word_token`) it cost learning
+    # (teal 55% at 1 or 0.3, 90% off; also with removal captions only, or 300 steps of the embedding alone first)
+    Field("preserve", "preserve", "float", 0, 100, 0.3,
           help="weight of keeping the base model's predictions under the captions without the taught words; 0: off"),
     # at most 16 words: a concept is one to three
     Field("concept_words", "concept_words", "prompts", high=16, default=(), cli="--concept-word",
           help="a word the data teaches (repeat for more)", unset="the content words in 80% of the captions"),
-    # 0..64 as fixed_batch_images; held out only where at least 8 images stay to train on. Off by default: with the
-    # taught words' own tokens, holding 4 of 24 images out cost more than the step choice gave (teal on the shapes
-    # shown: 50-60% with 4 held out, 90% with none; the saved step was the last or step 375 of 600)
-    Field("validation_images", "validation_images", "int", 0, 64, 0,
+    # 0..64 as fixed_batch_images; held out only where at least 8 images stay to train on. In the flat recipe
+    # (`word_token`) holding 4 of 24 out cost more than the step choice gave (teal 50-60% against 90%)
+    Field("validation_images", "validation_images", "int", 0, 64, 4,
           help="images held out of training; the step whose loss on them is lowest is the one saved"),
 )
 
@@ -483,6 +484,8 @@ def check_finetune(values: dict) -> dict:
                          f"at least one image")
     if clean.get("method") == "full" and clean.get("text_encoder_lora"):
         raise ValueError("text_encoder_lora goes with method 'lora'; a full fine-tune trains the UNet only")
+    if clean.get("method") == "full" and clean.get("word_token"):
+        raise ValueError("word_token goes with method 'lora'; a full fine-tune's folder keeps the base tokenizer")
     return clean
 
 

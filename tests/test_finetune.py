@@ -512,7 +512,7 @@ def test_preservation_keeps_the_base_model_under_captions_without_the_taught_wor
     before = np.stack([np.asarray(im, float) for im in base(captions, seed=2, num_inference_steps=4).images])
     moved = {}
     for preserve in (0.0, 1.0):
-        recipe = Recipe(**dict(QUICK, steps=30, lr=3e-3, preserve=preserve, validation_images=0, precision="fp32", word_token=False))
+        recipe = Recipe(**dict(QUICK, steps=30, lr=3e-3, preserve=preserve, validation_images=0, precision="fp32"))
         out = tmp_path / f"preserve-{preserve:g}"
         finetune(model, data, out, recipe, show_bar=False)
         base.load_lora(out)
@@ -530,14 +530,15 @@ def test_the_taught_word_gets_a_trained_token_that_plain_diffusers_loads(model, 
 
     data = zorp_data(tmp_path / "data")
     out = tmp_path / "out"
-    recipe = Recipe(**dict(QUICK, steps=12, lr=3e-3, embedding_lr=0.05, validation_images=0, precision="fp32"))
+    recipe = Recipe(**dict(QUICK, steps=12, lr=3e-3, word_token=True, embedding_lr=0.05, validation_images=0,
+                           precision="fp32"))
     finetune(model, data, out, recipe, show_bar=False)
     ours = ImageCraftPipeline.from_pretrained(model, dtype="fp32")
     dim = ours.text_encoder.get_input_embeddings().weight.shape[1]
     state = load_file(out / "embeddings" / "zorp.safetensors")
     assert list(state) == ["zorp"] and state["zorp"].shape == (1, dim)
     # the checkpoint carries the word's embedding, so a resumed run goes on from it
-    assert torch.equal(load_checkpoint(out / "checkpoints" / "last.pt")["lora"]["words"]["zorp"], state["zorp"])
+    assert torch.equal(load_checkpoint(out / "checkpoints" / "last.pt")["state"]["lora"]["words"]["zorp"], state["zorp"])
     zorp, plain = "a zorp red circle on the left", "a red circle on the left"
     base_zorp, base_plain = images(ours, zorp), images(ours, plain)
     vocabulary = len(ours.tokenizer)
@@ -552,7 +553,7 @@ def test_the_taught_word_gets_a_trained_token_that_plain_diffusers_loads(model, 
     theirs.set_progress_bar_config(disable=True)
     theirs.load_lora_weights(out)
     theirs.load_textual_inversion(out / "embeddings" / "zorp.safetensors")
-    assert np.abs(diffusers_images(theirs, zorp) - with_lora).max() < 1e-3
+    assert np.abs(diffusers_images(theirs, zorp) - with_lora).max() <= 1 / 255  # ours is 8-bit: its rounding
     card = (out / "README.md").read_text()
     assert "load_textual_inversion('THIS_FOLDER/embeddings/zorp.safetensors')" in card and "`zorp`" in card
     # at scale 0 the base model, its tokenizer too; back at 1 the LoRA and the word's vector again
@@ -564,9 +565,8 @@ def test_the_taught_word_gets_a_trained_token_that_plain_diffusers_loads(model, 
     ours.unload_lora()
     assert len(ours.tokenizer) == vocabulary and ours.lora is None
     assert np.array_equal(images(ours, zorp), base_zorp) and np.array_equal(images(ours, plain), base_plain)
-    # without a token of its own the word is read as its pieces and nothing is written for it
-    finetune(model, data, tmp_path / "plain", Recipe(**dict(QUICK, steps=2, word_token=False, validation_images=0)),
-             show_bar=False)
+    # without a token of its own (the default) the word is read as its pieces and nothing is written for it
+    finetune(model, data, tmp_path / "plain", Recipe(**dict(QUICK, steps=2, validation_images=0)), show_bar=False)
     assert not (tmp_path / "plain" / "embeddings").exists()
 
 
@@ -583,7 +583,7 @@ def test_embedding_files_that_do_not_fit_are_refused_by_name(model, tmp_path):
     bad = tmp_path / "embeddings" / "zorp.safetensors"
     cases = [({"zorp": torch.zeros(1, dim + 1)}, "one vector"), ({"zorp": torch.zeros(3, dim)}, "one vector"),
              ({"a": torch.zeros(1, dim), "b": torch.zeros(1, dim)}, "holds 2 tensors"),
-             ({"zorp": torch.full((1, dim), float("nan"))}, "NaN"), ({"red</w>": torch.zeros(1, dim)}, "already has")]
+             ({"zorp": torch.full((1, dim), float("nan"))}, "NaN"), ({"a</w>": torch.zeros(1, dim)}, "already has")]
     base = images(ours)
     for state, message in cases:
         save_file(state, str(bad))
@@ -624,6 +624,7 @@ def test_bad_settings_and_outputs_are_named(model, data, tmp_path):
                               (dict(lr=float("nan")), "lr must be a number in \\(0, 0.1\\], got nan"),
                               (dict(rank=0), "rank must be"), (dict(targets=("mlp",)), "targets must be some of"),
                               (dict(method="full", text_encoder_lora=True), "goes with method 'lora'"),
+                              (dict(method="full", word_token=True), "word_token goes with method 'lora'"),
                               (dict(class_images=0), "class_images must be a whole number from 1"),
                               (dict(prior_weight=0), "prior_weight must be a number in \\(0, 100\\]"),
                               (dict(class_prompts=(" ",)), "class_prompts must be a list of prompts .*got ' '"),

@@ -17,7 +17,7 @@ LAYERS = [
     ["unet"],  # the model
     ["port"],  # diffusers' and LDM layouts <-> UNet_SD
     ["explain"],  # capturing attention in UNet_SD's processors, the maps, their figures
-    ["schedulers", "settings", "png", "loading", "lora", "pipeline"],  # sampling
+    ["schedulers", "settings", "png", "loading", "lora", "embeddings", "pipeline"],  # sampling
     ["train", "shapes"],  # fine-tuning, the built-in model's recipe and training
     ["serve", "cli", "__main__"],  # what the app and the command line do
 ]

@@ -146,16 +146,14 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     base_images = sample(pipe, pipe.unet, prompts, recipe) if main_process else None
     # the taught words as tokens of their own, whose embeddings train (LoRA only: a full fine-tune's folder keeps
     # the base tokenizer)
+    vocabulary = known_words(pipe.tokenizer, words)  # preservation's swap words: the base tokenizer's
     word_ids = {}
     if recipe.method == "lora" and recipe.word_token and words:
-        vocabulary = known_words(pipe.tokenizer, words)  # the swap words for preservation: the base vocabulary's
         word_ids = embeddings.add_word_tokens(pipe.tokenizer, pipe.text_encoder, words)
         log.info("the taught words get tokens of their own: %s", " ".join(repr(w) for w in word_ids) or "none")
         if len(word_ids) < len(words):
             log.info("already tokens of the tokenizer, so read as they are: %s",
                      " ".join(repr(w) for w in words if w not in word_ids))
-    else:
-        vocabulary = known_words(pipe.tokenizer, words)
     if recipe.preserve:
         if words:
             log.info("preserving the base model under the captions with %s removed or swapped for other words",
@@ -167,12 +165,13 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
 
     objective = dict(method=recipe.method, rank=recipe.rank, alpha=recipe.lora_alpha, targets=list(recipe.targets),
                      text_encoder_lora=recipe.text_encoder_lora, model=pipe.model_id, model_hash=pipe.model_hash,
-                     word_tokens=list(word_ids), embedding_lr=recipe.embedding_lr if word_ids else None,
                      data=data_key(digest, size, recipe.flip, "")[:12], batch=recipe.batch_size * world,
                      grad_accum=recipe.grad_accum, seed=recipe.seed)
     if recipe.class_prompts:
         objective["prior"] = dict(prompts=list(recipe.class_prompts), images=recipe.class_images,
                                   weight=recipe.prior_weight)
+    if word_ids:
+        objective["word_tokens"] = dict(words=list(word_ids), lr=recipe.embedding_lr)
     if recipe.preserve:
         objective["preserve"] = dict(weight=recipe.preserve, words=words)
     if held:

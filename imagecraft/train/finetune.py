@@ -87,7 +87,7 @@ class LoraState:
         self.word_ids = word_ids or {}
 
     def state_dict(self) -> dict:
-        state = {key: {n: (a.clone(), b.clone()) for n, (a, b, _) in lora_lib.lora_weights(model).items()}
+        state = {key: {n: (a, b) for n, (a, b, _) in lora_lib.lora_weights(model).items()}
                  for key, model in self.models.items()}
         state["words"] = embeddings.word_rows(self.models["text_encoder"], self.word_ids)
         return state
@@ -146,7 +146,6 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     base_images = sample(pipe, pipe.unet, prompts, recipe) if main_process else None
     # the taught words as tokens of their own, whose embeddings train (LoRA only: a full fine-tune's folder keeps
     # the base tokenizer)
-    vocabulary = known_words(pipe.tokenizer, words)  # preservation's swap words: the base tokenizer's
     word_ids = {}
     if recipe.method == "lora" and recipe.word_token and words:
         word_ids = embeddings.add_word_tokens(pipe.tokenizer, pipe.text_encoder, words)
@@ -243,7 +242,9 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     # contexts of the captions without the taught words, the preservation's teacher's (now, before any training)
     ids_all = tokenize(captions + [""])
     prior_ids = tokenize(prior_captions) if prior_captions else None
-    keep_ids = tokenize(keep_captions(captions, words, vocabulary, recipe.seed)) if recipe.preserve else None
+    # (a word given a token of its own is no `word</w>`, so the swap words are the base tokenizer's)
+    keep_ids = tokenize(keep_captions(captions, words, known_words(pipe.tokenizer, words),
+                                      recipe.seed)) if recipe.preserve else None
     keep_base = embed(keep_ids) if keep_ids is not None else None
     contexts = prior_contexts = None
     text_trains = recipe.text_encoder_lora or bool(word_ids)

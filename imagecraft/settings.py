@@ -318,6 +318,18 @@ FINETUNE = _table(
     # (0, 1]: textual inversion's recipes use 5e-4 to 5e-3 at batch 1-4
     Field("embedding_lr", "embedding_lr", "float", 0, 1, 5e-3, above_low=True,
           help="learning rate of the taught words' embeddings"),
+    # The lock (as Custom Diffusion's closed-form update and Perfusion's key locking hold other words' keys): the
+    # LoRA of the cross-attention's keys and values is penalised for any change it makes to them on the text
+    # encoder's output for other words: the data's captions with the taught words removed or swapped for known ones,
+    # and the empty prompt (half the draws from the words' positions, half from the padding's; all positions drawn
+    # alike, the padding outweighed the words and magenta's texture was 1.27x against 1.08x). The penalty is the
+    # change's energy over the layer's own output's, averaged over the layers; the taught words' own tokens stay
+    # free. 0..100 as preserve. Off by default: with word_token, kv, rank 8 and lr 1e-4 at 6 it kept the model flat
+    # (texture 1.00x, old prompts 98.9% on the reporting concepts) and learnt magenta, which without it mottles the
+    # model (2.4x), but not the demo's pink (59.4%) nor teal (50%); with the defaults' LoRA it did not help (cyan 55%)
+    Field("word_lock", "word_lock", "float", 0, 100, 0.0,
+          help="weight that holds the cross-attention LoRA's keys and values of every other word as they were "
+               "(layers other than the cross-attention's keys and values are not held); 0: off"),
     # 0..100: Min-SNR (Hang et al. 2023) uses 5; at 100 only the least noisy timesteps (SNR over 100) are weighted
     # down, so more is plain MSE
     Field("snr_gamma", "snr_gamma", "float", 0, 100, 5.0, help="Min-SNR weighting's gamma; 0: plain MSE"),
@@ -486,6 +498,13 @@ def check_finetune(values: dict) -> dict:
         raise ValueError("text_encoder_lora goes with method 'lora'; a full fine-tune trains the UNet only")
     if clean.get("method") == "full" and clean.get("word_token"):
         raise ValueError("word_token goes with method 'lora'; a full fine-tune's folder keeps the base tokenizer")
+    if clean.get("method") == "full" and clean.get("word_lock"):
+        raise ValueError("word_lock goes with method 'lora': it holds the LoRA of the cross-attention's keys and "
+                         "values; for a full fine-tune use preserve")
+    targets = clean.get("targets", FINETUNE["targets"].default)
+    if clean.get("word_lock") and clean.get("method", "lora") == "lora" and not {"attn", "kv"} & set(targets):
+        raise ValueError(f"word_lock holds the cross-attention's keys and values, which the targets "
+                         f"{','.join(targets)} do not adapt: add attn or kv, or set word_lock to 0")
     return clean
 
 

@@ -524,6 +524,32 @@ def test_preservation_keeps_the_base_model_under_captions_without_the_taught_wor
 
 
 @pytest.mark.integration
+def test_the_word_lock_keeps_prompts_without_the_taught_word_and_learns_the_word(model, tmp_path):
+    data = zorp_data(tmp_path / "data")
+    captions = [ex.caption for ex in find_examples(data)][:4]
+    plain = [c.replace("zorp ", "") for c in captions]
+    pipe = ImageCraftPipeline.from_pretrained(model, dtype="fp32")
+
+    def draw(prompts):
+        return np.stack([np.asarray(im, float) for im in pipe(prompts, seed=2, num_inference_steps=4).images])
+
+    before, before_word = draw(plain), draw(captions)
+    moved, learnt = {}, {}
+    for lock in (0.0, 100.0):
+        recipe = Recipe(**dict(QUICK, steps=30, lr=3e-3, word_token=True, targets=("kv",), word_lock=lock,
+                               preserve=0.0, validation_images=0, precision="fp32"))
+        out = tmp_path / f"lock-{lock:g}"
+        finetune(model, data, out, recipe, show_bar=False)
+        pipe.load_lora(out)
+        moved[lock], learnt[lock] = np.abs(draw(plain) - before).mean(), np.abs(draw(captions) - before_word).mean()
+        pipe.unload_lora()
+    # unlocked, the LoRA moves the images of the captions without "zorp"; the lock keeps them within a fifth of
+    # that, while the captions with the word move as much as unlocked, within a factor of two
+    assert moved[0.0] > 1 and moved[100.0] < 0.2 * moved[0.0], moved
+    assert learnt[100.0] > 0.5 * learnt[0.0] and learnt[100.0] > 2, learnt
+
+
+@pytest.mark.integration
 def test_the_taught_word_gets_a_trained_token_that_plain_diffusers_loads(model, tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
@@ -625,6 +651,8 @@ def test_bad_settings_and_outputs_are_named(model, data, tmp_path):
                               (dict(rank=0), "rank must be"), (dict(targets=("mlp",)), "targets must be some of"),
                               (dict(method="full", text_encoder_lora=True), "goes with method 'lora'"),
                               (dict(method="full", word_token=True), "word_token goes with method 'lora'"),
+                              (dict(method="full", word_lock=1.0), "word_lock goes with method 'lora'"),
+                              (dict(word_lock=1.0, targets=("ff",)), "the targets ff do not adapt: add attn or kv"),
                               (dict(class_images=0), "class_images must be a whole number from 1"),
                               (dict(prior_weight=0), "prior_weight must be a number in \\(0, 100\\]"),
                               (dict(class_prompts=(" ",)), "class_prompts must be a list of prompts .*got ' '"),

@@ -61,6 +61,7 @@ log = logging.getLogger("imagecraft.finetune")
 # them swapped for other words the tokenizer knows ("a cyan square" -> "a square", "a purple square", ...), so the
 # words nearest the new one keep their meaning too
 KEEP_VARIANTS = 8
+LOCK_DRAWS = 256  # contexts per step in the word lock's penalty (`WordLock`)
 
 __all__ = ["FinetuneResult", "TrainingError", "finetune"]
 
@@ -173,6 +174,8 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
         objective["word_tokens"] = dict(words=list(word_ids), lr=recipe.embedding_lr)
     if recipe.preserve:
         objective["preserve"] = dict(weight=recipe.preserve, words=words)
+    if recipe.word_lock and recipe.method == "lora":
+        objective["word_lock"] = dict(weight=recipe.word_lock, words=words)
     if held:
         objective["held_out"] = held
     loop = Loop(f"finetune ({recipe.method})", recipe.steps, output / "checkpoints" / "last.pt", objective,
@@ -244,8 +247,16 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
     prior_ids = tokenize(prior_captions) if prior_captions else None
     # (a word given a token of its own is no `word</w>`, so the swap words are the base tokenizer's)
     keep_ids = tokenize(keep_captions(captions, words, known_words(pipe.tokenizer, words),
-                                      recipe.seed)) if recipe.preserve else None
+                                      recipe.seed)) if recipe.preserve or recipe.word_lock else None
     keep_base = embed(keep_ids) if keep_ids is not None else None
+    lock = None
+    if recipe.word_lock and recipe.method == "lora":  # the other words' contexts: the preservation's captions and ""
+        lock = WordLock(unet, *split_contexts(torch.cat([keep_ids, ids_all[-1:]]), torch.cat(
+            [keep_base, embed(ids_all[-1:])]), pipe.tokenizer.eos_token_id), recipe.word_lock, LOCK_DRAWS)
+        log.info("holding the keys and values of %d layers as they were on the contexts of other words",
+                 len(lock.layers))
+    if not recipe.preserve:
+        keep_ids = keep_base = None
     contexts = prior_contexts = None
     text_trains = recipe.text_encoder_lora or bool(word_ids)
     if not text_trains:
@@ -312,7 +323,10 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
             n_keep = 4
         mine = slice(rank * recipe.batch_size, (rank + 1) * recipe.batch_size)
         draws = [v[mine].to(device) for v in draws]
-        return compute_loss(*draws[:len(draws) - n_keep], keep=draws[len(draws) - n_keep:])
+        loss = compute_loss(*draws[:len(draws) - n_keep], keep=draws[len(draws) - n_keep:])
+        if lock is not None:  # the same contexts in every process
+            loss = loss + lock.penalty(generator)
+        return loss
 
     def compute_loss(index, noise, t, drop, flipped, offset, *prior, keep=()):
         x0 = latents[index]
@@ -387,6 +401,43 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
                               output, examples, loop.history, loop.seconds, result.kept_step, word_ids)
     accelerator.wait_for_everyone()
     return result
+
+
+def split_contexts(ids: torch.Tensor, contexts: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text encoder's output as rows (n, dim): at each caption's positions up to and including its first
+    end-of-text token, and at the padding after it (most of the window, and alike from caption to caption)."""
+    end = (ids == eos_id).int().argmax(dim=1)
+    words = torch.arange(ids.shape[1], device=ids.device)[None] <= end[:, None]
+    return contexts[words], contexts[~words]
+
+
+class WordLock:
+    """Holds a LoRA's cross-attention keys and values (attn2.to_k, attn2.to_v) as the base model's on the contexts
+    of other words' prompts: `penalty(generator)` is `weight` x the energy of the LoRA's change on `draws` rows, half
+    of them drawn from the words' positions and half from the padding's, over the layer's own output's, averaged
+    over the layers. A prompt made only of those words then draws as before, whatever the LoRA learns for the
+    taught ones; it costs no UNet pass."""
+
+    def __init__(self, unet, words: torch.Tensor, padding: torch.Tensor, weight: float, draws: int = 256):
+        self.layers = {name: layer for name, layer in lora_lib.lora_layers(unet).items()
+                       if name.endswith(("attn2.to_k", "attn2.to_v"))}
+        self.pools = [p.detach() for p in (words, padding) if len(p)]
+        self.weight, self.draws = weight, draws
+        with torch.no_grad():
+            every = torch.cat(self.pools)
+            self.energy = {name: float((every @ layer.base_layer.weight.T).pow(2).sum(-1).mean())
+                           for name, layer in self.layers.items()}
+
+    def penalty(self, generator: torch.Generator) -> torch.Tensor:
+        share = self.draws // len(self.pools)
+        x = torch.cat([pool[torch.randint(0, len(pool), (share,), generator=generator).to(pool.device)]
+                       for pool in self.pools])
+        total = 0.0
+        for name, layer in self.layers.items():
+            a, b = layer.lora_A[lora_lib.ADAPTER].weight, layer.lora_B[lora_lib.ADAPTER].weight
+            change = (x @ a.T) @ b.T * layer.scaling[lora_lib.ADAPTER]
+            total = total + change.float().pow(2).sum(-1).mean() / self.energy[name]
+        return self.weight * total / max(len(self.layers), 1)
 
 
 def keep_captions(captions: list[str], words: list[str], vocabulary: list[str], seed: int) -> list[str]:

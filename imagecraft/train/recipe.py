@@ -35,6 +35,7 @@ class FinetuneRecipe:
     text_encoder_lora: bool = _default("text_encoder_lora")
     word_token: bool = _default("word_token")
     embedding_lr: float = _default("embedding_lr")
+    word_lock: float = _default("word_lock")
     snr_gamma: float = _default("snr_gamma")
     noise_offset: float = _default("noise_offset")
     max_grad_norm: float = _default("max_grad_norm")

@@ -321,10 +321,11 @@ FINETUNE = _table(
     # The lock (as Custom Diffusion's closed-form update and Perfusion's key locking hold other words' keys): the
     # LoRA of the cross-attention's keys and values is penalised for any change it makes to them on the text
     # encoder's output for other words: the data's captions with the taught words removed or swapped for known ones,
-    # and the empty prompt (half the draws from the words' positions, half from the padding's; all positions drawn
-    # alike, the padding outweighed the words and magenta's texture was 1.27x against 1.08x). The penalty is the
-    # change's energy over the layer's own output's, averaged over the layers; the taught words' own tokens stay
-    # free. 0..100 as preserve. Off by default: with word_token, kv, rank 8 and lr 1e-4 at 6 it kept the model flat
+    # and the empty prompt (half the draws from the words' positions, half from the padding's: drawn from every
+    # position alike, the padding outweighs the words, and magenta's texture was 1.34x against 1.09x). The penalty is
+    # the change's energy over the layer's own output's, averaged over the layers; the taught words' own tokens stay
+    # free. 0..100 as preserve; at 3 magenta's texture was 1.27x, at 6 1.08x. Off by default: with word_token, kv,
+    # rank 8 and lr 1e-4 at 6 it kept the model flat
     # (texture 1.00x, old prompts 98.9% on the reporting concepts) and learnt magenta, which without it mottles the
     # model (2.4x), but not the demo's pink (59.4%) nor teal (50%); with the defaults' LoRA it did not help (cyan 55%)
     Field("word_lock", "word_lock", "float", 0, 100, 0.0,

@@ -48,6 +48,7 @@ from .. import embeddings, lora as lora_lib
 from ..loading import ModelLoadError
 from ..pipeline import ImageCraftPipeline
 from ..runtime import autocast, training_bf16
+from ..settings import UNET_TARGETS
 from .core import (Loop, RandomState, TrainingError, check_output_folder, diffusion_loss, noise_scheduler,
                    noised_and_target)
 from .data import (class_examples, concept_words, data_key, encode_images, extract_zip, find_examples, images_digest,
@@ -174,7 +175,7 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
         objective["word_tokens"] = dict(words=list(word_ids), lr=recipe.embedding_lr)
     if recipe.preserve:
         objective["preserve"] = dict(weight=recipe.preserve, words=words)
-    if recipe.word_lock and recipe.method == "lora":
+    if recipe.word_lock:  # LoRA only (check_recipe refuses it with a full fine-tune)
         objective["word_lock"] = dict(weight=recipe.word_lock, words=words)
     if held:
         objective["held_out"] = held
@@ -250,9 +251,9 @@ def finetune(model, data, output, recipe: FinetuneRecipe | None = None, progress
                                       recipe.seed)) if recipe.preserve or recipe.word_lock else None
     keep_base = embed(keep_ids) if keep_ids is not None else None
     lock = None
-    if recipe.word_lock and recipe.method == "lora":  # the other words' contexts: the preservation's captions and ""
+    if recipe.word_lock:  # the other words' contexts: the preservation's captions and ""
         lock = WordLock(unet, *split_contexts(torch.cat([keep_ids, ids_all[-1:]]), torch.cat(
-            [keep_base, embed(ids_all[-1:])]), pipe.tokenizer.eos_token_id), recipe.word_lock, LOCK_DRAWS)
+            [keep_base, embed(ids_all[-1:])]), pipe.tokenizer.eos_token_id), recipe.word_lock)
         log.info("holding the keys and values of %d layers as they were on the contexts of other words",
                  len(lock.layers))
     if not recipe.preserve:
@@ -418,9 +419,9 @@ class WordLock:
     over the layers. A prompt made only of those words then draws as before, whatever the LoRA learns for the
     taught ones; it costs no UNet pass."""
 
-    def __init__(self, unet, words: torch.Tensor, padding: torch.Tensor, weight: float, draws: int = 256):
+    def __init__(self, unet, words: torch.Tensor, padding: torch.Tensor, weight: float, draws: int = LOCK_DRAWS):
         self.layers = {name: layer for name, layer in lora_lib.lora_layers(unet).items()
-                       if name.endswith(("attn2.to_k", "attn2.to_v"))}
+                       if name.endswith(UNET_TARGETS["kv"])}
         self.pools = [p.detach() for p in (words, padding) if len(p)]
         self.weight, self.draws = weight, draws
         with torch.no_grad():

@@ -235,12 +235,14 @@ def evaluate(pipe, concept: Concept, seeds: int = 3, steps: int = 25, guidance: 
     return out
 
 
-def old_prompts(pipe, prompts, steps: int = 25, guidance: float = 5.0) -> tuple[float, float]:
-    """(every attribute right, texture) on the model's own one-object prompts."""
+def old_prompts(pipe, prompts, steps: int = 25, guidance: float = 5.0, palette: dict | None = None
+                ) -> tuple[float, float]:
+    """(every attribute right, texture) on the model's own one-object prompts. With a taught colour in `palette`,
+    an old colour drawn as the new one (purple come out magenta) is wrong, as a person would read it."""
     images = [im for start in range(0, len(prompts), 50)
               for im in pipe(prompts[start:start + 50], seed=start, num_inference_steps=steps,
                              guidance_scale=guidance).images]
-    right = rate(shapes.score(im, p)["all"] for im, p in zip(images, prompts))
+    right = rate(shapes.score(im, p, palette)["all"] for im, p in zip(images, prompts))
     return right, texture(images, prompts)
 
 
@@ -262,17 +264,19 @@ def run(pipe, recipe, concepts, work: Path, old: list[str], seeds: int = 3, log=
     base_right, base_texture = old_prompts(pipe, old)
     rows = []
     for concept in concepts:
+        palette = {concept.word: concept.rgb} if concept.kind == "colour" else None
+        before = old_prompts(pipe, old, palette=palette)[0] if palette else base_right
         data = write_folder(training_set(concept), work / concept.word / "data")
         started = time.perf_counter()
         result = finetune(None, data, work / concept.word / "lora", recipe, show_bar=False)
         minutes = (time.perf_counter() - started) / 60
         tuned = trained(pipe, work / concept.word / "lora", recipe)
         rates = evaluate(tuned, concept, seeds)
-        right, tex = old_prompts(tuned, old)
+        right, tex = old_prompts(tuned, old, palette=palette)
         pipe.unload_lora()
         row = dict(concept=concept.word, kind=concept.kind, split=concept.split, steps=result.step,
                    kept=result.kept_step or result.step, minutes=minutes,
-                   **rates, old_before=base_right, old_after=right, texture_ratio=tex / base_texture)
+                   **rates, old_before=before, old_after=right, texture_ratio=tex / base_texture)
         log("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         rows.append(row)
     return rows

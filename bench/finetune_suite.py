@@ -10,8 +10,9 @@ come from them); pink stays the app's demo and is in neither. Per concept a reci
           outline with IoU >= 0.80 and better than every other shape (`fit`)
   style   a hollow (outlined) object: the right colour, and the inside of its box the background's
 and, for every concept, what the LoRA does to the model's own prompts: the strict scorer's "every attribute" on
-one-object prompts before and after, and the texture inside objects (the pixels' standard deviation inside each
-object, less a 1 px rim) against the base model's.
+one-object prompts before and after (a taught colour in the palette, so an old colour drawn as it is wrong), and
+the texture inside objects (the pixels' standard deviation inside each object, less a 1 px rim) against the base
+model's.
 """
 
 from __future__ import annotations

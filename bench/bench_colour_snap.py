@@ -40,6 +40,8 @@ def snap_table(pipe, captions: list[str], images: np.ndarray, timesteps, guidanc
     """The data's mean object colour, and per timestep the mean object colour of the decoded x0 predictions:
     "cond", "uncond" and "guided", each averaged over `noises` draws."""
     masks = object_masks(images.astype(np.float32))
+    seen = masks.reshape(len(masks), -1).any(1)  # an object in its background's colour has no pixels to read
+    captions, images, masks = [c for c, s in zip(captions, seen) if s], images[seen], masks[seen]
     vae, scale = pipe.vae, pipe.vae.config.scaling_factor
 
     def colour(latents):  # (N, 4, h, w) -> the mean RGB inside the objects, over the scenes
@@ -110,8 +112,7 @@ def main():
     if args.concepts and not args.work:
         parser.error("--concepts needs --work, the folder a suite run (bench_finetune.py --part suite) wrote")
     torch.manual_seed(0)
-    pipe = ImageCraftPipeline.from_pretrained(args.model, dtype="float32") if args.model else (
-        ImageCraftPipeline.from_pretrained(dtype="float32"))
+    pipe = ImageCraftPipeline.from_pretrained(args.model, dtype="float32")
     print(f"x0 predictions at guidance {args.guidance:g}, {args.images} scenes x {args.noises} noises per timestep")
     for word in args.known:
         pairs = shapes.colour_word_scenes(random.Random(0), 3 * args.images, word, rgb=shapes.COLOURS[word])

@@ -239,7 +239,7 @@ def evaluate(pipe, concept: Concept, seeds: int = 3, steps: int = 25, guidance: 
 def old_prompts(pipe, prompts, steps: int = 25, guidance: float = 5.0, palette: dict | None = None
                 ) -> tuple[float, float]:
     """(every attribute right, texture) on the model's own one-object prompts. With a taught colour in `palette`,
-    an old colour drawn as the new one (purple come out magenta) is wrong, as a person would read it."""
+    an old colour drawn as the new one (purple drawn magenta) is wrong, as a person would read it."""
     images = [im for start in range(0, len(prompts), 50)
               for im in pipe(prompts[start:start + 50], seed=start, num_inference_steps=steps,
                              guidance_scale=guidance).images]

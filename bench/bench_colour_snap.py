@@ -27,6 +27,15 @@ from imagecraft.pipeline import ImageCraftPipeline  # noqa: E402
 from imagecraft.train.core import noise_scheduler, noised_and_target  # noqa: E402
 
 
+def clean_prediction(kind: str, alpha: torch.Tensor, xt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The clean latents x0 a UNet output `out` at noisy `xt` implies, for a scheduler with alphas_cumprod[t] =
+    `alpha` and prediction type `kind` (epsilon or v_prediction): what diffusers' schedulers call
+    pred_original_sample."""
+    if kind == "v_prediction":
+        return alpha.sqrt() * xt - (1 - alpha).sqrt() * out
+    return (xt - (1 - alpha).sqrt() * out) / alpha.sqrt()
+
+
 def object_masks(images: np.ndarray, levels: int = 60) -> np.ndarray:
     """(N, H, W) bool: the pixels of each one-object scene whose colour is `levels` (summed over channels) or more
     from its top-left corner's, the background."""
@@ -67,8 +76,7 @@ def snap_table(pipe, captions: list[str], images: np.ndarray, timesteps, guidanc
 
             def x0(context):
                 out = pipe.unet(xt.to(pipe.dtype), steps, context.to(pipe.dtype)).float()
-                return a.sqrt() * xt - (1 - a).sqrt() * out if kind == "v_prediction" else (
-                    (xt - (1 - a).sqrt() * out) / a.sqrt())
+                return clean_prediction(kind, a, xt, out)
 
             c, u = x0(cond), x0(uncond)
             for name, latents in (("cond", c), ("uncond", u), ("guided", u + guidance * (c - u))):

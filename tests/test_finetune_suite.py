@@ -1,5 +1,5 @@
 """The fine-tune concept suite's data and readers: each concept's images are what its caption says, and the readers
-accept the concept's own renders and refuse the world's other shapes."""
+accept the concept's own renders and refuse the world's other shapes; bench_colour_snap reads x0 and objects right."""
 
 import random
 import sys
@@ -51,3 +51,34 @@ def test_the_readers_refuse_the_other_shapes_and_filled_objects():
                            for form in ("hexagon", "cross", "diamond", "pentagon")), shape
             assert not suite.hollow_right(image, shapes.COLOURS["red"])
     assert suite.rate([np.True_, False, True, np.False_]) == 0.5
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_the_colour_snap_bench_reads_the_clean_image_as_diffusers_does(kind):
+    """bench_colour_snap's x0 from a UNet output is diffusers' DDPMScheduler's pred_original_sample."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from bench.bench_colour_snap import clean_prediction
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=kind, clip_sample=False)
+    generator = torch.Generator().manual_seed(0)
+    xt, out = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    for t in (999, 500, 50):
+        expected = scheduler.step(out, t, xt, generator=generator).pred_original_sample
+        got = clean_prediction(kind, scheduler.alphas_cumprod[t], xt, out)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_colour_snap_bench_reads_only_the_object():
+    from bench.bench_colour_snap import object_masks
+
+    rng = random.Random(3)
+    pairs = shapes.colour_word_scenes(rng, 6, "teal", rgb=(0, 128, 128))
+    images = np.stack([im for _, im in pairs]).astype(np.float32)
+    masks = object_masks(images)
+    for image, mask in zip(images, masks):
+        assert mask.any() and not mask.all()
+        inside = image[mask].mean(0)
+        assert np.abs(inside - (0, 128, 128)).sum() < 40  # the object's pixels, not the background's

@@ -24,16 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from imagecraft import shapes  # noqa: E402
 from imagecraft.pipeline import ImageCraftPipeline  # noqa: E402
-from imagecraft.train.core import noise_scheduler, noised_and_target  # noqa: E402
-
-
-def clean_prediction(kind: str, alpha: torch.Tensor, xt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The clean latents x0 a UNet output `out` at noisy `xt` implies, for a scheduler with alphas_cumprod[t] =
-    `alpha` and prediction type `kind` (epsilon or v_prediction): what diffusers' schedulers call
-    pred_original_sample."""
-    if kind == "v_prediction":
-        return alpha.sqrt() * xt - (1 - alpha).sqrt() * out
-    return (xt - (1 - alpha).sqrt() * out) / alpha.sqrt()
+from imagecraft.train.core import clean_prediction, noise_scheduler, noised_and_target  # noqa: E402
 
 
 def object_masks(images: np.ndarray, levels: int = 60) -> np.ndarray:

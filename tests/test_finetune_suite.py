@@ -54,12 +54,13 @@ def test_the_readers_refuse_the_other_shapes_and_filled_objects():
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
-def test_the_colour_snap_bench_reads_the_clean_image_as_diffusers_does(kind):
-    """bench_colour_snap's x0 from a UNet output is diffusers' DDPMScheduler's pred_original_sample."""
+def test_the_clean_image_a_prediction_implies_is_diffusers_pred_original_sample(kind):
+    """train.core.clean_prediction (bench_colour_snap's and the training diagnostics' x0) against diffusers'
+    DDPMScheduler.step."""
     import torch
     from diffusers import DDPMScheduler
 
-    from bench.bench_colour_snap import clean_prediction
+    from imagecraft.train.core import clean_prediction
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               prediction_type=kind, clip_sample=False)

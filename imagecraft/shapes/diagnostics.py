@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from ..train.core import noise_scheduler
+from ..train.core import clean_prediction, noise_scheduler
 from ..unet import UNet_SD
 from . import world
 from .recipe import UNetStage
@@ -90,10 +90,7 @@ def position_separation(unet: UNet_SD, text_encoder, tokenizer, stage: UNetStage
     t = torch.full((len(prompts),), 999)
     pred = unet(xt, t, text_encoder(ids)[0]).float()
     a = stage_scheduler(stage).alphas_cumprod[999]
-    if stage.prediction_type == "v_prediction":
-        x0 = a.sqrt() * xt - (1 - a).sqrt() * pred
-    else:
-        x0 = (xt - (1 - a).sqrt() * pred) / a.sqrt()
+    x0 = clean_prediction(stage.prediction_type, a, xt, pred)
     x0 = x0.view(-1, len(world.POSITIONS), *x0.shape[1:])  # (objects, positions, C, H, W)
     weight = (x0 - x0.mean(dim=1, keepdim=True)).abs().sum(dim=2)  # (objects, positions, H, W)
     weight = weight / weight.sum(dim=(2, 3), keepdim=True).clamp(min=1e-12)

@@ -111,6 +111,14 @@ def noised_and_target(prediction_type: str, alphas_cumprod: torch.Tensor, x0, no
     return xt, (a.sqrt() * noise - (1 - a).sqrt() * x0 if prediction_type == "v_prediction" else noise)
 
 
+def clean_prediction(prediction_type: str, alpha: torch.Tensor, xt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The clean latents x0 that a UNet output `out` at `xt` implies, with alphas_cumprod[t] = `alpha`: the inverse
+    of `noised_and_target` (diffusers' schedulers call it pred_original_sample)."""
+    if prediction_type == "v_prediction":
+        return alpha.sqrt() * xt - (1 - alpha).sqrt() * out
+    return (xt - (1 - alpha).sqrt() * out) / alpha.sqrt()
+
+
 def loss_weights(prediction_type: str, snr: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-sample weights of the MSE on the model's target. Min-SNR-gamma (Hang et al. 2023, arXiv:2303.09556) in
     x0 terms is min(snr, gamma); for v-prediction it is floored at 1 as well, so the noisiest steps, where layout is

@@ -65,11 +65,8 @@ def snap_table(pipe, captions: list[str], images: np.ndarray, timesteps, guidanc
             steps = torch.full((len(z),), t, device=z.device)
             xt, _ = noised_and_target(kind, alphas, z, noise, steps)
 
-            def x0(context):
-                out = pipe.unet(xt.to(pipe.dtype), steps, context.to(pipe.dtype)).float()
-                return clean_prediction(kind, a, xt, out)
-
-            c, u = x0(cond), x0(uncond)
+            c, u = (clean_prediction(kind, a, xt, pipe.unet(xt.to(pipe.dtype), steps, context.to(pipe.dtype)).float())
+                    for context in (cond, uncond))
             for name, latents in (("cond", c), ("uncond", u), ("guided", u + guidance * (c - u))):
                 rows[name].append(colour(latents))
         table[t] = {name: np.mean(v, axis=0) for name, v in rows.items()}

@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from imagecraft import shapes
 from imagecraft.explain.capture import keep_cross_attention
@@ -24,7 +24,7 @@ from imagecraft.shapes.grounding import GRAMMAR_WORDS, inside_share, made_up_col
 from imagecraft.shapes.recipe import (FAST, LARGE, PRESETS, SMOKE, DecoderSpec, ScenesSpec, UNetStage, check_recipe,
                                       override)
 from imagecraft.shapes.train import encode_scenes, main, make_text_encoder, make_vae, train, train_vae
-from imagecraft.train.core import loss_weights, noised_and_target
+from imagecraft.train.core import clean_prediction, loss_weights, noised_and_target
 from imagecraft.unet import UNet_SD, UNetConfig
 
 V = "v_prediction"
@@ -94,6 +94,17 @@ def test_noising_and_target_match_diffusers(prediction_type, zero_snr):
     torch.testing.assert_close(xt, scheduler.add_noise(x0, noise, t))
     expected = scheduler.get_velocity(x0, noise, t) if prediction_type == "v_prediction" else noise
     torch.testing.assert_close(target, expected)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_the_clean_image_a_prediction_implies_is_diffusers_pred_original_sample(prediction_type):
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type, clip_sample=False)
+    xt, out = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for t in (999, 500, 50):
+        expected = scheduler.step(out, t, xt, generator=torch.Generator().manual_seed(0)).pred_original_sample
+        torch.testing.assert_close(clean_prediction(prediction_type, scheduler.alphas_cumprod[t], xt, out), expected)
 
 
 @pytest.mark.unit

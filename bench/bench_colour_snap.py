@@ -22,26 +22,23 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import finetune_suite  # noqa: E402
 from imagecraft import shapes  # noqa: E402
 from imagecraft.pipeline import ImageCraftPipeline  # noqa: E402
 from imagecraft.train.core import clean_prediction, noise_scheduler, noised_and_target  # noqa: E402
 
 
-def object_masks(images: np.ndarray, levels: int = 60) -> np.ndarray:
-    """(N, H, W) bool: the pixels of each one-object scene whose colour is `levels` (summed over channels) or more
-    from its top-left corner's, the background."""
-    background = images[:, :2, :2].reshape(len(images), -1, 3).mean(1)
-    return np.abs(images - background[:, None, None]).sum(-1) > levels
-
-
 @torch.no_grad()
-def snap_table(pipe, captions: list[str], images: np.ndarray, timesteps, guidance: float, noises: int,
-               seed: int = 0) -> tuple[np.ndarray, dict[int, dict[str, np.ndarray]]]:
+def snap_table(pipe, captions: list[str], images: np.ndarray, rgb: tuple, timesteps, guidance: float,
+               noises: int, seed: int = 0) -> tuple[np.ndarray, dict[int, dict[str, np.ndarray]]]:
     """The data's mean object colour, and per timestep the mean object colour of the decoded x0 predictions:
-    "cond", "uncond" and "guided", each averaged over `noises` draws."""
-    masks = object_masks(images.astype(np.float32))
-    seen = masks.reshape(len(masks), -1).any(1)  # an object in its background's colour has no pixels to read
-    captions, images, masks = [c for c, s in zip(captions, seen) if s], images[seen], masks[seen]
+    "cond", "uncond" and "guided", each averaged over `noises` draws. The objects are the suite's reading of the
+    data (`main_object`: the largest region nearer `rgb` than the background); scenes where it finds none are
+    left out."""
+    masks = [finetune_suite.main_object(image, rgb) for image in images]
+    seen = [m is not None for m in masks]
+    captions, images = [c for c, s in zip(captions, seen) if s], images[np.array(seen)]
+    masks = [m for m in masks if m is not None]
     vae, scale = pipe.vae, pipe.vae.config.scaling_factor
 
     def colour(latents):  # (N, 4, h, w) -> the mean RGB inside the objects, over the scenes
@@ -107,26 +104,30 @@ def main():
     args = parser.parse_args()
     if args.concepts and not args.work:
         parser.error("--concepts needs --work, the folder a suite run (bench_finetune.py --part suite) wrote")
+    colours = {c.word: c.rgb for c in finetune_suite.CONCEPTS if c.kind == "colour"}
+    if set(args.concepts) - set(colours):
+        parser.error(f"--concepts takes the suite's colour words ({', '.join(colours)}), "
+                     f"got {', '.join(sorted(set(args.concepts) - set(colours)))}")
     torch.manual_seed(0)
     pipe = ImageCraftPipeline.from_pretrained(args.model, dtype="float32")
     print(f"x0 predictions at guidance {args.guidance:g}, {args.images} scenes x {args.noises} noises per timestep")
-    for word in args.known:
-        pairs = shapes.colour_word_scenes(random.Random(0), 3 * args.images, word, rgb=shapes.COLOURS[word])
+    def measure(title, pairs, rgb):  # grey backgrounds first, as most of a user's captions name none
         pairs = sorted(pairs, key=lambda p: "background" in p[0])[:args.images]
-        truth, table = snap_table(pipe, [c for c, _ in pairs], np.stack([im for _, im in pairs]), args.timesteps,
-                                  args.guidance, args.noises)
-        show(f"{word}, base model", truth, table, args.low)
+        truth, table = snap_table(pipe, [c for c, _ in pairs], np.stack([im for _, im in pairs]), rgb,
+                                  args.timesteps, args.guidance, args.noises)
+        show(title, truth, table, args.low)
+
+    for word in args.known:
+        rgb = shapes.COLOURS[word]
+        measure(f"{word}, base model", shapes.colour_word_scenes(random.Random(0), 3 * args.images, word, rgb=rgb), rgb)
     for word in args.concepts:
         folder = Path(args.work) / word
         files = sorted((folder / "data").glob("*.png"))
-        pairs = [(f.with_suffix(".txt").read_text().strip(), np.asarray(Image.open(f).convert("RGB"))) for f in files]
-        pairs = sorted(pairs, key=lambda p: "background" in p[0])[:args.images]
         pipe.load_lora(folder / "lora")
-        truth, table = snap_table(pipe, [c for c, _ in pairs], np.stack([im for _, im in pairs]), args.timesteps,
-                                  args.guidance, args.noises)
+        measure(f"{word}, LoRA {folder / 'lora'}", [(f.with_suffix(".txt").read_text().strip(),
+                                                      np.asarray(Image.open(f).convert("RGB"))) for f in files],
+                colours[word])
         pipe.unload_lora()
-        show(f"{word}, LoRA {folder / 'lora'}", truth, table, args.low)
-
 
 if __name__ == "__main__":
     main()

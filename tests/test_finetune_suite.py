@@ -1,5 +1,5 @@
 """The fine-tune concept suite's data and readers: each concept's images are what its caption says, and the readers
-accept the concept's own renders and refuse the world's other shapes; bench_colour_snap reads the objects alone."""
+accept the concept's own renders and refuse the world's other shapes."""
 
 import random
 import sys
@@ -51,16 +51,3 @@ def test_the_readers_refuse_the_other_shapes_and_filled_objects():
                            for form in ("hexagon", "cross", "diamond", "pentagon")), shape
             assert not suite.hollow_right(image, shapes.COLOURS["red"])
     assert suite.rate([np.True_, False, True, np.False_]) == 0.5
-
-
-def test_the_colour_snap_bench_reads_only_the_object():
-    from bench.bench_colour_snap import object_masks
-
-    rng = random.Random(3)
-    pairs = shapes.colour_word_scenes(rng, 6, "teal", rgb=(0, 128, 128))
-    images = np.stack([im for _, im in pairs]).astype(np.float32)
-    masks = object_masks(images)
-    for image, mask in zip(images, masks):
-        assert mask.any() and not mask.all()
-        inside = image[mask].mean(0)
-        assert np.abs(inside - (0, 128, 128)).sum() < 40  # the object's pixels, not the background's

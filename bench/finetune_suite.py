@@ -5,7 +5,8 @@ Concepts are split once into tuning concepts (defaults may be chosen on them) an
 come from them); pink stays the app's demo and is in neither. Per concept a recipe is trained with
 `train.finetune.finetune` and measured:
   colour  the new colour on objects of the shapes shown (circles, squares) and on a shape never shown in it
-          (triangles); read by the strict scorer with the new colour added to its palette
+          (triangles); read by the strict scorer with the new colour and its neighbours (`colour_palette`: the
+          suite's other colours and the demo's pink) added to its palette, so a colour drawn as a neighbour is wrong
   shape   the new shape in the colours shown and in colours never shown with it: right when its mask fits the ideal
           outline with IoU >= 0.80 and better than every other shape (`fit`)
   style   a hollow (outlined) object: the right colour, and the inside of its box the background's
@@ -58,6 +59,14 @@ CONCEPTS = (
     Concept("cross", "shape", "report", form="cross"),
     Concept("outlined", "style", "report"),
 )
+
+
+def colour_palette(word: str, rgb: tuple) -> dict:
+    """The palette a taught colour is read with: the word's colour beside the world's, and as decoys every other
+    colour the suite teaches and the demo's pink. With the world's colours alone, hot pink drawn for magenta is
+    read as magenta (nearer it than purple), which no one asking for magenta would accept."""
+    decoys = {c.word: c.rgb for c in CONCEPTS if c.kind == "colour"} | shapes.NEW_COLOURS
+    return {name: tuple(value) for name, value in decoys.items() if name != word} | {word: tuple(rgb)}
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -211,7 +220,7 @@ def evaluate(pipe, concept: Concept, seeds: int = 3, steps: int = 25, guidance: 
     rng = random.Random(7)
     out = {}
     if concept.kind == "colour":
-        palette = {concept.word: concept.rgb}
+        palette = colour_palette(concept.word, concept.rgb)
         for group, shape_list in (("shown", ("circle", "square")), ("unshown", ("triangle",))):
             specs = [spec_for(rng, concept.word, s) for s in shape_list for _ in range(5 * seeds)]
             images = pipe([shapes.prompt_of(s) for s in specs], seed=900, num_inference_steps=steps,

@@ -289,7 +289,8 @@ FINETUNE = _table(
     # 4 (diffusers' and kohya's default too), chosen on the suite's tuning colours (teal / magenta / navy: the new
     # colour on the shapes shown; on triangles never shown; the model's own prompts after, 98.3% before):
     # rank 8: 100/100/100, 90/80/70, 95.0/83.3/95.0; rank 4: 100/100/100, 90/70/70, 98.3/95.0/98.3; rank 2 (teal /
-    # magenta): 45/80, 90/50. On the reporting colours rank 4 kept the old prompts but drew the new colours on 68.3%
+    # magenta): 45/80, 90/50 (magenta read against the world's colours alone; with the suite's decoys, rank 4's is
+    # 85/60). On the reporting colours rank 4 kept the old prompts but drew the new colours on 68.3%
     # of the shapes shown, against rank 8's 90.0% (chartreuse 35%; docs/figures.md)
     Field("rank", "rank", "int", 1, 128, 4, ui="LoRA rank", help="LoRA rank"),
     # (0, 256]: the LoRA's scale is alpha / rank, and recipes set alpha to the rank (scale 1), half of it, or 1;
@@ -326,8 +327,9 @@ FINETUNE = _table(
     # the change's energy over the layer's own output's, averaged over the layers; the taught words' own tokens stay
     # free. 0..100 as preserve; at 3 magenta's texture was 1.27x, at 6 1.08x. Off by default: with word_token, kv,
     # rank 8 and lr 1e-4 at 6 it kept the model flat
-    # (texture 1.00x, old prompts 98.9% on the reporting concepts) and learnt magenta, which without it mottles the
-    # model (2.4x), but not the demo's pink (59.4%) nor teal (50%); with the defaults' LoRA it did not help (cyan 55%)
+    # (texture 1.00x, old prompts 98.9% on the reporting concepts; without it the same LoRA mottles it, 2.4x), but
+    # drew magenta hot pink (0%), the demo's pink on 59.4% and teal on 50%; with the defaults' LoRA it did not help
+    # (cyan 55%)
     Field("word_lock", "word_lock", "float", 0, 100, 0.0,
           help="weight that holds the cross-attention LoRA's keys and values of every other word as they were "
                "(layers other than the cross-attention's keys and values are not held); 0: off"),

@@ -5,15 +5,15 @@ Concepts are split once into tuning concepts (defaults may be chosen on them) an
 come from them); pink stays the app's demo and is in neither. Per concept a recipe is trained with
 `train.finetune.finetune` and measured:
   colour  the new colour on objects of the shapes shown (circles, squares) and on a shape never shown in it
-          (triangles); read by the strict scorer with the new colour and its neighbours (`colour_palette`: the
-          suite's other colours and the demo's pink) added to its palette, so a colour drawn as a neighbour is wrong
+          (triangles); read by the strict scorer with the new colour added to its palette and its neighbours
+          (`decoys`: the suite's other colours and the demo's pink) as colours an object may be read as instead
   shape   the new shape in the colours shown and in colours never shown with it: right when its mask fits the ideal
           outline with IoU >= 0.80 and better than every other shape (`fit`)
   style   a hollow (outlined) object: the right colour, and the inside of its box the background's
 and, for every concept, what the LoRA does to the model's own prompts: the strict scorer's "every attribute" on
-one-object prompts before and after (a taught colour in the palette, so an old colour drawn as it is wrong), and
-the texture inside objects (the pixels' standard deviation inside each object, less a 1 px rim) against the base
-model's.
+one-object prompts before and after (read with the same colours, so an old colour drawn as a taught one or a
+neighbour is wrong), and the texture inside objects (the pixels' standard deviation inside each object, less a 1 px
+rim) against the base model's.
 """
 
 from __future__ import annotations
@@ -61,12 +61,14 @@ CONCEPTS = (
 )
 
 
-def colour_palette(word: str, rgb: tuple) -> dict:
-    """The palette a taught colour is read with: the word's colour beside the world's, and as decoys every other
-    colour the suite teaches and the demo's pink. With the world's colours alone, hot pink drawn for magenta is
-    read as magenta (nearer it than purple), which no one asking for magenta would accept."""
-    decoys = {c.word: c.rgb for c in CONCEPTS if c.kind == "colour"} | shapes.NEW_COLOURS
-    return {name: tuple(value) for name, value in decoys.items() if name != word} | {word: tuple(rgb)}
+def decoys(word: str | None = None) -> dict:
+    """Colours an object drawn instead of the one asked for would be, for the scorer's `decoys` (they name objects
+    but do not cut them out): every colour the suite teaches but `word`, and the demo's pink; with the world's
+    eight and its grey, brown and pink make the eleven basic colour terms. Without them hot pink drawn for magenta
+    is read as magenta (nearer it than purple), which no one asking for magenta would accept, and an old colour
+    drawn as a taught one's neighbour passes."""
+    named = {c.word: c.rgb for c in CONCEPTS if c.kind == "colour"} | shapes.NEW_COLOURS
+    return {name: tuple(rgb) for name, rgb in named.items() if name != word}
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -220,12 +222,12 @@ def evaluate(pipe, concept: Concept, seeds: int = 3, steps: int = 25, guidance: 
     rng = random.Random(7)
     out = {}
     if concept.kind == "colour":
-        palette = colour_palette(concept.word, concept.rgb)
+        palette, others = {concept.word: concept.rgb}, decoys(concept.word)
         for group, shape_list in (("shown", ("circle", "square")), ("unshown", ("triangle",))):
             specs = [spec_for(rng, concept.word, s) for s in shape_list for _ in range(5 * seeds)]
             images = pipe([shapes.prompt_of(s) for s in specs], seed=900, num_inference_steps=steps,
                           guidance_scale=guidance).images
-            scores = [shapes.score(im, s, palette) for im, s in zip(images, specs)]
+            scores = [shapes.score(im, s, palette, others) for im, s in zip(images, specs)]
             # on the shapes shown, the colour; on a shape never shown in it, the colour and that shape
             out[group] = rate(s["colour"] and (group == "shown" or s["shape"]) for s in scores)
     elif concept.kind == "shape":
@@ -245,14 +247,15 @@ def evaluate(pipe, concept: Concept, seeds: int = 3, steps: int = 25, guidance: 
     return out
 
 
-def old_prompts(pipe, prompts, steps: int = 25, guidance: float = 5.0, palette: dict | None = None
-                ) -> tuple[float, float]:
-    """(every attribute right, texture) on the model's own one-object prompts. With a taught colour in `palette`,
-    an old colour drawn as the new one (purple drawn magenta) is wrong, as a person would read it."""
+def old_prompts(pipe, prompts, steps: int = 25, guidance: float = 5.0, palette: dict | None = None,
+                others: dict | None = None) -> tuple[float, float]:
+    """(every attribute right, texture) on the model's own one-object prompts. With a taught colour in `palette`
+    and its neighbours in `others` (`decoys`), an old colour drawn as one of them (purple drawn magenta or pink) is
+    wrong, as a person would read it."""
     images = [im for start in range(0, len(prompts), 50)
               for im in pipe(prompts[start:start + 50], seed=start, num_inference_steps=steps,
                              guidance_scale=guidance).images]
-    right = rate(shapes.score(im, p, palette)["all"] for im, p in zip(images, prompts))
+    right = rate(shapes.score(im, p, palette, others)["all"] for im, p in zip(images, prompts))
     return right, texture(images, prompts)
 
 
@@ -271,18 +274,20 @@ def run(pipe, recipe, concepts, work: Path, old: list[str], seeds: int = 3, log=
     from imagecraft.train.finetune import finetune
 
     pipe.unload_lora()
-    base_right, base_texture = old_prompts(pipe, old)
+    base_right, base_texture = old_prompts(pipe, old, others=decoys())
     rows = []
     for concept in concepts:
-        palette = {concept.word: concept.rgb} if concept.kind == "colour" else None
-        before = old_prompts(pipe, old, palette=palette)[0] if palette else base_right
+        colour = concept.kind == "colour"
+        palette = {concept.word: concept.rgb} if colour else None
+        others = decoys(concept.word if colour else None)
+        before = old_prompts(pipe, old, palette=palette, others=others)[0] if colour else base_right
         data = write_folder(training_set(concept), work / concept.word / "data")
         started = time.perf_counter()
         result = finetune(None, data, work / concept.word / "lora", recipe, show_bar=False)
         minutes = (time.perf_counter() - started) / 60
         tuned = trained(pipe, work / concept.word / "lora", recipe)
         rates = evaluate(tuned, concept, seeds)
-        right, tex = old_prompts(tuned, old, palette=palette)
+        right, tex = old_prompts(tuned, old, palette=palette, others=others)
         pipe.unload_lora()
         row = dict(concept=concept.word, kind=concept.kind, split=concept.split, steps=result.step,
                    kept=result.kept_step or result.step, minutes=minutes,

@@ -34,7 +34,7 @@ def test_each_concept_teaches_its_word_and_its_images_read_as_it(concept):
         if concept.kind == "colour":
             spec = shapes.parse_prompt(text.replace(concept.word, "red"))
             spec.objects[0].colour = concept.word
-            assert shapes.score(image, spec, suite.colour_palette(concept.word, concept.rgb))["colour"]
+            assert shapes.score(image, spec, {concept.word: concept.rgb}, suite.decoys(concept.word))["colour"]
         elif concept.kind == "shape":
             assert suite.shape_right(image, shapes.COLOURS[words[1]], concept.form), text
         else:
@@ -43,23 +43,26 @@ def test_each_concept_teaches_its_word_and_its_images_read_as_it(concept):
 
 def test_a_taught_colour_drawn_as_its_neighbour_is_wrong():
     """Hot pink drawn for "magenta" (what a LoRA drew, viewed): the world's palette with magenta added reads it as
-    magenta, the suite's palette as pink; magenta itself and a slightly dull magenta stay right."""
+    magenta, the suite's decoys as pink; magenta itself and a slightly dull magenta stay right."""
     rng = random.Random(5)
     magenta = next(c for c in suite.CONCEPTS if c.word == "magenta")
     spec = suite.spec_for(rng, "magenta", "circle")
 
-    def read(rgb, palette):
-        return shapes.score(suite.scene(spec, random.Random(0), dataclasses.replace(magenta, rgb=rgb), "circle"),
-                            spec, palette)["colour"]
+    def read(rgb, others):
+        image = suite.scene(spec, random.Random(0), dataclasses.replace(magenta, rgb=rgb), "circle")
+        return shapes.score(image, spec, {"magenta": magenta.rgb}, others)["colour"]
 
     hot_pink, dull_magenta = (236, 87, 201), (205, 30, 205)
-    assert read(hot_pink, {"magenta": magenta.rgb})  # the defect the decoys fix
-    assert not read(hot_pink, suite.colour_palette("magenta", magenta.rgb))
-    assert read(magenta.rgb, suite.colour_palette("magenta", magenta.rgb))
-    assert read(dull_magenta, suite.colour_palette("magenta", magenta.rgb))
-    # the word's own colour wins over a decoy of the same name, and every decoy is a colour the world lacks
-    palette = suite.colour_palette("pink", (250, 100, 170))
-    assert palette["pink"] == (250, 100, 170) and "magenta" in palette and not set(palette) & set(shapes.COLOURS)
+    assert read(hot_pink, None)  # the defect the decoys fix
+    assert not read(hot_pink, suite.decoys("magenta"))
+    assert read(magenta.rgb, suite.decoys("magenta")) and read(dull_magenta, suite.decoys("magenta"))
+    # the decoys are colours the world lacks, never the word itself
+    assert "magenta" in suite.decoys("pink") and "pink" not in suite.decoys("pink")
+    assert "pink" in suite.decoys() and not set(suite.decoys()) & set(shapes.COLOURS)
+    # an old prompt's purple drawn hot pink is wrong with the decoys alone (a shape's or a style's old prompts)
+    purple = suite.spec_for(rng, "purple", "circle")
+    drawn = suite.scene(purple, random.Random(0), dataclasses.replace(magenta, word="purple", rgb=hot_pink), "circle")
+    assert shapes.score(drawn, purple)["colour"] and not shapes.score(drawn, purple, None, suite.decoys())["colour"]
 
 
 def test_the_readers_refuse_the_other_shapes_and_filled_objects():

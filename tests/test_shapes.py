@@ -8,7 +8,7 @@ import pytest
 
 from imagecraft.shapes import (COLOURS, FIT_IOU, HELD_OUT, MAX_SIZE, MIN_SIZE, POSITIONS, SHAPES, SIZE, Obj, Placed,
                                Spec, classify_shape, parse_prompt, place, prompt_of, read_shape, render, sample_scene,
-                               sample_spec, score, shape_fit)
+                               read_objects, sample_spec, score, shape_fit)
 
 pytestmark = pytest.mark.unit
 
@@ -265,6 +265,28 @@ def test_a_new_colour_word_is_drawn_and_read_with_its_palette():
         right += score(image, spec, {"pink": pink})["all"]
         assert not score(image, spec)["colour"]  # without pink in the palette it reads as another colour
     assert right == len(scenes)
+
+
+def test_decoys_name_objects_but_do_not_cut_them_out():
+    """A yellow square on black whose edge blends through brown: with brown as a decoy the square is still a yellow
+    square (the blend is not cut out as brown); a square drawn brown all over is read as brown, so "a yellow square"
+    is wrong."""
+    brown = {"brown": (120, 70, 20)}
+    spec = Spec([Obj("yellow", "square", None)], background="black")
+    image = np.full((SIZE, SIZE, 3), COLOURS["black"], np.uint8)
+    image[20:44, 20:44] = COLOURS["yellow"]
+    image[20:44, 19] = image[19, 20:44] = (90, 55, 20)  # a 1 px rim: black among the world's colours, brown beside them
+    assert score(image, spec)["all"] and score(image, spec, None, brown)["all"]
+
+    def mask(**kw):
+        return read_objects(image, masks=True, **kw)[1][0]["mask"]
+
+    # the decoy leaves the object's outline as the world's colours cut it; in the palette, brown adds its rim
+    assert (mask(decoys=brown) == mask()).all() and mask(palette=brown).sum() > mask().sum()
+    image[20:44, 20:44] = (130, 75, 30)
+    found = read_objects(image, None, decoys=brown)[1]
+    assert [o["colour"] for o in found] == ["brown"] and not score(image, spec, None, brown)["colour"]
+    assert [o["colour"] for o in read_objects(image)[1]] != ["brown"]  # without the decoy a world colour names it
 
 
 def test_the_autoencoders_world_is_broader_and_seeded():

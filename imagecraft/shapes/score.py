@@ -118,29 +118,37 @@ def _relation_ok(relation: str | None, a: dict, b: dict) -> bool:
     return {"to the left of": a["cx"] < b["cx"], "above": a["cy"] < b["cy"], "and": True, None: False}[relation]
 
 
-def read_objects(image, palette: dict | None = None, masks: bool = False) -> tuple[str, list[dict]]:
-    """(background colour name, objects as dicts with colour, shape, fault (read_shape's), cx, cy, area, and with
-    `masks` their (64, 64) bool `mask`) found in an image. Each pixel takes the nearest of the world's colours and
-    gray, and of `palette` (extra colours by name, e.g. pink)."""
+def _nearest(pixels: np.ndarray, palette: dict | None) -> tuple[list[str], np.ndarray]:
+    """The names of the world's colours, gray and `palette`'s, and each pixel's nearest of them (its index)."""
     names, colours = list(_PALETTE_NAMES), _PALETTE
     if palette:
         names += list(palette)
         colours = np.concatenate([_PALETTE, np.array(list(palette.values()), dtype=np.float32)])
+    return names, ((pixels[:, :, None, :] - colours[None, None]) ** 2).sum(-1).argmin(-1)  # (64, 64)
+
+
+def read_objects(image, palette: dict | None = None, masks: bool = False,
+                 decoys: dict | None = None) -> tuple[str, list[dict]]:
+    """(background colour name, objects as dicts with colour, shape, fault (read_shape's), cx, cy, area, and with
+    `masks` their (64, 64) bool `mask`) found in an image. Each pixel takes the nearest of the world's colours and
+    gray, and of `palette` (extra colours by name, e.g. pink). `decoys` (more colours by name) may name an object,
+    its pixels' commonest colour among all of them, but do not cut objects out: a blend at an edge that lands
+    nearer a decoy (yellow on black read as brown) stays where the palette puts it."""
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     if pixels.shape[:2] != (SIZE, SIZE):
         pixels = np.asarray(Image.fromarray(pixels.astype(np.uint8)).resize((SIZE, SIZE), Image.NEAREST),
                             dtype=np.float32)
-    distances = ((pixels[:, :, None, :] - colours[None, None]) ** 2).sum(-1)  # (64, 64, colours)
-    classes = distances.argmin(-1)
+    names, classes = _nearest(pixels, palette)
     border = np.concatenate([classes[0], classes[-1], classes[:, 0], classes[:, -1]])
-    background = np.bincount(border, minlength=len(colours)).argmax()
+    background = np.bincount(border, minlength=len(names)).argmax()
+    naming_names, naming = (_nearest(pixels, {**(palette or {}), **decoys}) if decoys else (names, classes))
     objects = []
     for comp in _components(classes != background):
-        colour = np.bincount(classes[comp], minlength=len(colours)).argmax()
+        colour = naming_names[np.bincount(naming[comp], minlength=len(naming_names)).argmax()]
         ys, xs = np.nonzero(comp)
         # the centre of the bounding box, as objects are placed (a triangle's centroid sits lower)
         shape, fault = read_shape(comp)
-        objects.append(dict(colour=names[colour], shape=shape, fault=fault,
+        objects.append(dict(colour=colour, shape=shape, fault=fault,
                             cx=(xs.min() + xs.max() + 1) / 2, cy=(ys.min() + ys.max() + 1) / 2, area=int(comp.sum()),
                             **({"mask": comp} if masks else {})))
     return names[background], objects
@@ -161,12 +169,13 @@ def match(spec: Spec, found: list[dict]) -> list[tuple[Obj, dict]]:
     return [(o, found[j]) for o, j in zip(spec.objects, best)]
 
 
-def score(image, prompt: str | Spec, palette: dict | None = None) -> dict:
+def score(image, prompt: str | Spec, palette: dict | None = None, decoys: dict | None = None) -> dict:
     """Which attributes of `prompt` the image gets right: background, colour, shape, count, and position or
     relation where the prompt has them (None where it does not). `all` is True when every one is. A colour the
-    world lacks (pink, taught by a fine-tune) is read with `palette` ({"pink": (255, 105, 180)}) and a Spec."""
+    world lacks (pink, taught by a fine-tune) is read with `palette` ({"pink": (255, 105, 180)}) and a Spec;
+    `decoys`, colours an object drawn instead would be (read_objects'), make such an object wrong."""
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-    background, found = read_objects(image, palette)
+    background, found = read_objects(image, palette, decoys=decoys)
     result = dict(background=background == (spec.background or "gray"), count=len(found) == len(spec.objects),
                   colour=False, shape=False, position=None, relation=None)
     if len(spec.objects) == 1 and spec.objects[0].position:

@@ -9,10 +9,11 @@ teach: a LoRA with the default recipe (what `imagecraft finetune --data D --outp
   of pink (255, 105, 180) circles and squares, in the world's grammar. Then, with the LoRA at scale 1, single objects
   "a pink {circle, square, triangle} {position}" at every position, 4 seeds each (--seeds), read by the strict
   shapes scorer with pink added to its palette and its neighbours (magenta and the suite's other colours) as
-  decoys: pink on circles and squares, and on triangles, never seen in pink. Targets: the colour right >= 80%, pink triangles fully
-  right >= 60%. The old colours: bench_quality's one-object prompts with and without the LoRA, read with the same
-  colours (an old colour drawn pink is wrong); they may drop by 5 points at most. --prior N adds prior preservation
-  (finetune's class_prompts) on N base-model images of the app demo's prompts (every old colour and shape).
+  decoys: pink on circles and squares, and on triangles, never seen in pink. Targets: the colour right >= 80%, pink
+  triangles fully right >= 60%. The old colours: bench_quality's one-object prompts with and without the LoRA, read
+  with the same colours (an old colour drawn pink is wrong); they may drop by 5 points at most. --prior N adds prior
+  preservation (finetune's class_prompts) on N base-model images of the app demo's prompts (every old colour and
+  shape).
 speed: one LoRA training step (forward, backward, AdamW) on the built-in model's UNet, batch 4, LoRA rank 8 on
   to_q/to_k/to_v/to_out.0, in UNet_SD and in diffusers' UNet2DConditionModel with the same weights and peft's
   LoRA, same dtype (bf16 autocast where the CPU runs bf16 natively, else fp32): interleaved medians. Target <= 1.0.
@@ -224,7 +225,7 @@ def suite(args):
         if mine:
             print(f"{kind}: shown {statistics.mean(r['shown'] for r in mine):.1%}, "
                   f"never shown {statistics.mean(r['unshown'] for r in mine):.1%}")
-    print(f"old prompts, every attribute (the taught colour and its neighbours in the scorer's palette): "
+    print(f"old prompts, every attribute (the taught colour in the scorer's palette, its neighbours as decoys): "
           f"{statistics.mean(r['old_before'] for r in rows):.1%} before, "
           f"{statistics.mean(r['old_after'] for r in rows):.1%} after (means over concepts); texture "
           f"{statistics.mean(r['texture_ratio'] for r in rows):.2f}x the base model's; "

@@ -328,7 +328,7 @@ FINETUNE = _table(
     # free. 0..100 as preserve; at 3 magenta's texture was 1.27x, at 6 1.08x. Off by default: with word_token, kv,
     # rank 8 and lr 1e-4 at 6 it kept the model flat
     # (texture 1.00x, old prompts 98.9% on the reporting concepts; without it the same LoRA mottles it, 2.4x), but
-    # drew magenta hot pink (0%), the demo's pink on 59.4% and teal on 50%; with the defaults' LoRA it did not help
+    # drew magenta hot pink (0%), the demo's pink on 63.9% and teal on 50%; with the defaults' LoRA it did not help
     # (cyan 55%)
     Field("word_lock", "word_lock", "float", 0, 100, 0.0,
           help="weight that holds the cross-attention LoRA's keys and values of every other word as they were "

@@ -111,6 +111,7 @@ def main():
     torch.manual_seed(0)
     pipe = ImageCraftPipeline.from_pretrained(args.model, dtype="float32")
     print(f"x0 predictions at guidance {args.guidance:g}, {args.images} scenes x {args.noises} noises per timestep")
+
     def measure(title, pairs, rgb):  # grey backgrounds first, as most of a user's captions name none
         pairs = sorted(pairs, key=lambda p: "background" in p[0])[:args.images]
         truth, table = snap_table(pipe, [c for c, _ in pairs], np.stack([im for _, im in pairs]), rgb,
@@ -128,6 +129,7 @@ def main():
                                                       np.asarray(Image.open(f).convert("RGB"))) for f in files],
                 colours[word])
         pipe.unload_lora()
+
 
 if __name__ == "__main__":
     main()

@@ -117,9 +117,7 @@ def teach(args):
             pipe.load_lora(work / "lora")
         else:
             pipe.unload_lora()
-        images = [im for start in range(0, len(prompts), 50)
-                  for im in pipe(prompts[start:start + 50], seed=start, num_inference_steps=25,
-                                 guidance_scale=5.0).images]
+        images = finetune_suite.old_images(pipe, prompts)
         scores = [shapes.score(im, p, palette, others) for im, p in zip(images, prompts)]  # an old colour drawn pink
         by = {shape: [s["all"] for s, p in zip(scores, prompts) if shapes.parse_prompt(p).objects[0].shape == shape]
               for shape in shapes.SHAPES}

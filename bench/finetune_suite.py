@@ -247,16 +247,18 @@ def evaluate(pipe, concept: Concept, seeds: int = 3, steps: int = 25, guidance: 
     return out
 
 
-def old_prompts(pipe, prompts, steps: int = 25, guidance: float = 5.0, palette: dict | None = None,
-                others: dict | None = None) -> tuple[float, float]:
-    """(every attribute right, texture) on the model's own one-object prompts. With a taught colour in `palette`
-    and its neighbours in `others` (`decoys`), an old colour drawn as one of them (purple drawn magenta or pink) is
-    wrong, as a person would read it."""
-    images = [im for start in range(0, len(prompts), 50)
-              for im in pipe(prompts[start:start + 50], seed=start, num_inference_steps=steps,
-                             guidance_scale=guidance).images]
-    right = rate(shapes.score(im, p, palette, others)["all"] for im, p in zip(images, prompts))
-    return right, texture(images, prompts)
+def old_images(pipe, prompts, steps: int = 25, guidance: float = 5.0) -> list:
+    """The model's images of its own one-object prompts, 50 to a call, each call seeded by its first index."""
+    return [im for start in range(0, len(prompts), 50)
+            for im in pipe(prompts[start:start + 50], seed=start, num_inference_steps=steps,
+                           guidance_scale=guidance).images]
+
+
+def old_right(images, prompts, palette: dict | None = None, others: dict | None = None) -> float:
+    """Every attribute right on the old prompts' images. With a taught colour in `palette` and its neighbours in
+    `others` (`decoys`), an old colour drawn as one of them (purple drawn magenta or pink) is wrong, as a person
+    would read it."""
+    return rate(shapes.score(im, p, palette, others)["all"] for im, p in zip(images, prompts))
 
 
 def trained(pipe, output: Path, recipe):
@@ -274,20 +276,22 @@ def run(pipe, recipe, concepts, work: Path, old: list[str], seeds: int = 3, log=
     from imagecraft.train.finetune import finetune
 
     pipe.unload_lora()
-    base_right, base_texture = old_prompts(pipe, old, others=decoys())
+    base_images = old_images(pipe, old)  # drawn once, read with each concept's colours
+    base_texture = texture(base_images, old)
     rows = []
     for concept in concepts:
         colour = concept.kind == "colour"
         palette = {concept.word: concept.rgb} if colour else None
         others = decoys(concept.word if colour else None)
-        before = old_prompts(pipe, old, palette=palette, others=others)[0] if colour else base_right
+        before = old_right(base_images, old, palette, others)
         data = write_folder(training_set(concept), work / concept.word / "data")
         started = time.perf_counter()
         result = finetune(None, data, work / concept.word / "lora", recipe, show_bar=False)
         minutes = (time.perf_counter() - started) / 60
         tuned = trained(pipe, work / concept.word / "lora", recipe)
         rates = evaluate(tuned, concept, seeds)
-        right, tex = old_prompts(tuned, old, palette=palette, others=others)
+        images = old_images(tuned, old)
+        right, tex = old_right(images, old, palette, others), texture(images, old)
         pipe.unload_lora()
         row = dict(concept=concept.word, kind=concept.kind, split=concept.split, steps=result.step,
                    kept=result.kept_step or result.step, minutes=minutes,

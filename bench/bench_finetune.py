@@ -212,17 +212,25 @@ def suite(args):
 
     concepts = [c for c in finetune_suite.CONCEPTS if args.split in ("all", c.split)
                 and (not args.concepts or c.word in args.concepts)]
+    if not args.no_control:  # first: what the recipe costs with nothing to learn
+        concepts.insert(0, finetune_suite.CONTROL)
     recipe = flags_recipe(args)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-suite-"))
     pipe = ImageCraftPipeline.from_pretrained(args.model)
     print(f"suite ({args.split}: {', '.join(c.word for c in concepts)}) on {cpu_name()}, recipe {recipe}")
     rows = finetune_suite.run(pipe, recipe, concepts, work, prompts_for("single", args.old_prompts, seed=1000),
-                              seeds=args.seeds)
+                              seeds=args.seeds, copies=args.copies, world=args.rehearse)
     for kind in ("colour", "shape", "style"):
         mine = [r for r in rows if r["kind"] == kind]
         if mine:
             print(f"{kind}: shown {statistics.mean(r['shown'] for r in mine):.1%}, "
                   f"never shown {statistics.mean(r['unshown'] for r in mine):.1%}")
+    for r in [r for r in rows if r["kind"] == "control"]:
+        print(f"control (24 scenes of the world itself, nothing new): old prompts {r['old_before']:.1%} -> "
+              f"{r['old_after']:.1%}, texture {r['texture_ratio']:.2f}x: what fine-tuning itself costs")
+    rows = [r for r in rows if r["kind"] != "control"]
+    if not rows:
+        return
     print(f"old prompts, every attribute (the taught colour in the scorer's palette, its neighbours as decoys): "
           f"{statistics.mean(r['old_before'] for r in rows):.1%} before, "
           f"{statistics.mean(r['old_after'] for r in rows):.1%} after (means over concepts); texture "
@@ -238,6 +246,12 @@ def main():
     parser.add_argument("--split", choices=("tune", "report", "all"), default="report",
                         help="the suite's concepts: those defaults are tuned on, or those figures are reported on")
     parser.add_argument("--concepts", nargs="+", default=None, help="only these words of the suite")
+    parser.add_argument("--rehearse", type=int, default=0, metavar="N",
+                        help="suite: N scenes of the world itself beside each concept's images (ground-truth "
+                             "rehearsal, which a user lacks: can the UNet hold the concept and its world at once?)")
+    parser.add_argument("--copies", type=int, default=1, help="suite: each concept's images this many times")
+    parser.add_argument("--no-control", action="store_true",
+                        help="leave out the control (the world's own scenes: what fine-tuning itself costs)")
     parser.add_argument("--anchor", choices=tuple(ANCHORS), default=None,
                         help="suite: another tool's default recipe instead of ours (see ANCHORS)")
     parser.add_argument("--recipe", default="", help="`imagecraft finetune` flags for the recipe, in one string "

@@ -13,7 +13,8 @@ come from them); pink stays the app's demo and is in neither. Per concept a reci
 and, for every concept, what the LoRA does to the model's own prompts: the strict scorer's "every attribute" on
 one-object prompts before and after (read with the same colours, so an old colour drawn as a taught one or a
 neighbour is wrong), and the texture inside objects (the pixels' standard deviation inside each object, less a 1 px
-rim) against the base model's.
+rim) against the base model's. The control (`CONTROL`: 24 scenes of the world itself) has only those two: what a
+recipe costs the model when there is nothing new to learn.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ OTHER_KINDS = ("circle", "square", "triangle", "diamond", "pentagon", "hexagon",
 @dataclass(frozen=True)
 class Concept:
     word: str  # the word taught; the tokenizer splits each into pieces of its own
-    kind: str  # "colour", "shape" or "style"
-    split: str  # "tune" or "report"
+    kind: str  # "colour", "shape", "style", or "control" (nothing new: `CONTROL`)
+    split: str  # "tune" or "report" ("control" for `CONTROL`)
     rgb: tuple | None = None  # a colour concept's colour
     form: str | None = None  # a shape concept's outline (world.outline's kinds)
 
@@ -59,6 +60,9 @@ CONCEPTS = (
     Concept("cross", "shape", "report", form="cross"),
     Concept("outlined", "style", "report"),
 )
+# Nothing new: 24 one-object scenes of the world itself, captioned as the world captions them. What a recipe does to
+# the model's own prompts and textures here is what fine-tuning itself costs, which no concept can be blamed for.
+CONTROL = Concept("known", "control", "control")
 
 
 def decoys(word: str | None = None) -> dict:
@@ -114,18 +118,30 @@ def caption(concept: Concept, spec: shapes.Spec) -> str:
 
 def training_set(concept: Concept, n: int = 24) -> list[tuple[str, np.ndarray]]:
     """n (caption, image) pairs teaching `concept`: a colour on circles and squares, a shape in the KNOWN colours, a
-    style on circles and squares in the world's colours. Each concept's scenes are its own (seeded by its word)."""
+    style on circles and squares in the world's colours, the control the world's own scenes. Each concept's scenes
+    are its own (seeded by its word)."""
     rng, out = random.Random(zlib.crc32(concept.word.encode())), []
     for i in range(n):
         if concept.kind == "colour":
             spec, form = spec_for(rng, concept.word, ("circle", "square")[i % 2]), ("circle", "square")[i % 2]
         elif concept.kind == "shape":
             spec, form = spec_for(rng, KNOWN[i % len(KNOWN)], concept.word), concept.form
-        else:
+        elif concept.kind == "style":
             shape = ("circle", "square")[i % 2]
             spec, form = spec_for(rng, rng.choice(list(shapes.COLOURS)), shape), shape
+        else:  # the control: the world's own one-object scenes
+            spec = shapes.sample_spec(rng, two_objects=False)
+            form = spec.objects[0].shape
         out.append((caption(concept, spec), scene(spec, rng, concept, form)))
     return out
+
+
+def rehearsed(pairs, copies: int = 1, world: int = 0) -> list[tuple[str, np.ndarray]]:
+    """The concept's pairs `copies` times, then `world` scenes of the world itself (one or two objects, as the base
+    model learnt them): ground-truth rehearsal, which a user does not have, to ask whether the UNet can hold a
+    concept and its world at once."""
+    rng = random.Random(4242)
+    return [p for _ in range(copies) for p in pairs] + [shapes.sample_scene(rng)[1:3] for _ in range(world)]
 
 
 def write_folder(pairs, folder: Path) -> Path:
@@ -218,9 +234,11 @@ def rate(verdicts) -> float:
 # --- one recipe over the suite -------------------------------------------------------------------------------
 def evaluate(pipe, concept: Concept, seeds: int = 3, steps: int = 25, guidance: float = 5.0) -> dict:
     """The concept's rates with the LoRA loaded in `pipe`: `shown` and `unshown` (the colours or shapes it was shown
-    with, and others)."""
+    with, and others); none for the control, whose measure is the old prompts."""
     rng = random.Random(7)
     out = {}
+    if concept.kind == "control":
+        return out
     if concept.kind == "colour":
         palette, others = {concept.word: concept.rgb}, decoys(concept.word)
         for group, shape_list in (("shown", ("circle", "square")), ("unshown", ("triangle",))):
@@ -237,7 +255,7 @@ def evaluate(pipe, concept: Concept, seeds: int = 3, steps: int = 25, guidance: 
                           guidance_scale=guidance).images
             out[group] = rate(shape_right(np.asarray(im), shapes.COLOURS[s.objects[0].colour],
                                                      concept.form) for im, s in zip(images, specs))
-    else:
+    else:  # a style
         for group, shape_list in (("shown", ("circle", "square")), ("unshown", ("triangle",))):
             specs = [spec_for(rng, rng.choice(list(shapes.COLOURS)), s) for s in shape_list for _ in range(5 * seeds)]
             images = pipe([caption(concept, s) for s in specs], seed=900, num_inference_steps=steps,
@@ -271,8 +289,10 @@ def trained(pipe, output: Path, recipe):
     return pipe
 
 
-def run(pipe, recipe, concepts, work: Path, old: list[str], seeds: int = 3, log=print) -> list[dict]:
-    """Trains `recipe` on each concept (from the base model in `pipe`) and measures it; one row per concept."""
+def run(pipe, recipe, concepts, work: Path, old: list[str], seeds: int = 3, log=print, copies: int = 1,
+        world: int = 0) -> list[dict]:
+    """Trains `recipe` on each concept (from the base model in `pipe`; its data `rehearsed(..., copies, world)`) and
+    measures it; one row per concept."""
     from imagecraft.train.finetune import finetune
 
     pipe.unload_lora()
@@ -284,7 +304,7 @@ def run(pipe, recipe, concepts, work: Path, old: list[str], seeds: int = 3, log=
         palette = {concept.word: concept.rgb} if colour else None
         others = decoys(concept.word if colour else None)
         before = old_right(base_images, old, palette, others)
-        data = write_folder(training_set(concept), work / concept.word / "data")
+        data = write_folder(rehearsed(training_set(concept), copies, world), work / concept.word / "data")
         started = time.perf_counter()
         result = finetune(None, data, work / concept.word / "lora", recipe, show_bar=False)
         minutes = (time.perf_counter() - started) / 60

@@ -41,6 +41,30 @@ def test_each_concept_teaches_its_word_and_its_images_read_as_it(concept):
             assert suite.hollow_right(image, shapes.COLOURS[words[2]]), text
 
 
+def test_the_control_is_the_worlds_own_scenes_read_right():
+    """The control teaches nothing: world captions only (no word outside the world's), each image read right on
+    every attribute, and all three shapes among them."""
+    pairs = suite.training_set(suite.CONTROL)
+    assert len(pairs) == 24 and suite.CONTROL not in suite.CONCEPTS
+    for text, image in pairs:
+        spec = shapes.parse_prompt(text)
+        assert shapes.prompt_of(spec) == text and shapes.score(image, spec)["all"], text
+    assert {shapes.parse_prompt(text).objects[0].shape for text, _ in pairs} == set(shapes.SHAPES)
+    assert suite.evaluate(None, suite.CONTROL) == {}  # its measure is the old prompts, which need no pipeline
+
+
+def test_rehearsal_repeats_the_concept_and_adds_the_worlds_scenes():
+    cross = next(c for c in suite.CONCEPTS if c.word == "cross")
+    pairs = suite.training_set(cross)
+    mixed = suite.rehearsed(pairs, copies=3, world=20)
+    assert len(mixed) == 3 * 24 + 20 and [t for t, _ in mixed[24:48]] == [t for t, _ in pairs]
+    world = mixed[72:]
+    assert all("cross" not in text and shapes.score(image, text)["all"] for text, image in world)
+    assert any(len(shapes.parse_prompt(text).objects) == 2 for text, _ in world)  # one or two objects, as learnt
+    assert [t for t, _ in suite.rehearsed(pairs, 1, 20)[24:]] == [t for t, _ in world]  # the same scenes each run
+    assert suite.rehearsed(pairs) == pairs
+
+
 def test_a_taught_colour_drawn_as_its_neighbour_is_wrong():
     """Hot pink drawn for "magenta" (what a LoRA drew, viewed): the world's palette with magenta added reads it as
     magenta, the suite's decoys as pink; magenta itself and a slightly dull magenta stay right."""

@@ -302,6 +302,8 @@ FINETUNE = _table(
     # tuning colours (magenta's old prompts 56.7%)
     Field("targets", "targets", "choices", default=("attn",), choices=tuple(UNET_TARGETS),
           help="LoRA targets in the UNet, comma-separated"),
+    # off: on the suite's tuning colours, words the built-in tokenizer splits into 4-6 pieces, a text-encoder LoRA
+    # beside the UNet's learnt them as well as without it and kept the model's own prompts no better (docs/figures.md)
     Field("text_encoder_lora", "text_encoder_lora", "bool", default=False,
           help="LoRA on the text encoder's attention too"),
     # Pivotal tuning (cloneofsimo's lora, diffusers' advanced DreamBooth LoRA script: textual inversion beside a

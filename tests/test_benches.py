@@ -97,3 +97,28 @@ def test_bench_shape_loss_reads_new_shapes_through_the_vae_and_the_model():
     assert result.returncode == 0, result.stderr
     row = re.search(r"diamond +VAE round trip (\d)/4, strength 0.2 (\d)/4", result.stdout)
     assert row and row[1] == "4", result.stdout
+
+
+@pytest.mark.integration
+def test_bench_lora_layers_groups_a_loras_layers_by_where_they_sit(tmp_path):
+    """The groups switch off what they name in a LoRA on the built-in UNet's attention (the defaults' targets): the
+    self- and cross-attention halves, seven layers per cross-attention projection, the blocks covering every layer,
+    and only the cross-attention's keys and values left on; a word that is no colour of the suite is refused."""
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_lora_layers import groups
+    from imagecraft import lora
+    from imagecraft.pipeline import ImageCraftPipeline
+
+    unet = ImageCraftPipeline.from_pretrained().unet
+    lora.add_lora(unet, lora.unet_targets(unet, ("attn",)), 4, 4)
+    names = list(lora.lora_layers(unet))
+    found = groups(names)
+    assert found["none off"] == [] and len(found["attn1 off"]) == len(found["attn2 off"]) == len(names) // 2
+    assert all(len(found[f"attn2.{p} off"]) == 7 for p in ("to_q", "to_k", "to_v", "to_out"))
+    blocks = [found[f"{b} off"] for b in ("input_blocks", "middle_block", "output_blocks")]
+    assert sorted(n for b in blocks for n in b) == sorted(names) and all(blocks)
+    on = set(names) - set(found["only attn2 keys, values on"])
+    assert on == set(found["attn2.to_k off"]) | set(found["attn2.to_v off"])
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_lora_layers.py"), "--work", str(tmp_path),
+                             "--concepts", "hexagon"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "'hexagon' is not a colour of the suite" in result.stderr

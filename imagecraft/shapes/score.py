@@ -118,13 +118,14 @@ def _relation_ok(relation: str | None, a: dict, b: dict) -> bool:
     return {"to the left of": a["cx"] < b["cx"], "above": a["cy"] < b["cy"], "and": True, None: False}[relation]
 
 
-def _nearest(pixels: np.ndarray, palette: dict | None) -> tuple[list[str], np.ndarray]:
-    """The names of the world's colours, gray and `palette`'s, and each pixel's nearest of them (its index)."""
+def _distances(pixels: np.ndarray, extra: dict) -> tuple[list[str], np.ndarray]:
+    """The names of the world's colours, gray and `extra`'s, in that order, and each pixel's squared distance to
+    each of them (64, 64, colours)."""
     names, colours = list(_PALETTE_NAMES), _PALETTE
-    if palette:
-        names += list(palette)
-        colours = np.concatenate([_PALETTE, np.array(list(palette.values()), dtype=np.float32)])
-    return names, ((pixels[:, :, None, :] - colours[None, None]) ** 2).sum(-1).argmin(-1)  # (64, 64)
+    if extra:
+        names += list(extra)
+        colours = np.concatenate([_PALETTE, np.array(list(extra.values()), dtype=np.float32)])
+    return names, ((pixels[:, :, None, :] - colours[None, None]) ** 2).sum(-1)
 
 
 def read_objects(image, palette: dict | None = None, masks: bool = False,
@@ -138,10 +139,14 @@ def read_objects(image, palette: dict | None = None, masks: bool = False,
     if pixels.shape[:2] != (SIZE, SIZE):
         pixels = np.asarray(Image.fromarray(pixels.astype(np.uint8)).resize((SIZE, SIZE), Image.NEAREST),
                             dtype=np.float32)
-    names, classes = _nearest(pixels, palette)
+    extra = dict(palette or {})
+    extra |= {name: rgb for name, rgb in (decoys or {}).items() if name not in extra}
+    naming_names, distances = _distances(pixels, extra)  # the palette's colours first, the decoys after them
+    names = naming_names[:len(_PALETTE_NAMES) + len(palette or {})]
+    classes = distances[:, :, :len(names)].argmin(-1)
+    naming = distances.argmin(-1) if decoys else classes
     border = np.concatenate([classes[0], classes[-1], classes[:, 0], classes[:, -1]])
     background = np.bincount(border, minlength=len(names)).argmax()
-    naming_names, naming = (_nearest(pixels, {**(palette or {}), **decoys}) if decoys else (names, classes))
     objects = []
     for comp in _components(classes != background):
         colour = naming_names[np.bincount(naming[comp], minlength=len(naming_names)).argmax()]

@@ -219,7 +219,7 @@ def suite(args):
     pipe = ImageCraftPipeline.from_pretrained(args.model)
     print(f"suite ({args.split}: {', '.join(c.word for c in concepts)}) on {cpu_name()}, recipe {recipe}")
     rows = finetune_suite.run(pipe, recipe, concepts, work, prompts_for("single", args.old_prompts, seed=1000),
-                              seeds=args.seeds, copies=args.copies, world=args.rehearse)
+                              seeds=args.seeds, copies=args.copies, world=args.rehearse, model=args.model)
     for kind in ("colour", "shape", "style"):
         mine = [r for r in rows if r["kind"] == kind]
         if mine:

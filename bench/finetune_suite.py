@@ -290,9 +290,9 @@ def trained(pipe, output: Path, recipe):
 
 
 def run(pipe, recipe, concepts, work: Path, old: list[str], seeds: int = 3, log=print, copies: int = 1,
-        world: int = 0) -> list[dict]:
-    """Trains `recipe` on each concept (from the base model in `pipe`; its data `rehearsed(..., copies, world)`) and
-    measures it; one row per concept."""
+        world: int = 0, model=None) -> list[dict]:
+    """Trains `recipe` on each concept (from `model`, the folder `pipe` was loaded from; None: the built-in model;
+    its data `rehearsed(..., copies, world)`) and measures it; one row per concept."""
     from imagecraft.train.finetune import finetune
 
     pipe.unload_lora()
@@ -306,7 +306,7 @@ def run(pipe, recipe, concepts, work: Path, old: list[str], seeds: int = 3, log=
         before = old_right(base_images, old, palette, others)
         data = write_folder(rehearsed(training_set(concept), copies, world), work / concept.word / "data")
         started = time.perf_counter()
-        result = finetune(None, data, work / concept.word / "lora", recipe, show_bar=False)
+        result = finetune(model, data, work / concept.word / "lora", recipe, show_bar=False)
         minutes = (time.perf_counter() - started) / 60
         tuned = trained(pipe, work / concept.word / "lora", recipe)
         rates = evaluate(tuned, concept, seeds)

@@ -21,8 +21,8 @@ from imagecraft.shapes.data import (batch_indices, caption_corpus, draw_timestep
                                     position_of, scene_batch, scene_pools)
 from imagecraft.shapes.diagnostics import position_separation, stage_scheduler
 from imagecraft.shapes.grounding import GRAMMAR_WORDS, inside_share, made_up_colour, object_masks, word_objects
-from imagecraft.shapes.recipe import (FAST, LARGE, PRESETS, SMOKE, DecoderSpec, ScenesSpec, UNetStage, check_recipe,
-                                      override)
+from imagecraft.shapes.recipe import (FAST, LARGE, PRESETS, SMOKE, DecoderSpec, LexiconSpec, ScenesSpec, UNetStage,
+                                      check_recipe, override)
 from imagecraft.shapes.train import encode_scenes, main, make_text_encoder, make_vae, train, train_vae
 from imagecraft.train.core import clean_prediction, loss_weights, noised_and_target
 from imagecraft.unet import UNet_SD, UNetConfig
@@ -237,6 +237,12 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     ("smoke", "vae.latent_channels=3", "vae.latent_channels must be from 4"),
     ("smoke", "vae.edge=-1", "vae.edge (an auxiliary loss weight) must be 0 or a positive number, got -1"),
     ("smoke", "vae.edge=Infinity", "vae.edge (an auxiliary loss weight) must be 0 or a positive number, got inf"),
+    ("smoke", "stages.unet-two.lexicon=0.5", "stage unet-two draws a share of its batches from the lexicon's scenes, "
+                                             "but lexicon.scenes is 0"),
+    ("lexicon", "stages.unet-lexicon.lexicon=2", "stage unet-lexicon: lexicon (share of each batch from the lexicon's "
+                                              "scenes) must be in [0, 1], got 2"),
+    ("fast", "stages.unet.lexicon=0.5", "stage unet: a stage with lexicon scenes cannot use layout or mean_target_t"),
+    ("fast", "lexicon.scenes=-3", "lexicon.scenes must be a whole number of 0 or more, got -3"),
 ])
 def test_nonsensical_settings_are_refused(tmp_path, capsys, recipe, assignment, message):
     assert main(["--output", str(tmp_path / "m"), "--recipe", recipe, "--set", assignment]) == 2
@@ -665,7 +671,7 @@ def test_override_sets_one_field_of_a_stage_and_drops_a_stage_at_0_steps():
     ("stages.unet.depth=2", "stages.unet has no field 'depth'; its fields: name, steps, lr, warmup, prediction_type"),
     ("vae.size=32", "vae has no field 'size'; its fields: channels, groups, crop, steps, batch, lr"),
     ("scenes.count_=10", "scenes has no field 'count_'; its fields: count, gap, margin"),
-    ("vea.steps=10", "'vea' is not a part of the recipe; parts: text, vae, decoder, scenes, unet, stages"),
+    ("vea.steps=10", "'vea' is not a part of the recipe; parts: text, vae, decoder, scenes, lexicon, unet, stages"),
     ("unet_steps=10", "the recipe has no field 'unet_steps'; its fields: stages, seed, threads, precision"),
     ("vae.steps", "--set takes FIELD=VALUE (e.g. vae.steps=100), got 'vae.steps'"),
     ("=3", "--set takes FIELD=VALUE"),
@@ -704,3 +710,63 @@ def test_set_through_main_changes_the_recipe_it_trains(tmp_path, capsys):
     assert torch.load(tmp_path / "w" / "unet.pt", weights_only=True)["step"] == 2
     two = torch.load(tmp_path / "w" / "unet-two.pt", weights_only=True)
     assert (two["objective"]["init"], two["objective"]["two_share"]) == ("unet@2", 0.5)
+
+
+@pytest.mark.unit
+def test_lexicon_scenes_name_their_colour_or_shape_by_a_made_up_word():
+    lexicon = shapes.make_lexicon(random.Random(0), 20, 8)
+    made_up = [*lexicon.colours, *lexicon.shapes]
+    assert len(set(made_up)) == 28 and not set(made_up) & (GRAMMAR_WORDS | shapes.NOT_MADE_UP)
+    assert {kind for kind, _, _ in lexicon.shapes.values()} <= set(shapes.LEXICON_SHAPES)
+    rng, modes = random.Random(1), set()
+    for _ in range(90):
+        caption, image = shapes.lexicon_scene(rng, lexicon, 8, 4)
+        words = caption.split()
+        colour, shape = words[1], words[2]
+        assert words[0] == shapes.article(colour)
+        assert colour in lexicon.colours or colour in shapes.COLOURS
+        assert shape in lexicon.shapes or shape in shapes.SHAPES
+        modes.add((colour in lexicon.colours, shape in lexicon.shapes))
+        # the rest is the grammar's: with the world's words put back, the caption parses
+        shapes.parse_prompt(" ".join(["a", "red", "circle", *words[3:]]))
+        rgb = lexicon.colours.get(colour) or shapes.COLOURS[colour]
+        drawn = (image.astype(int) == rgb).all(-1)
+        assert drawn.sum() >= 10, caption  # the object is drawn in the colour its word is bound to
+        background = shapes.COLOURS.get(words[-2], shapes.GRAY) if words[-1] == "background" else shapes.GRAY
+        assert (image.astype(int) == background).all(-1).sum() + drawn.sum() > 0.9 * image.shape[0] * image.shape[1]
+        if colour in lexicon.colours:
+            assert np.linalg.norm(np.subtract(rgb, background)) >= 60
+    assert modes == {(True, False), (False, True), (True, True)}  # its colour, its shape, or both made up
+
+
+@pytest.mark.integration
+def test_a_finished_model_continues_with_its_recipes_lexicon_stage(trained, tmp_path, caplog):
+    stage = UNetStage("unet-lexicon", 2, 1e-4, 1, V, True, lexicon=0.5)
+    recipe = replace(with_stages(SMOKE, stage), lexicon=LexiconSpec(scenes=12, colour_words=3, shape_words=2))
+    with caplog.at_level(logging.INFO, logger="imagecraft"):
+        train(recipe, tmp_path / "m", tmp_path / "w", start=trained / "model", start_at="unet-lexicon")
+    assert "encoded 12 lexicon scenes (3 made-up colour words, 2 shape words)" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "w").glob("unet*.pt")) == ["unet-lexicon.pt"]  # no earlier stage rerun
+    before = StableDiffusionPipeline.from_pretrained(trained / "model")
+    after = StableDiffusionPipeline.from_pretrained(tmp_path / "m")
+    assert after.tokenizer.get_vocab() == before.tokenizer.get_vocab()
+    for name in ("unet", "text_encoder", "vae"):
+        old, new = getattr(before, name).state_dict(), getattr(after, name).state_dict()
+        gap = max((new[k].float() - old[k].float()).abs().max().item() for k in old)
+        if name == "vae":
+            assert gap == 0, "the VAE is the folder's"
+        else:  # two small steps from the folder's weights, not from a fresh initialisation
+            assert 0 < gap < 0.05, (name, gap)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("args, message", [
+    (["--start-at", "unet-two"], "--from and --start-at go together"),
+    (["--from", "{model}", "--start-at", "unet-shape"], "no stage named 'unet-shape' to start at; this recipe's "
+                                                        "stages: unet, unet-zsnr, unet-two"),
+    (["--from", "{tmp}", "--start-at", "unet-two"], "not a model folder (no model_index.json)"),
+])
+def test_continuing_a_model_names_what_is_missing(trained, tmp_path, capsys, args, message):
+    args = [a.format(model=trained / "model", tmp=tmp_path) for a in args]
+    assert main(["--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--recipe", "smoke", *args]) == 2
+    assert message in capsys.readouterr().err

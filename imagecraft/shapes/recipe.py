@@ -1,9 +1,10 @@
 """The built-in model's recipe as data: the tokenizer and text encoder, the VAE and its optional decoder stage, the
-training scenes, the UNet's architecture, and the UNet's training stages as a list, with three presets:
+training scenes, the UNet's architecture, and the UNet's training stages as a list, with four presets:
 
-    PRESETS["fast"]   the built-in model in assets/shapes-sd (docs/built-in-model.md says why each part is there)
-    PRESETS["large"]  the earlier built-in model: SD's epsilon objective, then v-prediction on zero-terminal-SNR betas
-    PRESETS["smoke"]  every phase for a few steps at toy sizes, for CI
+    PRESETS["fast"]     the built-in model in assets/shapes-sd (docs/built-in-model.md says why each part is there)
+    PRESETS["lexicon"]  fast, then two stages on the broader world's scenes named by made-up words (not built in)
+    PRESETS["large"]    the earlier built-in model: SD's epsilon objective, then v-prediction on zero-terminal-SNR betas
+    PRESETS["smoke"]    every phase for a few steps at toy sizes, for CI
 
 `override(recipe, "vae.steps=100")` changes one field by its dotted path (`stages.unet-shape.steps=0` drops that
 stage); the command line's `--set` is this.
@@ -73,6 +74,15 @@ class ScenesSpec:
 
 
 @dataclass(frozen=True)
+class LexiconSpec:
+    """Scenes of the broader world named by made-up words (`world.lexicon_scene`), encoded once, for the stages with
+    a `lexicon` share. 0 scenes: none."""
+    scenes: int = 0
+    colour_words: int = 400
+    shape_words: int = 120
+
+
+@dataclass(frozen=True)
 class UNetStage:
     """One UNet training stage: its checkpoint name, length, learning rate and objective."""
     name: str
@@ -86,6 +96,7 @@ class UNetStage:
     mean_target_t: int = 0  # from this timestep up, x0 in the target is the mean latent of the caption; 0: off
     max_t: int = 1000  # timesteps drawn below this
     snr_gamma: float | None = None  # Min-SNR gamma of this stage; None: the recipe's
+    lexicon: float = 0.0  # share of each batch from the lexicon's scenes (made-up words for other colours, shapes)
 
 
 def default_unet() -> dict:
@@ -104,6 +115,7 @@ class ShapesRecipe:
     vae: VAESpec = VAESpec()
     decoder: DecoderSpec = DecoderSpec()
     scenes: ScenesSpec = ScenesSpec()
+    lexicon: LexiconSpec = LexiconSpec()
     unet: dict = field(default_factory=default_unet)  # UNetConfig fields
     batch: int = 64  # UNet batch
     uncond_prob: float = 0.1  # captions dropped, for classifier-free guidance
@@ -138,6 +150,13 @@ FAST = ShapesRecipe(
         UNetStage("unet-shape", 14000, 3e-4, 50, V, ZSNR, max_t=700),
         UNetStage("unet-detail", 3000, 1e-4, 50, V, ZSNR, max_t=400, snr_gamma=5.0),
     ))
+# The fast preset continued on scenes of the broader world named by made-up words (world.lexicon_scene), so that a
+# fine-tune teaches a word rather than how to draw its colour; not the built-in model: its own prompts come out
+# worse (docs/built-in-model.md, "Lexicon stages").
+LEXICON = replace(FAST, lexicon=LexiconSpec(scenes=12000), stages=FAST.stages + (
+    UNetStage("unet-lexicon", 3000, 1e-4, 100, V, ZSNR, two_share=0.8, lexicon=0.5),
+    UNetStage("unet-lexicon-detail", 1500, 1e-4, 100, V, ZSNR, two_share=0.8, max_t=400, lexicon=0.5),
+))
 SMOKE = replace(
     LARGE, text=TextSpec(width=32, layers=1), vae=VAESpec(channels=(16, 32, 32), groups=8, crop=32, steps=4, batch=4),
     scenes=ScenesSpec(count=64), batch=4, checkpoint_every=3, log_every=2,
@@ -145,7 +164,7 @@ SMOKE = replace(
               norm_groups=8),
     stages=(UNetStage("unet", 6, 4e-4, 2), UNetStage("unet-zsnr", 4, 2e-4, 1, V, ZSNR),
             UNetStage("unet-two", 3, 1e-4, 1, V, ZSNR, two_share=0.8)))
-PRESETS = {"fast": FAST, "large": LARGE, "smoke": SMOKE}
+PRESETS = {"fast": FAST, "lexicon": LEXICON, "large": LARGE, "smoke": SMOKE}
 
 
 # --- overrides -----------------------------------------------------------------------------------------------
@@ -181,7 +200,8 @@ def override(recipe: ShapesRecipe, assignment: str) -> ShapesRecipe:
     if rest:
         part = getattr(recipe, head, None)
         if not dataclasses.is_dataclass(part):
-            raise ValueError(f"{head!r} is not a part of the recipe; parts: text, vae, decoder, scenes, unet, stages")
+            raise ValueError(f"{head!r} is not a part of the recipe; parts: text, vae, decoder, scenes, lexicon, unet, "
+                             f"stages")
         return replace(recipe, **{head: replace(part, **{rest: _of_kind(part, rest, value, head)})})
     if head in ("stages", "unet") or dataclasses.is_dataclass(getattr(recipe, head, None)):
         raise ValueError(f"{head!r} is a part of the recipe: set one of its fields, e.g. --set {head}."
@@ -236,6 +256,14 @@ def check_recipe(recipe: ShapesRecipe) -> ShapesRecipe:
         raise ValueError(f"decoder.noise must be from 0 to 2 latent stds, got {recipe.decoder.noise}")
     for stage in recipe.stages:
         _check_stage(stage)
+        if stage.lexicon and not recipe.lexicon.scenes:
+            raise ValueError(f"stage {stage.name} draws a share of its batches from the lexicon's scenes, but "
+                             f"lexicon.scenes is 0: set it (e.g. --set lexicon.scenes=12000)")
+    lexicon = recipe.lexicon
+    _positive("lexicon.scenes", lexicon.scenes, whole=True, zero=True)
+    if lexicon.scenes:
+        _positive("lexicon.colour_words", lexicon.colour_words, whole=True)
+        _positive("lexicon.shape_words", lexicon.shape_words, whole=True)
     layouts = [i for i, s in enumerate(recipe.stages) if s.layout]
     if layouts and any(not (s.prediction_type == "v_prediction" and s.zero_terminal_snr)
                        for s in recipe.stages[layouts[0]:]):
@@ -294,6 +322,12 @@ def _check_stage(stage: UNetStage):
                          f"{stage.mean_target_t}")
     if not 20 <= stage.max_t <= 1000:
         raise ValueError(f"{where}: max_t must be a timestep from 20 to 1000, got {stage.max_t}")
+    if not 0 <= stage.lexicon <= 1:
+        raise ValueError(f"{where}: lexicon (share of each batch from the lexicon's scenes) must be in [0, 1], got "
+                         f"{stage.lexicon}")
+    if stage.lexicon and (stage.layout or stage.mean_target_t):
+        raise ValueError(f"{where}: a stage with lexicon scenes cannot use layout or mean_target_t: their targets are "
+                         f"means over the world's captions, which a made-up word is not")
     if stage.snr_gamma is not None and not 0 <= stage.snr_gamma <= 10000:
         raise ValueError(f"{where}: snr_gamma must be 0 (plain MSE) to 10000, got {stage.snr_gamma}")
 

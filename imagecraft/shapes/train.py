@@ -3,8 +3,10 @@
     python -m imagecraft.shapes.train --output assets/shapes-sd            # the built-in model's recipe (fast)
     python -m imagecraft.shapes.train --output /tmp/smoke --recipe smoke   # every phase in seconds, at toy sizes
     python -m imagecraft.shapes.train --output /tmp/m --set vae.steps=8000 --set stages.unet-detail.steps=0
+    python -m imagecraft.shapes.train --output /tmp/lex --recipe lexicon --from assets/shapes-sd --start-at unet-lexicon
 
-The recipe is data (`shapes.recipe`: presets fast, large, smoke; `--set FIELD=VALUE` changes one field). Phases,
+The recipe is data (`shapes.recipe`: presets fast, lexicon, large, smoke; `--set FIELD=VALUE` changes one field);
+`--from MODEL --start-at STAGE` continues a model this script exported with the stages from STAGE on. Phases,
 each checkpointed in the work folder (runs/<output name>/, or --work) so a rerun of the same command resumes:
   1. tokenizer: a CLIP BPE vocabulary trained on the grammar's captions;
   2. vae: an AutoencoderKL trained to reconstruct scenes, its first three latent channels tied to the patch colour
@@ -13,7 +15,8 @@ each checkpointed in the work folder (runs/<output name>/, or --work) so a rerun
   4. vae-decoder (only with decoder.steps): the decoder trained on alone, the latents left as they are;
   5. the UNet stages in order (`recipe.stages`), UNet_SD and a CLIP text encoder trained together, each stage from
      the previous one's EMA, with captions dropped for classifier-free guidance, the grounding loss and made-up
-     colour words where the recipe asks (shapes.grounding);
+     colour words where the recipe asks (shapes.grounding), and a stage's `lexicon` share of each batch from
+     scenes of the broader world named by made-up words (world.lexicon_scene, encoded once);
   6. export: tokenizer, text_encoder, vae, unet (fp16 safetensors), scheduler (the recipe's sampler),
      model_index.json: a plain diffusers StableDiffusionPipeline folder.
 Every phase runs on `train.core.Loop`. Held-out colour-shape pairs (world.HELD_OUT) never appear in a caption.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import random
@@ -30,13 +34,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..port import to_diffusers
+from ..port import from_diffusers, to_diffusers
 from ..runtime import training_bf16, unfused_library_attention
 from ..schedulers import make_scheduler
 from ..tokenizer import train_clip_tokenizer
@@ -180,6 +185,34 @@ def encode_scenes(recipe: ShapesRecipe, vae, work: Path):
     return latents, captions, scaling_factor
 
 
+@torch.no_grad()
+def encode_lexicon(recipe: ShapesRecipe, vae, work: Path):
+    """(latents, captions) of recipe.lexicon.scenes scenes named by made-up words (world.lexicon_scene), cached in
+    work/lexicon.pt; (None, []) when the recipe has none."""
+    spec, scenes = recipe.lexicon, recipe.scenes
+    if not spec.scenes:
+        return None, []
+    path = work / "lexicon.pt"
+    key = dict(seed=recipe.seed, spec=dataclasses.asdict(spec), gap=scenes.gap, margin=scenes.margin)
+    state = load_checkpoint(path)
+    if state and state["key"] == key:
+        return state["latents"], state["captions"]
+    rng = random.Random(recipe.seed + 6)
+    lexicon = world.make_lexicon(rng, spec.colour_words, spec.shape_words)
+    latents, captions = [], []
+    for start in tqdm(range(0, spec.scenes, 256), desc="encode lexicon scenes", unit="batch"):
+        pairs = [world.lexicon_scene(rng, lexicon, scenes.gap, scenes.margin)
+                 for _ in range(min(256, spec.scenes - start))]
+        x = torch.from_numpy(np.stack([image for _, image in pairs])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        latents.append(vae.encode(x).latent_dist.mean)
+        captions += [caption for caption, _ in pairs]
+    latents = torch.cat(latents)
+    save_checkpoint(path, dict(latents=latents, captions=captions, key=key))
+    log.info("encoded %d lexicon scenes (%d made-up colour words, %d shape words)", len(captions),
+             spec.colour_words, spec.shape_words)
+    return latents, captions
+
+
 # --- the UNet ------------------------------------------------------------------------------------------------
 def make_text_encoder(recipe: ShapesRecipe, tokenizer):
     width = recipe.text.width
@@ -202,13 +235,15 @@ def stage_objective(recipe: ShapesRecipe, stage: UNetStage, init_from: str | Non
                 unet=json.loads(json.dumps(recipe.unet)), text_width=recipe.text.width, init=init_from,
                 two_share=stage.two_share, layout=stage.layout, mean_target_t=stage.mean_target_t, max_t=stage.max_t,
                 snr_gamma=stage.snr_gamma, ground_weight=recipe.ground_weight, made_up_words=recipe.made_up_words,
-                scenes=dict(gap=recipe.scenes.gap, margin=recipe.scenes.margin))
+                scenes=dict(gap=recipe.scenes.gap, margin=recipe.scenes.margin), lexicon=stage.lexicon,
+                lexicon_spec=dataclasses.asdict(recipe.lexicon) if stage.lexicon else None)
 
 
 def train_unet(recipe: ShapesRecipe, stage: UNetStage, work: Path, tokenizer, latents, captions, scaling_factor,
-               init=None, init_from: str | None = None):
+               init=None, init_from: str | None = None, lexicon=(None, [])):
     """Trains one stage from `init` (the previous stage's EMA UNet and text encoder, `init_from` naming it, e.g.
-    "unet@4200") or from scratch; returns the EMA of both."""
+    "unet@4200") or from scratch; returns the EMA of both. `lexicon` is (latents, captions) of the lexicon's
+    scenes, from which a stage.lexicon share of each batch is drawn."""
     torch.manual_seed(recipe.seed + 3)
     text_encoder = make_text_encoder(recipe, tokenizer)
     unet = make_unet(recipe)
@@ -228,13 +263,16 @@ def train_unet(recipe: ShapesRecipe, stage: UNetStage, work: Path, tokenizer, la
         return ema["unet"].eval(), ema["text"].eval()
 
     max_tokens = recipe.text.max_tokens
+    world_count = len(captions)
+    if stage.lexicon:  # the lexicon's scenes after the world's: indices from world_count on
+        latents, captions = torch.cat([latents, lexicon[0]]), captions + lexicon[1]
     latents = latents * scaling_factor
     ids_all = tokenizer(captions, padding="max_length", max_length=max_tokens, truncation=True,
                         return_tensors="pt").input_ids
     ids_empty = tokenizer([""], padding="max_length", max_length=max_tokens, return_tensors="pt").input_ids
     alphas = stage_scheduler(stage).alphas_cumprod
     snr_gamma = recipe.snr_gamma if stage.snr_gamma is None else stage.snr_gamma
-    pools, share = scene_pools(captions), stage.two_share
+    pools, share = scene_pools(captions[:world_count]), stage.two_share
     if stage.layout:  # half of each batch from the scenes whose caption names a position
         positions = [position_of(c) for c in captions]
         positioned = torch.tensor([p is not None for p in positions])
@@ -242,22 +280,29 @@ def train_unet(recipe: ShapesRecipe, stage: UNetStage, work: Path, tokenizer, la
         targets = group_means(latents, positions)
     elif stage.mean_target_t:
         targets = group_means(latents, captions)
-    if recipe.ground_weight:
-        objects = word_objects(tokenizer, captions, max_tokens)
-        masks = object_masks(recipe, len(captions), latents.shape[-1], work)
+    if recipe.ground_weight:  # the world's scenes only: a lexicon scene's words are not grounded
+        objects = word_objects(tokenizer, captions[:world_count], max_tokens)
+        masks = object_masks(recipe, world_count, latents.shape[-1], work)
+        if len(captions) > world_count:
+            objects = torch.cat([objects, torch.full((len(captions) - world_count, max_tokens), -1, dtype=torch.int8)])
+            masks = torch.cat([masks, torch.zeros(len(captions) - world_count, *masks.shape[1:], dtype=torch.bool)])
         maps = keep_cross_attention(unet)
     grounded_share = [None]  # a running mean of the attention inside its object, for the log
 
     def batch_loss(step):
         # random scenes, captions dropped for guidance, some colour words made up, SD's noising
         index = batch_indices(pools, share, recipe.batch, rng)
+        if stage.lexicon:
+            named = torch.rand(recipe.batch, generator=rng) < stage.lexicon
+            drawn = world_count + torch.randint(0, len(captions) - world_count, (recipe.batch,), generator=rng)
+            index = torch.where(named, drawn, index)
         x0 = latents[index]
         ids = ids_all[index].clone()
         drop = torch.rand(recipe.batch, generator=rng) < recipe.uncond_prob
         ids[drop] = ids_empty
         changed = []
         if recipe.made_up_words:  # the images stay as they are
-            made_up = (torch.rand(recipe.batch, generator=rng) < recipe.made_up_words) & ~drop
+            made_up = (torch.rand(recipe.batch, generator=rng) < recipe.made_up_words) & ~drop & (index < world_count)
             changed = [made_up_colour(captions[i], rng) for i in index[made_up].tolist()]
             if changed:
                 ids[made_up] = tokenizer(changed, padding="max_length", max_length=max_tokens, truncation=True,
@@ -336,10 +381,19 @@ def write_legacy_tokenizer_files(tokenizer, folder: Path):
 
 
 # --- the whole run -------------------------------------------------------------------------------------------
-def train(recipe: ShapesRecipe, output: Path, work: Path) -> Path:
-    """Every phase of `recipe`, resumed from `work` where it stopped, then the model written to `output`."""
+def train(recipe: ShapesRecipe, output: Path, work: Path, start: Path | None = None,
+          start_at: str | None = None) -> Path:
+    """Every phase of `recipe`, resumed from `work` where it stopped, then the model written to `output`. With
+    `start` (a model folder this script exported) and `start_at` (a stage's name), the tokenizer, VAE, text encoder
+    and UNet are the folder's and only the stages from `start_at` on are trained, from its weights: the exported
+    weights are the EMA a next stage starts from, so this continues a finished model by stages added to its recipe."""
     check_recipe(recipe)
     check_output_folder(output)
+    names = [s.name for s in recipe.stages]
+    if (start is None) != (start_at is None):
+        raise ValueError("--from and --start-at go together: a model folder and the first stage to train on it")
+    if start_at is not None and start_at not in names:
+        raise ValueError(f"no stage named {start_at!r} to start at; this recipe's stages: {', '.join(names)}")
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     random.seed(recipe.seed)
@@ -348,15 +402,21 @@ def train(recipe: ShapesRecipe, output: Path, work: Path) -> Path:
     (work / "recipe.json").write_text(recipe.to_json())
     log.info("precision: %s", "bf16 autocast" if training_bf16(recipe.precision) else "fp32")
     started = time.time()
-    tokenizer = train_tokenizer(recipe, work)
-    vae = train_vae(recipe, work)
+    stages, models, init_from = recipe.stages, None, None
+    if start is not None:
+        tokenizer, vae, models = from_folder(recipe, Path(start))
+        stages, init_from = stages[names.index(start_at):], f"{Path(start).resolve()}"
+    else:
+        tokenizer = train_tokenizer(recipe, work)
+        vae = train_vae(recipe, work)
     latents, captions, scaling_factor = encode_scenes(recipe, vae, work)
-    vae = train_decoder(recipe, vae, scaling_factor, work)
-    models, previous = None, None
-    for stage in recipe.stages:
+    if start is None:
+        vae = train_decoder(recipe, vae, scaling_factor, work)
+    lexicon = encode_lexicon(recipe, vae, work) if any(s.lexicon for s in stages) else (None, [])
+    for stage in stages:
         models = train_unet(recipe, stage, work, tokenizer, latents, captions, scaling_factor, init=models,
-                            init_from=previous and f"{previous.name}@{previous.steps}")
-        previous = stage
+                            init_from=init_from, lexicon=lexicon)
+        init_from = f"{stage.name}@{stage.steps}"
     unet, text_encoder = models
     export(output, recipe, tokenizer, text_encoder, vae, unet, scaling_factor)
     minutes = (time.time() - started) / 60
@@ -365,15 +425,36 @@ def train(recipe: ShapesRecipe, output: Path, work: Path) -> Path:
     return output
 
 
+def from_folder(recipe: ShapesRecipe, folder: Path):
+    """(tokenizer, VAE, (UNet_SD, text encoder)) of a model folder this script exported, checked against the
+    recipe's architecture."""
+    if not (folder / "model_index.json").exists():
+        raise ValueError(f"--from {folder}: not a model folder (no model_index.json); give one this script wrote")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    unet = from_diffusers(UNet2DConditionModel.from_pretrained(folder / "unet")).float()
+    shapes_of = lambda model: {k: tuple(v.shape) for k, v in model.state_dict().items()}  # noqa: E731
+    if shapes_of(make_unet(recipe)) != shapes_of(unet) or text_encoder.config.hidden_size != recipe.text.width:
+        raise ValueError(f"--from {folder}: its UNet or text encoder is not the recipe's architecture")
+    return tokenizer, vae, (unet, text_encoder)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="folder for the model")
     parser.add_argument("--work", default=None,
                         help="folder for checkpoints and cached latents (default: runs/<output name>)")
     parser.add_argument("--recipe", choices=list(PRESETS), default="fast",
-                        help="fast (default): the built-in model's; large: the earlier built-in model's; smoke: a "
-                             "few steps of every phase at toy sizes")
+                        help="fast (default): the built-in model's; lexicon: fast, then two stages on the broader "
+                             "world's scenes named by made-up words (continue a fast model with --from MODEL "
+                             "--start-at unet-lexicon); large: the earlier built-in model's; smoke: a few steps of "
+                             "every phase at toy sizes")
     parser.add_argument("--smoke", action="store_true", help="the same as --recipe smoke")
+    parser.add_argument("--from", dest="start", default=None, metavar="MODEL",
+                        help="a model folder this script exported: continue it (with --start-at)")
+    parser.add_argument("--start-at", default=None, metavar="STAGE",
+                        help="with --from: the first stage to train on the folder's weights (e.g. unet-lexicon)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="change one field of the recipe (repeat for more): seed=1, precision=fp32, "
                              "vae.steps=8000, scenes.gap=4, stages.unet-shape.steps=0 (drops that stage), "
@@ -385,7 +466,8 @@ def main(argv=None) -> int:
         recipe = PRESETS["smoke" if args.smoke else args.recipe]
         for assignment in args.set:
             recipe = override(recipe, assignment)
-        train(recipe, output, Path(args.work) if args.work else Path("runs") / output.name)
+        train(recipe, output, Path(args.work) if args.work else Path("runs") / output.name,
+              Path(args.start) if args.start else None, args.start_at)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -316,3 +316,80 @@ def colour_word_scenes(rng: random.Random, n: int, word: str = "pink", rgb=None,
         placed = place(spec, rng)
         out.append((prompt_of(spec), render(spec, placed, palette)))
     return out
+
+
+# --- the lexicon: made-up words for the broader world's colours and shapes -----------------------------------
+# The UNet sees only the world's eight colours and three shapes under their names. Scenes in the grammar whose
+# object has a colour or a shape of the broader world, named by a made-up word bound to it, teach the UNet to draw
+# any colour and many outlines, flat and clean, through the low-noise steps, and to take them from a word it has not
+# seen before: what a fine-tune then teaches is the word, not how to draw. The suite's and demo's words are never
+# made up, and its shapes (diamond, pentagon, hexagon, cross) are not among the lexicon's kinds, so a fine-tune's new
+# shape is new to the UNet.
+LEXICON_SHAPES = ("star", "polygon", "ellipse", "rectangle")
+NOT_MADE_UP = {"pink", "teal", "navy", "cyan", "brown", "magenta", "chartreuse", "gray", "grey", "gold", "silver",
+               "lime", "maroon", "olive", "violet", "indigo", "beige", "tan", "diamond", "pentagon", "hexagon", "cross",
+               "star", "ring", "heart", "moon", "arrow", "oval", "hollow", "outlined", "striped", "dotted"}
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """Made-up words bound to colours (word -> RGB) and to outlines (word -> (kind, seed, aspect): a shape of
+    LEXICON_SHAPES, the seed fixing a random polygon's corners or a star's depth, the aspect an ellipse's or a
+    rectangle's height over width)."""
+    colours: dict
+    shapes: dict
+
+
+def made_up_word(rng: random.Random, taken=()) -> str:
+    """A word of 3-6 random letters that is no word of the grammar, no colour or shape a user would teach
+    (NOT_MADE_UP) and none in `taken`."""
+    grammar = {w for phrase in (*COLOURS, *SHAPES, *POSITIONS, *RELATIONS, "a an on background")
+               for w in phrase.split()}
+    while True:
+        word = "".join(chr(ord("a") + rng.randrange(26)) for _ in range(rng.randint(3, 6)))
+        if word not in grammar and word not in NOT_MADE_UP and word not in taken:
+            return word
+
+
+def make_lexicon(rng: random.Random, colours: int, shapes: int) -> Lexicon:
+    """`colours` words bound to uniform random RGB colours, `shapes` words to random outlines."""
+    named = {}
+    for _ in range(colours):
+        named[made_up_word(rng, named)] = tuple(rng.randrange(256) for _ in range(3))
+    outlines = {}
+    for _ in range(shapes):
+        outlines[made_up_word(rng, {**named, **outlines})] = (rng.choice(LEXICON_SHAPES), rng.randrange(2**31),
+                                                              rng.uniform(0.55, 1.0))
+    return Lexicon(named, outlines)
+
+
+def lexicon_scene(rng: random.Random, lexicon: Lexicon, gap: float = GAP, margin: float = MARGIN):
+    """(caption, image (64, 64, 3) uint8) of one object in the grammar, its colour (a third of the scenes), its
+    shape (a third) or both taken from the lexicon and named by its made-up word: "a qoxa circle on the left", "a
+    red vuzt", "an ibke lerw on a blue background". A lexicon colour is at least 60 apart (RGB distance) from the
+    background."""
+    spec = sample_spec(rng, two_objects=False)
+    obj, mode = spec.objects[0], rng.choice(("colour", "shape", "both"))
+    rgb, kind, seed, aspect = COLOURS[obj.colour], obj.shape, 0, 1.0
+    if mode in ("colour", "both"):
+        obj.colour = rng.choice(list(lexicon.colours))
+        while np.linalg.norm(np.subtract(lexicon.colours[obj.colour], spec.background_rgb)) < 60:
+            obj.colour = rng.choice(list(lexicon.colours))
+        rgb = lexicon.colours[obj.colour]
+    if mode in ("shape", "both"):
+        obj.shape = rng.choice(list(lexicon.shapes))
+        kind, seed, aspect = lexicon.shapes[obj.shape]
+    placed = place(spec, rng, gap=gap, margin=margin)[0]
+    w = h = placed.size
+    if kind in ("ellipse", "rectangle"):  # the longer side is the placed size
+        w, h = (w, max(6, w * aspect)) if random.Random(seed).random() < 0.5 else (max(6, h * aspect), h)
+    if kind == "triangle":  # the world's own, apex up, as render draws it
+        half = placed.size / 2
+        form, points = "polygon", [(placed.cx, placed.cy - half), (placed.cx - half, placed.cy + half - 1),
+                                   (placed.cx + half - 1, placed.cy + half - 1)]
+    else:
+        form, points = outline(kind, placed.cx, placed.cy, w, h, random.Random(seed))
+    image = Image.new("RGB", (SIZE, SIZE), spec.background_rgb)
+    draw = ImageDraw.Draw(image)
+    (draw.ellipse if form == "ellipse" else draw.polygon)(points, fill=tuple(rgb))
+    return prompt_of(spec), np.array(image)

@@ -152,7 +152,7 @@ FAST = ShapesRecipe(
     ))
 # The fast preset continued on scenes of the broader world named by made-up words (world.lexicon_scene), so that a
 # fine-tune teaches a word rather than how to draw its colour; not the built-in model: its own prompts come out
-# worse (docs/built-in-model.md, "Lexicon stages").
+# worse (docs/built-in-model.md, "The lexicon preset").
 LEXICON = replace(FAST, lexicon=LexiconSpec(scenes=12000), stages=FAST.stages + (
     UNetStage("unet-lexicon", 3000, 1e-4, 100, V, ZSNR, two_share=0.8, lexicon=0.5),
     UNetStage("unet-lexicon-detail", 1500, 1e-4, 100, V, ZSNR, two_share=0.8, max_t=400, lexicon=0.5),

@@ -24,16 +24,27 @@ def scene_batch(rng: random.Random, n: int, gap: float = world.GAP,
         images.append(image)
         prompts.append(prompt)
         coverage.append(np.any(masks, axis=0))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, prompts, torch.from_numpy(np.stack(coverage))[:, None].float() * 2 - 1
+    return pixels(images), prompts, torch.from_numpy(np.stack(coverage))[:, None].float() * 2 - 1
 
 
 def general_batch(rng: random.Random, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n images of the autoencoder's broader world (world.general_scene) as (n, 3, 64, 64) in [-1, 1], and where
     their objects are as (n, 1, 64, 64), 1 on an object and -1 elsewhere."""
     images, covers = zip(*(world.general_scene(rng) for _ in range(n)))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, torch.from_numpy(np.stack(covers))[:, None].float() * 2 - 1
+    return pixels(images), torch.from_numpy(np.stack(covers))[:, None].float() * 2 - 1
+
+
+def lexicon_batch(rng: random.Random, lexicon: world.Lexicon, n: int, gap: float = world.GAP,
+                  margin: float = world.MARGIN) -> tuple[torch.Tensor, list[str]]:
+    """n one-object scenes named by the lexicon's made-up words (world.lexicon_scene) as (n, 3, 64, 64) in [-1, 1],
+    and their captions."""
+    captions, images = zip(*(world.lexicon_scene(rng, lexicon, gap, margin) for _ in range(n)))
+    return pixels(images), list(captions)
+
+
+def pixels(images) -> torch.Tensor:
+    """(n, 64, 64, 3) uint8 images -> (n, 3, 64, 64) float in [-1, 1], as the autoencoder reads them."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def caption_corpus(seed: int, n: int = 20000) -> list[str]:

@@ -34,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -49,8 +48,8 @@ from ..train.core import (Loop, RandomState, check_output_folder, diffusion_loss
                           save_checkpoint)
 from ..unet import UNet_SD, UNetConfig
 from . import world
-from .data import (batch_indices, caption_corpus, draw_timesteps, group_means, outline_pixels, position_of, scene_batch,
-                   scene_pools, vae_batch)
+from .data import (batch_indices, caption_corpus, draw_timesteps, group_means, lexicon_batch, outline_pixels,
+                   position_of, scene_batch, scene_pools, vae_batch)
 from .diagnostics import position_separation, stage_scheduler
 from ..explain.capture import keep_cross_attention
 from .grounding import inside_share, made_up_colour, object_masks, word_objects
@@ -201,11 +200,9 @@ def encode_lexicon(recipe: ShapesRecipe, vae, work: Path):
     lexicon = world.make_lexicon(rng, spec.colour_words, spec.shape_words)
     latents, captions = [], []
     for start in tqdm(range(0, spec.scenes, 256), desc="encode lexicon scenes", unit="batch"):
-        pairs = [world.lexicon_scene(rng, lexicon, scenes.gap, scenes.margin)
-                 for _ in range(min(256, spec.scenes - start))]
-        x = torch.from_numpy(np.stack([image for _, image in pairs])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x, prompts = lexicon_batch(rng, lexicon, min(256, spec.scenes - start), scenes.gap, scenes.margin)
         latents.append(vae.encode(x).latent_dist.mean)
-        captions += [caption for caption, _ in pairs]
+        captions += prompts
     latents = torch.cat(latents)
     save_checkpoint(path, dict(latents=latents, captions=captions, key=key))
     log.info("encoded %d lexicon scenes (%d made-up colour words, %d shape words)", len(captions),

@@ -739,6 +739,21 @@ def test_lexicon_scenes_name_their_colour_or_shape_by_a_made_up_word():
     assert modes == {(True, False), (False, True), (True, True)}  # its colour, its shape, or both made up
 
 
+@pytest.mark.unit
+def test_a_lexicon_without_shape_words_names_only_colours_on_the_worlds_shapes():
+    lexicon = shapes.make_lexicon(random.Random(0), 20, 0)
+    assert len(lexicon.colours) == 20 and not lexicon.shapes
+    rng, shapes_drawn = random.Random(2), set()
+    for _ in range(60):
+        caption, image = shapes.lexicon_scene(rng, lexicon, 8, 4)
+        colour, shape = caption.split()[1:3]
+        assert colour in lexicon.colours and shape in shapes.SHAPES, caption
+        assert ((image.astype(int) == lexicon.colours[colour]).all(-1)).sum() >= 10, caption
+        shapes_drawn.add(shape)
+    assert shapes_drawn == set(shapes.SHAPES)  # triangles among them, in made-up colours
+    check_recipe(override(PRESETS["lexicon"], "lexicon.shape_words=0"))  # a recipe may ask for it
+
+
 @pytest.mark.integration
 def test_a_finished_model_continues_with_its_recipes_lexicon_stage(trained, tmp_path, caplog):
     stage = UNetStage("unet-lexicon", 2, 1e-4, 1, V, True, lexicon=0.5)

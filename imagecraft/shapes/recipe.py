@@ -263,7 +263,7 @@ def check_recipe(recipe: ShapesRecipe) -> ShapesRecipe:
     _positive("lexicon.scenes", lexicon.scenes, whole=True, zero=True)
     if lexicon.scenes:
         _positive("lexicon.colour_words", lexicon.colour_words, whole=True)
-        _positive("lexicon.shape_words", lexicon.shape_words, whole=True)
+        _positive("lexicon.shape_words", lexicon.shape_words, whole=True, zero=True)
     layouts = [i for i, s in enumerate(recipe.stages) if s.layout]
     if layouts and any(not (s.prediction_type == "v_prediction" and s.zero_terminal_snr)
                        for s in recipe.stages[layouts[0]:]):

@@ -364,12 +364,12 @@ def make_lexicon(rng: random.Random, colours: int, shapes: int) -> Lexicon:
 
 
 def lexicon_scene(rng: random.Random, lexicon: Lexicon, gap: float = GAP, margin: float = MARGIN):
-    """(caption, image (64, 64, 3) uint8) of one object in the grammar, its colour (a third of the scenes), its
-    shape (a third) or both taken from the lexicon and named by its made-up word: "a qoxa circle on the left", "a
-    red vuzt", "an ibke lerw on a blue background". A lexicon colour is at least 60 apart (RGB distance) from the
-    background."""
+    """(caption, image (64, 64, 3) uint8) of one object in the grammar, its colour (a third of the scenes; all of
+    them when the lexicon has no shape words), its shape (a third) or both taken from the lexicon and named by its
+    made-up word: "a qoxa circle on the left", "a red vuzt", "an ibke lerw on a blue background". A lexicon colour
+    is at least 60 apart (RGB distance) from the background."""
     spec = sample_spec(rng, two_objects=False)
-    obj, mode = spec.objects[0], rng.choice(("colour", "shape", "both"))
+    obj, mode = spec.objects[0], rng.choice(("colour", "shape", "both") if lexicon.shapes else ("colour",))
     rgb, kind, seed, aspect = COLOURS[obj.colour], obj.shape, 0, 1.0
     if mode in ("colour", "both"):
         obj.colour = rng.choice(list(lexicon.colours))

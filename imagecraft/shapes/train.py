@@ -16,7 +16,7 @@ each checkpointed in the work folder (runs/<output name>/, or --work) so a rerun
   5. the UNet stages in order (`recipe.stages`), UNet_SD and a CLIP text encoder trained together, each stage from
      the previous one's EMA, with captions dropped for classifier-free guidance, the grounding loss and made-up
      colour words where the recipe asks (shapes.grounding), and a stage's `lexicon` share of each batch from
-     scenes of the broader world named by made-up words (world.lexicon_scene, encoded once);
+     scenes whose colour (or shape) is named by a made-up word (world.lexicon_scene, encoded once);
   6. export: tokenizer, text_encoder, vae, unet (fp16 safetensors), scheduler (the recipe's sampler),
      model_index.json: a plain diffusers StableDiffusionPipeline folder.
 Every phase runs on `train.core.Loop`. Held-out colour-shape pairs (world.HELD_OUT) never appear in a caption.
@@ -443,10 +443,10 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None,
                         help="folder for checkpoints and cached latents (default: runs/<output name>)")
     parser.add_argument("--recipe", choices=list(PRESETS), default="fast",
-                        help="fast (default): the built-in model's; lexicon: fast, then two stages on the broader "
-                             "world's scenes named by made-up words (continue a fast model with --from MODEL "
-                             "--start-at unet-lexicon); large: the earlier built-in model's; smoke: a few steps of "
-                             "every phase at toy sizes")
+                        help="fast (default): the built-in model's; lexicon: fast, then two stages with the "
+                             "world's shapes in any colour named by made-up words (continue a fast model with --from "
+                             "MODEL --start-at unet-lexicon); large: the earlier built-in model's; smoke: a few "
+                             "steps of every phase at toy sizes")
     parser.add_argument("--smoke", action="store_true", help="the same as --recipe smoke")
     parser.add_argument("--from", dest="start", default=None, metavar="MODEL",
                         help="a model folder this script exported: continue it (with --start-at)")

@@ -118,48 +118,19 @@ def _relation_ok(relation: str | None, a: dict, b: dict) -> bool:
     return {"to the left of": a["cx"] < b["cx"], "above": a["cy"] < b["cy"], "and": True, None: False}[relation]
 
 
-def _distances(pixels: np.ndarray, extra: dict, perceived: bool = False) -> tuple[list[str], np.ndarray]:
-    """The names of the world's colours, gray and `extra`'s, in that order, and each pixel's squared RGB distance to
-    each of them (64, 64, colours), or with `perceived` its CIEDE2000 difference (`delta_e`)."""
+def _distances(pixels: np.ndarray, extra: dict, space=lambda rgb: rgb) -> tuple[list[str], np.ndarray]:
+    """The names of the world's colours, gray and `extra`'s, in that order, and each pixel's squared distance to
+    each of them (64, 64, colours), in RGB or in the colour `space` given (`lab`)."""
     names, colours = list(_PALETTE_NAMES), _PALETTE
     if extra:
         names += list(extra)
         colours = np.concatenate([_PALETTE, np.array(list(extra.values()), dtype=np.float32)])
-    if perceived:
-        return names, delta_e(lab(pixels)[:, :, None, :], lab(colours)[None, None])
-    return names, ((pixels[:, :, None, :] - colours[None, None]) ** 2).sum(-1)
-
-
-def delta_e(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:
-    """CIEDE2000 colour difference of CIELAB colours (..., 3), broadcast (Sharma, Wu and Dalal 2005): near colours
-    told apart as a person tells them. (229, 67, 226) is 4 from magenta (230, 0, 230) and 14 from pink (255, 105,
-    180), where RGB puts it nearer pink; a sky blue (43, 172, 205) is 16 from cyan (0, 210, 210) and 20 from teal
-    (0, 128, 128), where CIELAB's plain distance puts it nearer teal."""
-    (l1, a1, b1), (l2, a2, b2) = np.moveaxis(lab1, -1, 0), np.moveaxis(lab2, -1, 0)
-    c7 = ((np.hypot(a1, b1) + np.hypot(a2, b2)) / 2) ** 7
-    g = 0.5 * (1 - np.sqrt(c7 / (c7 + 25.0 ** 7)))
-    a1, a2 = a1 * (1 + g), a2 * (1 + g)
-    c1, c2 = np.hypot(a1, b1), np.hypot(a2, b2)
-    h1, h2 = np.degrees(np.arctan2(b1, a1)) % 360, np.degrees(np.arctan2(b2, a2)) % 360
-    chroma = c1 * c2 != 0
-    dh = h2 - h1
-    dh = np.where(dh > 180, dh - 360, np.where(dh < -180, dh + 360, dh)) * chroma
-    d_l, d_c, d_h = l2 - l1, c2 - c1, 2 * np.sqrt(c1 * c2) * np.sin(np.radians(dh) / 2)
-    l_mean, c_mean = (l1 + l2) / 2, (c1 + c2) / 2
-    h_mean = np.where(np.abs(h1 - h2) <= 180, (h1 + h2) / 2, np.where(h1 + h2 < 360, (h1 + h2 + 360) / 2,
-                                                                      (h1 + h2 - 360) / 2))
-    h_mean = np.where(chroma, h_mean, h1 + h2)
-    t = (1 - 0.17 * np.cos(np.radians(h_mean - 30)) + 0.24 * np.cos(np.radians(2 * h_mean))
-         + 0.32 * np.cos(np.radians(3 * h_mean + 6)) - 0.20 * np.cos(np.radians(4 * h_mean - 63)))
-    r_c = 2 * np.sqrt(c_mean ** 7 / (c_mean ** 7 + 25.0 ** 7))
-    r_t = -np.sin(np.radians(60 * np.exp(-(((h_mean - 275) / 25) ** 2)))) * r_c
-    s_l = 1 + 0.015 * (l_mean - 50) ** 2 / np.sqrt(20 + (l_mean - 50) ** 2)
-    s_c, s_h = 1 + 0.045 * c_mean, 1 + 0.015 * c_mean * t
-    return np.sqrt((d_l / s_l) ** 2 + (d_c / s_c) ** 2 + (d_h / s_h) ** 2 + r_t * (d_c / s_c) * (d_h / s_h))
+    return names, ((space(pixels)[:, :, None, :] - space(colours)[None, None]) ** 2).sum(-1)
 
 
 def lab(rgb: np.ndarray) -> np.ndarray:
-    """sRGB (0-255, any leading shape) as CIELAB under D65."""
+    """sRGB (0-255, any leading shape) as CIELAB under D65, where distance follows what a person sees: (229, 67, 226)
+    is 15 from magenta (230, 0, 230) and 41 from pink (255, 105, 180), while in RGB it is nearer pink."""
     c = np.asarray(rgb, dtype=np.float64) / 255
     c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
     xyz = c @ np.array([[0.4124, 0.2126, 0.0193], [0.3576, 0.7152, 0.1192], [0.1805, 0.0722, 0.9505]])
@@ -173,7 +144,7 @@ def read_objects(image, palette: dict | None = None, masks: bool = False,
     """(background colour name, objects as dicts with colour, shape, fault (read_shape's), cx, cy, area, and with
     `masks` their (64, 64) bool `mask`) found in an image. Each pixel takes the nearest of the world's colours and
     gray, and of `palette` (extra colours by name, e.g. pink). `decoys` (more colours by name) may name an object,
-    its pixels' commonest colour among all of them, nearest by CIEDE2000 (`delta_e`: near colours told apart as a
+    its pixels' commonest colour among all of them, nearest in CIELAB (`lab`: near colours are told apart as a
     person tells them, where RGB reads a light magenta as pink), but do not cut objects out: a blend at an edge
     that lands nearer a decoy (yellow on black read as brown) stays where the palette puts it."""
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
@@ -185,7 +156,7 @@ def read_objects(image, palette: dict | None = None, masks: bool = False,
     naming_names, distances = _distances(pixels, extra)  # the palette's colours first, the decoys after them
     names = naming_names[:len(_PALETTE_NAMES) + len(palette or {})]
     classes = distances[:, :, :len(names)].argmin(-1)
-    naming = _distances(pixels, extra, perceived=True)[1].argmin(-1) if decoys else classes
+    naming = _distances(pixels, extra, lab)[1].argmin(-1) if decoys else classes
     border = np.concatenate([classes[0], classes[-1], classes[:, 0], classes[:, -1]])
     background = np.bincount(border, minlength=len(names)).argmax()
     objects = []

@@ -118,25 +118,14 @@ def _relation_ok(relation: str | None, a: dict, b: dict) -> bool:
     return {"to the left of": a["cx"] < b["cx"], "above": a["cy"] < b["cy"], "and": True, None: False}[relation]
 
 
-def _distances(pixels: np.ndarray, extra: dict, space=lambda rgb: rgb) -> tuple[list[str], np.ndarray]:
+def _distances(pixels: np.ndarray, extra: dict) -> tuple[list[str], np.ndarray]:
     """The names of the world's colours, gray and `extra`'s, in that order, and each pixel's squared distance to
-    each of them (64, 64, colours), in RGB or in the colour `space` given (`lab`)."""
+    each of them (64, 64, colours)."""
     names, colours = list(_PALETTE_NAMES), _PALETTE
     if extra:
         names += list(extra)
         colours = np.concatenate([_PALETTE, np.array(list(extra.values()), dtype=np.float32)])
-    return names, ((space(pixels)[:, :, None, :] - space(colours)[None, None]) ** 2).sum(-1)
-
-
-def lab(rgb: np.ndarray) -> np.ndarray:
-    """sRGB (0-255, any leading shape) as CIELAB under D65, where distance follows what a person sees: (229, 67, 226)
-    is 15 from magenta (230, 0, 230) and 41 from pink (255, 105, 180), while in RGB it is nearer pink."""
-    c = np.asarray(rgb, dtype=np.float64) / 255
-    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
-    xyz = c @ np.array([[0.4124, 0.2126, 0.0193], [0.3576, 0.7152, 0.1192], [0.1805, 0.0722, 0.9505]])
-    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
-    f = np.where(xyz > 216 / 24389, np.cbrt(xyz), (24389 / 27 * xyz + 16) / 116)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+    return names, ((pixels[:, :, None, :] - colours[None, None]) ** 2).sum(-1)
 
 
 def read_objects(image, palette: dict | None = None, masks: bool = False,
@@ -144,9 +133,8 @@ def read_objects(image, palette: dict | None = None, masks: bool = False,
     """(background colour name, objects as dicts with colour, shape, fault (read_shape's), cx, cy, area, and with
     `masks` their (64, 64) bool `mask`) found in an image. Each pixel takes the nearest of the world's colours and
     gray, and of `palette` (extra colours by name, e.g. pink). `decoys` (more colours by name) may name an object,
-    its pixels' commonest colour among all of them, nearest in CIELAB (`lab`: near colours are told apart as a
-    person tells them, where RGB reads a light magenta as pink), but do not cut objects out: a blend at an edge
-    that lands nearer a decoy (yellow on black read as brown) stays where the palette puts it."""
+    its pixels' commonest colour among all of them, but do not cut objects out: a blend at an edge that lands
+    nearer a decoy (yellow on black read as brown) stays where the palette puts it."""
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     if pixels.shape[:2] != (SIZE, SIZE):
         pixels = np.asarray(Image.fromarray(pixels.astype(np.uint8)).resize((SIZE, SIZE), Image.NEAREST),
@@ -156,7 +144,7 @@ def read_objects(image, palette: dict | None = None, masks: bool = False,
     naming_names, distances = _distances(pixels, extra)  # the palette's colours first, the decoys after them
     names = naming_names[:len(_PALETTE_NAMES) + len(palette or {})]
     classes = distances[:, :, :len(names)].argmin(-1)
-    naming = _distances(pixels, extra, lab)[1].argmin(-1) if decoys else classes
+    naming = distances.argmin(-1) if decoys else classes
     border = np.concatenate([classes[0], classes[-1], classes[:, 0], classes[:, -1]])
     background = np.bincount(border, minlength=len(names)).argmax()
     objects = []

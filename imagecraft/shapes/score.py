@@ -144,6 +144,8 @@ def read_objects(image, palette: dict | None = None, masks: bool = False,
     naming_names, distances = _distances(pixels, extra)  # the palette's colours first, the decoys after them
     names = naming_names[:len(_PALETTE_NAMES) + len(palette or {})]
     classes = distances[:, :, :len(names)].argmin(-1)
+    # by RGB distance: it reads a light magenta (229, 67, 226) as pink, but CIELAB's plain distance read a sky-blue
+    # cyan as teal, and CIEDE2000, made for small differences, a saturated sky blue as gray
     naming = distances.argmin(-1) if decoys else classes
     border = np.concatenate([classes[0], classes[-1], classes[:, 0], classes[:, -1]])
     background = np.bincount(border, minlength=len(names)).argmax()

@@ -751,7 +751,9 @@ def test_a_lexicon_without_shape_words_names_only_colours_on_the_worlds_shapes()
         assert ((image.astype(int) == lexicon.colours[colour]).all(-1)).sum() >= 10, caption
         shapes_drawn.add(shape)
     assert shapes_drawn == set(shapes.SHAPES)  # triangles among them, in made-up colours
-    check_recipe(override(PRESETS["lexicon"], "lexicon.shape_words=0"))  # a recipe may ask for it
+    check_recipe(PRESETS["lexicon"])  # a recipe may ask for no shape words, not for fewer
+    with pytest.raises(ValueError, match=r"lexicon.shape_words must be a whole number of 0 or more, got -1"):
+        check_recipe(override(PRESETS["lexicon"], "lexicon.shape_words=-1"))
 
 
 @pytest.mark.integration

@@ -316,16 +316,19 @@ def build_finetune(generate: GenerateTab, tabs: gr.Tabs) -> None:
     with gr.Tab("Fine-tune", id="finetune"):
         hardware_note("finetune")
         gr.Markdown("Teach the model new words from your own captioned images: a LoRA (small, fast) or a full "
-                    "fine-tune of the UNet. The defaults try to keep the rest of the model as it was: every step "
-                    "also trains on your images under their captions with the new word removed or swapped for words "
-                    "the model knows, towards what the base model draws there; and 4 images are held out, so the "
-                    "step saved is the one whose loss on them was lowest. The new word is the one in (almost) every "
-                    "caption. On the built-in model a LoRA (rank 4 by default) teaches a new colour (on 68-77% of "
-                    "objects for colours the defaults were not tuned on), not a new shape or style, and leaves the "
-                    "model's own objects mottled (1.7x their texture); a full fine-tune taught a diamond, but not a "
-                    "nearly round shape without damage (README, fine-tuning). One training job runs at a time on "
-                    "this server; yours belongs to this browser tab. \"Use demo data\" teaches the built-in model "
-                    "the colour word *pink*, which it has never seen.")
+                    "fine-tune of the UNet. The new word is the one in (almost) every caption. A LoRA's defaults "
+                    "teach the word and leave the rest of the model as it was: the word gets a token of its own "
+                    "whose embedding trains beside a rank-8 LoRA on the cross-attention's keys and values, and those "
+                    "are held as they were for every other word, so prompts without the word draw what they drew. "
+                    "On the built-in model this teaches a new colour (on 100% of objects, also on shapes never shown "
+                    "in it, for colours the defaults were not tuned on) and keeps the model's own prompts and flat "
+                    "fills; it does not teach a new shape or style. A full fine-tune trains towards what the base "
+                    "model draws under your captions with the new word removed; it taught a diamond, but not a "
+                    "nearly round shape without damage (README, fine-tuning). The LoRA's folder holds the word's "
+                    "embedding beside the LoRA: ImageCraft and diffusers load both, AUTOMATIC1111 takes the "
+                    "embedding from its embeddings folder. One training job runs at a time on this server; yours "
+                    "belongs to this browser tab. \"Use demo data\" teaches the built-in model the colour word "
+                    "*pink*, which it has never seen.")
         with gr.Row():
             with gr.Column(scale=3):
                 upload = gr.File(label="Images with same-name .txt captions, or a .zip of them",

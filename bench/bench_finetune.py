@@ -197,12 +197,13 @@ ANCHORS = {
     # constant (get_scheduler's "constant" ignores --lr_warmup_steps), batch 16, 100 epochs (150 steps of 16 for 24
     # images), AdamW weight decay 1e-2, gradient clipping 1, no SNR weighting, no flips, no prior preservation
     "diffusers": "--rank 4 --lr 1e-4 --batch-size 16 --steps 150 --warmup 0 --snr-gamma 0 --targets attn "
-                 "--preserve 0 --validation-images 0",
+                 "--preserve 0 --validation-images 0 --no-word-token --word-lock 0",
     # kohya's sd-scripts train_network.py with networks.lora and no options: dim 4, alpha 1, learning rate 2e-6,
     # constant, batch 1, 1600 steps, AdamW, clipping 1, LoRA on every linear layer of the UNet's transformers and on
     # the text encoder (kohya also adapts its MLPs; ours, its attention)
     "kohya": "--rank 4 --alpha 1 --lr 2e-6 --batch-size 1 --steps 1600 --warmup 0 --snr-gamma 0 "
-             "--targets attn,ff,proj --text-encoder-lora --preserve 0 --validation-images 0",
+             "--targets attn,ff,proj --text-encoder-lora --preserve 0 --validation-images 0 --no-word-token "
+             "--word-lock 0",
 }
 
 

@@ -4,7 +4,7 @@
     imagecraft generate --model ./my-sd15-folder --prompt "a castle" --scheduler dpm++2m_karras --steps 30
     imagecraft generate --from-png out.png                # regenerate an image from its metadata
     imagecraft generate --prompt "a pink circle" --lora my-lora/:0.8    # with a LoRA at scale 0.8
-    imagecraft attention --prompt "a blue square above a green triangle" --seed 7 --output fig.png --npz maps.npz
+    imagecraft attention --prompt "a blue square above a green triangle" --seed 8 --output fig.png --npz maps.npz
     imagecraft edit --from-png out.png --prompt "a blue circle on the left" --blend circle --output edit.png
     imagecraft finetune --data my-images/ --output my-lora/              # see `imagecraft finetune --help`
     imagecraft deploy --space you/imagecraft --dry-run                   # see `imagecraft deploy --help`

@@ -16,6 +16,7 @@ Numbers: an integer field takes ints and numpy ints, and a float only when it is
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
 import os
@@ -54,6 +55,12 @@ MAX_TRAINING_STEPS = 20_000  # see FINETUNE's steps
 MAX_TRAINING_IMAGES = 5000  # images in a fine-tune's data folder
 # The peak learning rate when none is given: measured on the built-in model (bench/bench_finetune.py)
 LR_BY_METHOD = {"lora": 1e-4, "full": 5e-5}
+# Fine-tune settings whose default depends on the method (None in FINETUNE): a LoRA's are the locked recipe's (word
+# tokens, the word lock at 6, no preservation; see FINETUNE), which a full fine-tune cannot take (it has no word
+# tokens and no cross-attention LoRA to lock), so it keeps preservation. The word lock is off for a LoRA whose
+# targets leave out the cross-attention's keys and values.
+BY_METHOD = {"lora": dict(word_token=True, word_lock=6.0, preserve=0.0),
+             "full": dict(word_token=False, word_lock=0.0, preserve=0.3)}
 
 # How an error says what is allowed, per kind; a Field's own `allowed` replaces it. {low}, {high}, {step} and
 # {choices} are filled in from the Field, so no limit is written twice.
@@ -189,8 +196,8 @@ class Field:
         flag's default is None, the value then comes from elsewhere (a PNG's, the pipeline's own)."""
         options = dict(default=None if when_absent else self.default,
                        help=self.flag_help(when_absent).replace("%", "%%"))  # argparse formats help with %
-        if self.kind == "bool":
-            options["action"] = "store_true"
+        if self.kind == "bool":  # an optional one (on or off by something else) may be turned either way
+            options["action"] = argparse.BooleanOptionalAction if self.optional else "store_true"
         elif self.kind in ("int", "float"):
             options["type"] = int if self.kind == "int" else float
         elif self.kind == "choice":
@@ -266,7 +273,8 @@ FINETUNE = _table(
     # 20,000: above the longest published SD fine-tunes (DreamBooth and LoRA recipes run 500-3,000 steps, diffusers'
     # full text-to-image example 15,000); longer is pretraining, and on a server one job already holds the
     # one-at-a-time training queue for hours
-    # 600: chosen with preserve on the suite's tuning concepts (bench/finetune_suite.py; teal, magenta): at 400 with
+    # 600: chosen with the earlier defaults (rank 4 on every attention projection, preservation) on the suite's tuning
+    # concepts (bench/finetune_suite.py; teal, magenta), and kept by the locked recipe: at 400 with
     # preserve 1 the new colour was right on 65-85% of objects, at 600 with preserve 0.3 on 100%; 1,000 (rank 4)
     # damaged magenta's old prompts (81.7%)
     Field("steps", "steps", "int", 1, MAX_TRAINING_STEPS, 600, ui="Training steps", help="optimizer steps"),
@@ -286,38 +294,42 @@ FINETUNE = _table(
     Field("warmup", "warmup", "int", 0, MAX_TRAINING_STEPS, 20, help="steps of linear learning-rate warm-up"),
     # 1..128: above half a projection's width a LoRA holds more weights than the layer it adapts (2 x rank x 320
     # against 320 x 320 for SD 1.5's narrowest attention), so a larger rank is a full fine-tune done badly.
-    # 4 (diffusers' and kohya's default too), chosen on the suite's tuning colours (teal / magenta / navy: the new
-    # colour on the shapes shown; on triangles never shown; the model's own prompts after, 98.3% before):
-    # rank 8: 100/100/100, 90/80/70, 95.0/83.3/95.0; rank 4: 100/100/100, 90/70/70, 98.3/95.0/98.3; rank 2 (teal /
-    # magenta): 45/80, 90/50 (magenta read against the world's colours alone; with the suite's decoys, rank 4's is
-    # 85/60). On the reporting colours rank 4 kept the old prompts but drew the new colours on 68.3%
-    # of the shapes shown, against rank 8's 90.0% (chartreuse 35%; docs/figures.md)
-    Field("rank", "rank", "int", 1, 128, 4, ui="LoRA rank", help="LoRA rank"),
+    # 8: the locked recipe's (see word_token). In the earlier defaults (every attention projection, preservation
+    # 0.3), on the fast preset's model, rank 4 (diffusers' and kohya's default) kept the model's own prompts better
+    # than 8 on the tuning colours (teal / magenta / navy: 98.3 / 95.0 / 98.3% against 95.0 / 83.3 / 95.0%) but drew
+    # the reporting colours on 68.3% of the shapes shown against 90.0%; rank 2 learnt teal on 45% (docs/figures.md)
+    Field("rank", "rank", "int", 1, 128, 8, ui="LoRA rank", help="LoRA rank"),
     # (0, 256]: the LoRA's scale is alpha / rank, and recipes set alpha to the rank (scale 1), half of it, or 1;
     # twice the largest rank covers them all
     Field("alpha", "alpha", "float", 0, 256, optional=True, above_low=True, help="LoRA alpha (scale alpha / rank)",
           unset="the rank"),
-    # every attention projection. The cross-attention's keys and values alone (Custom Diffusion's; `kv`) are the
-    # flat recipe's (`word_token`); without tokens of their own, at lr 5e-4, they kept less of the model on the
-    # tuning colours (magenta's old prompts 56.7%)
-    Field("targets", "targets", "choices", default=("attn",), choices=tuple(UNET_TARGETS),
+    # The cross-attention's keys and values alone (Custom Diffusion's), the locked recipe's (see word_token): what
+    # the text says reaches the image there and nowhere else. Every attention projection (`attn`, the earlier
+    # default, with preservation 0.3 and rank 4) learnt the reporting colours on 98.3% of the shapes shown and 83.3% of
+    # the triangles and mottled the model's objects (1.55x the base's texture); kv without word tokens, at lr 5e-4,
+    # kept less of the model (magenta's old prompts 56.7%, on the fast preset's model)
+    Field("targets", "targets", "choices", default=("kv",), choices=tuple(UNET_TARGETS),
           help="LoRA targets in the UNet, comma-separated"),
     # off: on the suite's tuning colours, words the built-in tokenizer splits into 4-6 pieces, a text-encoder LoRA
     # beside the UNet's learnt them as well as without it and kept the model's own prompts no better (docs/figures.md)
     Field("text_encoder_lora", "text_encoder_lora", "bool", default=False,
           help="LoRA on the text encoder's attention too"),
     # Pivotal tuning (cloneofsimo's lora, diffusers' advanced DreamBooth LoRA script: textual inversion beside a
-    # LoRA): the taught words read as new vectors, so prompts without them encode exactly as before. With a rank-8
-    # LoRA on the cross-attention's keys and values at lr 5e-5, no preservation and no held-out images (the flat
-    # recipe) the model's own objects stay flat (1.04x the base's texture on the reporting concepts, old prompts
-    # 98.3 -> 98.9%) and cyan and chartreuse were learnt (100% of the shapes shown), but not reliably: magenta on
-    # 25, 100 and 30% with seeds 0-2, teal 80%, pink in the app's demo 57.8% (the defaults: 100%); so it is not the
-    # default. Stronger LoRAs in it learnt magenta and mottled the model as the defaults do (lr 1e-4: 2.4x; 1,000
-    # steps: 2.1x). The embedding alone (no LoRA) drew teal and navy but not magenta (a dull pink); capping its
-    # length at the vocabulary's (it grows 3-4x longer) drew no magenta at all; beside the default LoRA (rank 8,
-    # preservation 0.3) it cost magenta's old prompts (83.3 -> 68.3%)
-    Field("word_token", "word_token", "bool", default=False,
-          help="the taught words get tokens of their own whose embeddings train (LoRA only)"),
+    # LoRA): the taught words read as new vectors, so prompts without them encode exactly as before. On for a LoRA
+    # (BY_METHOD), in the locked recipe: word tokens, a rank-8 LoRA on the cross-attention's keys and values at lr
+    # 1e-4, the word lock at 6, no preservation, no held-out images. Chosen on the suite's tuning colours (teal and
+    # navy 100% of the shapes shown and 100% of the triangles never shown; magenta 30 / 50%, a light magenta the
+    # reader takes for pink), it drew the reporting colours (cyan, brown, chartreuse) on 100 / 100%, kept the
+    # model's own prompts (100 -> 98.3%) and their texture (0.99x the base's), and the demo's pink on 99.4%. On the
+    # fast preset's model, which drew its shapes only in its eight colours, it did not reach a colour the UNet never
+    # drew (teal 50%, magenta 0%): what a LoRA must then teach is how to draw the colour, not the word.
+    # Tried and not kept: without the lock the same LoRA mottles the model (2.4x); at lr 5e-5 without the lock (the
+    # flat recipe) magenta came out on 25, 100 and 30% with seeds 0-2; the embedding alone (no LoRA) drew teal and
+    # navy but not magenta; beside a LoRA on every attention projection with preservation 0.3 it cost magenta's old
+    # prompts (83.3 -> 68.3%)
+    Field("word_token", "word_token", "bool", optional=True,
+          help="the taught words get tokens of their own whose embeddings train (LoRA only)",
+          unset="on for LoRA, off for full"),
     # (0, 1]: textual inversion's recipes use 5e-4 to 5e-3 at batch 1-4
     Field("embedding_lr", "embedding_lr", "float", 0, 1, 5e-3, above_low=True,
           help="learning rate of the taught words' embeddings"),
@@ -327,14 +339,13 @@ FINETUNE = _table(
     # and the empty prompt (half the draws from the words' positions, half from the padding's: drawn from every
     # position alike, the padding outweighs the words, and magenta's texture was 1.34x against 1.09x). The penalty is
     # the change's energy over the layer's own output's, averaged over the layers; the taught words' own tokens stay
-    # free. 0..100 as preserve; at 3 magenta's texture was 1.27x, at 6 1.08x. Off by default: with word_token, kv,
-    # rank 8 and lr 1e-4 at 6 it kept the model flat
-    # (texture 1.00x, old prompts 98.9% on the reporting concepts; without it the same LoRA mottles it, 2.4x), but
-    # drew magenta hot pink (0%), the demo's pink on 63.9% and teal on 50%; with the defaults' LoRA it did not help
-    # (cyan 55%)
-    Field("word_lock", "word_lock", "float", 0, 100, 0.0,
+    # free. 0..100 as preserve; at 3 magenta's texture was 1.27x, at 6 1.08x. 6 for a LoRA that adapts the keys and
+    # values (BY_METHOD; the locked recipe, see word_token); beside a LoRA on every attention projection with
+    # preservation it did not help (cyan 55%)
+    Field("word_lock", "word_lock", "float", 0, 100, optional=True,
           help="weight that holds the cross-attention LoRA's keys and values of every other word as they were "
-               "(layers other than the cross-attention's keys and values are not held); 0: off"),
+               "(layers other than the cross-attention's keys and values are not held); 0: off",
+          unset="6 for LoRA on attn or kv, 0 otherwise"),
     # 0..100: Min-SNR (Hang et al. 2023) uses 5; at 100 only the least noisy timesteps (SNR over 100) are weighted
     # down, so more is plain MSE
     Field("snr_gamma", "snr_gamma", "float", 0, 100, 5.0, help="Min-SNR weighting's gamma; 0: plain MSE"),
@@ -400,16 +411,19 @@ FINETUNE = _table(
     # 100%, the old prompts 96.7 and 83.3%; at 0, 96.7 and 88.3%
     # Tried on the tuning concepts and not kept, none better on both the new word and the old prompts: the base
     # model's own images (drawn from these captions) in place of half the data's; the empty caption among the
-    # captions; half the preservation's timesteps below 250. In the flat recipe (`word_token`) it cost learning
-    # (teal 55% at 1 or 0.3, 90% off; also with removal captions only, or 300 steps of the embedding alone first)
-    Field("preserve", "preserve", "float", 0, 100, 0.3,
-          help="weight of keeping the base model's predictions under the captions without the taught words; 0: off"),
+    # captions; half the preservation's timesteps below 250. Off for a LoRA (BY_METHOD), whose word tokens and lock
+    # keep the other words: beside word tokens it cost learning (teal 55% at 1 or 0.3, 90% off; also with removal
+    # captions only, or 300 steps of the embedding alone first). 0.3 for a full fine-tune (3 taught a diamond)
+    Field("preserve", "preserve", "float", 0, 100, optional=True,
+          help="weight of keeping the base model's predictions under the captions without the taught words; 0: off",
+          unset="0 for LoRA, 0.3 for full"),
     # at most 16 words: a concept is one to three
     Field("concept_words", "concept_words", "prompts", high=16, default=(), cli="--concept-word",
           help="a word the data teaches (repeat for more)", unset="the content words in 80% of the captions"),
-    # 0..64 as fixed_batch_images; held out only where at least 8 images stay to train on. In the flat recipe
-    # (`word_token`) holding 4 of 24 out cost more than the step choice gave (teal 50-60% against 90%)
-    Field("validation_images", "validation_images", "int", 0, 64, 4,
+    # 0..64 as fixed_batch_images; held out only where at least 8 images stay to train on. 0 by default: beside word
+    # tokens holding 4 of 24 out cost more than the step choice gave (teal 50-60% against 90%), and a full
+    # fine-tune's held-out loss rises while it learns a shape (on diamond it chose step 50 of 600, almost the base)
+    Field("validation_images", "validation_images", "int", 0, 64, 0,
           help="images held out of training; the step whose loss on them is lowest is the one saved"),
 )
 
@@ -538,12 +552,24 @@ def max_train_cost() -> int:
         raise ValueError(f"IMAGECRAFT_MAX_TRAIN_COST must be a number, got {text!r}") from None
 
 
+def method_defaults(values: dict) -> dict:
+    """`values` (FinetuneRecipe's fields, some of them) with the settings left to the method (None or absent)
+    filled in from BY_METHOD."""
+    method, targets = values.get("method") or "lora", values.get("targets") or FINETUNE["targets"].default
+    filled = dict(values)
+    for name, value in BY_METHOD[method].items():
+        if filled.get(name) is None:
+            locks = name != "word_lock" or {"attn", "kv"} & set(targets)
+            filled[name] = value if locks else 0.0
+    return filled
+
+
 def train_cost(recipe: dict) -> int:
     """A training job's work in images trained on: steps x batch_size x grad_accum, once more for preservation and
     once more for prior preservation (each trains on as many images again beside the data), plus the class images
     the base model draws first."""
-    value = {name: recipe.get(name, FINETUNE[name].default)
-             for name in ("steps", "batch_size", "grad_accum", "class_images", "class_prompts", "preserve")}
+    value = method_defaults({name: recipe.get(name, FINETUNE[name].default) for name in (
+        "method", "steps", "batch_size", "grad_accum", "class_images", "class_prompts", "preserve")})
     prior = bool(value["class_prompts"])
     per_step = value["batch_size"] * value["grad_accum"] * (1 + prior + bool(value["preserve"]))
     return value["steps"] * per_step + (value["class_images"] if prior else 0)

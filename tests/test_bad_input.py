@@ -1145,8 +1145,8 @@ FINETUNE_CASES = [  # (description, keyword values for jobs.start_finetune, what
     ("class prompts a list", dict(class_prompts=["a", "b"]), "class_prompts must be text"),
     ("validation prompt a dict", dict(validation_prompt={"a": 1}), "validation_prompts must be text"),
     ("over the cost cap: 20,000 steps", dict(steps=20_000), "IMAGECRAFT_MAX_TRAIN_COST"),
-    ("over the cost cap: 1,000 steps with prior preservation (8,000 without: the cap)",
-     dict(class_prompts="a red circle", steps=1000), "12,100 images to train on and draw"),
+    ("over the cost cap: 1,000 steps with prior preservation (4,000 without; the cap 8,000)",
+     dict(class_prompts="a red circle", steps=1000), "8,100 images to train on and draw"),
 ]
 
 
@@ -1167,10 +1167,11 @@ def test_bad_finetune_request_is_refused_at_once(description, kwargs, sentence, 
 def test_train_cost_counts_steps_batch_prior_and_class_images():
     from imagecraft.settings import train_cost
 
-    assert train_cost(dict()) == 4800  # the Fine-tune tab's default: 600 steps of 4 images, with preservation
+    assert train_cost(dict()) == 2400  # the Fine-tune tab's default: a LoRA, 600 steps of 4 images
+    assert train_cost(dict(method="full")) == 4800  # a full fine-tune's default keeps preservation
     assert train_cost(dict(steps=400, preserve=0)) == 1600
     assert train_cost(dict(steps=400, preserve=0, class_prompts=("a",), class_images=100)) == 3300
-    assert train_cost(dict(steps=400, class_prompts=("a",), class_images=100)) == 4900
+    assert train_cost(dict(steps=400, preserve=0.3, class_prompts=("a",), class_images=100)) == 4900
     assert train_cost(dict(steps=10, batch_size=2, grad_accum=3, preserve=0)) == 60
 
 

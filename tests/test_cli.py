@@ -321,7 +321,7 @@ def test_help_loads_neither_torch_nor_diffusers():
 
 
 def test_the_readmes_attention_example_draws_what_it_says(tmp_path):
-    """README.md's `imagecraft attention --prompt "a blue square above a green triangle" --seed 7`: the shapes scorer
+    """README.md's `imagecraft attention --prompt "a blue square above a green triangle" --seed 8`: the shapes scorer
     (the reference for images) reads a blue square above a green triangle in the image it makes."""
     import re
 

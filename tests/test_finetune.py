@@ -512,7 +512,8 @@ def test_preservation_keeps_the_base_model_under_captions_without_the_taught_wor
     before = np.stack([np.asarray(im, float) for im in base(captions, seed=2, num_inference_steps=4).images])
     moved = {}
     for preserve in (0.0, 1.0):
-        recipe = Recipe(**dict(QUICK, steps=30, lr=3e-3, preserve=preserve, validation_images=0, precision="fp32"))
+        recipe = Recipe(**dict(QUICK, steps=30, lr=3e-3, preserve=preserve, validation_images=0, precision="fp32",
+                               word_token=False, word_lock=0.0, targets=("attn",), rank=4))  # preservation alone
         out = tmp_path / f"preserve-{preserve:g}"
         finetune(model, data, out, recipe, show_bar=False)
         base.load_lora(out)
@@ -537,7 +538,7 @@ def test_the_word_lock_keeps_prompts_without_the_taught_word_and_learns_the_word
     moved, learnt = {}, {}
     for lock in (0.0, 100.0):
         recipe = Recipe(**dict(QUICK, steps=30, lr=3e-3, word_token=True, targets=("kv",), word_lock=lock,
-                               preserve=0.0, validation_images=0, precision="fp32"))
+                               preserve=0.0, validation_images=0, precision="fp32", rank=4))
         out = tmp_path / f"lock-{lock:g}"
         finetune(model, data, out, recipe, show_bar=False)
         pipe.load_lora(out)
@@ -591,8 +592,8 @@ def test_the_taught_word_gets_a_trained_token_that_plain_diffusers_loads(model, 
     ours.unload_lora()
     assert len(ours.tokenizer) == vocabulary and ours.lora is None
     assert np.array_equal(images(ours, zorp), base_zorp) and np.array_equal(images(ours, plain), base_plain)
-    # without a token of its own (the default) the word is read as its pieces and nothing is written for it
-    finetune(model, data, tmp_path / "plain", Recipe(**dict(QUICK, steps=2, validation_images=0)), show_bar=False)
+    # without a token of its own (--no-word-token) the word is read as its pieces and nothing is written for it
+    finetune(model, data, tmp_path / "plain", Recipe(**dict(QUICK, steps=2, word_token=False)), show_bar=False)
     assert not (tmp_path / "plain" / "embeddings").exists()
 
 

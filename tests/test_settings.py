@@ -117,7 +117,14 @@ def test_the_recipe_reads_the_finetune_table():
 
     assert {f.name: f.default for f in dataclasses.fields(FinetuneRecipe)} == \
         {name: field.default for name, field in FINETUNE.items()}
-    assert check_recipe(FinetuneRecipe()) == FinetuneRecipe()  # the defaults pass
+    # the defaults pass; those left to the method are its own, and a full fine-tune's do not trip the LoRA-only rules
+    assert check_recipe(FinetuneRecipe()) == FinetuneRecipe(word_token=True, word_lock=6.0, preserve=0.0)
+    assert check_recipe(FinetuneRecipe(method="full")) == FinetuneRecipe(method="full", word_token=False,
+                                                                          word_lock=0.0, preserve=0.3)
+    assert check_recipe(FinetuneRecipe(targets=("ff",))).word_lock == 0  # nothing to lock: no cross-attention LoRA
+    assert check_recipe(FinetuneRecipe(word_token=False, preserve=1)).preserve == 1  # given values stand
+    with pytest.raises(ValueError, match="word_token goes with method 'lora'"):
+        check_recipe(FinetuneRecipe(method="full", word_token=True))
     for kwargs, message in [(dict(rank=129), "rank must be a whole number from 1 to 128, got 129"),
                             (dict(steps=20_001), "steps must be a whole number from 1 to 20,000, got 20001"),
                             (dict(lr=0.5), r"lr must be a number in \(0, 0.1\], got 0.5"),

@@ -1,8 +1,9 @@
 """The built-in model's recipe as data: the tokenizer and text encoder, the VAE and its optional decoder stage, the
 training scenes, the UNet's architecture, and the UNet's training stages as a list, with four presets:
 
-    PRESETS["fast"]     the built-in model in assets/shapes-sd (docs/built-in-model.md says why each part is there)
-    PRESETS["lexicon"]  fast, then two stages with the world's shapes in any colour, named by made-up words
+    PRESETS["lexicon"]  the built-in model in assets/shapes-sd: fast, then two stages with the world's shapes in any
+                        colour, named by made-up words (docs/built-in-model.md says why each part is there)
+    PRESETS["fast"]     the built-in model's first five UNet stages
     PRESETS["large"]    the earlier built-in model: SD's epsilon objective, then v-prediction on zero-terminal-SNR betas
     PRESETS["smoke"]    every phase for a few steps at toy sizes, for CI
 
@@ -150,10 +151,10 @@ FAST = ShapesRecipe(
         UNetStage("unet-shape", 14000, 3e-4, 50, V, ZSNR, max_t=700),
         UNetStage("unet-detail", 3000, 1e-4, 50, V, ZSNR, max_t=400, snr_gamma=5.0),
     ))
-# The fast preset continued with a quarter of each batch the world's shapes in any colour, named by made-up words
-# (world.lexicon_scene), so that a fine-tune teaches a word rather than how to draw its colour. Shape words besides
-# and half of each batch made up cost the model's own triangles; not yet the built-in model (docs/built-in-model.md,
-# "The lexicon preset").
+# The built-in model: the fast preset continued with a quarter of each batch the world's shapes in any colour, named
+# by made-up words (world.lexicon_scene), so that a fine-tune teaches a word rather than how to draw its colour.
+# Shape words besides, or half of each batch made up, cost the model's own triangles (docs/built-in-model.md, "The
+# lexicon stages").
 LEXICON = replace(FAST, lexicon=LexiconSpec(scenes=12000, shape_words=0), stages=FAST.stages + (
     UNetStage("unet-lexicon", 3000, 1e-4, 100, V, ZSNR, two_share=0.8, lexicon=0.25),
     UNetStage("unet-lexicon-detail", 1500, 1e-4, 100, V, ZSNR, two_share=0.8, max_t=400, lexicon=0.25),

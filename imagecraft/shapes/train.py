@@ -1,9 +1,10 @@
 """Trains the built-in model from scratch on the shapes world, on a CPU, and writes it in diffusers layout.
 
-    python -m imagecraft.shapes.train --output assets/shapes-sd            # the built-in model's recipe (fast)
+    python -m imagecraft.shapes.train --output assets/shapes-sd            # the built-in model's recipe (lexicon)
+    python -m imagecraft.shapes.train --output /tmp/fast --recipe fast     # its first five UNet stages only
     python -m imagecraft.shapes.train --output /tmp/smoke --recipe smoke   # every phase in seconds, at toy sizes
     python -m imagecraft.shapes.train --output /tmp/m --set vae.steps=8000 --set stages.unet-detail.steps=0
-    python -m imagecraft.shapes.train --output /tmp/lex --recipe lexicon --from assets/shapes-sd --start-at unet-lexicon
+    python -m imagecraft.shapes.train --output /tmp/lex --from /tmp/fast --start-at unet-lexicon  # continue a model
 
 The recipe is data (`shapes.recipe`: presets fast, lexicon, large, smoke; `--set FIELD=VALUE` changes one field);
 `--from MODEL --start-at STAGE` continues a model this script exported with the stages from STAGE on. Phases,
@@ -442,11 +443,11 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="folder for the model")
     parser.add_argument("--work", default=None,
                         help="folder for checkpoints and cached latents (default: runs/<output name>)")
-    parser.add_argument("--recipe", choices=list(PRESETS), default="fast",
-                        help="fast (default): the built-in model's; lexicon: fast, then two stages with the "
-                             "world's shapes in any colour named by made-up words (continue a fast model with --from "
-                             "MODEL --start-at unet-lexicon); large: the earlier built-in model's; smoke: a few "
-                             "steps of every phase at toy sizes")
+    parser.add_argument("--recipe", choices=list(PRESETS), default="lexicon",
+                        help="lexicon (default): the built-in model's, fast's stages and then two with the world's "
+                             "shapes in any colour named by made-up words (continue a fast model with --from MODEL "
+                             "--start-at unet-lexicon); fast: without those two; large: an earlier built-in model's; "
+                             "smoke: a few steps of every phase at toy sizes")
     parser.add_argument("--smoke", action="store_true", help="the same as --recipe smoke")
     parser.add_argument("--from", dest="start", default=None, metavar="MODEL",
                         help="a model folder this script exported: continue it (with --start-at)")

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from ..settings import FINETUNE, LR_BY_METHOD, check_finetune
+from ..settings import FINETUNE, LR_BY_METHOD, check_finetune, method_defaults
 
 
 def _default(name: str):
@@ -33,9 +33,9 @@ class FinetuneRecipe:
     alpha: float | None = _default("alpha")  # None: the rank (LoRA scale 1)
     targets: tuple = _default("targets")
     text_encoder_lora: bool = _default("text_encoder_lora")
-    word_token: bool = _default("word_token")
+    word_token: bool | None = _default("word_token")  # None: settings.BY_METHOD
     embedding_lr: float = _default("embedding_lr")
-    word_lock: float = _default("word_lock")
+    word_lock: float | None = _default("word_lock")  # None: settings.BY_METHOD
     snr_gamma: float = _default("snr_gamma")
     noise_offset: float = _default("noise_offset")
     max_grad_norm: float = _default("max_grad_norm")
@@ -56,7 +56,7 @@ class FinetuneRecipe:
     class_prompts: tuple = _default("class_prompts")  # prior preservation; (): off
     class_images: int = _default("class_images")
     prior_weight: float = _default("prior_weight")
-    preserve: float = _default("preserve")
+    preserve: float | None = _default("preserve")  # None: settings.BY_METHOD
     concept_words: tuple = _default("concept_words")  # (): `data.concept_words` of the captions
     validation_images: int = _default("validation_images")
 
@@ -71,8 +71,8 @@ class FinetuneRecipe:
 
 def check_recipe(recipe: FinetuneRecipe) -> FinetuneRecipe:
     """The recipe with every field checked and normalised by `settings.FINETUNE` (one sentence for the first bad
-    one), before any work starts."""
-    return dataclasses.replace(recipe, **check_finetune(dataclasses.asdict(recipe)))
+    one), before any work starts; the settings left to the method (None) are then its (settings.BY_METHOD)."""
+    return dataclasses.replace(recipe, **method_defaults(check_finetune(dataclasses.asdict(recipe))))
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------

@@ -555,7 +555,8 @@ def max_train_cost() -> int:
 def method_defaults(values: dict) -> dict:
     """`values` (FinetuneRecipe's fields, some of them) with the settings left to the method (None or absent)
     filled in from BY_METHOD."""
-    method, targets = values.get("method") or "lora", values.get("targets") or FINETUNE["targets"].default
+    method = values.get("method") or FINETUNE["method"].default
+    targets = values.get("targets") or FINETUNE["targets"].default
     filled = dict(values)
     for name, value in BY_METHOD[method].items():
         if filled.get(name) is None:

@@ -521,7 +521,7 @@ def check_finetune(values: dict) -> dict:
         raise ValueError("word_lock goes with method 'lora': it holds the LoRA of the cross-attention's keys and "
                          "values; for a full fine-tune use preserve")
     targets = clean.get("targets", FINETUNE["targets"].default)
-    if clean.get("word_lock") and clean.get("method", "lora") == "lora" and not {"attn", "kv"} & set(targets):
+    if clean.get("word_lock") and clean.get("method", "lora") == "lora" and not adapts_kv(targets):
         raise ValueError(f"word_lock holds the cross-attention's keys and values, which the targets "
                          f"{','.join(targets)} do not adapt: add attn or kv, or set word_lock to 0")
     return clean
@@ -552,6 +552,11 @@ def max_train_cost() -> int:
         raise ValueError(f"IMAGECRAFT_MAX_TRAIN_COST must be a number, got {text!r}") from None
 
 
+def adapts_kv(targets) -> bool:
+    """Whether LoRA `targets` adapt the cross-attention's keys and values, which the word lock holds."""
+    return bool({"attn", "kv"} & set(targets))
+
+
 def method_defaults(values: dict) -> dict:
     """`values` (FinetuneRecipe's fields, some of them) with the settings left to the method (None or absent)
     filled in from BY_METHOD."""
@@ -560,8 +565,7 @@ def method_defaults(values: dict) -> dict:
     filled = dict(values)
     for name, value in BY_METHOD[method].items():
         if filled.get(name) is None:
-            locks = name != "word_lock" or {"attn", "kv"} & set(targets)
-            filled[name] = value if locks else 0.0
+            filled[name] = value if name != "word_lock" or adapts_kv(targets) else 0.0
     return filled
 
 

@@ -39,6 +39,11 @@ def diffusers_vae_to_ldm(state: dict) -> dict:
     return out
 
 
+def iou(a, b) -> float:
+    """Intersection over union of two boolean masks (0 where both are empty)."""
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import serve_app
+from helpers import iou, serve_app
 from PIL import Image, PngImagePlugin
 
 import app
@@ -386,10 +386,6 @@ def object_mask(picture: np.ndarray, grow: int = 0) -> np.ndarray:
     background = np.median(picture.reshape(-1, 3), axis=0)
     mask = np.abs(picture - background).max(-1) > 40
     return ndimage.binary_dilation(mask, iterations=grow) if grow else mask
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def assert_only_the_object_changed(source: np.ndarray, edited: np.ndarray, most: int = 6, grows: bool = False):

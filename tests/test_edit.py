@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from helpers import iou
 from PIL import Image
 
 from imagecraft.explain.edit import Inversion, Tokens, align, align_words, ddim_coefficients, plan_edit, step_count
@@ -421,10 +422,6 @@ def object_mask(image: Image.Image) -> np.ndarray:
     classes = ((px[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1).argmin(-1)
     border = np.concatenate([classes[0], classes[-1], classes[:, 0], classes[:, -1]])
     return classes != np.bincount(border).argmax()
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 @pytest.mark.integration
